@@ -1,0 +1,77 @@
+"""Reading layer files: the one seam every byte of a layer passes through.
+
+``FileBlob`` is positional I/O over one file (``os.pread``, safe from several threads). The
+integrity layer wraps a blob in a verifying one with the same protocol, so no other code opens a
+layer file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+from .erofs.errors import CorruptImageError, ErofsError
+
+
+class Blob(Protocol):
+    """Positional, read-only access to the bytes of a layer file."""
+
+    name: str
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``; ``CorruptImageError`` past the end."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class BlobIOError(ErofsError):
+    """The layer file could not be read (an OS error, not a format error)."""
+
+    kind = "I/O error"
+
+
+class FileBlob:
+    """A layer file read with ``os.pread``."""
+
+    def __init__(self, path: str, name: str | None = None) -> None:
+        self.path = path
+        self.name = name if name is not None else path
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._size = os.fstat(self._fd).st_size
+        except OSError:
+            os.close(self._fd)
+            raise
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise CorruptImageError(
+                f"read of {length} bytes past the end of the file ({self._size} bytes)",
+                image=self.name,
+                offset=offset,
+            )
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise BlobIOError(str(exc), image=self.name, offset=offset) from exc
+        if len(data) != length:
+            # the file shrank under us: report it as corruption of this read only
+            raise CorruptImageError(
+                f"short read: {len(data)} of {length} bytes (file truncated?)",
+                image=self.name,
+                offset=offset,
+            )
+        return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

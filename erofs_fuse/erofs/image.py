@@ -1,0 +1,471 @@
+"""One EROFS image (a "layer blob"): the facade over superblock, inodes, data, dirs and xattrs.
+
+``Image.open(path)`` validates the superblock and the special inodes; everything else is parsed
+lazily and cached in bounded LRU caches. All bytes come from ``Blob`` objects (``read(offset,
+length)``), so a verifying blob can be slipped underneath without this module knowing.
+"""
+
+from __future__ import annotations
+
+import lzma
+import stat
+import struct
+import threading
+import zlib
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from cachetools import LRUCache
+
+from . import ondisk as d
+from .dirent import DirEntry, lookup_in_blocks, parse_dir_block
+from .errors import (
+    CorruptImageError,
+    ErofsError,
+    NotADirectoryErofsError,
+    NotFoundError,
+)
+from .extent import ChunkMapper, FlatMapper, Mapper, nblocks
+from .inode import InodeInfo, parse_inode
+from .reader import DEFAULT_EXTENT_CACHE_BYTES, DataReader
+from .space import Space
+from .superblock import SuperBlock, parse_superblock
+from .xattr import XattrReader, parse_prefix_table
+
+if TYPE_CHECKING:
+    from ..blob import Blob
+
+MAX_SYMLINK = 4095
+MAX_PATH_COMPONENTS = 4096
+# Exceptions that garbled bytes could still provoke in code paths we did not foresee; at the
+# public boundary they become CorruptImageError so callers see one family.
+_STRAY_ERRORS = (struct.error, IndexError, ValueError, OverflowError, KeyError, RecursionError,
+                 lzma.LZMAError, zlib.error, MemoryError)
+
+
+class InodeSpace:
+    """The decoded data of a special inode (metabox, packed) seen as a byte space."""
+
+    def __init__(self, image: Image, inode: Inode, *, packed: bool) -> None:
+        self._image = image
+        self._inode = inode
+        self._packed = packed
+
+    @property
+    def size(self) -> int:
+        return self._inode.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self._inode.size:
+            raise CorruptImageError(
+                f"read of {length} bytes at {offset} past the end of a "
+                f"{self._inode.size}-byte {'packed' if self._packed else 'metabox'} stream",
+                nid=self._inode.nid,
+            )
+        return self._image._read_data(self._inode, offset, length, packed=self._packed)
+
+
+class Inode:
+    """An inode of an image: attributes plus data, directory and xattr access."""
+
+    __slots__ = ("image", "info", "space", "_mapper")
+
+    def __init__(self, image: Image, info: InodeInfo, space: Space) -> None:
+        self.image = image
+        self.info = info
+        self.space = space
+        self._mapper: Mapper | None = None
+
+    # attributes -------------------------------------------------------------------------------
+    @property
+    def nid(self) -> int:
+        return self.info.nid
+
+    @property
+    def mode(self) -> int:
+        return self.info.mode
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    @property
+    def uid(self) -> int:
+        return self.info.uid
+
+    @property
+    def gid(self) -> int:
+        return self.info.gid
+
+    @property
+    def nlink(self) -> int:
+        return self.info.nlink
+
+    @property
+    def mtime(self) -> int:
+        return self.info.mtime
+
+    @property
+    def mtime_nsec(self) -> int:
+        return self.info.mtime_nsec
+
+    @property
+    def mtime_ns(self) -> int:
+        return self.info.mtime * 1_000_000_000 + self.info.mtime_nsec
+
+    @property
+    def rdev(self) -> int:
+        return self.info.rdev
+
+    @property
+    def is_dir(self) -> bool:
+        return self.info.is_dir
+
+    @property
+    def is_reg(self) -> bool:
+        return self.info.is_reg
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.info.is_symlink
+
+    @property
+    def st_blocks(self) -> int:
+        return self.info.st_blocks(self.image.superblock.blkszbits)
+
+    # data -------------------------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        """File bytes ``[offset, offset + size)``, shorter at EOF."""
+        with self.image.context(self.nid):
+            return self.image._read_data(self, offset, size)
+
+    def readlink(self) -> bytes:
+        with self.image.context(self.nid):
+            if not self.is_symlink:
+                raise CorruptImageError("not a symlink")
+            if not 0 < self.size <= MAX_SYMLINK:
+                raise CorruptImageError(f"symlink target of {self.size} bytes")
+            target = self.image._read_data(self, 0, self.size)
+            if b"\0" in target:
+                raise CorruptImageError("NUL byte in symlink target")
+            return target
+
+    # directories ------------------------------------------------------------------------------
+    def readdir(self, *, dots: bool = False) -> Iterator[DirEntry]:
+        """Entries in on-disk order; ``.`` and ``..`` only with ``dots`` (``.`` synthesized
+        after the stored entries for dot-omitted directories, as the kernel does)."""
+        return self.image.readdir(self, dots=dots)
+
+    def lookup(self, name: bytes) -> DirEntry | None:
+        return self.image.lookup_entry(self, name)
+
+    # xattrs -----------------------------------------------------------------------------------
+    def xattrs(self) -> list[tuple[bytes, bytes]]:
+        with self.image.context(self.nid):
+            return self.image._xattrs.items(
+                self.space.read, self.info.pos + self.info.isize, self.info.xattr_isize
+            )
+
+    def listxattr(self) -> list[bytes]:
+        return [name for name, _ in self.xattrs()]
+
+    def getxattr(self, name: bytes) -> bytes | None:
+        for key, value in self.xattrs():
+            if key == name:
+                return value
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Inode {self.nid} mode={self.mode:#o} size={self.size}>"
+
+
+class Image:
+    """A read-only EROFS image. Thread-safe for concurrent reads."""
+
+    def __init__(
+        self,
+        blob: Blob,
+        devices: Sequence[Blob] = (),
+        *,
+        name: str | None = None,
+        inode_cache: int = 65536,
+        extent_cache_bytes: int = DEFAULT_EXTENT_CACHE_BYTES,
+    ) -> None:
+        self.blob = blob
+        self.name = name if name is not None else blob.name
+        self.device_blobs = list(devices)
+        self._lock = threading.Lock()
+        self._inodes: LRUCache[int, Inode] = LRUCache(maxsize=inode_cache)
+        self._packed: Inode | None = None
+        self._metabox_space: Space | None = None
+        with self.context(None):
+            self.superblock = parse_superblock(blob.read, blob.size, self.name)
+            self._check_devices()
+            self._reader = DataReader(
+                self.superblock, self._read_device, self._read_packed, extent_cache_bytes
+            )
+            sb = self.superblock
+            if sb.metabox_nid is not None:
+                metabox = self._load_inode(sb.metabox_nid)
+                self._metabox_space = InodeSpace(self, metabox, packed=False)
+            if sb.packed_nid is not None:
+                self._packed = self._load_inode(sb.packed_nid)
+                if not self._packed.is_reg:
+                    raise CorruptImageError("packed inode is not a regular file", nid=sb.packed_nid)
+            self._xattrs = self._make_xattr_reader()
+            self.root = self.inode(sb.root_nid)
+            if not self.root.is_dir:
+                raise CorruptImageError("root inode is not a directory", nid=sb.root_nid)
+
+    @classmethod
+    def open(cls, path: str, devices: Sequence[str] = (), *, name: str | None = None) -> Image:
+        """Open the image file at ``path``; ``devices`` are the extra device files in order."""
+        from ..blob import FileBlob
+
+        blob = FileBlob(path, name)
+        dev_blobs = []
+        try:
+            for dev in devices:
+                dev_blobs.append(FileBlob(dev))
+            return cls(blob, dev_blobs, name=name)
+        except BaseException:
+            blob.close()
+            for b in dev_blobs:
+                b.close()
+            raise
+
+    def close(self) -> None:
+        self.blob.close()
+        for b in self.device_blobs:
+            b.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def context(self, nid: int | None) -> Iterator[None]:
+        """Attach image and nid to errors raised inside; turn stray exceptions into ours."""
+        try:
+            yield
+        except ErofsError as exc:
+            raise exc.with_context(image=self.name, nid=nid)
+        except _STRAY_ERRORS as exc:
+            raise CorruptImageError(
+                f"{type(exc).__name__}: {exc}", image=self.name, nid=nid
+            ) from exc
+
+    # devices ----------------------------------------------------------------------------------
+    def _check_devices(self) -> None:
+        sb = self.superblock
+        bs = sb.block_size
+        if self.device_blobs:
+            if len(self.device_blobs) != len(sb.devices):
+                raise CorruptImageError(
+                    f"image has {len(sb.devices)} extra devices, {len(self.device_blobs)} given"
+                )
+            for k, (dev, blob) in enumerate(zip(sb.devices, self.device_blobs)):
+                if blob.size < dev.blocks * bs:
+                    raise CorruptImageError(
+                        f"device {k + 1} ({blob.name}) has {blob.size} bytes, "
+                        f"the image needs {dev.blocks * bs}"
+                    )
+            return
+        for k, dev in enumerate(sb.devices):
+            # no device files given: the devices must follow the image ("flattened" mode)
+            need = (dev.uniaddr + dev.blocks) * bs
+            if dev.blocks and (dev.uniaddr == 0 or self.blob.size < need):
+                raise CorruptImageError(
+                    f"image keeps data in extra device {k + 1} ({dev.blocks} blocks); "
+                    "give its file as a device"
+                )
+
+    def _read_device(self, device_id: int, pa: int, length: int) -> bytes:
+        sb = self.superblock
+        bs = sb.block_size
+        if device_id > 0:
+            if device_id > len(sb.devices):
+                raise CorruptImageError(f"device id {device_id} beyond the device table", offset=pa)
+            dev = sb.devices[device_id - 1]
+            if pa + length > dev.blocks * bs:
+                raise CorruptImageError(f"read past the end of device {device_id}", offset=pa)
+            if self.device_blobs:
+                return self.device_blobs[device_id - 1].read(pa, length)
+            return self.blob.read(pa + dev.uniaddr * bs, length)
+        for k, dev in enumerate(sb.devices):
+            base = dev.uniaddr * bs
+            if dev.uniaddr and base <= pa < base + dev.blocks * bs:
+                if self.device_blobs:
+                    return self.device_blobs[k].read(pa - base, length)
+                break
+        return self.blob.read(pa, length)
+
+    # inodes -----------------------------------------------------------------------------------
+    def _space_of(self, nid: int) -> Space:
+        if nid & d.NID_METABOX_BIT:
+            if self._metabox_space is None:
+                raise CorruptImageError("nid refers into a metabox the image does not have", nid=nid)
+            return self._metabox_space
+        return self.blob
+
+    def _load_inode(self, nid: int) -> Inode:
+        space = self._space_of(nid)
+        try:
+            info = parse_inode(self.superblock, space, nid)
+        except ErofsError as exc:
+            raise exc.with_context(nid=nid)
+        return Inode(self, info, space)
+
+    def inode(self, nid: int) -> Inode:
+        """The inode ``nid`` (cached)."""
+        with self._lock:
+            hit = self._inodes.get(nid)
+        if hit is not None:
+            return hit
+        with self.context(nid):
+            ino = self._load_inode(nid)
+        with self._lock:
+            self._inodes[nid] = ino
+        return ino
+
+    def _mapper(self, inode: Inode) -> Mapper:
+        mapper = inode._mapper
+        if mapper is None:
+            info = inode.info
+            if info.layout in (d.LAYOUT_FLAT_PLAIN, d.LAYOUT_FLAT_INLINE):
+                mapper = FlatMapper(self.superblock, info, inode.space)
+            elif info.layout == d.LAYOUT_CHUNK_BASED:
+                mapper = ChunkMapper(self.superblock, info, inode.space)
+            else:
+                from .zmap import compressed_mapper
+
+                mapper = compressed_mapper(self.superblock, info, inode.space)
+            inode._mapper = mapper
+        return mapper
+
+    def _read_data(self, inode: Inode, offset: int, length: int, *, packed: bool = False) -> bytes:
+        if offset < 0 or length < 0:
+            raise CorruptImageError(f"bad read range {offset}+{length}")
+        if not inode.info.has_data or offset >= inode.size or length == 0:
+            return b""
+        return self._reader.read(
+            self._mapper(inode), inode.size, inode.space, offset, length, packed=packed
+        )
+
+    def _read_packed(self, offset: int, length: int) -> bytes:
+        if self._packed is None:
+            raise CorruptImageError("fragment without a packed inode")
+        packed = self._packed
+        if offset < 0 or offset + length > packed.size:
+            raise CorruptImageError(
+                f"fragment {offset}+{length} past the end of the {packed.size}-byte packed inode",
+                offset=offset,
+            )
+        return self._read_data(packed, offset, length, packed=True)
+
+    # directories ------------------------------------------------------------------------------
+    def _dir_block(self, inode: Inode, index: int) -> list[DirEntry]:
+        bs = self.superblock.block_size
+        start = index * bs
+        block = self._read_data(inode, start, min(bs, inode.size - start))
+        return parse_dir_block(block, inode.nid, start)
+
+    def _require_dir(self, inode: Inode) -> None:
+        if not inode.is_dir:
+            raise NotADirectoryErofsError("not a directory", image=self.name, nid=inode.nid)
+
+    def readdir(self, inode: Inode, *, dots: bool = False) -> Iterator[DirEntry]:
+        """Entries of directory ``inode`` in on-disk order."""
+        self._require_dir(inode)
+        count = nblocks(inode.size, self.superblock.blkszbits)
+        for index in range(count):
+            with self.context(inode.nid):
+                entries = self._dir_block(inode, index)
+            for entry in entries:
+                if dots or entry.name not in (b".", b".."):
+                    yield entry
+        if dots and inode.info.dot_omitted:
+            yield DirEntry(b".", inode.nid, d.FT_DIR)
+
+    def lookup_entry(self, inode: Inode, name: bytes) -> DirEntry | None:
+        """The entry called ``name`` in directory ``inode``, or None."""
+        self._require_dir(inode)
+        if not name or len(name) > d.MAX_NAME_LEN:
+            return None
+        if name == b"." and inode.info.dot_omitted:
+            return DirEntry(b".", inode.nid, d.FT_DIR)
+        with self.context(inode.nid):
+            count = nblocks(inode.size, self.superblock.blkszbits)
+            return lookup_in_blocks(count, lambda i: self._dir_block(inode, i), name)
+
+    def lookup(self, path: str | bytes) -> Inode:
+        """The inode at ``path`` (absolute or relative to the root); symlinks are not followed."""
+        raw = path.encode() if isinstance(path, str) else path
+        parts = [p for p in raw.split(b"/") if p and p != b"."]
+        if len(parts) > MAX_PATH_COMPONENTS:
+            raise NotFoundError("path too long", image=self.name)
+        node = self.root
+        for part in parts:
+            if not node.is_dir:
+                raise NotADirectoryErofsError(
+                    f"{part.decode(errors='replace')}: parent is not a directory",
+                    image=self.name, nid=node.nid,
+                )
+            entry = self.lookup_entry(node, part)
+            if entry is None:
+                raise NotFoundError(f"{raw.decode(errors='replace')}: no such entry", image=self.name)
+            node = self.inode(entry.nid)
+        return node
+
+    # xattrs -----------------------------------------------------------------------------------
+    def _make_xattr_reader(self) -> XattrReader:
+        sb = self.superblock
+        shared_space: Space = self.blob
+        if sb.has_compat(d.COMPAT_SHARED_EA_IN_METABOX) and self._metabox_space is not None:
+            shared_space = self._metabox_space
+        prefixes = []
+        if sb.has_incompat(d.INCOMPAT_XATTR_PREFIXES) and sb.raw.xattr_prefix_count:
+            space: Space = self.blob
+            if sb.has_compat(d.COMPAT_PLAIN_XATTR_PFX):
+                space = self.blob
+            elif self._metabox_space is not None:
+                space = self._metabox_space
+            elif self._packed is not None:
+                space = InodeSpace(self, self._packed, packed=True)
+            prefixes = parse_prefix_table(
+                space.read, space.size, sb.raw.xattr_prefix_start * 4, sb.raw.xattr_prefix_count
+            )
+        return XattrReader(
+            prefixes,
+            shared_space.read,
+            sb.raw.xattr_blkaddr << sb.blkszbits,
+            shared_space.size,
+        )
+
+    # walking ----------------------------------------------------------------------------------
+    def walk(self, top: Inode | None = None, prefix: bytes = b"") -> Iterator[tuple[bytes, Inode]]:
+        """Every (path, inode) below ``top`` depth-first, each directory visited once."""
+        start = top if top is not None else self.root
+        seen: set[int] = {start.nid}
+        stack: list[tuple[bytes, Inode]] = [(prefix, start)]
+        while stack:
+            path, node = stack.pop()
+            children = []
+            for entry in self.readdir(node):
+                child = self.inode(entry.nid)
+                child_path = path + b"/" + entry.name if path else entry.name
+                if child.is_dir:
+                    if child.nid in seen:
+                        raise CorruptImageError(
+                            "directory cycle: directory reached twice", image=self.name, nid=child.nid
+                        )
+                    seen.add(child.nid)
+                    children.append((child_path, child))
+                yield child_path, child
+            stack.extend(reversed(children))
+
+
+def mode_type_char(mode: int) -> str:
+    return stat.filemode(mode)[0]
