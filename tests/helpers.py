@@ -1,0 +1,54 @@
+"""Shared test helpers: the fixture corpus, real mkfs.erofs, real kernel mounts.
+
+A component a test needs and cannot find is a failure, never a skip: CI must not go green by
+testing less.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "fixtures" / "corpus"
+EXPECTED = CORPUS / "expected"
+
+
+def corpus(name: str) -> str:
+    path = CORPUS / name
+    assert path.exists(), f"fixture {path} is missing"
+    return str(path)
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is not installed: run scripts/install-deps"
+    return path
+
+
+def mkfs_erofs(src: str, out: str, *options: str) -> None:
+    """Build an image with the machine's (Debian's) mkfs.erofs."""
+    mkfs = require_tool("mkfs.erofs")
+    proc = subprocess.run([mkfs, *options, out, src], capture_output=True, text=True)
+    assert proc.returncode == 0, f"mkfs.erofs {' '.join(options)} failed: {proc.stderr}"
+
+
+@contextlib.contextmanager
+def kernel_erofs(image: str, *options: str) -> Iterator[str]:
+    """The image mounted by the kernel's erofs (the reference view), unmounted afterwards."""
+    assert os.geteuid() == 0, "kernel mounts need root"
+    mnt = tempfile.mkdtemp(prefix="erofs-kernel-")
+    opts = ",".join(("ro", "loop", *options))
+    proc = subprocess.run(["mount", "-t", "erofs", "-o", opts, image, mnt],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"kernel mount of {image} failed: {proc.stderr}"
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+        os.rmdir(mnt)
