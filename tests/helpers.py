@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from erofs_fuse.erofs.superblock import crc32c_raw
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "fixtures" / "corpus"
@@ -52,3 +55,13 @@ def kernel_erofs(image: str, *options: str) -> Iterator[str]:
     finally:
         subprocess.run(["umount", mnt], check=True)
         os.rmdir(mnt)
+
+
+def reseal(data: bytearray) -> bytearray:
+    """Recompute the checksum after editing, so a test reaches the check it means to reach."""
+    bs = 1 << data[1024 + 12]
+    length = bs - 1024 if bs > 1024 else bs
+    block = bytearray(data[1024 : 1024 + length])
+    block[4:8] = bytes(4)
+    struct.pack_into("<I", data, 1028, crc32c_raw(bytes(block)))
+    return data

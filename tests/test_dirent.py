@@ -1,0 +1,69 @@
+"""Directory blocks from bytes: parsing, limits, and the O(log n) lookup."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from erofs_fuse.erofs.dirent import DirEntry, lookup_in_blocks, parse_dir_block
+from erofs_fuse.erofs.errors import CorruptImageError
+
+
+def block(entries: list[tuple[bytes, int, int]], size: int = 4096) -> bytes:
+    head = b""
+    names = b""
+    base = 12 * len(entries)
+    for name, nid, ftype in entries:
+        head += struct.pack("<QHBB", nid, base + len(names), ftype, 0)
+        names += name
+    return (head + names).ljust(size, b"\0")
+
+
+def test_parse_block_with_trailing_padding() -> None:
+    raw = block([(b".", 1, 2), (b"..", 1, 2), (b"abc", 7, 1)])
+    assert parse_dir_block(raw) == [DirEntry(b".", 1, 2), DirEntry(b"..", 1, 2), DirEntry(b"abc", 7, 1)]
+
+
+def test_last_name_may_fill_the_block_exactly() -> None:
+    raw = block([(b"a", 1, 1), (b"x" * 200, 2, 1)], size=12 * 2 + 1 + 200)
+    assert parse_dir_block(raw)[1].name == b"x" * 200
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        struct.pack("<QHBB", 1, 4, 1, 0).ljust(64, b"a"),  # nameoff0 < 12
+        struct.pack("<QHBB", 1, 5000, 1, 0).ljust(4096, b"a"),  # nameoff0 beyond the block
+        struct.pack("<QHBB", 1, 13, 1, 0).ljust(64, b"a"),  # nameoff0 not a multiple of 12
+        struct.pack("<QHBBQHBB", 1, 24, 1, 0, 2, 20, 1, 0).ljust(64, b"a"),  # names overlap
+        struct.pack("<QHBB", 1, 12, 9, 0).ljust(64, b"a"),  # file type 9
+        struct.pack("<QHBB", 1, 12, 1, 0).ljust(12 + 300, b"a"),  # name of 300 bytes
+    ],
+)
+def test_malformed_blocks_are_corrupt(raw: bytes) -> None:
+    with pytest.raises(CorruptImageError):
+        parse_dir_block(raw)
+
+
+def test_lookup_binary_search_over_blocks() -> None:
+    names = sorted(b"n%04d" % i for i in range(0, 1000, 3))
+    blocks = [
+        [DirEntry(name, i, 1) for i, name in enumerate(names[k : k + 50], start=k)]
+        for k in range(0, len(names), 50)
+    ]
+    reads: list[int] = []
+
+    def read_block(i: int) -> list[DirEntry]:
+        reads.append(i)
+        return blocks[i]
+
+    for idx, name in enumerate(names):
+        reads.clear()
+        found = lookup_in_blocks(len(blocks), read_block, name)
+        assert found is not None and found.nid == idx
+        assert len(reads) <= 4  # log2(7 blocks) + 1
+    assert lookup_in_blocks(len(blocks), read_block, b"n0001") is None
+    assert lookup_in_blocks(len(blocks), read_block, b"a") is None
+    assert lookup_in_blocks(len(blocks), read_block, b"z") is None
