@@ -111,7 +111,7 @@ class Extractor:
                 data = node.read(pos, CHUNK)
                 if not data:
                     raise CorruptImageError("file data ended early", nid=node.nid, offset=pos)
-                if data.count(0) == len(data):
+                if len(data) >= 4096 and data[0] == 0 and data[-1] == 0 and data.count(0) == len(data):
                     os.lseek(out, len(data), os.SEEK_CUR)  # keep holes sparse
                 else:
                     os.write(out, data)

@@ -13,7 +13,7 @@ import struct
 import threading
 import zlib
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, NoReturn, Sequence
 
 from cachetools import LRUCache
 
@@ -28,7 +28,7 @@ from .errors import (
 from .extent import ChunkMapper, FlatMapper, Mapper, nblocks
 from .inode import InodeInfo, parse_inode
 from .reader import DEFAULT_EXTENT_CACHE_BYTES, DataReader
-from .space import Space
+from .space import BlockCachedSpace, Space
 from .superblock import SuperBlock, parse_superblock
 from .xattr import XattrReader, parse_prefix_table
 
@@ -136,8 +136,10 @@ class Inode:
     # data -------------------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
         """File bytes ``[offset, offset + size)``, shorter at EOF."""
-        with self.image.context(self.nid):
+        try:
             return self.image._read_data(self, offset, size)
+        except Exception as exc:
+            self.image.reraise(exc, self.nid)
 
     def readlink(self) -> bytes:
         with self.image.context(self.nid):
@@ -200,6 +202,7 @@ class Image:
         self._metabox_space: Space | None = None
         with self.context(None):
             self.superblock = parse_superblock(blob.read, blob.size, self.name)
+            self._meta: Space = BlockCachedSpace(blob, self.superblock.block_size)
             self._check_devices()
             self._reader = DataReader(
                 self.superblock, self._read_device, self._read_packed, extent_cache_bytes
@@ -245,17 +248,26 @@ class Image:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def reraise(self, exc: Exception, nid: int | None) -> NoReturn:
+        """Raise ``exc`` with image and nid attached; a stray exception as CorruptImageError.
+
+        Called from ``except Exception`` clauses (cheaper than a context manager on hot paths);
+        exceptions that are neither ours nor stray ones pass unchanged."""
+        if isinstance(exc, ErofsError):
+            raise exc.with_context(image=self.name, nid=nid)
+        if isinstance(exc, _STRAY_ERRORS):
+            raise CorruptImageError(
+                f"{type(exc).__name__}: {exc}", image=self.name, nid=nid
+            ) from exc
+        raise exc
+
     @contextmanager
     def context(self, nid: int | None) -> Iterator[None]:
         """Attach image and nid to errors raised inside; turn stray exceptions into ours."""
         try:
             yield
-        except ErofsError as exc:
-            raise exc.with_context(image=self.name, nid=nid)
-        except _STRAY_ERRORS as exc:
-            raise CorruptImageError(
-                f"{type(exc).__name__}: {exc}", image=self.name, nid=nid
-            ) from exc
+        except Exception as exc:
+            self.reraise(exc, nid)
 
     # devices ----------------------------------------------------------------------------------
     def _check_devices(self) -> None:
@@ -308,7 +320,7 @@ class Image:
             if self._metabox_space is None:
                 raise CorruptImageError("nid refers into a metabox the image does not have", nid=nid)
             return self._metabox_space
-        return self.blob
+        return self._meta
 
     def _load_inode(self, nid: int) -> Inode:
         space = self._space_of(nid)
@@ -324,8 +336,10 @@ class Image:
             hit = self._inodes.get(nid)
         if hit is not None:
             return hit
-        with self.context(nid):
+        try:
             ino = self._load_inode(nid)
+        except Exception as exc:
+            self.reraise(exc, nid)
         with self._lock:
             self._inodes[nid] = ino
         return ino
@@ -422,14 +436,14 @@ class Image:
     # xattrs -----------------------------------------------------------------------------------
     def _make_xattr_reader(self) -> XattrReader:
         sb = self.superblock
-        shared_space: Space = self.blob
+        shared_space: Space = self._meta
         if sb.has_compat(d.COMPAT_SHARED_EA_IN_METABOX) and self._metabox_space is not None:
             shared_space = self._metabox_space
         prefixes = []
         if sb.has_incompat(d.INCOMPAT_XATTR_PREFIXES) and sb.raw.xattr_prefix_count:
-            space: Space = self.blob
+            space: Space = self._meta
             if sb.has_compat(d.COMPAT_PLAIN_XATTR_PFX):
-                space = self.blob
+                space = self._meta
             elif self._metabox_space is not None:
                 space = self._metabox_space
             elif self._packed is not None:

@@ -6,7 +6,12 @@ same space, selected by bit 63 of its nid.
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
+
+from cachetools import LRUCache
+
+from .errors import CorruptImageError
 
 
 class Space(Protocol):
@@ -16,3 +21,52 @@ class Space(Protocol):
     def size(self) -> int: ...
 
     def read(self, offset: int, length: int) -> bytes: ...
+
+
+class BlockCachedSpace:
+    """A space whose reads are served from whole cached blocks of an underlying one.
+
+    Metadata (inodes, xattrs, inline tails, indexes) is read in many small pieces clustered in
+    few blocks; reading and caching whole blocks turns those into one read per block, and when
+    the underlying blob verifies hashes, into one verification per block. The cache holds only
+    bytes the underlying space returned, so it never holds unverified bytes.
+    """
+
+    def __init__(self, inner: Space, block_size: int = 4096, max_bytes: int = 16 << 20) -> None:
+        self._inner = inner
+        self._bits = max(block_size, 4096).bit_length() - 1
+        self._cache: LRUCache[int, bytes] = LRUCache(maxsize=max(max_bytes >> self._bits, 4))
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self._inner.size:
+            raise CorruptImageError(
+                f"metadata read of {length} bytes past the end ({self._inner.size} bytes)",
+                offset=offset,
+            )
+        bits = self._bits
+        first = offset >> bits
+        last = (offset + length - 1) >> bits if length else first
+        if first == last:
+            start = offset - (first << bits)
+            return self._block(first)[start : start + length]
+        if last - first > 16:
+            return self._inner.read(offset, length)  # large reads would only churn the cache
+        data = b"".join(self._block(i) for i in range(first, last + 1))
+        start = offset - (first << bits)
+        return data[start : start + length]
+
+    def _block(self, index: int) -> bytes:
+        with self._lock:
+            hit = self._cache.get(index)
+        if hit is not None:
+            return hit
+        pos = index << self._bits
+        block = self._inner.read(pos, min(1 << self._bits, self._inner.size - pos))
+        with self._lock:
+            self._cache[index] = block
+        return block
