@@ -1,0 +1,220 @@
+"""Lazy verification of a layer blob against a trusted Merkle tree (kernel
+``fs/verity/verify.c`` is the model): ``VerifiedBlob`` implements the ``Blob`` protocol.
+
+Never serve unverified bytes: each read pulls whole data blocks into a private buffer, hashes
+them, compares with the leaf hashes and returns bytes from that same buffer (no mmap, so the
+file cannot change between hashing and copying). Cache verified *bytes* of tree blocks, never
+a "verified" flag: the file can change underneath us, the cached copy cannot.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from cachetools import LRUCache
+
+from .blob import Blob
+from .erofs.errors import CorruptImageError
+from .verity_formats import Geometry, HashParams, data_blocks_of, geometry, hash_blocks
+from .verity_trust import Anchor, IntegrityError
+
+DEFAULT_TREE_CACHE_BYTES = 64 << 20
+DIGEST_PREFIX_HEX = 16  # hex digits of a hash shown in error messages
+
+
+
+
+class MerkleTree:
+    """Where a tree lives (``source`` at byte ``offset``, root-first levels), how it hashes,
+    the authenticated data size, and the anchor that checks its root."""
+
+    def __init__(self, params: HashParams, data_size: int, source: Blob | None, offset: int,
+                 anchor: Anchor) -> None:
+        self.params = params
+        self.data_size = data_size
+        self.source = source
+        self.offset = offset
+        self.anchor = anchor
+        self.geometry: Geometry = geometry(
+            data_blocks_of(data_size, params.data_block_size), params.hashes_per_block)
+
+    @property
+    def tree_bytes(self) -> int:
+        return self.geometry.total_blocks * self.params.hash_block_size
+
+
+class VerifiedBlob:
+    """A ``Blob`` whose every byte is checked against a trusted Merkle tree before it is served.
+
+    A read fetches the covering data blocks into a private buffer, hashes each, compares with
+    its leaf hash (walking up to the first verified cached tree block, then down, as Linux
+    ``fs/verity/verify.c`` does) and serves bytes only from that buffer. Verified tree blocks
+    are cached (LRU, top block pinned); data blocks are re-hashed on every read, so a layer
+    changed underneath is caught. Takes ownership of ``inner`` and ``tree.source``.
+    """
+
+    def __init__(self, inner: Blob, tree: MerkleTree, *, name: str | None = None,
+                 cache_bytes: int = DEFAULT_TREE_CACHE_BYTES) -> None:
+        self.name = name if name is not None else inner.name
+        self.failures = 0
+        self._inner = inner
+        self._tree = tree
+        self._params = tree.params
+        self._geo = tree.geometry
+        self._hasher = tree.params.hasher()
+        self._lock = threading.Lock()
+        self._cache: LRUCache[tuple[int, int], bytes] = LRUCache(
+            maxsize=max(cache_bytes // tree.params.hash_block_size, 16))
+        self._top = b""
+        self._check_sizes()
+        self._root = self._open_root()
+
+    @property
+    def size(self) -> int:
+        return self._tree.data_size
+
+    @property
+    def root(self) -> bytes:
+        return self._root
+
+    def close(self) -> None:
+        self._inner.close()
+        if self._tree.source is not None and self._tree.source is not self._inner:
+            self._tree.source.close()
+
+    # opening ----------------------------------------------------------------------------------
+    def _check_sizes(self) -> None:
+        tree, size = self._tree, self._inner.size
+        appended = tree.source is self._inner
+        if appended and (size < tree.data_size or tree.offset < tree.data_size):
+            raise IntegrityError(
+                f"layer of {size} bytes cannot hold {tree.data_size} data bytes before a hash "
+                f"tree at {tree.offset}", image=self.name)
+        if not appended and size != tree.data_size:
+            raise IntegrityError(
+                f"layer has {size} bytes, the trusted digest covers {tree.data_size}",
+                image=self.name)
+        need = tree.offset + tree.tree_bytes
+        if tree.tree_bytes and (tree.source is None or tree.source.size < need):
+            have = tree.source.size if tree.source is not None else 0
+            raise IntegrityError(
+                f"hash tree truncated: {have} bytes, need {need}", image=self.name)
+
+    def _open_root(self) -> bytes:
+        """Hash the top block (or the lone data block) and check it against the anchor."""
+        geo, params = self._geo, self._params
+        if geo.levels:
+            self._top = self._read_tree_block(geo.levels - 1, 0)
+            root = self._hasher(self._top)
+        elif geo.data_blocks == 1:
+            data = self._inner.read(0, self._tree.data_size)
+            root = hash_blocks(self._hasher, data, params.data_block_size,
+                               params.digest_size)
+        else:
+            root = bytes(params.digest_size)
+        self._tree.anchor.check_root(root, params, self._tree.data_size, self.name)
+        return root
+
+    # tree blocks ------------------------------------------------------------------------------
+    def _tree_block_pos(self, level: int, index: int) -> int:
+        return self._tree.offset + (self._geo.starts[level] + index) * self._params.hash_block_size
+
+    def _read_tree_block(self, level: int, index: int) -> bytes:
+        assert self._tree.source is not None  # _check_sizes: a tree with blocks has a source
+        return self._tree.source.read(self._tree_block_pos(level, index),
+                                      self._params.hash_block_size)
+
+    def _cached(self, level: int, index: int) -> bytes | None:
+        if level == self._geo.levels - 1:
+            return self._top
+        with self._lock:
+            return self._cache.get((level, index))
+
+    def _slot(self, block: bytes, index: int) -> bytes:
+        pos = index * self._params.slot_size
+        return block[pos:pos + self._params.digest_size]
+
+    def _tree_block(self, level: int, index: int) -> bytes:
+        """Verified bytes of tree block ``index`` of ``level``: walk up to the first cached
+        (hence verified) ancestor, then check each level on the way down."""
+        hpb = self._geo.hashes_per_block
+        path: list[tuple[int, int]] = []
+        parent = self._cached(level, index)
+        while parent is None:
+            path.append((level, index))
+            level, index = level + 1, index // hpb
+            parent = self._cached(level, index)
+        for lvl, idx in reversed(path):
+            block = self._read_tree_block(lvl, idx)
+            expected = self._slot(parent, idx % hpb)
+            actual = self._hasher(block)
+            if actual != expected:
+                source = self._tree.source.name if self._tree.source is not None else "?"
+                self._fail(f"Merkle tree block {idx} of level {lvl} ({source} at "
+                           f"{self._tree_block_pos(lvl, idx)})", expected, actual, None)
+            with self._lock:
+                self._cache[(lvl, idx)] = block
+            parent = block
+        return parent
+
+    def _fail(self, what: str, expected: bytes, actual: bytes, offset: int | None) -> None:
+        with self._lock:
+            self.failures += 1
+        raise IntegrityError(
+            f"{what}: hash mismatch, expected {expected[:DIGEST_PREFIX_HEX // 2].hex()}..., "
+            f"got {actual[:DIGEST_PREFIX_HEX // 2].hex()}...", image=self.name, offset=offset)
+
+    # data -------------------------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        size = self._tree.data_size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise CorruptImageError(
+                f"read of {length} bytes past the end of the verified data ({size} bytes)",
+                image=self.name, offset=offset)
+        if length == 0:
+            return b""
+        dbs = self._params.data_block_size
+        first = offset // dbs
+        start = first * dbs
+        stop = min(-(-(offset + length) // dbs) * dbs, size)
+        buf = self._inner.read(start, stop - start)
+        self._verify(first, buf)
+        skip = offset - start
+        if skip == 0 and length == len(buf):
+            return buf
+        return buf[skip:skip + length]
+
+    def _verify(self, first: int, buf: bytes) -> None:
+        """Check the blocks of ``buf`` (data blocks ``first``, ...) against their leaf hashes,
+        one leaf tree block at a time (one leaf covers 512 KiB with SHA-256 and 4 KiB)."""
+        ds, hpb = self._params.digest_size, self._geo.hashes_per_block
+        got = hash_blocks(self._hasher, buf, self._params.data_block_size, ds)
+        end = first + len(got) // ds
+        if not self._geo.levels:  # a one-block layer: the block's hash is the root
+            if got != self._root:
+                self._fail("data block 0", self._root, got, 0)
+            return
+        block = first
+        while block < end:
+            leaf = block // hpb
+            stop = min(end, (leaf + 1) * hpb)
+            expected = self._leaf_hashes(self._tree_block(0, leaf), block % hpb, stop - block)
+            actual = got[(block - first) * ds:(stop - first) * ds]
+            if actual != expected:
+                self._report_mismatch(block, expected, actual)
+            block = stop
+
+    def _leaf_hashes(self, leaf: bytes, slot: int, count: int) -> bytes:
+        """``count`` digests from ``slot`` on, without dm-verity's per-slot padding."""
+        ds = self._params.digest_size
+        if self._params.slot_size == ds:
+            return leaf[slot * ds:(slot + count) * ds]
+        return b"".join(self._slot(leaf, slot + k) for k in range(count))
+
+    def _report_mismatch(self, block: int, expected: bytes, actual: bytes) -> None:
+        ds = self._params.digest_size
+        for k in range(0, len(actual), ds):
+            if expected[k:k + ds] != actual[k:k + ds]:
+                index = block + k // ds
+                self._fail(f"data block {index}", expected[k:k + ds], actual[k:k + ds],
+                           index * self._params.data_block_size)
