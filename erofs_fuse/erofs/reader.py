@@ -53,17 +53,41 @@ class DataReader:
         end = min(off + length, size)
         if off >= end:
             return b""
-        parts = []
+        parts: list[bytes] = []
         pos = off
+        # contiguous raw device extents are gathered into one read: (device, start pa, length)
+        run: tuple[int, int, int] | None = None
         while pos < end:
             ext = mapper.map(pos)
-            if not ext.la <= pos < ext.end or ext.llen <= 0:
+            if not ext.la <= pos < ext.la + ext.llen or ext.llen <= 0:
                 raise CorruptImageError(
-                    f"extent [{ext.la}, {ext.end}) does not hold position {pos}", offset=pos
+                    f"extent [{ext.la}, {ext.la + ext.llen}) does not hold position {pos}",
+                    offset=pos,
                 )
-            stop = min(end, ext.end)
-            parts.append(self._extent_bytes(ext, space, pos - ext.la, stop - pos, packed))
+            stop = min(end, ext.la + ext.llen)
+            skip = pos - ext.la
+            if ext.source == Source.DEVICE and ext.codec == Codec.RAW:
+                if ext.plen and skip + stop - pos > ext.plen:
+                    raise CorruptImageError(
+                        f"uncompressed extent of {ext.llen} bytes exceeds its "
+                        f"{ext.plen}-byte pcluster",
+                        offset=ext.pa,
+                    )
+                pa = ext.pa + skip
+                if run is not None and run[0] == ext.device and run[1] + run[2] == pa:
+                    run = (run[0], run[1], run[2] + stop - pos)
+                else:
+                    if run is not None:
+                        parts.append(self._read_device(*run))
+                    run = (ext.device, pa, stop - pos)
+            else:
+                if run is not None:
+                    parts.append(self._read_device(*run))
+                    run = None
+                parts.append(self._extent_bytes(ext, space, skip, stop - pos, packed))
             pos = stop
+        if run is not None:
+            parts.append(self._read_device(*run))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _extent_bytes(
@@ -81,8 +105,11 @@ class DataReader:
                     offset=ext.pa,
                 )
             return self._physical(ext, ext.pa + skip, count, space)
-        data = self._decoded(ext, space)
-        return data[skip : skip + count]
+        # an extent wanted whole is not cached: nothing will ask for it again that the kernel's
+        # page cache would not serve; a part is, since the rest is usually the next request
+        whole = skip == 0 and count == ext.llen
+        data = self._decoded(ext, space, store=not whole)
+        return data if whole else data[skip : skip + count]
 
     def _physical(self, ext: Extent, pa: int, count: int, space: Space) -> bytes:
         if ext.source == Source.DEVICE:
@@ -91,7 +118,7 @@ class DataReader:
             return space.read(pa, count)
         return self._read_packed(pa, count)
 
-    def _decoded(self, ext: Extent, space: Space) -> bytes:
+    def _decoded(self, ext: Extent, space: Space, *, store: bool = True) -> bytes:
         """The whole extent ``[la, la + llen)`` decoded, through the cache."""
         if ext.plen > d.Z_PCLUSTER_MAX_SIZE or ext.llen > d.Z_PCLUSTER_MAX_DSIZE:
             raise UnsupportedFeatureError(
@@ -109,8 +136,9 @@ class DataReader:
             out = _deinterlace(src, ext.la, ext.llen, self._sb.block_size)
         else:
             out = decompress(ext.codec, src, ext.llen, ext.partial, self._sb.compression)
-        with self._lock:
-            self._cache[key] = out
+        if store:
+            with self._lock:
+                self._cache[key] = out
         return out
 
 
