@@ -1,0 +1,413 @@
+"""``erofs-fuse mount`` and ``erofs-fuse umount``: the one owner of the mount lifecycle.
+
+Order of events: parse the arguments, open and validate every layer, check the mountpoint (any
+failure so far is one line ``erofs-fuse: ...`` and exit 2), then, unless ``--foreground``, fork:
+the parent waits on a pipe until the daemon says the kernel's INIT request has been served (the
+mount answers) or why it could not mount, and exits 0 or 1. The daemon configures logging
+(syslog or ``--log FILE``), serves until unmounted or signalled (SIGTERM, SIGINT and SIGHUP end
+the main loop with ``pyfuse3.terminate``) and always finishes with ``pyfuse3.close(unmount=True)``.
+Logging is configured here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import logging.handlers
+import os
+import signal
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from .console import PROG, CliError, print_error
+from .erofs.errors import ErofsError
+from .erofs.image import Image
+from .fs import DEFAULT_READ_THREADS, DEFAULT_TIMEOUT, Operations
+from .overlay import MAX_LAYERS, MergedTree
+
+log = logging.getLogger("erofs_fuse")
+
+EXIT_MOUNT_FAILED = 1
+SUBTYPE = "erofs-fuse"
+DEFAULT_OPTIONS = ("ro", "default_permissions", "nosuid", "nodev")
+# -o options that undo a default, and the default each one removes
+_NEGATIONS = {"suid": "nosuid", "dev": "nodev"}
+_REFUSED_OPTIONS = {"rw": "the tree is read-only"}
+_READY = b"ready\n"
+
+
+# arguments ------------------------------------------------------------------------------------
+@dataclass
+class MountConfig:
+    layers: list[str]
+    mountpoint: str
+    devices: dict[int, list[str]] = field(default_factory=dict)
+    foreground: bool = False
+    debug: bool = False
+    options: set[str] = field(default_factory=set)
+    fsname: str = SUBTYPE
+    log_file: str | None = None
+    read_threads: int = DEFAULT_READ_THREADS
+    timeout: float = DEFAULT_TIMEOUT
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises CliError (one line, exit 2) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(f"{self.prog.removeprefix(PROG + ' ')}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=f"{PROG} mount",
+        description="Mount a stack of EROFS layer images as one read-only tree, merged as "
+        "overlayfs merges layers (whiteouts and opaque directories in overlayfs or OCI form).",
+    )
+    p.add_argument("--layers", required=True, metavar="L1,L2,...,LN",
+                   help="layer images, comma-separated, BOTTOM TO TOP (the order of an OCI "
+                   "manifest's layers: the last one wins)")
+    p.add_argument("--device", action="append", default=[], metavar="INDEX:PATH",
+                   help="an extra device (blob) file of layer INDEX (0 = the first, bottom "
+                   "layer); repeat in device-table order for several devices")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr (default: return once the "
+                   "mount is ready and serve it from a background daemon)")
+    p.add_argument("--debug", action="store_true", help="log every request")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                   help="FUSE mount options, e.g. allow_other; 'ro,default_permissions,nosuid,"
+                   "nodev' are always on unless undone ('suid', 'dev')")
+    p.add_argument("--fsname", default=SUBTYPE,
+                   help="the source shown in /proc/mounts (default %(default)s)")
+    p.add_argument("--log", dest="log_file", metavar="FILE",
+                   help="log file of the background daemon (default: syslog, if /dev/log exists)")
+    p.add_argument("--threads", dest="read_threads", type=int, default=DEFAULT_READ_THREADS,
+                   metavar="N", help="worker threads for large reads of compressed files "
+                   "(0: none; default %(default)s)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="how long the kernel may cache entries and attributes "
+                   "(default %(default)s)")
+    p.add_argument("mountpoint", help="an empty directory")
+    return p
+
+
+def parse_args(argv: list[str]) -> MountConfig:
+    ns = build_parser().parse_args(argv)
+    layers = [item for item in ns.layers.split(",") if item]
+    if not layers:
+        raise CliError("mount: --layers names no layer")
+    if len(layers) > MAX_LAYERS:
+        raise CliError(f"mount: {len(layers)} layers; at most {MAX_LAYERS} are supported")
+    if ns.read_threads < 0:
+        raise CliError("mount: --threads must be 0 or more")
+    return MountConfig(
+        layers=layers,
+        mountpoint=os.path.abspath(ns.mountpoint),
+        devices=parse_devices(ns.device, len(layers)),
+        foreground=ns.foreground,
+        debug=ns.debug,
+        options=parse_options(ns.options),
+        fsname=ns.fsname,
+        log_file=os.path.abspath(ns.log_file) if ns.log_file else None,
+        read_threads=ns.read_threads,
+        timeout=ns.timeout,
+    )
+
+
+def parse_devices(specs: list[str], nlayers: int) -> dict[int, list[str]]:
+    devices: dict[int, list[str]] = {}
+    for spec in specs:
+        index, sep, path = spec.partition(":")
+        if not sep or not index.isdigit() or not path:
+            raise CliError(f"mount: --device {spec}: expected LAYER_INDEX:PATH")
+        if int(index) >= nlayers:
+            raise CliError(f"mount: --device {spec}: there are only {nlayers} layers "
+                           f"(indexes 0..{nlayers - 1}, bottom first)")
+        devices.setdefault(int(index), []).append(path)
+    return devices
+
+
+def parse_options(values: list[str]) -> set[str]:
+    options = set(DEFAULT_OPTIONS)
+    for value in values:
+        for opt in filter(None, value.split(",")):
+            if opt in _REFUSED_OPTIONS:
+                raise CliError(f"mount: -o {opt}: {_REFUSED_OPTIONS[opt]}")
+            if opt in _NEGATIONS:
+                options.discard(_NEGATIONS[opt])
+            options.add(opt)
+    return options
+
+
+# checks before mounting -----------------------------------------------------------------------
+def open_layers(cfg: MountConfig) -> list[Image]:
+    """Open and validate every layer; one CliError naming the first layer that fails."""
+    images: list[Image] = []
+    try:
+        for index, path in enumerate(cfg.layers):
+            images.append(_open_layer(index, path, cfg.devices.get(index, [])))
+    except BaseException:
+        for image in images:
+            image.close()
+        raise
+    return images
+
+
+def _open_layer(index: int, path: str, devices: list[str]) -> Image:
+    for name in [path, *devices]:
+        if os.path.isdir(name):
+            raise CliError(f"{name}: is a directory, not an EROFS image")
+    try:
+        return Image.open(path, devices=devices)  # named by its path in every error
+    except OSError as exc:
+        raise CliError(f"{exc.filename or path}: {exc.strerror or exc}") from exc
+    except ErofsError as exc:
+        raise CliError(f"{path} (layer {index}): {exc.message}") from exc
+
+
+def check_mountpoint(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise CliError(f"{path}: mountpoint is not a directory")
+    try:
+        with os.scandir(path) as it:
+            if any(True for _ in it):
+                raise CliError(f"{path}: mountpoint is not empty")
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror}") from exc
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    options = set(cfg.options)
+    options.add(f"fsname={cfg.fsname}")
+    options.add(f"subtype={SUBTYPE}")
+    return options
+
+
+# logging --------------------------------------------------------------------------------------
+def configure_logging(cfg: MountConfig, *, daemon: bool) -> None:
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler: logging.Handler
+    if not daemon:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    elif cfg.log_file:
+        handler = logging.FileHandler(cfg.log_file)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s " + PROG + "[%(process)d] %(levelname)s %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter(PROG + "[%(process)d]: %(message)s"))
+    else:
+        handler = logging.NullHandler()  # no syslog in this container: --log keeps a log
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+    # pyfuse3's own debug lines are per request and worker: only with --debug
+    logging.getLogger("pyfuse3").setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
+
+
+# serving --------------------------------------------------------------------------------------
+async def _serve_until_done() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_terminate_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def serve(cfg: MountConfig, images: list[Image], on_ready: Callable[[], None] | None) -> int:
+    """Mount, serve until unmounted or signalled, unmount. A CliError: nothing was mounted."""
+    tree = MergedTree(images)
+    ops = Operations(tree, timeout=cfg.timeout, read_threads=cfg.read_threads,
+                     on_ready=on_ready)
+    try:
+        pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+    except RuntimeError as exc:
+        raise CliError(f"{cfg.mountpoint}: cannot mount ({exc})", EXIT_MOUNT_FAILED) from exc
+    log.info("mounted %s on %s", ",".join(cfg.layers), cfg.mountpoint)
+    try:
+        trio.run(_serve_until_done)
+    finally:
+        pyfuse3.close(unmount=True)
+        for image in images:
+            image.close()
+    log.info("unmounted %s", cfg.mountpoint)
+    return 0
+
+
+def run_foreground(cfg: MountConfig, images: list[Image]) -> int:
+    configure_logging(cfg, daemon=False)
+    return serve(cfg, images, on_ready=None)
+
+
+def run_daemon(cfg: MountConfig, images: list[Image]) -> int:
+    """Fork; the parent returns once the daemon reports the mount ready (0) or failed (1).
+
+    Forked twice, the daemon is nobody's child but init's (no zombie in a long-lived caller)
+    and, no session leader, can never acquire a controlling terminal.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        os._exit(_daemon_main(cfg, images, write_end))
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    for image in images:
+        image.close()  # the daemon has its own descriptors now
+    with os.fdopen(read_end, "rb") as pipe:
+        report = pipe.read()
+    if report == _READY:
+        return 0
+    message = report.decode(errors="replace").strip()
+    raise CliError(message or "the mount daemon exited before the mount was ready",
+                   EXIT_MOUNT_FAILED)
+
+
+def _daemon_main(cfg: MountConfig, images: list[Image], report_fd: int) -> int:
+    """The daemon: no terminal; stderr stays until ready so libfuse's own errors are seen."""
+    os.chdir("/")
+    _redirect(0, os.O_RDONLY)
+    _redirect(1, os.O_WRONLY)
+
+    def ready() -> None:
+        nonlocal report_fd
+        if report_fd >= 0:
+            os.write(report_fd, _READY)
+            os.close(report_fd)
+            report_fd = -1
+            _redirect(2, os.O_WRONLY)
+
+    try:
+        configure_logging(cfg, daemon=True)
+        return serve(cfg, images, on_ready=ready)
+    except CliError as exc:
+        _report(report_fd, str(exc))
+        return exc.code
+    except BaseException as exc:  # the parent must hear something, whatever happened
+        log.exception("mount daemon failed")
+        _report(report_fd, f"mount daemon failed: {exc}")
+        return EXIT_MOUNT_FAILED
+
+
+def _report(fd: int, message: str) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.write(fd, message.encode(errors="replace") + b"\n")
+            os.close(fd)
+
+
+def _redirect(fd: int, flags: int) -> None:
+    devnull = os.open(os.devnull, flags)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def main(argv: list[str]) -> int:
+    """``erofs-fuse mount ...``: 0 once mounted (or, in the foreground, once unmounted)."""
+    try:
+        cfg = parse_args(argv)
+        images = open_layers(cfg)
+        try:
+            check_mountpoint(cfg.mountpoint)
+        except BaseException:
+            for image in images:
+                image.close()
+            raise
+        if cfg.foreground:
+            return run_foreground(cfg, images)
+        return run_daemon(cfg, images)
+    except CliError as exc:
+        print_error(str(exc))
+        return exc.code
+
+
+# umount ---------------------------------------------------------------------------------------
+def _unescape_mount_path(field_: str) -> str:
+    # /proc/self/mountinfo writes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field_):
+        if field_[i] == "\\" and field_[i + 1:i + 4].isdigit() and i + 4 <= len(field_):
+            out.append(chr(int(field_[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_[i])
+            i += 1
+    return "".join(out)
+
+
+def mounted_fuse(path: str) -> bool:
+    """Whether ``path`` is a FUSE mountpoint (read from mountinfo: touching a dead one hangs)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) >= 5 and _unescape_mount_path(fields[4]) == path:
+                if right.split(" ", 1)[0].startswith("fuse"):
+                    return True
+    return False
+
+
+def _mountpoint_path(arg: str) -> str:
+    # resolve symlinks of the parent only: stat of a dead FUSE mountpoint fails
+    parent, base = os.path.split(os.path.abspath(arg))
+    return os.path.join(os.path.realpath(parent), base)
+
+
+def _is_stale(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        # ENOTCONN once the connection is gone; ECONNABORTED while it is being torn down
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def umount_main(argv: list[str]) -> int:
+    """``erofs-fuse umount MOUNTPOINT``: fusermount3 -u; a lazy unmount if the daemon is dead."""
+    parser = _Parser(prog=f"{PROG} umount", description="Unmount an erofs-fuse mount.")
+    parser.add_argument("mountpoint")
+    try:
+        ns = parser.parse_args(argv)
+        path = _mountpoint_path(ns.mountpoint)
+        if not mounted_fuse(path):
+            raise CliError(f"{ns.mountpoint}: not a FUSE mount", 1)
+        first = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True)
+        if first.returncode == 0:
+            return 0
+        if _is_stale(path):
+            # the daemon died ("Transport endpoint is not connected"): detach the dead mount
+            lazy = ["umount", "-l", path] if os.geteuid() == 0 else ["fusermount3", "-u", "-z", path]
+            if subprocess.run(lazy, capture_output=True, text=True).returncode == 0:
+                return 0
+        why = first.stderr.strip().splitlines()
+        raise CliError(f"{ns.mountpoint}: {why[-1] if why else 'cannot unmount'}", 1)
+    except CliError as exc:
+        print_error(str(exc))
+        return exc.code
+    except OSError as exc:
+        print_error(f"umount: {exc.strerror or exc}")
+        return 1
