@@ -29,9 +29,11 @@ import trio
 
 from .console import PROG, CliError, print_error
 from .erofs.errors import ErofsError
+from .blob import Blob, FileBlob
 from .erofs.image import Image
 from .fs import DEFAULT_READ_THREADS, DEFAULT_TIMEOUT, Operations
 from .overlay import MAX_LAYERS, MergedTree
+from .verity import TrustSpec, open_layer_blob, parse_trust_args
 
 log = logging.getLogger("erofs_fuse")
 
@@ -57,6 +59,8 @@ class MountConfig:
     log_file: str | None = None
     read_threads: int = DEFAULT_READ_THREADS
     timeout: float = DEFAULT_TIMEOUT
+    trust: list[TrustSpec] = field(default_factory=list)  # one per layer, or empty
+    require_verity: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,6 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="how long the kernel may cache entries and attributes "
                    "(default %(default)s)")
+    v = p.add_argument_group(
+        "integrity", "Every block read from a layer with a trusted root is hashed and checked "
+        "against its Merkle tree (LAYER.verity by default, as written by 'erofs-fuse seal'); a "
+        "mismatch fails that read with EIO. LAYER is a 0-based index (bottom first) or the "
+        "layer's path as given in --layers.")
+    v.add_argument("--verity", action="append", default=[], metavar="LAYER=sha256:HEX",
+                   help="trusted fs-verity digest of a layer (as 'fsverity digest' prints it)")
+    v.add_argument("--verity-roots", action="append", default=[], metavar="FILE",
+                   help="file of 'sha256:HEX PATH' lines (the output of 'fsverity digest' or "
+                   "'erofs-fuse seal'), matched to layers by path")
+    v.add_argument("--dm-verity", action="append", default=[], metavar="LAYER=ROOT:BLOCKS",
+                   help="trusted dm-verity root hash with the layer's data block count")
+    v.add_argument("--verity-sidecar", action="append", default=[], metavar="LAYER=PATH",
+                   help="where the layer's hash tree is (default: LAYER.verity, LAYER.dmverity)")
+    v.add_argument("--trust-dmverity-sidecar", action="store_true",
+                   help="trust the root hash in containerd's LAYER.dmverity files")
+    v.add_argument("--require-verity", action="store_true",
+                   help="refuse to mount any layer without a trusted root")
     p.add_argument("mountpoint", help="an empty directory")
     return p
 
@@ -108,7 +130,12 @@ def parse_args(argv: list[str]) -> MountConfig:
         raise CliError(f"mount: {len(layers)} layers; at most {MAX_LAYERS} are supported")
     if ns.read_threads < 0:
         raise CliError("mount: --threads must be 0 or more")
+    trust = parse_trust_args(
+        layers, verity=ns.verity, verity_roots=ns.verity_roots, dm_verity=ns.dm_verity,
+        verity_sidecar=ns.verity_sidecar, trust_dmverity_sidecar=ns.trust_dmverity_sidecar)
     return MountConfig(
+        trust=trust,
+        require_verity=ns.require_verity,
         layers=layers,
         mountpoint=os.path.abspath(ns.mountpoint),
         devices=parse_devices(ns.device, len(layers)),
@@ -153,7 +180,9 @@ def open_layers(cfg: MountConfig) -> list[Image]:
     images: list[Image] = []
     try:
         for index, path in enumerate(cfg.layers):
-            images.append(_open_layer(index, path, cfg.devices.get(index, [])))
+            trust = cfg.trust[index] if cfg.trust else None
+            images.append(_open_layer(index, path, cfg.devices.get(index, []), trust,
+                                      cfg.require_verity))
     except BaseException:
         for image in images:
             image.close()
@@ -161,16 +190,33 @@ def open_layers(cfg: MountConfig) -> list[Image]:
     return images
 
 
-def _open_layer(index: int, path: str, devices: list[str]) -> Image:
+def _open_layer(index: int, path: str, devices: list[str], trust: TrustSpec | None = None,
+                require_verity: bool = False) -> Image:
     for name in [path, *devices]:
         if os.path.isdir(name):
             raise CliError(f"{name}: is a directory, not an EROFS image")
+    verified = require_verity or (
+        trust is not None and (trust.fsverity or trust.dmverity or trust.trust_dmverity_sidecar))
+    if devices and verified:
+        # the trusted root covers the layer file only: bytes from its devices would be served
+        # unverified, which verification promises never to do
+        raise CliError(f"{path} (layer {index}): verification of extra device files is not "
+                       "supported; mount this layer without a trusted root")
+    blob: Blob | None = None
+    device_blobs: list[Blob] = []
     try:
-        return Image.open(path, devices=devices)  # named by its path in every error
-    except OSError as exc:
-        raise CliError(f"{exc.filename or path}: {exc.strerror or exc}") from exc
-    except ErofsError as exc:
-        raise CliError(f"{path} (layer {index}): {exc.message}") from exc
+        blob = open_layer_blob(path, trust, require=require_verity)
+        for dev in devices:
+            device_blobs.append(FileBlob(dev))
+        return Image(blob, device_blobs, name=path)  # named by its path in every error
+    except BaseException as exc:
+        for b in ([blob] if blob is not None else []) + device_blobs:
+            b.close()
+        if isinstance(exc, OSError):
+            raise CliError(f"{exc.filename or path}: {exc.strerror or exc}") from exc
+        if isinstance(exc, ErofsError):
+            raise CliError(f"{path} (layer {index}): {exc.message}") from exc
+        raise
 
 
 def check_mountpoint(path: str) -> None:

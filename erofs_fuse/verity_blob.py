@@ -160,9 +160,11 @@ class VerifiedBlob:
     def _fail(self, what: str, expected: bytes, actual: bytes, offset: int | None) -> None:
         with self._lock:
             self.failures += 1
+            count = self.failures
         raise IntegrityError(
             f"{what}: hash mismatch, expected {expected[:DIGEST_PREFIX_HEX // 2].hex()}..., "
-            f"got {actual[:DIGEST_PREFIX_HEX // 2].hex()}...", image=self.name, offset=offset)
+            f"got {actual[:DIGEST_PREFIX_HEX // 2].hex()}... (verification failure {count} "
+            "of this layer)", image=self.name, offset=offset)
 
     # data -------------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
