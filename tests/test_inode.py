@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import stat
-import struct
 
 import pytest
 

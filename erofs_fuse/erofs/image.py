@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import lzma
 import os
-import stat
 import struct
 import threading
 import zlib
@@ -30,7 +29,7 @@ from .extent import ChunkMapper, FlatMapper, Mapper, nblocks
 from .inode import InodeInfo, parse_inode
 from .reader import DEFAULT_EXTENT_CACHE_BYTES, DataReader
 from .space import BlockCachedSpace, Space
-from .superblock import SuperBlock, parse_superblock
+from .superblock import parse_superblock
 from .xattr import XattrReader, parse_prefix_table
 
 if TYPE_CHECKING:
@@ -482,7 +481,3 @@ class Image:
                     children.append((child_path, child))
                 yield child_path, child
             stack.extend(reversed(children))
-
-
-def mode_type_char(mode: int) -> str:
-    return stat.filemode(mode)[0]
