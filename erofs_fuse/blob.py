@@ -71,6 +71,16 @@ class FileBlob:
             )
         return data
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """Have the kernel start reading ``[offset, offset + length)`` into its page cache.
+
+        A hint (POSIX_FADV_WILLNEED), so errors are ignored; no bytes come back, so nothing
+        here needs verifying: they are checked when ``read`` returns them."""
+        try:
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

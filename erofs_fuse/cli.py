@@ -3,6 +3,11 @@
 Subcommands that need no mount (info, ls, cat, extract) live here; ``mount``/``umount`` belong to
 ``mount.py`` and ``seal`` to ``verity.py``, which parse their own arguments. Every failure is one
 line on stderr and a non-zero exit: 2 for bad input (usage, unreadable or corrupt images).
+
+``erofs-fuse SOURCE MOUNTPOINT [-o OPTS]`` (no subcommand) is the call of a mount helper:
+``mount -t fuse.erofs-fuse L1,L2 DIR`` and fstab lines of type ``fuse.erofs-fuse`` run
+``mount.fuse3``, which runs ``erofs-fuse L1,L2 DIR -o OPTS`` through ``/bin/sh`` with mount(8)'s
+PATH; see ``mount_helper_args``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ DISPATCHED = {
     "umount": ("erofs_fuse.mount", "umount_main", "unmount an erofs-fuse mount"),
     "seal": ("erofs_fuse.verity", "seal_main", "write .verity sidecars and print digests"),
 }
+_COMMANDS = ("info", "ls", "cat", "extract")  # parsed here (build_parser)
 
 
 def _open(args: argparse.Namespace) -> Image:
@@ -41,7 +47,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("block size", str(sb.block_size)),
             ("uuid", sb.uuid),
             ("volume name", sb.volume_name or "-"),
-            ("build time", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(sb.build_time))),
+            ("build time", _utc(sb.build_time, "%Y-%m-%d %H:%M:%S UTC")),
             ("inodes", str(sb.raw.inos)),
             ("blocks", str(sb.primary_blocks)),
             ("root nid", str(sb.root_nid)),
@@ -63,8 +69,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _utc(seconds: int, fmt: str) -> str:
+    """A UTC time, or the raw number for one the platform cannot show (images hold any 64-bit
+    number of seconds)."""
+    try:
+        return time.strftime(fmt, time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return f"@{seconds}"
+
+
 def _ls_line(name: str, node: Inode) -> str:
-    mtime = time.strftime("%Y-%m-%d %H:%M", time.gmtime(node.mtime))
+    mtime = _utc(node.mtime, "%Y-%m-%d %H:%M")
     size = (f"{os.major(node.rdev)}, {os.minor(node.rdev)}"
             if stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode) else str(node.size))
     line = f"{stat.filemode(node.mode)} {node.nlink:>3} {node.uid:>5} {node.gid:>5} {size:>9} {mtime} {name}"
@@ -146,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Read EROFS images and mount stacks of EROFS layers through FUSE.",
+        epilog=f"{PROG} L1,L2,... MOUNTPOINT [-o OPTIONS] is the mount helper form, which "
+        "'mount -t fuse.erofs-fuse' and fstab lines of that type use (see README.md).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, _, help_) in DISPATCHED.items():
@@ -171,6 +188,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# mount(8) -------------------------------------------------------------------------------------
+# Options of mount(8) and fstab that mean nothing to the mount itself (mount.fuse3 drops most of
+# them already); "rw" is mount(8)'s default, which a read-only tree ignores rather than refuses.
+HELPER_IGNORED = frozenset({"rw", "defaults", "auto", "noauto", "user", "users", "nouser",
+                            "owner", "group", "_netdev", "nofail"})
+HELPER_IGNORED_PREFIXES = ("x-", "comment=")
+# mount.fuse3 appends "dev" and "suid" to every command unless nodev/nosuid were written, and
+# mount(8) drops a written "suid" or "dev" as being its defaults: neither says what the user
+# wants, so they are ignored and the mount stays nosuid,nodev (allow_suid/allow_dev ask for them).
+HELPER_DEFAULTS = frozenset({"dev", "suid"})
+
+
+def _helper_option_kept(opt: str) -> bool:
+    return bool(opt) and opt not in HELPER_IGNORED and opt not in HELPER_DEFAULTS and \
+        not opt.startswith(HELPER_IGNORED_PREFIXES)
+
+
+def mount_helper_args(argv: Sequence[str]) -> list[str] | None:
+    """The ``mount`` arguments of a mount-helper call ``SOURCE MOUNTPOINT [-o OPTS]...``.
+
+    None when ``argv`` has another shape or names a subcommand. SOURCE is the ``--layers`` list
+    (bottom to top) and also the name shown in /proc/mounts, as for any mounted device.
+    """
+    positional: list[str] = []
+    option_lists: list[str] = []
+    k = 0
+    while k < len(argv):
+        arg = argv[k]
+        if arg == "-o" and k + 1 < len(argv):
+            option_lists.append(argv[k + 1])
+            k += 2
+            continue
+        if arg.startswith("-o") and len(arg) > 2:
+            option_lists.append(arg[2:])
+        elif arg.startswith("-"):
+            return None
+        else:
+            positional.append(arg)
+        k += 1
+    if len(positional) != 2 or positional[0] in DISPATCHED or positional[0] in _COMMANDS:
+        return None
+    source, mountpoint = positional
+    if mountpoint.startswith("/dev/fd/"):  # mount.fuse3 -o drop_privileges mounted by itself
+        raise CliError("mount: drop_privileges is not supported: mount.fuse3 then mounts "
+                       "without the ro and default_permissions that erofs-fuse relies on")
+    kept = [opt for value in option_lists for opt in value.split(",") if _helper_option_kept(opt)]
+    return ["--layers", source, "--fsname", source, *(["-o", ",".join(kept)] if kept else []),
+            "--", mountpoint]
+
+
 def _dispatch(command: str, argv: list[str]) -> int:
     module_name, func_name, _ = DISPATCHED[command]
     import importlib
@@ -185,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args_list and args_list[0] in DISPATCHED:
             return _dispatch(args_list[0], args_list[1:])
+        helper_args = mount_helper_args(args_list)
+        if helper_args is not None:
+            return _dispatch("mount", helper_args)
         args = build_parser().parse_args(args_list)
         result: int = args.func(args)
         return result

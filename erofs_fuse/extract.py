@@ -42,6 +42,14 @@ def check_name(name: bytes, nid: int) -> str:
     return os.fsdecode(name)
 
 
+def _write_all(fd: int, data: bytes, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, pos)
+        view = view[done:]
+        pos += done
+
+
 class Extractor:
     def __init__(self, image: Image, *, owners: bool | None = None, xattrs: bool = True) -> None:
         self.image = image
@@ -50,6 +58,8 @@ class Extractor:
         self.stats = ExtractStats()
         # nid -> (parent fd path is not stable, so keep the first path relative to dest)
         self._links: dict[int, str] = {}
+        # directories cannot be hardlinked: one reached twice is a loop (or a corrupt image)
+        self._dirs_seen: set[int] = {image.root.nid}
         self._dest_fd = -1
 
     def extract(self, dest: str) -> ExtractStats:
@@ -70,8 +80,9 @@ class Extractor:
             child = self.image.inode(entry.nid)
             child_rel = f"{rel}/{name}" if rel else name
             if child.is_dir:
-                if entry.nid == node.nid or entry.nid == self.image.root.nid:
-                    raise CorruptImageError("directory entry loops back", nid=entry.nid)
+                if entry.nid in self._dirs_seen:
+                    raise CorruptImageError("directory reached twice (a loop)", nid=entry.nid)
+                self._dirs_seen.add(entry.nid)
                 os.mkdir(name, 0o700, dir_fd=fd)
                 sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
                 try:
@@ -108,13 +119,16 @@ class Extractor:
         try:
             pos = 0
             while pos < node.size:
+                hole_end = node.hole_end(pos)
+                if hole_end > pos:  # a whole hole in one step: it may claim terabytes
+                    pos = hole_end
+                    continue
                 data = node.read(pos, CHUNK)
                 if not data:
                     raise CorruptImageError("file data ended early", nid=node.nid, offset=pos)
-                if len(data) >= 4096 and data[0] == 0 and data[-1] == 0 and data.count(0) == len(data):
-                    os.lseek(out, len(data), os.SEEK_CUR)  # keep holes sparse
-                else:
-                    os.write(out, data)
+                if not (len(data) >= 4096 and data[0] == 0 and data[-1] == 0
+                        and data.count(0) == len(data)):  # zeros stay a hole
+                    _write_all(out, data, pos)
                 pos += len(data)
             os.ftruncate(out, node.size)
             self.stats.bytes += node.size
@@ -133,8 +147,14 @@ class Extractor:
                 self._set_xattr(fd, name, key, value, rel)
         if not symlink:
             os.chmod(target, stat.S_IMODE(node.mode), **({} if name is None else {"dir_fd": fd}))  # type: ignore[arg-type]
-        times = (node.mtime_ns, node.mtime_ns)
-        os.utime(target, ns=times, **kw)  # type: ignore[arg-type]
+        try:
+            os.utime(target, ns=(node.mtime_ns, node.mtime_ns), **kw)  # type: ignore[arg-type]
+        except OverflowError:
+            # a time the image may hold (64-bit seconds) beyond nanosecond range: whole seconds
+            try:
+                os.utime(target, (node.mtime, node.mtime), **kw)  # type: ignore[arg-type]
+            except (OverflowError, OSError) as exc:
+                self.stats.warnings.append(f"{rel}: mtime {node.mtime} not set: {exc}")
 
     def _set_xattr(self, fd: int, name: str | None, key: bytes, value: bytes, rel: str) -> None:
         try:

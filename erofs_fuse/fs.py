@@ -29,12 +29,18 @@ import pyfuse3
 import trio
 
 from .erofs.errors import ErofsError
+from .idmap import ACL_XATTRS, IDENTITY, IdMap
 from .overlay import Ino, MergedTree, Node
 
 log = logging.getLogger(__name__)
 
 # One day: the tree never changes while mounted, so the kernel may trust what it has.
 DEFAULT_TIMEOUT = 86400.0
+# pyfuse3 runs up to this many request tasks. Our handlers never wait (but for reads sent to
+# worker threads), so more tasks only add a trio lock hand-off per request: read-all of the bench
+# rootfs (scripts/bench) took 4.95 s of daemon CPU with 99 tasks, 4.05 s with one.
+SERIAL_TASKS = 1
+CONCURRENT_TASKS = 99
 # Reads at least this large of compressed files may go to worker threads (see ``Operations``).
 THREAD_MIN_BYTES = 64 * 1024
 # Measured on lz4hc layers (2 CPUs): 40 MB read in 0.22 s inline, 0.45 s through 2 or 4 worker
@@ -97,12 +103,19 @@ class Operations(pyfuse3.Operations):
         timeout: float = DEFAULT_TIMEOUT,
         read_threads: int = DEFAULT_READ_THREADS,
         on_ready: Callable[[], None] | None = None,
+        idmap: IdMap = IDENTITY,
     ) -> None:
         super().__init__()
         self.tree = tree
+        self.idmap = idmap  # the owners and groups reported (idmap.py)
         self.timeout = timeout
         self._on_ready = on_ready
+        self.initialized = False  # the kernel's INIT request has been served
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
+        # for pyfuse3.main(): a read waiting for a thread must not hold up other requests
+        self.max_tasks = CONCURRENT_TASKS if self._limiter is not None else SERIAL_TASKS
+        # the attributes of every node the kernel holds (built once: the tree never changes)
+        self._attrs: dict[Ino, pyfuse3.EntryAttributes] = {}
         self._nodes: dict[Ino, Node] = {tree.root.ino: tree.root}
         self._lookups: dict[Ino, int] = {}
         self._handles = itertools.count(1)
@@ -111,6 +124,7 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         # called while the kernel's INIT request is served: the mount answers from now on
+        self.initialized = True
         if self._on_ready is not None:
             self._on_ready()
 
@@ -142,22 +156,33 @@ class Operations(pyfuse3.Operations):
 
     # attributes -------------------------------------------------------------------------------
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The attributes of ``node`` (cached while the kernel knows it; never modify them)."""
+        attr = self._attrs.get(node.ino)
+        if attr is None:
+            attr = self._make_attributes(node)
+            self._attrs[node.ino] = attr
+        return attr
+
+    def _make_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         inode = node.inode
+        info = inode.info
+        mode = info.mode
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = self._to_fuse(node.ino)
         attr.generation = 0
         attr.entry_timeout = self.timeout
         attr.attr_timeout = self.timeout
-        attr.st_mode = inode.mode
-        attr.st_nlink = node.nlink
-        attr.st_uid = inode.uid
-        attr.st_gid = inode.gid
-        attr.st_rdev = inode.rdev if stat.S_ISCHR(inode.mode) or stat.S_ISBLK(inode.mode) else 0
-        attr.st_size = inode.size
+        attr.st_mode = mode
+        attr.st_nlink = 1 if len(node.dirs) > 1 else info.nlink  # as Node.nlink
+        attr.st_uid = self.idmap.uid(info.uid)
+        attr.st_gid = self.idmap.gid(info.gid)
+        attr.st_rdev = info.rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
+        attr.st_size = info.size
         attr.st_blksize = inode.image.superblock.block_size
         attr.st_blocks = inode.st_blocks
         # EROFS keeps one timestamp; the kernel reports it as atime, mtime and ctime
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = inode.mtime_ns
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = (
+            info.mtime * 1_000_000_000 + info.mtime_nsec)
         return attr
 
     def _negative(self) -> pyfuse3.EntryAttributes:
@@ -206,6 +231,7 @@ class Operations(pyfuse3.Operations):
                 self._lookups.pop(key, None)
                 if key != self.tree.root.ino:
                     self._nodes.pop(key, None)
+                    self._attrs.pop(key, None)
 
     @_boundary
     async def getattr(
@@ -227,7 +253,7 @@ class Operations(pyfuse3.Operations):
         value = self.tree.getxattr(self._node(inode), name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return value
+        return self.idmap.acl(value) if name in ACL_XATTRS else value
 
     @_boundary
     async def listxattr(
@@ -265,7 +291,8 @@ class Operations(pyfuse3.Operations):
         for index in range(start_id, len(listing) + 2):
             name, child = dots[index] if index < 2 else listing[index - 2]
             attr = self.attributes(child)
-            if index == 1 and node.parent is not None:
+            if index == 1 and node.parent is not None and child.ino != node.parent:
+                attr = self._make_attributes(child)  # a copy: the cached one stays right
                 attr.st_ino = self._to_fuse(node.parent)
             if not pyfuse3.readdir_reply(token, name, attr, index + 1):
                 return

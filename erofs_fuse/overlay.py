@@ -29,8 +29,10 @@ A directory is opaque when it has the xattr ``trusted.overlay.opaque`` or
 ``.wh..wh..opq`` (the OCI form). Whiteouts and opaque markers act only on lower layers, and a
 whiteout in the bottom layer simply does not show. As in the kernel, the root directory is never
 opaque: every layer's root is merged (checked against overlayfs: a ``trusted.overlay.opaque``
-root xattr is ignored). Never visible: whiteouts, every name starting with ``.wh.``, and the
-xattrs ``trusted.overlay.*`` and ``user.overlay.*``.
+root xattr is ignored). Never visible: whiteouts, every name starting with ``.wh.``, the
+xattrs ``trusted.overlay.*`` and ``user.overlay.*``, and names no directory can hold
+(``is_unsafe_name``: empty, ``.``/``..`` beyond the real ones, with ``/`` or NUL), which only a
+hostile image has and which are skipped with a log line.
 
 Where we differ from a plain ``mount -t overlay``: the kernel honours ``user.overlay.opaque``
 only when mounted with ``userxattr`` (and then ignores the trusted form); we honour both, since a
@@ -51,6 +53,7 @@ This module is pure and synchronous: no FUSE, no trio.
 
 from __future__ import annotations
 
+import logging
 import stat
 import threading
 from dataclasses import dataclass
@@ -62,6 +65,8 @@ from .erofs import ondisk as d
 from .erofs.dirent import DirEntry
 from .erofs.errors import CorruptImageError
 from .erofs.image import Image, Inode
+
+log = logging.getLogger(__name__)
 
 Ino = NewType("Ino", int)
 """A FUSE inode number of the merged tree."""
@@ -101,6 +106,15 @@ def oci_whiteout_target(name: bytes) -> bytes | None:
 def is_hidden_name(name: bytes) -> bool:
     """Names that never show in the merged tree (OCI whiteouts, the opaque marker, aufs's own)."""
     return name.startswith(WHITEOUT_PREFIX)
+
+
+def is_unsafe_name(name: bytes) -> bool:
+    """A name no directory can hold: empty, ``.``, ``..``, or with ``/`` or NUL in it.
+
+    Only a hostile image has one; served, it would make the kernel fail the whole listing
+    (``/``, empty), show a different name (NUL ends a C string) or alias the directory itself or
+    its parent (``.``, ``..``)."""
+    return not name or name in (b".", b"..") or b"/" in name or b"\0" in name
 
 
 def is_hidden_xattr(name: bytes) -> bool:
@@ -264,6 +278,10 @@ class MergedTree:
         entries: dict[bytes, DirEntry] = {}
         whiteouts: set[bytes] = set()
         for entry in dinode.readdir():
+            if is_unsafe_name(entry.name):
+                log.warning("%s: directory inode %d: entry %r skipped: not a valid name",
+                            self.layer_name(layer), dinode.nid, entry.name)
+                continue
             target = oci_whiteout_target(entry.name)
             if target is not None:
                 whiteouts.add(target)
@@ -310,13 +328,17 @@ class MergedTree:
 
     def xattrs(self, node: Node) -> list[tuple[bytes, bytes]]:
         """The visible xattrs: the winning inode's, without the overlay's own."""
+        if not node.inode.info.xattr_icount:  # no xattr region: most inodes, nothing to parse
+            return []
         return [(n, v) for n, v in node.inode.xattrs() if not is_hidden_xattr(n)]
 
     def listxattr(self, node: Node) -> list[bytes]:
         return [name for name, _ in self.xattrs(node)]
 
     def getxattr(self, node: Node, name: bytes) -> bytes | None:
-        if is_hidden_xattr(name):
+        # the kernel asks for ACLs and security labels of inodes that have no xattrs at all:
+        # answered without parsing (daemon CPU per getxattr request 83 -> 72 us)
+        if is_hidden_xattr(name) or not node.inode.info.xattr_icount:
             return None
         return node.inode.getxattr(name)
 

@@ -77,6 +77,12 @@ class VerifiedBlob:
     def root(self) -> bytes:
         return self._root
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """Pass a read-ahead hint down (see ``FileBlob.prefetch``): it moves no bytes to us."""
+        prefetch = getattr(self._inner, "prefetch", None)
+        if prefetch is not None:
+            prefetch(offset, length)
+
     def close(self) -> None:
         self._inner.close()
         if self._tree.source is not None and self._tree.source is not self._inner:

@@ -25,7 +25,7 @@ from .errors import (
     NotADirectoryErofsError,
     NotFoundError,
 )
-from .extent import ChunkMapper, FlatMapper, Mapper, nblocks
+from .extent import ChunkMapper, FlatMapper, Mapper, Source, nblocks
 from .inode import InodeInfo, parse_inode
 from .reader import DEFAULT_EXTENT_CACHE_BYTES, DataReader
 from .space import BlockCachedSpace, Space
@@ -43,6 +43,33 @@ MAX_PATH_COMPONENTS = 4096
 _STRICT = os.environ.get("EROFS_FUSE_STRICT") == "1"
 _STRAY_ERRORS = (struct.error, IndexError, ValueError, OverflowError, KeyError, RecursionError,
                  lzma.LZMAError, zlib.error, MemoryError)
+
+
+# Metadata read-around: a metadata block missing from our cache is read alone, but the kernel is
+# first asked (``Blob.prefetch``) to read the aligned window around it into its page cache. mkfs
+# puts inodes, inline data and directories near their parents, so the blocks asked for next are
+# mostly there already: a cold walk of the bench rootfs issued ~2300 random 4 KiB reads, one disk
+# round trip each (0.84 s of a 1.7 s walk); with 256 KiB windows it took 1.1 s -> 0.89 s in-process.
+READAROUND_BYTES = 256 << 10
+
+
+class _ReadAround:
+    """A blob whose reads first ask it to prefetch the window around them (if it can)."""
+
+    def __init__(self, blob: Blob, window: int = READAROUND_BYTES) -> None:
+        self._blob = blob
+        self.size = blob.size  # a layer file never changes size while open
+        self._prefetch = getattr(blob, "prefetch", None) if window > 0 else None
+        self._bits = max(window, 1).bit_length() - 1
+        self._last = -1
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._prefetch is not None:
+            window = offset >> self._bits
+            if window != self._last:
+                self._last = window
+                self._prefetch(window << self._bits, 1 << self._bits)
+        return self._blob.read(offset, length)
 
 
 class InodeSpace:
@@ -143,6 +170,16 @@ class Inode:
         except Exception as exc:
             self.image.reraise(exc, self.nid)
 
+    def hole_end(self, offset: int) -> int:
+        """Where the hole holding byte ``offset`` ends (``offset`` itself if it holds data).
+
+        Lets a copy skip a sparse region in one step: a hostile inode may claim terabytes of
+        hole, which reading as zeros would take days to copy."""
+        try:
+            return self.image._hole_end(self, offset)
+        except Exception as exc:
+            self.image.reraise(exc, self.nid)
+
     def readlink(self) -> bytes:
         with self.image.context(self.nid):
             if not self.is_symlink:
@@ -204,7 +241,7 @@ class Image:
         self._metabox_space: Space | None = None
         with self.context(None):
             self.superblock = parse_superblock(blob.read, blob.size, self.name)
-            self._meta: Space = BlockCachedSpace(blob, self.superblock.block_size)
+            self._meta: Space = BlockCachedSpace(_ReadAround(blob), self.superblock.block_size)
             self._check_devices()
             self._reader = DataReader(
                 self.superblock, self._read_device, self._read_packed, extent_cache_bytes
@@ -370,6 +407,14 @@ class Image:
             self._mapper(inode), inode.size, inode.space, offset, length, packed=packed
         )
 
+    def _hole_end(self, inode: Inode, offset: int) -> int:
+        if not inode.info.has_data or not 0 <= offset < inode.size:
+            return offset
+        ext = self._mapper(inode).map(offset)
+        if ext.source != Source.HOLE or not ext.la <= offset < ext.end:
+            return offset
+        return min(ext.end, inode.size)
+
     def _read_packed(self, offset: int, length: int) -> bytes:
         if self._packed is None:
             raise CorruptImageError("fragment without a packed inode")
@@ -391,6 +436,15 @@ class Image:
     def _require_dir(self, inode: Inode) -> None:
         if not inode.is_dir:
             raise NotADirectoryErofsError("not a directory", image=self.name, nid=inode.nid)
+        # Directory blocks are stored, never made up: a directory cannot hold more bytes than the
+        # image's files. Without this bound, a few chunk records all naming one block make a
+        # 1 MB image hold a directory of a million blocks, minutes of work for one listing.
+        limit = self.blob.size + sum(b.size for b in self.device_blobs)
+        if inode.size > limit:
+            raise CorruptImageError(
+                f"directory of {inode.size} bytes in an image of {limit} bytes",
+                image=self.name, nid=inode.nid,
+            )
 
     def readdir(self, inode: Inode, *, dots: bool = False) -> Iterator[DirEntry]:
         """Entries of directory ``inode`` in on-disk order."""

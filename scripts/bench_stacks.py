@@ -1,0 +1,258 @@
+"""The stacks ``scripts/bench`` compares: ways to mount the same layers as one merged tree.
+
+Each stack mounts itself under its own directory and unmounts everything it mounted, whatever
+happened; ``daemon_pids`` names its FUSE daemons (for VmHWM).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def check(cmd: list[str], **kw: object) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])}...: exit {proc.returncode}: "
+                           f"{proc.stderr.strip()[-500:]}")
+
+
+def force_unmount(path: str) -> None:
+    for cmd in (["fusermount3", "-u", path], ["umount", path], ["umount", "-l", path]):
+        if not mounted(path):
+            return
+        subprocess.run(cmd, capture_output=True)
+        if mounted(path):
+            time.sleep(0.1)
+
+
+def pids_naming(paths: list[str]) -> list[int]:
+    """Processes (not this one) with one of ``paths`` as a command-line argument."""
+    want = {os.fsencode(p) for p in paths}
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a in want for a in args):
+            out.append(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Stack:
+    """One way of mounting ``layers`` (bottom to top) at ``<base>/merged``."""
+
+    name = "?"
+    label = "?"
+    fuse = True
+
+    def __init__(self, layers: list[Path], base: Path) -> None:
+        self.layers = [str(p) for p in layers]
+        self.base = base
+        self.mnt = str(base / "merged")
+        self._mounts: list[str] = []  # in mount order
+
+    def _dir(self, name: str) -> str:
+        path = self.base / name
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def mount(self) -> None:
+        raise NotImplementedError
+
+    def daemon_pids(self) -> list[int]:
+        return pids_naming(self._mounts) if self.fuse else []
+
+    def unmount(self) -> None:
+        pids = self.daemon_pids()
+        for path in reversed(self._mounts):
+            force_unmount(path)
+        self._mounts.clear()
+        deadline = time.monotonic() + 60
+        while pids and time.monotonic() < deadline:  # a daemon may write a profile on exit
+            pids = [p for p in pids if alive(p)]
+            time.sleep(0.02)
+
+    def _kernel_erofs(self) -> list[str]:
+        dirs = []
+        for k, layer in enumerate(self.layers):
+            d = self._dir(f"layer{k}")
+            check(["mount", "-t", "erofs", "-o", "ro,loop", layer, d])
+            self._mounts.append(d)
+            dirs.append(d)
+        return dirs
+
+    def _lowerdir(self, dirs: list[str]) -> str:
+        return "lowerdir=" + ":".join(reversed(dirs))  # overlayfs: top first
+
+
+class KernelStack(Stack):
+    name, label, fuse = "kernel", "kernel erofs + overlayfs", False
+
+    def mount(self) -> None:
+        dirs = self._kernel_erofs()
+        mnt = self._dir("merged")
+        check(["mount", "-t", "overlay", "overlay", "-o", self._lowerdir(dirs), mnt])
+        self._mounts.append(mnt)
+
+
+class FuseOverlayStack(Stack):
+    name, label = "fuse-overlayfs", "fuse-overlayfs over kernel erofs"
+
+    def mount(self) -> None:
+        dirs = self._kernel_erofs()
+        mnt = self._dir("merged")
+        check(["fuse-overlayfs", "-o", self._lowerdir(dirs), mnt])
+        self._mounts.append(mnt)
+
+
+class ErofsfuseStack(Stack):
+    name, label = "erofsfuse", "erofsfuse x3 + fuse-overlayfs"
+
+    def __init__(self, layers: list[Path], base: Path, binary: str) -> None:
+        super().__init__(layers, base)
+        self.binary = binary
+
+    def mount(self) -> None:
+        dirs = []
+        for k, layer in enumerate(self.layers):
+            d = self._dir(f"layer{k}")
+            check([self.binary, layer, d])
+            self._mounts.append(d)
+            dirs.append(d)
+        mnt = self._dir("merged")
+        check(["fuse-overlayfs", "-o", self._lowerdir(dirs), mnt])
+        self._mounts.append(mnt)
+
+
+class ErofsFuseStack(Stack):
+    """erofs-fuse itself; ``profile``: the daemon runs in the foreground under cProfile and
+    writes its stats to that file when unmounted."""
+
+    name, label = "erofs-fuse", "erofs-fuse"
+
+    def __init__(self, layers: list[Path], base: Path, extra: list[str] | None = None,
+                 name: str | None = None, label: str | None = None) -> None:
+        super().__init__(layers, base)
+        self.extra = extra or []
+        if name:
+            self.name = name
+        if label:
+            self.label = label
+        self.profile: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def args(self, mnt: str) -> list[str]:
+        return ["--layers", ",".join(self.layers), "--log", str(self.base / "daemon.log"),
+                *self.extra, mnt]
+
+    def mount(self) -> None:
+        mnt = self._dir("merged")
+        if self.profile is None:
+            check([sys.executable, "-m", "erofs_fuse", "mount", *self.args(mnt)], env=env())
+            self._mounts.append(mnt)
+            return
+        cmd = [sys.executable, str(SCRIPTS / "bench_cprofile.py"), self.profile,
+               "--foreground", *self.args(mnt)]
+        self._proc = subprocess.Popen(cmd, env=env(), stderr=subprocess.DEVNULL)
+        self._mounts.append(mnt)
+        while not mounted(mnt):
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"profiled daemon exited ({self._proc.returncode})")
+            time.sleep(0.005)
+
+    def daemon_pids(self) -> list[int]:
+        if self._proc is not None:
+            return [self._proc.pid]
+        return pids_naming(self._mounts)
+
+    def unmount(self) -> None:
+        super().unmount()
+        if self._proc is not None:
+            self._proc.wait(timeout=120)
+            self._proc = None
+
+
+def supports(option: str) -> bool:
+    """Whether ``erofs-fuse mount`` of this checkout accepts ``option``."""
+    proc = subprocess.run([sys.executable, "-m", "erofs_fuse", "mount", "--help"],
+                          capture_output=True, text=True, env=env())
+    return option in proc.stdout
+
+
+def seal(layers: list[Path], work: Path) -> Path:
+    """LAYER.verity sidecars and the roots file ``erofs-fuse seal`` prints (made once)."""
+    roots = work / "verity-roots.txt"
+    newest = max(p.stat().st_mtime for p in layers)
+    if roots.exists() and roots.stat().st_mtime >= newest and all(
+            Path(f"{p}.verity").exists() for p in layers):
+        return roots
+    proc = subprocess.run([sys.executable, "-m", "erofs_fuse", "seal", *map(str, layers)],
+                          capture_output=True, text=True, env=env())
+    if proc.returncode:
+        raise RuntimeError(f"erofs-fuse seal failed: {proc.stderr.strip()}")
+    roots.write_text(proc.stdout)
+    return roots
+
+
+def cleanup(base: Path) -> None:
+    """Unmount anything left below ``base`` (an interrupted earlier run)."""
+    prefix = str(base) + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        points = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+    for path in reversed(points):
+        force_unmount(path)
+    if base.exists():
+        shutil.rmtree(base, ignore_errors=True)

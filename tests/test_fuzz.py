@@ -1,0 +1,109 @@
+"""Short, seeded runs of the robustness harnesses: scripts/fuzz.py (library and mount modes) and
+scripts/stress. Any crash, hang or checksum error fails the test; the injected faults prove that
+the fuzzer would see a crash or a hang if there were one. The long runs are in the note.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from mounting import env, require_fuse
+
+ROOT = Path(__file__).resolve().parent.parent
+FUZZ = ROOT / "scripts" / "fuzz.py"
+STRESS = ROOT / "scripts" / "stress"
+
+
+def fuzz(tmp_path: Path, *args: str, timeout: float = 240) -> dict[str, object]:
+    out = tmp_path / "summary.json"
+    proc = subprocess.run([sys.executable, str(FUZZ), "--json", str(out), *args],
+                          capture_output=True, text=True, env=env(), timeout=timeout)
+    assert out.exists(), f"fuzz.py wrote no summary ({proc.returncode}): {proc.stderr[-2000:]}"
+    summary: dict[str, object] = json.loads(out.read_text())
+    summary["returncode"] = proc.returncode
+    return summary
+
+
+def assert_clean(summary: dict[str, object], count: int) -> None:
+    assert summary["mutants"] == count, summary
+    findings = json.dumps(summary["findings"], indent=1)[:4000]
+    assert summary["crashes"] == 0 and summary["hangs"] == 0, findings
+    assert summary["returncode"] == 0
+    assert float(summary["peak_rss_mb"]) < 256, summary  # type: ignore[arg-type]
+
+
+def load_fuzz() -> ModuleType:
+    """scripts/fuzz.py as a module (it sets EROFS_FUSE_STRICT for its own processes: undone)."""
+    spec = importlib.util.spec_from_file_location("fuzz_script", FUZZ)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    saved = os.environ.get("EROFS_FUSE_STRICT")
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            os.environ.pop("EROFS_FUSE_STRICT", None)
+        else:
+            os.environ["EROFS_FUSE_STRICT"] = saved
+    return module
+
+
+def test_mutants_are_a_function_of_seed_and_index() -> None:
+    corpus = load_fuzz().Corpus(["plain.erofs", "lz4.erofs", "layer-upper-aufs.erofs"])
+    first = [corpus.mutant(7, k) for k in range(30)]
+    again = [corpus.mutant(7, k) for k in reversed(range(30))][::-1]
+    assert first == again
+    assert len({data for _, _, data in first}) > 25
+    assert corpus.mutant(8, 0) != first[0]
+
+
+def test_library_fuzz_short_run(tmp_path: Path) -> None:
+    summary = fuzz(tmp_path, "--mode", "lib", "--seed", "7", "--count", "150", "--jobs", "2")
+    assert_clean(summary, 150)
+
+
+def test_mount_fuzz_short_run(tmp_path: Path) -> None:
+    require_fuse()
+    summary = fuzz(tmp_path, "--mode", "mount", "--seed", "7", "--count", "20", "--jobs", "2")
+    assert_clean(summary, 20)
+    counts = summary["counts"]
+    assert isinstance(counts, dict) and counts.get("ok", 0) > 0
+
+
+def test_the_fuzzer_sees_crashes_and_hangs(tmp_path: Path) -> None:
+    """Index 1 of seed 1 reads a file larger than 4 KiB, where the injected fault strikes."""
+    require_fuse()
+    lib = fuzz(tmp_path, "--mode", "lib", "--only", "1", "--inject", "crash")
+    assert lib["crashes"] == 1 and lib["returncode"] == 1, lib
+    mount = fuzz(tmp_path, "--mode", "mount", "--only", "1", "--inject", "crash")
+    assert mount["crashes"] == 1, mount
+    assert "internal error" in json.dumps(mount["findings"])
+    died = fuzz(tmp_path, "--mode", "mount", "--only", "1", "--inject", "exit")
+    assert died["crashes"] == 1, died
+    assert "went away" in json.dumps(died["findings"])
+    hang = fuzz(tmp_path, "--mode", "mount", "--only", "1", "--inject", "hang", "--timeout", "1")
+    assert hang["hangs"] == 1 and hang["returncode"] == 1, hang
+    (record,) = hang["findings"]  # type: ignore[misc]
+    assert "over 1 s" in record["error"] and "faulty" in record["log"]  # the daemon's stack
+
+
+def test_stress_short_run(tmp_path: Path) -> None:
+    """8 readers for 5 s over the fixture stack, checksums against the kernel's overlayfs."""
+    require_fuse()
+    layers = ",".join(str(ROOT / "fixtures" / "corpus" / n)
+                      for n in ("layer-lower-aufs-lz4.erofs", "layer-upper-aufs.erofs"))
+    out = tmp_path / "stress.json"
+    proc = subprocess.run([sys.executable, str(STRESS), "--layers", layers, "--readers", "8",
+                           "--seconds", "5", "--json", str(out)],
+                          capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == 0 and report["ops"] > 100 and report["daemon_exit"] == 0, report
+    assert report["rss_mb"]["max"] < 256, report
