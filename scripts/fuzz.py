@@ -19,8 +19,9 @@ Each mutant is opened and everything in it is walked and read:
   mutant (``mount -f``, the real entry point, so no interpreter start per mutant), waits for the
   mount, walks it (scandir, lstat, listxattr, getxattr, readlink, open and read every file),
   stops the daemon with SIGTERM and checks that it unmounted and exited 0. A watchdog thread
-  aborts the FUSE connection (``/sys/fs/fuse/connections/N/abort``) when one operation exceeds
-  ``--timeout``; the daemon's Python stack is dumped to its log first (SIGUSR1/faulthandler).
+  ends a stuck FUSE connection when one operation exceeds ``--timeout``: the daemon's Python
+  stack is dumped to its log (SIGUSR1/faulthandler), the connection aborted
+  (``/sys/fs/fuse/connections/N/abort``, if fusectl is mounted) and the daemon killed.
   Layers named ``layer-*`` are mounted over (or under) their intact partner, so that the merge
   code sees hostile whiteouts and opaque directories.
 
@@ -676,15 +677,6 @@ def abort_connection(conn: int) -> None:
         pass
 
 
-def ensure_fusectl() -> bool:
-    """Mount the FUSE control filesystem if it is not; True if this call mounted it."""
-    where = "/sys/fs/fuse/connections"
-    if mount_info(where) is not None or not os.path.isdir(where):
-        return False
-    done = subprocess.run(["mount", "-t", "fusectl", "fusectl", where], capture_output=True)
-    return done.returncode == 0
-
-
 def force_unmount(mnt: str) -> None:
     for _ in range(3):
         info = mount_info(mnt)
@@ -728,7 +720,9 @@ class Watchdog(threading.Thread):
                 self.rss_kb = _vm_hwm_kb(self.daemon_pid)
                 with_pid(self.daemon_pid, signal.SIGUSR1)  # its Python stack, into its log
                 time.sleep(0.3)
-                # the blocked request fails at once; the (stuck) daemon is no use any more
+                # the blocked request fails at once: through the control filesystem if it is
+                # mounted (it is not mounted here, to leave the machine as it was), and anyway
+                # when the (stuck) daemon dies, since it holds the only /dev/fuse descriptor
                 abort_connection(self.conn)
                 with_pid(self.daemon_pid, signal.SIGKILL)
                 return
@@ -1155,21 +1149,15 @@ def main() -> int:
     # daemons, unmount, then exit
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    fusectl = False
     if args.mode == "mount":
         assert os.geteuid() == 0, "mount mode needs root (FUSE mounts, connection aborts)"
         assert os.path.exists("/dev/fuse"), "/dev/fuse is missing"
-        fusectl = ensure_fusectl()
     if args.only is not None and args.save:
         name, kind, data = Corpus(args.images).mutant(args.seed, args.only)
         out = Path(args.save) / f"mutant-{args.seed}-{args.only}-{name}"
         out.write_bytes(data)
         print(f"{out} ({kind})")
-    try:
-        summary = run(args)
-    finally:
-        if fusectl:
-            subprocess.run(["umount", "/sys/fs/fuse/connections"], capture_output=True)
+    summary = run(args)
     text = json.dumps(summary, indent=2)
     if args.json:
         Path(args.json).write_text(text)
