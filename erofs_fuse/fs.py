@@ -7,7 +7,10 @@ pyfuse3 stops its main loop on anything but ``FUSEError``, so nothing else may e
 block of one layer must not take the mount down.
 
 The tree is immutable, so entries and attributes are given long kernel timeouts, negative
-lookups are cached too, and files are opened with ``keep_cache``: warm access never reaches us.
+lookups are cached too, and files keep their page cache across opens: warm access never reaches
+us. With the patched pyfuse3 (``STATELESS_OPEN``) opens are handle-less: the kernel sends no
+open, opendir, release or releasedir, caches listings and symlink targets, and read and readdir
+name the inode as their handle.
 
 Inode numbers: the kernel's are ``MergedTree`` numbers, except the root, which FUSE fixes at
 ``pyfuse3.ROOT_INODE``. The kernel may use a number only between a reply that hands it out
@@ -41,6 +44,11 @@ DEFAULT_TIMEOUT = 86400.0
 # rootfs (scripts/bench) took 4.95 s of daemon CPU with 99 tasks, 4.05 s with one.
 SERIAL_TASKS = 1
 CONCURRENT_TASKS = 99
+# pyfuse3 built with third_party/pyfuse3's patch hands read() and readdir() the inode when the
+# kernel sent no open/opendir. Then open and opendir answer ENOSYS, after which the kernel sends
+# no open, opendir, release or releasedir at all (two of the four requests per file of a tree
+# read) and caches directory listings itself (it sets FOPEN_CACHE_DIR on handle-less opens).
+STATELESS_OPEN: bool = getattr(pyfuse3, "STATELESS_OPEN", False)
 # Reads at least this large of compressed files may go to worker threads (see ``Operations``).
 THREAD_MIN_BYTES = 64 * 1024
 # Measured on lz4hc layers (2 CPUs): 40 MB read in 0.22 s inline, 0.45 s through 2 or 4 worker
@@ -95,6 +103,8 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     # The kernel enforces ACLs from the system.posix_acl_* xattrs, as on a kernel erofs mount.
     enable_acl = True
+    # Symlinks never change: the kernel may keep their targets (patched pyfuse3 only).
+    enable_symlink_cache = True
 
     def __init__(
         self,
@@ -104,12 +114,15 @@ class Operations(pyfuse3.Operations):
         read_threads: int = DEFAULT_READ_THREADS,
         on_ready: Callable[[], None] | None = None,
         idmap: IdMap = IDENTITY,
+        stateless_open: bool = STATELESS_OPEN,
     ) -> None:
         super().__init__()
         self.tree = tree
         self.idmap = idmap  # the owners and groups reported (idmap.py)
         self.timeout = timeout
         self._on_ready = on_ready
+        # handles are inode numbers and open/opendir answer ENOSYS (see STATELESS_OPEN)
+        self.stateless_open = stateless_open
         self.initialized = False  # the kernel's INIT request has been served
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
         # for pyfuse3.main(): a read waiting for a thread must not hold up other requests
@@ -276,6 +289,8 @@ class Operations(pyfuse3.Operations):
     # directories ------------------------------------------------------------------------------
     @_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
+        if self.stateless_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self._dir_node(inode)
         listing = self.tree.listdir(node).entries
         fh = next(self._handles)
@@ -284,7 +299,13 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        node, listing = self._dirs[fh]
+        if self.stateless_open:
+            # the listing is rebuilt (or taken from the tree's cache) per call: the same tree
+            # gives the same order, so start_id means the same entry on every call
+            node = self._dir_node(fh)
+            listing = self.tree.listdir(node).entries
+        else:
+            node, listing = self._dirs[fh]
         # "." and ".." first, as the kernel's own filesystems list them; they carry no lookup
         # reference (the kernel ignores their attributes), the other entries do
         dots = ((b".", node), (b"..", self._parent_of(node)))
@@ -308,6 +329,9 @@ class Operations(pyfuse3.Operations):
     async def open(
         self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.FileInfo:
+        if self.stateless_open:
+            # the mount is read-only, so the VFS has refused writing opens before this point
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -320,7 +344,7 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        node = self._files[fh]
+        node = self._node(fh) if self.stateless_open else self._files[fh]
         inode = node.inode
         if (self._limiter is not None and size >= THREAD_MIN_BYTES
                 and inode.info.is_compressed and off < inode.size):

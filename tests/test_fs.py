@@ -26,9 +26,36 @@ def ops_for(*names: str, **kwargs: Any) -> Operations:
     return Operations(MergedTree([Image.open(corpus(n)) for n in names]), **kwargs)
 
 
-@pytest.fixture
-def layered() -> Operations:
-    return ops_for("layer-lower-aufs.erofs", "layer-upper-oci.erofs")
+# Both ways of serving opens: stateless (open and opendir answer ENOSYS, handles are inodes: what
+# a mount does with the patched pyfuse3) and with handles (what it does with stock pyfuse3).
+MODES = [pytest.param(True, id="stateless"), pytest.param(False, id="handles")]
+
+
+@pytest.fixture(params=MODES)
+def layered(request: pytest.FixtureRequest) -> Operations:
+    return ops_for("layer-lower-aufs.erofs", "layer-upper-oci.erofs",
+                   stateless_open=request.param)
+
+
+async def open_file(ops: Operations, inode: int) -> int:
+    """The handle reads of ``inode`` use: the inode itself after an ENOSYS open."""
+    if ops.stateless_open:
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.open(inode, os.O_RDONLY)
+        assert exc.value.errno == errno.ENOSYS
+        return inode
+    fi = await ops.open(inode, os.O_RDONLY)
+    assert fi.keep_cache
+    return int(fi.fh)
+
+
+async def open_dir(ops: Operations, inode: int) -> int:
+    if ops.stateless_open:
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.opendir(inode)
+        assert exc.value.errno == errno.ENOSYS
+        return inode
+    return await ops.opendir(inode)
 
 
 async def resolve(ops: Operations, path: str) -> pyfuse3.EntryAttributes:
@@ -43,7 +70,7 @@ async def list_all(ops: Operations, inode: int, monkeypatch: pytest.MonkeyPatch,
                    chunk: int = 4) -> list[tuple[bytes, int]]:
     """A whole listing through readdir calls of ``chunk`` entries, resuming at next_id."""
     out: list[tuple[bytes, int]] = []
-    fh = await ops.opendir(inode)
+    fh = await open_dir(ops, inode)
     start = 0
     while True:
         batch: list[tuple[bytes, int, int]] = []
@@ -173,32 +200,35 @@ async def test_readdir_of_root_names_root_as_parent(layered: Operations,
     assert sorted(n for n, _ in listing[2:]) == [b"etc", b"opt", b"usr", b"var"]
 
 
-async def test_opendir_of_a_file_is_enotdir(layered: Operations) -> None:
+async def test_listing_a_file_is_enotdir(layered: Operations) -> None:
     hosts = await resolve(layered, "etc/hosts")
     with pytest.raises(pyfuse3.FUSEError) as exc:
-        await layered.opendir(hosts.st_ino)
+        if layered.stateless_open:
+            await layered.readdir(hosts.st_ino, 0, pyfuse3.ReaddirToken())
+        else:
+            await layered.opendir(hosts.st_ino)
     assert exc.value.errno == errno.ENOTDIR
 
 
 # files ----------------------------------------------------------------------------------------
 async def test_open_read_release(layered: Operations) -> None:
     attr = await resolve(layered, "etc/hosts")
-    fi = await layered.open(attr.st_ino, os.O_RDONLY)
-    assert fi.keep_cache
-    assert await layered.read(fi.fh, 0, 4096) == b"127.0.0.1 localhost upper\n"
-    assert await layered.read(fi.fh, 10, 9) == b"localhost"
-    assert await layered.read(fi.fh, 4096, 10) == b""
-    await layered.release(fi.fh)
+    fh = await open_file(layered, attr.st_ino)
+    assert await layered.read(fh, 0, 4096) == b"127.0.0.1 localhost upper\n"
+    assert await layered.read(fh, 10, 9) == b"localhost"
+    assert await layered.read(fh, 4096, 10) == b""
+    await layered.release(fh)
 
 
+@pytest.mark.parametrize("stateless", MODES)
 @pytest.mark.parametrize("threads", [0, 2])
-async def test_large_compressed_reads(threads: int) -> None:
-    ops = ops_for("lz4.erofs", read_threads=threads)
+async def test_large_compressed_reads(threads: int, stateless: bool) -> None:
+    ops = ops_for("lz4.erofs", read_threads=threads, stateless_open=stateless)
     image = Image.open(corpus("lz4.erofs"))
     want = image.lookup("big/mixed.bin")
     attr = await resolve(ops, "big/mixed.bin")
-    fi = await ops.open(attr.st_ino, os.O_RDONLY)
-    data = b"".join([await ops.read(fi.fh, off, 131072) for off in range(0, want.size, 131072)])
+    fh = await open_file(ops, attr.st_ino)
+    data = b"".join([await ops.read(fh, off, 131072) for off in range(0, want.size, 131072)])
     assert data == want.read(0, want.size)
 
 
@@ -238,9 +268,12 @@ async def test_statfs(layered: Operations) -> None:
 # read-only ------------------------------------------------------------------------------------
 async def test_changes_are_refused_with_erofs(layered: Operations) -> None:
     hosts = await resolve(layered, "etc/hosts")
+    # A stateless mount answers every open with ENOSYS, and the VFS refuses writing opens of the
+    # read-only mount before they reach us; with handles, the open itself says EROFS.
+    opens = [] if layered.stateless_open else [layered.open(hosts.st_ino, os.O_WRONLY),
+                                               layered.open(hosts.st_ino, os.O_RDWR)]
     attempts = [
-        layered.open(hosts.st_ino, os.O_WRONLY),
-        layered.open(hosts.st_ino, os.O_RDWR),
+        *opens,
         layered.mkdir(ROOT, b"new", 0o755, None),
         layered.unlink(ROOT, b"etc", None),
         layered.rmdir(ROOT, b"etc", None),
@@ -277,10 +310,10 @@ async def test_corrupt_data_is_eio_with_one_log_line(truncated: str,
     ops = Operations(MergedTree([Image.open(truncated, name="trunc.erofs")]))
     bad = await resolve(ops, "sizes/text-65543")
     good = await resolve(ops, "big/dup-b.txt")
-    fi = await ops.open(bad.st_ino, os.O_RDONLY)
+    fh = await open_file(ops, bad.st_ino)
     caplog.set_level(logging.INFO, logger="erofs_fuse")
     with pytest.raises(pyfuse3.FUSEError) as exc:
-        await ops.read(fi.fh, 0, 65536)
+        await ops.read(fh, 0, 65536)
     assert exc.value.errno == errno.EIO
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
@@ -288,8 +321,8 @@ async def test_corrupt_data_is_eio_with_one_log_line(truncated: str,
     assert "\n" not in line and "read(" in line
     assert "trunc.erofs" in line and "inode 20522" in line and "offset 753664" in line
     # the operations keep serving
-    fi2 = await ops.open(good.st_ino, os.O_RDONLY)
-    assert len(await ops.read(fi2.fh, 0, 30000)) == 30000
+    fh2 = await open_file(ops, good.st_ino)
+    assert len(await ops.read(fh2, 0, 30000)) == 30000
 
 
 async def test_unexpected_exception_is_eio_not_a_crash(layered: Operations,
@@ -299,10 +332,10 @@ async def test_unexpected_exception_is_eio_not_a_crash(layered: Operations,
         raise ValueError("a bug")
 
     hosts = await resolve(layered, "etc/hosts")
-    fi = await layered.open(hosts.st_ino, os.O_RDONLY)
+    fh = await open_file(layered, hosts.st_ino)
     monkeypatch.setattr(layered.tree, "read", broken)
     with pytest.raises(pyfuse3.FUSEError) as exc:
-        await layered.read(fi.fh, 0, 10)
+        await layered.read(fh, 0, 10)
     assert exc.value.errno == errno.EIO
     assert any("internal error" in r.getMessage() and r.exc_info for r in caplog.records)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -25,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from erofs_fuse.erofs.image import Image
+from erofs_fuse.fs import STATELESS_OPEN
 from helpers import CORPUS, EXPECTED, corpus, kernel_erofs, mkfs_erofs
 from mounting import (
     MOUNT_CMD,
@@ -392,6 +394,39 @@ def test_options_reach_the_mount() -> None:
         with open("/proc/self/mountinfo") as f:
             line = next(ln for ln in f if ln.split()[4] == fm.mountpoint)
         assert "allow_other" in line and " my-stack " in line
+
+
+def requests_in(log: str) -> list[str]:
+    """The names of the requests a --debug daemon logged, in order."""
+    return [m.group(1) for m in re.finditer(r" DEBUG ([a-z]+)\(", log)]
+
+
+def test_files_and_directories_are_served_without_opens() -> None:
+    # pyfuse3 must carry third_party/pyfuse3's patch; without it every file read costs two more
+    # requests (open, release). scripts/install-deps builds it: a missing patch fails here.
+    assert STATELESS_OPEN, "pyfuse3 lacks the stateless-open patch: run scripts/install-deps"
+    paths = ("big/dup-b.txt", "sizes/text-65543", "sizes/text-4097")
+    with Image.open(corpus("plain.erofs")) as image:
+        want = {p: image.lookup(p).read(0, image.lookup(p).size) for p in paths}
+        names = {d: sorted(e.name.decode() for e in image.lookup(d).readdir()
+                           if e.name not in (b".", b".."))
+                 for d in ("big", "sizes")}
+    with fuse_mount([corpus("plain.erofs")], "--debug") as fuse:
+        passes = []
+        for _ in range(2):
+            for path, data in want.items():
+                assert Path(fuse.mountpoint, path).read_bytes() == data
+            for d, listing in names.items():
+                assert sorted(os.listdir(Path(fuse.mountpoint, d))) == listing
+            assert os.readlink(Path(fuse.mountpoint, "links/short")) == "../sizes/text-1"
+            passes.append(requests_in(fuse.log_text()))
+    first, both = passes
+    # the first open and opendir answer ENOSYS, and the kernel sends none after them
+    assert both.count("open") == 1 and both.count("opendir") == 1, both
+    assert "release" not in both and "releasedir" not in both, both
+    # the second pass is served from the kernel's caches: pages, listings (FOPEN_CACHE_DIR)
+    # and symlink targets
+    assert both == first
 
 
 def test_corrupt_layer_gives_eio_and_the_mount_keeps_serving(tmp_path: Path) -> None:
