@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from unittest import mock
 
+import pyfuse3
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -402,9 +403,11 @@ def requests_in(log: str) -> list[str]:
 
 
 def test_files_and_directories_are_served_without_opens() -> None:
-    # pyfuse3 must carry third_party/pyfuse3's patch; without it every file read costs two more
-    # requests (open, release). scripts/install-deps builds it: a missing patch fails here.
+    # pyfuse3 must carry third_party/pyfuse3's patches; without them every file read costs two
+    # more requests (open, release), each at 4x the CPU. scripts/install-deps builds them: a
+    # missing patch fails here.
     assert STATELESS_OPEN, "pyfuse3 lacks the stateless-open patch: run scripts/install-deps"
+    assert hasattr(pyfuse3, "INLINE_BATCH"), "pyfuse3 lacks the inline-poll patch"
     paths = ("big/dup-b.txt", "sizes/text-65543", "sizes/text-4097")
     with Image.open(corpus("plain.erofs")) as image:
         want = {p: image.lookup(p).read(0, image.lookup(p).size) for p in paths}
