@@ -125,6 +125,48 @@ def test_extents_are_whole_and_stable(name: str) -> None:
                     assert ext.llen <= d.Z_PCLUSTER_MAX_DSIZE
 
 
+def walk_by_map(mapper: Mapper, start: int, end: int) -> list[Extent | str]:
+    """What the read loop got by calling ``map`` at ``start`` and then at each extent's end,
+    with the error that stopped it, if any."""
+    out: list[Extent | str] = []
+    pos = start
+    try:
+        while pos < end:
+            ext = mapper.map(pos)
+            out.append(ext)
+            assert ext.end > pos and len(out) < 100_000
+            pos = ext.end
+    except ErofsError as exc:
+        out.append(f"{type(exc).__name__}: {exc}")
+    return out
+
+
+def walk_by_extents(mapper: Mapper, start: int, end: int) -> list[Extent | str]:
+    out: list[Extent | str] = []
+    try:
+        for ext in mapper.extents(start, end):
+            out.append(ext)
+            assert len(out) < 100_000
+    except ErofsError as exc:
+        out.append(f"{type(exc).__name__}: {exc}")
+    return out
+
+
+@pytest.mark.parametrize("name", TREE_IMAGES + OLD_IMAGES)
+def test_extents_walk_as_map_does(name: str) -> None:
+    """``extents(start, end)`` yields what ``map`` gives at ``start`` and at each extent's end,
+    for reads starting and ending anywhere (fresh mappers: ``map`` remembers its last extent)."""
+    rnd = random.Random(name)
+    with Image.open(corpus(f"{name}.erofs")) as image:
+        for node in compressed_inodes(image):
+            ranges = [(0, node.size)] + [tuple(sorted(rnd.sample(range(node.size + 1), 2)))
+                                         for _ in range(3) if node.size > 1]
+            for start, end in ranges:
+                def fresh() -> Mapper:
+                    return compressed_mapper(image.superblock, node.info, node.space)
+                assert walk_by_extents(fresh(), start, end) == walk_by_map(fresh(), start, end)
+
+
 def test_sequential_reads_decode_each_extent_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[int, int, int]] = []
     real = reader_mod.decompress  # type: ignore[attr-defined]
@@ -354,6 +396,115 @@ def test_whole_file_fragment(base_sb: SuperBlock) -> None:
         compressed_mapper(base_sb, info, space)  # no packed inode
     mapper = compressed_mapper(sb_with(base_sb, packed=99), info, space)
     assert mapper.map(4999) == Extent(0, 5000, Source.PACKED, pa=777, plen=5000)
+
+
+def test_forward_walk_meets_a_corrupt_entry_as_map_does(base_sb: SuperBlock) -> None:
+    """A bad entry in the middle of a file fails the read that reaches it, with the error a
+    lookup there gives, and the extents before it are still read."""
+    entries = [head(PLAIN, 0, 10), head(PLAIN, 0, 11), nonhead(1, 1), head(H1, BS, 12),
+               head(PLAIN, 0, 13)]  # clusterofs BS: outside its lcluster
+    mapper = full_mapper(base_sb, 5 * BS, entries)
+    got = walk_by_extents(mapper, 0, 5 * BS)
+    assert got[0] == Extent(0, BS, Source.DEVICE, pa=10 * BS, plen=BS, codec=Codec.RAW)
+    assert len(got) == 2 and isinstance(got[1], str) and got[1].startswith("CorruptImageError")
+    assert got == walk_by_map(full_mapper(base_sb, 5 * BS, entries), 0, 5 * BS)
+    with pytest.raises(CorruptImageError):
+        full_mapper(base_sb, 5 * BS, entries).map(3 * BS)
+
+
+def test_forward_walk_follows_delta1_past_a_head(base_sb: SuperBlock) -> None:
+    """A delta1 that jumps over a head (corrupt, but nothing to notice) gives the extent map
+    gives: the walk does not second-guess the index where a lookup would not."""
+    entries = [head(H1, 0, 10), nonhead(1, 2), head(H1, 0, 11), head(H1, 0, 12)]
+    mapper = full_mapper(base_sb, 4 * BS, entries)
+    want = walk_by_map(full_mapper(base_sb, 4 * BS, entries), 0, 4 * BS)
+    assert want[0] == Extent(0, 3 * BS, Source.DEVICE, pa=10 * BS, plen=BS, codec=Codec.LZ4)
+    assert walk_by_extents(mapper, 0, 4 * BS) == want
+
+
+@st.composite
+def lcluster_runs(draw: st.DrawFn, big: bool) -> list[tuple[int, int, int]]:
+    """(type, clusterofs or delta0, delta1) per lcluster: extents of 1 to 5 lclusters as mkfs
+    writes them (CBLKCNT after a big pcluster's head), some values garbled."""
+    out: list[tuple[int, int, int]] = []
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from([PLAIN, PLAIN, H1, H2]))
+        out.append((kind, draw(st.sampled_from([0, 0, 0, 1, 100, BS - 1])) if out else 0, 0))
+        n = draw(st.integers(0, 4))
+        for k in range(1, n + 1):
+            delta0 = d.Z_LI_D0_CBLKCNT | (n + 1) if big and k == 1 else k
+            out.append((NONHEAD_T, delta0, n + 1 - k))
+    for _ in range(draw(st.integers(0, 2))):
+        k = draw(st.integers(0, len(out) - 1))
+        kind = draw(st.sampled_from([PLAIN, H1, NONHEAD_T]))
+        out[k] = (kind, draw(st.integers(0, 5)) if kind == NONHEAD_T else draw(
+            st.integers(0, BS)), draw(st.integers(0, 5)))
+    return out
+
+
+def full_entries(runs: list[tuple[int, int, int]]) -> list[bytes]:
+    return [nonhead(a, b) if kind == NONHEAD_T else head(kind, a, 10 + k)
+            for k, (kind, a, b) in enumerate(runs)]
+
+
+def compact_index(runs: list[tuple[int, int, int]], ebase: int) -> bytes:
+    """``runs`` as COMPACTED_2B packs for 4 KiB lclusters (§4.6.4), each pack based at block
+    10 times its number; a pack's last NONHEAD stores its delta1, as mkfs does."""
+    init4 = ((32 - ebase % 32) // 4) & 7
+    n2 = (len(runs) - init4) // 16 * 16 if init4 < len(runs) else 0
+    groups = [(runs[:init4], 2), (runs[init4:init4 + n2], 16), (runs[init4 + n2:], 2)]
+    out = b""
+    for part, vcnt in groups:
+        part = part + [(NONHEAD_T, 1, 1)] * (-len(part) % vcnt)
+        for p in range(0, len(part), vcnt):
+            bits = 0
+            for j, (kind, a, b) in enumerate(part[p:p + vcnt]):
+                lo = b if kind == NONHEAD_T and j == vcnt - 1 else a
+                bits |= ((lo & 0xFFF) | kind << 12) << ((16 if vcnt == 2 else 14) * j)
+            body = bits.to_bytes(4 if vcnt == 2 else 28, "little")
+            out += body + struct.pack("<I", 10 * (len(out) // 8 + 1))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), big=st.booleans(), cut=st.integers(0, BS - 1),
+       starts=st.lists(st.integers(0, 1 << 20), min_size=1, max_size=3))
+def test_forward_walk_equals_lookups_on_any_full_index(base_sb: SuperBlock, data: st.DataObject,
+                                                       big: bool, cut: int,
+                                                       starts: list[int]) -> None:
+    runs = data.draw(lcluster_runs(big))
+    entries, size = full_entries(runs), max(len(runs) * BS - cut, 1)
+    advise = d.Z_ADVISE_BIG_PCLUSTER_1 | d.Z_ADVISE_BIG_PCLUSTER_2 if big else 0
+    try:
+        full_mapper(base_sb, size, entries, advise=advise)
+    except ErofsError:
+        return
+    for start in starts:
+        start %= size
+        got = walk_by_extents(full_mapper(base_sb, size, entries, advise=advise), start, size)
+        assert got == walk_by_map(full_mapper(base_sb, size, entries, advise=advise), start, size)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), big=st.booleans(), cut=st.integers(0, BS - 1),
+       starts=st.lists(st.integers(0, 1 << 20), min_size=1, max_size=3))
+def test_forward_walk_equals_lookups_on_any_compact_index(base_sb: SuperBlock,
+                                                          data: st.DataObject, big: bool,
+                                                          cut: int, starts: list[int]) -> None:
+    runs = data.draw(lcluster_runs(big))
+    advise = d.Z_ADVISE_COMPACTED_2B | (
+        d.Z_ADVISE_BIG_PCLUSTER_1 | d.Z_ADVISE_BIG_PCLUSTER_2 if big else 0)
+    size = max(len(runs) * BS - cut, 1)
+    info, space = fake_inode(d.LAYOUT_COMPRESSED_COMPACT, size,
+                             header(advise=advise) + compact_index(runs, 40))
+    try:
+        compressed_mapper(base_sb, info, space)
+    except ErofsError:
+        return
+    for start in starts:
+        start %= size
+        got = walk_by_extents(compressed_mapper(base_sb, info, space), start, size)
+        assert got == walk_by_map(compressed_mapper(base_sb, info, space), start, size)
 
 
 # compact packs against a literal reading of spec §4.6.4 -----------------------------------------

@@ -8,7 +8,7 @@ mapped by ``zmap``. The read loop in ``reader`` consumes extents without knowing
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import NamedTuple, Protocol
+from typing import Iterator, NamedTuple, Protocol
 
 from . import ondisk as d
 from .errors import CorruptImageError, UnsupportedFeatureError
@@ -62,6 +62,25 @@ class Mapper(Protocol):
         """The extent holding byte ``pos`` (``0 <= pos < size``)."""
         ...
 
+    def extents(self, pos: int, end: int) -> Iterator[Extent]:
+        """The extents over ``[pos, end)`` in order: ``map(pos)``, then ``map(ext.end)`` of
+        each one until one reaches ``end`` or EOF; a mapper may find them faster than by
+        mapping, never differently. Consumers check each one before asking for the next."""
+        ...
+
+
+def extents_by_map(mapper: Mapper, pos: int, end: int) -> Iterator[Extent]:
+    """``Mapper.extents`` by calling ``map``."""
+    while True:
+        ext = mapper.map(pos)
+        yield ext
+        if ext.la + ext.llen <= pos:  # a consumer that did not check: never loop on it
+            raise CorruptImageError(f"extent [{ext.la}, {ext.la + ext.llen}) does not hold "
+                                    f"position {pos}", offset=pos)
+        pos = ext.la + ext.llen
+        if pos >= end:
+            return
+
 
 def nblocks(size: int, blkszbits: int) -> int:
     return (size + (1 << blkszbits) - 1) >> blkszbits
@@ -96,6 +115,9 @@ class FlatMapper:
         else:
             pa = info.startblk << sb.blkszbits
             self._blocks = Extent(0, self._blocks_end, Source.DEVICE, pa=pa, plen=self._blocks_end)
+
+    def extents(self, pos: int, end: int) -> Iterator[Extent]:
+        return extents_by_map(self, pos, end)
 
     def map(self, pos: int) -> Extent:
         if pos < self._blocks_end:
@@ -135,6 +157,9 @@ class ChunkMapper:
         self._sb = sb
         self._info = info
         self._space = space
+
+    def extents(self, pos: int, end: int) -> Iterator[Extent]:
+        return extents_by_map(self, pos, end)
 
     def map(self, pos: int) -> Extent:
         n = pos >> self._chunkbits

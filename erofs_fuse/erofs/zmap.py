@@ -10,13 +10,19 @@ Three mappers answer ``map(pos)`` for the compressed layouts:
 Every extent returned is the whole logical extent (its exact length, §4.6.7, clipped to EOF), so
 that the reader's cache of decoded extents is hit by every read inside it. The map header is parsed
 and checked (§11.5) once, when the mapper is built.
+
+Sequential reads ask ``extents(pos, end)``: ``LclusterMapper`` walks its index forward from where
+the last extent's end was found, the same answers as ``map`` at each extent's end, without
+locating every position again.
 """
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from . import ondisk as d
 from .errors import CorruptImageError, UnsupportedFeatureError
-from .extent import Codec, Extent, Mapper, Source
+from .extent import Codec, Extent, Mapper, Source, extents_by_map
 from .inode import InodeInfo
 from .space import Space
 from .superblock import SuperBlock
@@ -57,6 +63,15 @@ def compressed_mapper(sb: SuperBlock, info: InodeInfo, space: Space) -> Mapper:
     return LclusterMapper(sb, info, space, head)
 
 
+# The enum metaclass defines __getattr__, which makes every ``Codec.X`` a slow lookup (0.2 µs on
+# 3.11): the per-extent paths use these.
+_DEVICE, _RAW, _INTERLACED = Source.DEVICE, Codec.RAW, Codec.INTERLACED
+
+# NamedTuple's generated __new__ is a Python-level call: building the tuple directly is three
+# times cheaper, and a sequential read makes one extent per 4 to 64 KiB.
+_new_extent = tuple.__new__
+
+
 def _check_packed(sb: SuperBlock, info: InodeInfo) -> None:
     if sb.packed_nid is None:
         raise CorruptImageError("fragment without a packed inode", nid=info.nid, offset=info.pos)
@@ -71,6 +86,9 @@ class FragmentMapper:
 
     def map(self, pos: int) -> Extent:
         return self._extent
+
+    def extents(self, pos: int, end: int) -> Iterator[Extent]:
+        return extents_by_map(self, pos, end)
 
 
 def _codec_of(sb: SuperBlock, alg: int, nid: int, offset: int) -> Codec:
@@ -88,7 +106,7 @@ def _check_encoded(ext: Extent, nid: int) -> Extent:
             f"pcluster of {ext.plen} bytes for an extent of {ext.llen} bytes", nid=nid,
             offset=ext.pa,
         )
-    if ext.codec in (Codec.RAW, Codec.INTERLACED) and ext.llen > ext.plen:
+    if (ext.codec == _RAW or ext.codec == _INTERLACED) and ext.llen > ext.plen:
         raise CorruptImageError(
             f"uncompressed extent of {ext.llen} bytes in a {ext.plen}-byte pcluster", nid=nid,
             offset=ext.pa,
@@ -116,6 +134,8 @@ class LclusterMapper:
                                                      (d.Z_LCLUSTER_TYPE_HEAD2, self._algs[1]))
                         if alg in sb.available_algorithms}
         self._index = self._make_index(info, space, head)
+        self._blkbits = sb.blkszbits
+        self._kinds = self._kinds_of_heads()
         self._fragment = bool(self._advise & d.Z_ADVISE_FRAGMENT_PCLUSTER)
         self._inline = (not self._fragment and bool(self._advise & d.Z_ADVISE_INLINE_PCLUSTER)
                         and head.idata_size > 0)
@@ -144,6 +164,20 @@ class LclusterMapper:
         if self._bits > 30:
             raise UnsupportedFeatureError(f"lclusters of 2^{self._bits} bytes", nid=info.nid,
                                           offset=head.hpos)
+
+    def _kinds_of_heads(self) -> dict[int, tuple[Codec | None, bool, bool]]:
+        """Per head type, for extents in the device: (codec, or None if not available; partial
+        whatever the entry says; big pcluster advice)."""
+        big1 = bool(self._advise & d.Z_ADVISE_BIG_PCLUSTER_1)
+        big2 = bool(self._advise & d.Z_ADVISE_BIG_PCLUSTER_2)
+        # device pclusters are whole blocks, so interlacing applies to every PLAIN one
+        plain = Codec.INTERLACED if self._interlaced else Codec.RAW
+        kinds: dict[int, tuple[Codec | None, bool, bool]] = {
+            d.Z_LCLUSTER_TYPE_PLAIN: (plain, False, big2)}
+        for kind, big in ((d.Z_LCLUSTER_TYPE_HEAD1, big1), (d.Z_LCLUSTER_TYPE_HEAD2, big2)):
+            codec = self._codecs.get(kind)
+            kinds[kind] = (codec, codec == Codec.LZ4 and self._lz4_partial, big)
+        return kinds
 
     def _make_index(self, info: InodeInfo, space: Space, head: _Header) -> FullIndex | CompactIndex:
         windows = IndexWindows(space, info.nid)
@@ -199,30 +233,61 @@ class LclusterMapper:
         if self._fragment and self._tail_lcn == 0:
             ext = Extent(0, self._size, Source.PACKED, pa=self._fragoff, plen=self._size)
         else:
-            ext = self._map(pos)
+            ext = self._map(pos)[0]
         self._last = ext
         return ext
 
-    def _map(self, pos: int) -> Extent:
+    def extents(self, pos: int, end: int) -> Iterator[Extent]:
+        """The extents over ``[pos, end)``: ``map(pos)``, then for each next one what
+        ``map(ext.end)`` returns, found from the head entry where the scan for ``ext``'s end
+        stopped, without loading and locating that position again."""
+        ext = self.map(pos)
+        nxt: Lcluster | None = None
         bits = self._bits
-        first = self._index.load(pos >> bits)
+        while True:
+            yield ext
+            pos = ext.la + ext.llen
+            if pos >= end or pos >= self._size:
+                return
+            if nxt is not None and nxt.lcn == pos >> bits:
+                # map(pos) would load this very entry and find pos at its head
+                ext, nxt = self._extent_at(nxt, nxt, None, pos)
+            else:
+                ext, nxt = self._map(pos)
+            self._last = ext
+
+    def _map(self, pos: int) -> tuple[Extent, Lcluster | None]:
+        """(extent holding ``pos``, head entry of the next one if the scan met it)."""
+        first = self._index.load(pos >> self._bits)
         head, end = self._locate(pos, first)
+        return self._extent_at(head, first, end, pos)
+
+    def _extent_at(self, head: Lcluster, first: Lcluster, end: int | None,
+                   pos: int) -> tuple[Extent, Lcluster | None]:
+        """``_map`` once ``head`` is found (and ``end``, if known; ``first`` is the entry of
+        ``pos``'s lcluster): the extent, and the head entry of the next one if met."""
+        bits = self._bits
         la = (head.lcn << bits) + head.clusterofs
         if head.lcn == self._tail_lcn:
-            return self._tail_extent(head, la)
+            return self._tail_extent(head, la), None
+        nxt = None
         if end is None:
-            end = self._scan_end(head, first, la)
+            end, nxt = self._scan_end(head, first, la)
         if end > self._size:
             end = self._size
         if not la <= pos < end:
             raise CorruptImageError(f"extent [{la}, {end}) does not hold position {pos}",
                                     nid=self._nid, offset=pos)
-        blkbits = self._sb.blkszbits
+        # what _codec says, looked up once per head type: an extent per 4 to 64 KiB is mapped
+        codec, partial, big = self._kinds[head.type]
+        blkbits = self._blkbits
         pa = head.blkaddr << blkbits
-        plen = self._pcluster_blocks(head, first) << blkbits
-        codec, partial = self._codec(head, plen, pa)
-        return _check_encoded(Extent(la, end - la, Source.DEVICE, pa, plen, codec, 0, partial),
-                              self._nid)
+        plen = (self._pcluster_blocks(head, first) if big else 1) << blkbits
+        if codec is None:
+            codec, partial = self._codec(head, plen, pa)  # raises: algorithm not available
+        ext = _new_extent(Extent, (la, end - la, _DEVICE, pa, plen, codec, 0,
+                                   partial or head.partial))
+        return _check_encoded(ext, self._nid), nxt
 
     def _locate(self, pos: int, first: Lcluster) -> tuple[Lcluster, int | None]:
         """(head entry of the extent holding ``pos``, its end if already known)."""
@@ -246,29 +311,28 @@ class LclusterMapper:
                 return m
             dist = m.delta0
 
-    def _scan_end(self, head: Lcluster, first: Lcluster, la: int) -> int:
-        """Exact end of the extent starting at ``head`` (§4.6.7)."""
+    def _scan_end(self, head: Lcluster, first: Lcluster, la: int) -> tuple[int, Lcluster | None]:
+        """(exact end of the extent starting at ``head`` (§4.6.7), the head entry there unless
+        the extent ends at EOF)."""
         lcn = head.lcn + 1 if first.type != NONHEAD else first.lcn + (first.delta1 or 1)
         limit = la + d.Z_PCLUSTER_MAX_DSIZE
+        load = self._index.load
         while True:
             pos = lcn << self._bits
             if pos >= self._size:
-                return self._size
+                return self._size, None
             if pos > limit:
                 raise UnsupportedFeatureError(
                     f"extent at {la} decodes to more than {d.Z_PCLUSTER_MAX_DSIZE} bytes",
                     nid=self._nid, offset=la)
-            m = self._index.load(lcn)
+            m = load(lcn)
             if m.type != NONHEAD:
-                return pos + m.clusterofs
+                return pos + m.clusterofs, m
             lcn += m.delta1 or 1
 
     def _pcluster_blocks(self, head: Lcluster, first: Lcluster) -> int:
-        """Blocks of the pcluster of ``head`` (§4.6.5 step 3)."""
-        bit = (d.Z_ADVISE_BIG_PCLUSTER_1 if head.type == d.Z_LCLUSTER_TYPE_HEAD1
-               else d.Z_ADVISE_BIG_PCLUSTER_2)
-        if not self._advise & bit:
-            return 1
+        """Blocks of the pcluster of ``head``, whose type has big pcluster advice (§4.6.5
+        step 3)."""
         nxt = head.lcn + 1
         if (nxt << self._bits) >= self._size:
             return 1
@@ -347,6 +411,10 @@ class EncodedExtentMapper:
             ext = self._map_search(pos)
         self._last = ext
         return ext
+
+    def extents(self, pos: int, end: int) -> Iterator[Extent]:
+        # each map() does the checks of a lookup (records in order), so walking is mapping
+        return extents_by_map(self, pos, end)
 
     def _record(self, k: int) -> tuple[bytes, int]:
         return self._windows.get(self._start + k * self._recsz, self._recsz)
