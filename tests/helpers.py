@@ -13,9 +13,15 @@ import struct
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
+import pyfuse3
+
+from erofs_fuse.erofs.image import Inode
 from erofs_fuse.erofs.superblock import crc32c_raw
+
+if TYPE_CHECKING:
+    from erofs_fuse.fs import Operations
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "fixtures" / "corpus"
@@ -26,6 +32,16 @@ def corpus(name: str) -> str:
     path = CORPUS / name
     assert path.exists(), f"fixture {path} is missing"
     return str(path)
+
+
+def read_through(node: Inode, chunk: int) -> None:
+    """Read the file ``node`` from start to end, ``chunk`` bytes a call (to the first empty one)."""
+    pos = 0
+    while pos < node.size:
+        data = node.read(pos, chunk)
+        if not data:
+            break
+        pos += len(data)
 
 
 def require_tool(name: str) -> str:
@@ -65,3 +81,21 @@ def reseal(data: bytearray) -> bytearray:
     block[4:8] = bytes(4)
     struct.pack_into("<I", data, 1028, crc32c_raw(bytes(block)))
     return data
+
+
+async def resolve(ops: Operations, path: str) -> pyfuse3.EntryAttributes:
+    """The attributes of ``path`` (from the root), looked up a component at a time."""
+    attr = await ops.getattr(pyfuse3.ROOT_INODE)
+    for part in filter(None, path.split("/")):
+        attr = await ops.lookup(attr.st_ino, part.encode())
+        assert attr.st_ino != 0, f"{path}: {part} not found"
+    return attr
+
+
+def flip(path: str, offset: int, mask: int) -> None:
+    """XOR the byte at ``offset`` of the file ``path`` with ``mask``."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ mask]))

@@ -12,7 +12,7 @@ import pytest
 from erofs_fuse.blob import FileBlob
 from erofs_fuse.erofs.errors import CorruptImageError, ErofsError
 from erofs_fuse.erofs.image import Image
-from helpers import corpus, reseal
+from helpers import corpus, read_through, reseal
 
 
 def read_everything(image: Image) -> int:
@@ -22,12 +22,7 @@ def read_everything(image: Image) -> int:
         for _, node in image.walk():
             try:
                 if node.is_reg:
-                    pos = 0
-                    while pos < node.size:
-                        chunk = node.read(pos, 1 << 20)
-                        if not chunk:
-                            break
-                        pos += len(chunk)
+                    read_through(node, 1 << 20)
                 elif node.is_symlink:
                     node.readlink()
                 node.xattrs()

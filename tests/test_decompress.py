@@ -111,23 +111,24 @@ def test_lz4_offset_zero_never_leaks_memory() -> None:
         lz4_block_decode(OFFSET0, 17, exact=True)
 
 
-def test_python_lz4_extension_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dc, "_native_lz4", None)
+def check_lz4_sample() -> None:
+    """The whole, a partial and an overlong decode of SAMPLE, by whichever LZ4 path is left."""
     src = lz4_block(SAMPLE)
     assert decompress(d.ALG_LZ4, src, len(SAMPLE), False, CFG) == SAMPLE
     assert decompress(d.ALG_LZ4, src, 1000, True, CFG) == SAMPLE[:1000]
     with pytest.raises(CorruptImageError):
         decompress(d.ALG_LZ4, src, len(SAMPLE) + 1, False, CFG)
+
+
+def test_python_lz4_extension_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dc, "_native_lz4", None)
+    check_lz4_sample()
 
 
 def test_pure_python_lz4_when_nothing_native(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dc, "_lz4block", None)
     monkeypatch.setattr(dc, "_native_lz4", None)
-    src = lz4_block(SAMPLE)
-    assert decompress(d.ALG_LZ4, src, len(SAMPLE), False, CFG) == SAMPLE
-    assert decompress(d.ALG_LZ4, src, 1000, True, CFG) == SAMPLE[:1000]
-    with pytest.raises(CorruptImageError):
-        decompress(d.ALG_LZ4, src, len(SAMPLE) + 1, False, CFG)
+    check_lz4_sample()
 
 
 @settings(max_examples=60, deadline=None)

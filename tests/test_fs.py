@@ -17,7 +17,7 @@ import pytest
 from erofs_fuse.erofs.image import Image
 from erofs_fuse.fs import Operations
 from erofs_fuse.overlay import MergedTree
-from helpers import corpus
+from helpers import corpus, resolve
 
 ROOT = pyfuse3.ROOT_INODE
 
@@ -56,14 +56,6 @@ async def open_dir(ops: Operations, inode: int) -> int:
         assert exc.value.errno == errno.ENOSYS
         return inode
     return await ops.opendir(inode)
-
-
-async def resolve(ops: Operations, path: str) -> pyfuse3.EntryAttributes:
-    attr = await ops.getattr(ROOT)
-    for part in filter(None, path.split("/")):
-        attr = await ops.lookup(attr.st_ino, part.encode())
-        assert attr.st_ino != 0, f"{path}: {part} not found"
-    return attr
 
 
 async def list_all(ops: Operations, inode: int, monkeypatch: pytest.MonkeyPatch,

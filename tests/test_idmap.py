@@ -31,7 +31,7 @@ from erofs_fuse.idmap import (
     parse_mapping,
 )
 from erofs_fuse.overlay import MergedTree
-from helpers import corpus
+from helpers import corpus, resolve
 
 ROOT = pyfuse3.ROOT_INODE
 
@@ -181,14 +181,6 @@ def test_acl_named_entries_are_mapped() -> None:
 # the FUSE operations --------------------------------------------------------------------------
 def ops_with(idmap: IdMap, *names: str) -> Operations:
     return Operations(MergedTree([Image.open(corpus(n)) for n in names]), idmap=idmap)
-
-
-async def resolve(ops: Operations, path: str) -> pyfuse3.EntryAttributes:
-    attr = await ops.getattr(ROOT)
-    for part in filter(None, path.split("/")):
-        attr = await ops.lookup(attr.st_ino, part.encode())
-        assert attr.st_ino != 0, f"{path}: {part} not found"
-    return attr
 
 
 async def test_getattr_lookup_and_readdir_report_mapped_ids(

@@ -17,7 +17,7 @@ import pytest
 
 from erofs_fuse.erofs.extent import Source
 from erofs_fuse.erofs.image import Image
-from helpers import EXPECTED, corpus
+from helpers import EXPECTED, corpus, flip
 from mounting import MOUNT_CMD, env, fuse_mount
 from treeview import parse_manifest, view_of_dir
 
@@ -48,14 +48,6 @@ def seal(tmp: Path, names: list[str]) -> tuple[list[str], str]:
 
 def verity_args(roots: str) -> list[str]:
     return ["--verity-roots", roots, "--require-verity"]
-
-
-def flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
 def read_errno(path: str) -> int:
@@ -222,7 +214,7 @@ def test_tampered_block_gives_eio_and_the_rest_still_reads(
             assert offset // 4096 not in _blocks_needed(paths[0], rel), (kind, rel)
     with fuse_mount(paths) as clean:  # the reference bytes, read before tampering
         want = {p: Path(clean.mountpoint, p).read_bytes() for p in intact}
-    flip(paths[victim], offset)
+    flip(paths[victim], offset, 0x01)
     with fuse_mount(paths, *verity_args(roots)) as m:
         for rel in broken:
             full = os.path.join(m.mountpoint, rel)
@@ -237,7 +229,7 @@ def test_tampered_block_gives_eio_and_the_rest_still_reads(
 
 def test_tampered_superblock_is_refused_at_mount(tmp_path: Path) -> None:
     paths, roots = seal(tmp_path, [LOWER, UPPER])
-    flip(paths[0], 1024 + 0x40)  # the lower layer: more than one block, so a real tree
+    flip(paths[0], 1024 + 0x40, 0x01)  # the lower layer: more than one block, so a real tree
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     proc = subprocess.run([*MOUNT_CMD, "--layers", ",".join(paths), *verity_args(roots), str(mnt)],
@@ -269,13 +261,13 @@ def test_tampered_tree_nodes(tmp_path: Path, custom_layers: dict[str, str]) -> N
         want = Path(clean.mountpoint, "a/f000").read_bytes()
     sidecar = str(lower) + ".verity"
     saved = Path(sidecar).read_bytes()
-    flip(sidecar, 4096 + 4096 * (1 + leaf) + 40)  # superblock, top block, then leaves
+    flip(sidecar, 4096 + 4096 * (1 + leaf) + 40, 0x01)  # superblock, top block, then leaves
     with fuse_mount(paths, *verity_args(roots)) as m:
         assert read_errno(os.path.join(m.mountpoint, "huge.bin")) == errno.EIO
         assert Path(m.mountpoint, "a/f000").read_bytes() == want
         assert "Merkle tree block" in m.log_text()
     Path(sidecar).write_bytes(saved)
-    flip(sidecar, 4096 + 40)  # the top block: nothing below it can be trusted
+    flip(sidecar, 4096 + 40, 0x01)  # the top block: nothing below it can be trusted
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     proc = subprocess.run([*MOUNT_CMD, "--layers", ",".join(paths), *verity_args(roots),
@@ -288,7 +280,7 @@ def test_layer_changed_while_mounted_is_caught_on_the_next_read(tmp_path: Path) 
     target = _data_pos(paths[0], "/usr/lib/big.bin") + 8192
     with fuse_mount(paths, *verity_args(roots)) as m:
         assert read_errno(os.path.join(m.mountpoint, "etc/hosts")) == 0
-        flip(paths[0], target)  # after mounting, before anything read big.bin
+        flip(paths[0], target, 0x01)  # after mounting, before anything read big.bin
         assert read_errno(os.path.join(m.mountpoint, "usr/lib/big.bin")) == errno.EIO
         assert read_errno(os.path.join(m.mountpoint, "etc/app/new")) == 0
         assert "hash mismatch" in m.log_text()

@@ -25,7 +25,7 @@ from erofs_fuse.overlay import (
     split_ino,
 )
 from helpers import EXPECTED, corpus, mkfs_erofs
-from treeview import TreeView, _body, _line, _xattr_field, parse_manifest
+from treeview import TreeView, inode_line, parse_manifest
 
 LOWERS = ["aufs", "oci", "aufs-lz4", "tarindex"]
 UPPERS = ["aufs", "oci", "aufs-lz4"]
@@ -41,13 +41,9 @@ def view_of_tree(tree: MergedTree, *, with_mtime: bool = True) -> TreeView:
     def add(path: str, node: Node) -> None:
         ino = node.inode
         content = tree.read(node, 0, ino.size) if ino.is_reg else None
-        target = tree.readlink(node).decode(errors="surrogateescape") if ino.is_symlink else None
-        mt = None if ino.is_dir or not with_mtime else ino.mtime_ns
-        view.entries[path] = _line(
-            path, ino.mode, ino.uid, ino.gid,
-            _body(ino.mode, ino.size, content, target, (os.major(ino.rdev), os.minor(ino.rdev))),
-            mt, _xattr_field(tree.xattrs(node)),
-        )
+        target = tree.readlink(node) if ino.is_symlink else None
+        view.entries[path] = inode_line(path, ino, content, target, tree.xattrs(node),
+                                        with_mtime=with_mtime)
         if not ino.is_dir and node.nlink > 1:
             groups.setdefault(node.ino, []).append(path)
 

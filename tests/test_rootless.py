@@ -157,6 +157,17 @@ def write(root: Path, rel: str, data: str, owner: tuple[int, int] = (0, 0),
     return path
 
 
+def make_images(work: Path, stem: str, trees: tuple[Path, ...]) -> list[str]:
+    """``work/<stem>K.erofs`` of each tree K, readable by the unprivileged user, bottom first."""
+    layers = []
+    for k, tree in enumerate(trees):
+        out = work / f"{stem}{k}.erofs"
+        mkfs_erofs(str(tree), str(out))
+        out.chmod(0o644)
+        layers.append(str(out))
+    return layers
+
+
 def build_layers(work: Path) -> list[str]:
     """Layer 0: files of several owners; layer 1 replaces one, adds one, whites one out."""
     lower, upper = work / "tree0", work / "tree1"
@@ -173,13 +184,7 @@ def build_layers(work: Path) -> list[str]:
     write(upper, "etc/hostname", "upper\n")
     write(upper, ".wh.gone", "")  # an OCI whiteout
     write(upper, "app/new", "#!/bin/sh\necho new\n", mode=0o755)
-    layers = []
-    for k, tree in enumerate((lower, upper)):
-        out = work / f"layer{k}.erofs"
-        mkfs_erofs(str(tree), str(out))
-        out.chmod(0o644)
-        layers.append(str(out))
-    return layers
+    return make_images(work, "layer", (lower, upper))
 
 
 @pytest.fixture(scope="module")
@@ -404,13 +409,7 @@ def build_sandbox_layers(work: Path) -> list[str]:
     write(app, "app/run.sh", '#!/bin/sh\necho "run.sh as uid $(id -u): $(cat /etc/motd)"\n',
           mode=0o755)
     write(app, "bin/.wh.ls", "")  # layer 1 deletes ls
-    layers = []
-    for k, tree in enumerate((base, app)):
-        out = work / f"sandbox{k}.erofs"
-        mkfs_erofs(str(tree), str(out))
-        out.chmod(0o644)
-        layers.append(str(out))
-    return layers
+    return make_images(work, "sandbox", (base, app))
 
 
 SANDBOX_SCRIPT = """

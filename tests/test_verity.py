@@ -41,7 +41,7 @@ from erofs_fuse.verity import (
 from erofs_fuse.verity_formats import HashParams, geometry
 from erofs_fuse.verity_seal import ProgressBar
 
-from helpers import corpus
+from helpers import corpus, flip
 
 BS = 4096
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
@@ -77,14 +77,6 @@ def veritysetup_format(data: str, hash_dev: str, *opts: str) -> dict[str, str]:
 def write(path: Path, data: bytes) -> str:
     path.write_bytes(data)
     return str(path)
-
-
-def flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def payload(size: int, seed: int = 1) -> bytes:
@@ -344,7 +336,7 @@ def test_containerd_appended_tree(tmp_path: Path, fixture: str, bs: int) -> None
     assert isinstance(unverified, FileBlob)
     unverified.close()
     # tamper with the data part: caught on read
-    flip(layer, len(data) - 1)
+    flip(layer, len(data) - 1, 0xFF)
     blob = open_layer_blob(layer, TrustSpec(trust_dmverity_sidecar=True), require=True)
     with pytest.raises(IntegrityError):
         blob.read(len(data) - 1, 1)
@@ -380,7 +372,7 @@ def tree_block_offset(layer: str, level: int, index: int) -> int:
 
 def test_tampered_data_block(sealed: tuple[str, TrustSpec, bytes]) -> None:
     layer, spec, data = sealed
-    flip(layer, 7 * BS + 100)
+    flip(layer, 7 * BS + 100, 0xFF)
     blob = open_layer_blob(layer, spec, require=True)
     assert isinstance(blob, VerifiedBlob)
     with pytest.raises(IntegrityError, match=r"data block 7: hash mismatch, expected [0-9a-f]{16}"):
@@ -396,7 +388,7 @@ def test_tampered_data_block(sealed: tuple[str, TrustSpec, bytes]) -> None:
 
 def test_tampered_leaf_tree_block(sealed: tuple[str, TrustSpec, bytes]) -> None:
     layer, spec, data = sealed
-    flip(layer + ".verity", tree_block_offset(layer, 0, 1) + 5)
+    flip(layer + ".verity", tree_block_offset(layer, 0, 1) + 5, 0xFF)
     blob = open_layer_blob(layer, spec, require=True)
     for block in (128, 200, 255):
         with pytest.raises(IntegrityError, match="tree block 1 of level 0"):
@@ -408,7 +400,7 @@ def test_tampered_leaf_tree_block(sealed: tuple[str, TrustSpec, bytes]) -> None:
 
 def test_tampered_top_block_fails_at_open(sealed: tuple[str, TrustSpec, bytes]) -> None:
     layer, spec, _ = sealed
-    flip(layer + ".verity", tree_block_offset(layer, 1, 0) + 5)
+    flip(layer + ".verity", tree_block_offset(layer, 1, 0) + 5, 0xFF)
     with pytest.raises(IntegrityError, match="mismatch"):
         open_layer_blob(layer, spec, require=True)
 
@@ -428,7 +420,7 @@ def test_layer_changed_after_open_is_caught(sealed: tuple[str, TrustSpec, bytes]
     layer, spec, data = sealed
     blob = open_layer_blob(layer, spec, require=True)
     assert blob.read(3 * BS, BS) == data[3 * BS : 4 * BS]
-    flip(layer, 3 * BS)  # data blocks are hashed on every read: no stale "verified" flag
+    flip(layer, 3 * BS, 0xFF)  # data blocks are hashed on every read: no stale "verified" flag
     with pytest.raises(IntegrityError):
         blob.read(3 * BS, BS)
     blob.close()
@@ -476,7 +468,7 @@ def test_concurrent_reads(tmp_path: Path) -> None:
     data = payload(NBLOCKS * BS)
     layer = write(tmp_path / "layer", data)
     result = seal(layer)
-    flip(layer, 250 * BS)
+    flip(layer, 250 * BS, 0xFF)
     blob = open_layer_blob(layer, TrustSpec(FsVerityDigest.parse(result.digest)), require=True,
                            cache_bytes=2 * BS)  # a tiny cache: tree blocks are re-read
     assert isinstance(blob, VerifiedBlob)
@@ -638,10 +630,10 @@ def test_tampered_image_block(tmp_path: Path, footprints: dict[str, Footprints],
     offset, in_tree = targets[kind]
     if in_tree:
         bad = set(range(128, 256))
-        flip(layer + ".verity", offset)
+        flip(layer + ".verity", offset, 0xFF)
     else:
         bad = {offset // BS}
-        flip(layer, offset)
+        flip(layer, offset, 0xFF)
     blob = open_layer_blob(layer, TrustSpec(digest), require=True)
     assert isinstance(blob, VerifiedBlob)
     if fp.open_blocks & bad:

@@ -31,7 +31,7 @@ from erofs_fuse.erofs.inode import InodeInfo
 from erofs_fuse.erofs.superblock import SuperBlock
 from erofs_fuse.erofs.zindex import CompactIndex, IndexWindows
 from erofs_fuse.erofs.zmap import compressed_mapper
-from helpers import CORPUS, EXPECTED, corpus, mkfs_erofs, require_tool, reseal
+from helpers import CORPUS, EXPECTED, corpus, mkfs_erofs, read_through, require_tool, reseal
 from treeview import TreeView, parse_manifest, view_of_dir, view_of_image
 
 BS = 4096
@@ -822,13 +822,7 @@ def targets(name: str) -> list[tuple[int, int, int, list[tuple[int, int]]]]:
 
 def read_file_fully(image: Image, nid: int) -> None:
     try:
-        node = image.inode(nid)
-        pos = 0
-        while pos < node.size:
-            chunk = node.read(pos, 64 << 10)
-            if not chunk:
-                break
-            pos += len(chunk)
+        read_through(image.inode(nid), 64 << 10)
     except ErofsError as exc:
         check_error(exc)
 

@@ -93,19 +93,29 @@ def view_of_dir(root: str, *, with_mtime: bool = True, skip_xattrs: frozenset[by
     return view
 
 
+def inode_line(path: str, ino: Inode, content: bytes | None, target: bytes | None,
+               xattrs: list[tuple[bytes, bytes]], *, with_mtime: bool = True,
+               skip_xattrs: frozenset[bytes] = frozenset()) -> str:
+    """The line of ``ino`` at ``path``, given its data as read (of an image or a merged tree)."""
+    mt = None if ino.is_dir or not with_mtime else ino.mtime_ns
+    return _line(
+        path, ino.mode, ino.uid, ino.gid,
+        _body(ino.mode, ino.size, content,
+              None if target is None else target.decode(errors="surrogateescape"),
+              (os.major(ino.rdev), os.minor(ino.rdev))),
+        mt, _xattr_field(xattrs, skip_xattrs),
+    )
+
+
 def view_of_image(image: Image, *, with_mtime: bool = True, skip_xattrs: frozenset[bytes] = frozenset()) -> TreeView:
     view = TreeView()
     groups: dict[int, list[str]] = {}
 
     def add(path: str, ino: Inode) -> None:
         content = ino.read(0, ino.size) if ino.is_reg else None
-        target = ino.readlink().decode(errors="surrogateescape") if ino.is_symlink else None
-        mt = None if ino.is_dir or not with_mtime else ino.mtime_ns
-        view.entries[path] = _line(
-            path, ino.mode, ino.uid, ino.gid,
-            _body(ino.mode, ino.size, content, target, (os.major(ino.rdev), os.minor(ino.rdev))),
-            mt, _xattr_field(ino.xattrs(), skip_xattrs),
-        )
+        target = ino.readlink() if ino.is_symlink else None
+        view.entries[path] = inode_line(path, ino, content, target, ino.xattrs(),
+                                        with_mtime=with_mtime, skip_xattrs=skip_xattrs)
         if not ino.is_dir and ino.nlink > 1:
             groups.setdefault(ino.nid, []).append(path)
 

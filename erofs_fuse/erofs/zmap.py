@@ -114,7 +114,29 @@ def _check_encoded(ext: Extent, nid: int) -> Extent:
     return ext
 
 
-class LclusterMapper:
+class _RememberingMapper:
+    """``map`` for the indexed mappers: the last extent found answers every position inside it
+    (a read asks for many); any other position in the file is found by ``_lookup``."""
+
+    _nid: int
+    _size: int
+    _last: Extent | None
+
+    def map(self, pos: int) -> Extent:
+        last = self._last
+        if last is not None and last.la <= pos < last.la + last.llen:
+            return last
+        if not 0 <= pos < self._size:
+            raise CorruptImageError(f"position {pos} outside the file", nid=self._nid)
+        ext = self._lookup(pos)
+        self._last = ext
+        return ext
+
+    def _lookup(self, pos: int) -> Extent:
+        raise NotImplementedError
+
+
+class LclusterMapper(_RememberingMapper):
     """COMPRESSED_FULL / COMPRESSED_COMPACT inodes indexed by logical clusters."""
 
     def __init__(self, sb: SuperBlock, info: InodeInfo, space: Space, head: _Header) -> None:
@@ -224,18 +246,10 @@ class LclusterMapper:
                                     offset=self._inline_pos)
 
     # mapping --------------------------------------------------------------------------------
-    def map(self, pos: int) -> Extent:
-        last = self._last
-        if last is not None and last.la <= pos < last.la + last.llen:
-            return last
-        if not 0 <= pos < self._size:
-            raise CorruptImageError(f"position {pos} outside the file", nid=self._nid)
+    def _lookup(self, pos: int) -> Extent:
         if self._fragment and self._tail_lcn == 0:
-            ext = Extent(0, self._size, Source.PACKED, pa=self._fragoff, plen=self._size)
-        else:
-            ext = self._map(pos)[0]
-        self._last = ext
-        return ext
+            return Extent(0, self._size, Source.PACKED, pa=self._fragoff, plen=self._size)
+        return self._map(pos)[0]
 
     def extents(self, pos: int, end: int) -> Iterator[Extent]:
         """The extents over ``[pos, end)``: ``map(pos)``, then for each next one what
@@ -366,7 +380,7 @@ class LclusterMapper:
         return _check_encoded(ext, self._nid)
 
 
-class EncodedExtentMapper:
+class EncodedExtentMapper(_RememberingMapper):
     """COMPRESSED_FULL with the EXTENTS advice: 4/8/16/32-byte extent records (§4.6.11)."""
 
     def __init__(self, sb: SuperBlock, info: InodeInfo, space: Space, head: _Header) -> None:
@@ -399,18 +413,10 @@ class EncodedExtentMapper:
         if self._recsz == 4:
             self._walk = (0, int.from_bytes(space.read(self._pos0, 8), "little"))
 
-    def map(self, pos: int) -> Extent:
-        last = self._last
-        if last is not None and last.la <= pos < last.la + last.llen:
-            return last
-        if not 0 <= pos < self._size:
-            raise CorruptImageError(f"position {pos} outside the file", nid=self._nid)
+    def _lookup(self, pos: int) -> Extent:
         if self._recsz <= 8:
-            ext = self._map_lcluster(pos)
-        else:
-            ext = self._map_search(pos)
-        self._last = ext
-        return ext
+            return self._map_lcluster(pos)
+        return self._map_search(pos)
 
     def extents(self, pos: int, end: int) -> Iterator[Extent]:
         # each map() does the checks of a lookup (records in order), so walking is mapping
