@@ -37,6 +37,13 @@ class Codec(IntEnum):
     INTERLACED = 5  # uncompressed, rotated inside its pcluster (spec §5.6)
 
 
+# The enum metaclass defines __getattr__, which makes every ``Source.X``/``Codec.X`` a slow lookup
+# (0.2 µs on 3.11). The per-extent paths of reader and zmap compare a few per extent: they use
+# these plain module attributes instead.
+S_HOLE, S_DEVICE, S_META, S_PACKED = Source.HOLE, Source.DEVICE, Source.META, Source.PACKED
+C_RAW, C_INTERLACED = Codec.RAW, Codec.INTERLACED
+
+
 class Extent(NamedTuple):
     """Logical bytes ``[la, la + llen)`` of a file and where they come from.
 

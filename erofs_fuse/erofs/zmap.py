@@ -22,7 +22,7 @@ from typing import Iterator
 
 from . import ondisk as d
 from .errors import CorruptImageError, UnsupportedFeatureError
-from .extent import Codec, Extent, Mapper, Source, extents_by_map
+from .extent import C_INTERLACED, C_RAW, S_DEVICE, Codec, Extent, Mapper, Source, extents_by_map
 from .inode import InodeInfo
 from .space import Space
 from .superblock import SuperBlock
@@ -63,10 +63,6 @@ def compressed_mapper(sb: SuperBlock, info: InodeInfo, space: Space) -> Mapper:
     return LclusterMapper(sb, info, space, head)
 
 
-# The enum metaclass defines __getattr__, which makes every ``Codec.X`` a slow lookup (0.2 µs on
-# 3.11): the per-extent paths use these.
-_DEVICE, _RAW, _INTERLACED = Source.DEVICE, Codec.RAW, Codec.INTERLACED
-
 # NamedTuple's generated __new__ is a Python-level call: building the tuple directly is three
 # times cheaper, and a sequential read makes one extent per 4 to 64 KiB.
 _new_extent = tuple.__new__
@@ -106,7 +102,7 @@ def _check_encoded(ext: Extent, nid: int) -> Extent:
             f"pcluster of {ext.plen} bytes for an extent of {ext.llen} bytes", nid=nid,
             offset=ext.pa,
         )
-    if (ext.codec == _RAW or ext.codec == _INTERLACED) and ext.llen > ext.plen:
+    if (ext.codec == C_RAW or ext.codec == C_INTERLACED) and ext.llen > ext.plen:
         raise CorruptImageError(
             f"uncompressed extent of {ext.llen} bytes in a {ext.plen}-byte pcluster", nid=nid,
             offset=ext.pa,
@@ -299,7 +295,7 @@ class LclusterMapper(_RememberingMapper):
         plen = (self._pcluster_blocks(head, first) if big else 1) << blkbits
         if codec is None:
             codec, partial = self._codec(head, plen, pa)  # raises: algorithm not available
-        ext = _new_extent(Extent, (la, end - la, _DEVICE, pa, plen, codec, 0,
+        ext = _new_extent(Extent, (la, end - la, S_DEVICE, pa, plen, codec, 0,
                                    partial or head.partial))
         return _check_encoded(ext, self._nid), nxt
 
