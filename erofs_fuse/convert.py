@@ -1,0 +1,121 @@
+"""``erofs-fuse convert SOURCE OUT``: one layer tar (plain, gzip, zstd; a file or ``-``) or one
+directory into one EROFS image, with the writer of ``erofs_fuse/mkfs``.
+
+Errors are one line and exit status 2; the output is then not created. Warnings (what the image
+cannot hold and was dropped) are one line each on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import uuid as uuidlib
+
+from .console import PROG, CliError, print_error
+
+COMPRESSORS = ("lz4", "lz4hc")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(f"convert: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} convert",
+                description="Convert an OCI layer tar (plain, gzip or zstd; '-' for stdin) or a "
+                            "directory into an EROFS image.")
+    p.add_argument("source", help="layer tar file, '-' for standard input, or a directory")
+    p.add_argument("out", help="the EROFS image to write (replaced atomically)")
+    p.add_argument("--whiteouts", choices=("overlay", "oci"), default="overlay",
+                   help="overlay: OCI .wh.NAME become char 0:0 devices and .wh..wh..opq the "
+                        "trusted.overlay.opaque xattr (default); oci: keep them as files")
+    p.add_argument("--tar-index", action="store_true",
+                   help="metadata only, file data pointing into the uncompressed tar, which is "
+                        "appended to the image (512-byte blocks)")
+    p.add_argument("--compress", metavar="ALG[,LEVEL]",
+                   help="compress file data: lz4, or lz4hc with an optional level 1-12")
+    p.add_argument("--block-size", type=int, default=4096, metavar="BYTES",
+                   help="block size, a power of two from 512 to 65536 (default 4096)")
+    p.add_argument("--mtime", type=int, metavar="SECONDS",
+                   help="build time (default: $SOURCE_DATE_EPOCH, else 0)")
+    p.add_argument("--uuid", default="clear",
+                   help="filesystem UUID: a UUID, 'clear' (zero, the default) or 'random'")
+    p.add_argument("--seal", action="store_true",
+                   help="also write OUT.verity and print the fs-verity digest (as 'seal' does)")
+    p.add_argument("--sync", action="store_true", help="fsync the image before renaming it")
+    p.add_argument("-v", "--verbose", action="store_true", help="print a summary to stderr")
+    return p
+
+
+def parse_compress(value: str | None) -> tuple[str | None, int | None]:
+    if not value:
+        return None, None
+    alg, _, level = value.partition(",")
+    if alg not in COMPRESSORS:
+        raise CliError(f"convert: unknown compression {alg!r} (choose from lz4, lz4hc)")
+    if not level:
+        return alg, None
+    if alg != "lz4hc" or not level.isdigit() or not 1 <= int(level) <= 12:
+        raise CliError(f"convert: bad compression level {level!r} (lz4hc takes 1-12)")
+    return alg, int(level)
+
+
+def parse_uuid(value: str) -> bytes:
+    if value == "clear":
+        return bytes(16)
+    if value == "random":
+        return uuidlib.uuid4().bytes
+    try:
+        return uuidlib.UUID(value).bytes
+    except ValueError:
+        raise CliError(f"convert: bad UUID {value!r}") from None
+
+
+def build_time(value: int | None) -> int:
+    if value is not None:
+        return value
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    if env is None or env == "":
+        return 0
+    try:
+        return int(env)
+    except ValueError:
+        raise CliError(f"convert: SOURCE_DATE_EPOCH={env!r} is not a number") from None
+
+
+def convert_main(argv: list[str]) -> int:
+    from .mkfs import ConvertOptions, MkfsError, convert_dir, convert_tar
+
+    args = build_parser().parse_args(argv)
+    alg, level = parse_compress(args.compress)
+    options = ConvertOptions(block_size=args.block_size, whiteouts=args.whiteouts,
+                             tar_index=args.tar_index, compress=alg, compress_level=level,
+                             build_time=build_time(args.mtime), uuid=parse_uuid(args.uuid),
+                             seal=args.seal, sync=args.sync)
+    start = time.monotonic()
+    try:
+        if args.source == "-":
+            result = convert_tar(sys.stdin.buffer, args.out, options)
+        elif os.path.isdir(args.source):
+            result = convert_dir(args.source, args.out, options)
+        else:
+            result = convert_tar(args.source, args.out, options)
+    except MkfsError as exc:
+        raise CliError(f"{args.source}: {exc}") from exc
+    except OSError as exc:
+        where = exc.filename or args.out
+        raise CliError(f"{where}: {exc.strerror or exc}") from exc
+    for warning in result.warnings:
+        print_error(f"warning: {warning}")
+    if result.verity_digest:
+        print(f"{result.verity_digest} {args.out}", flush=True)
+    if args.verbose:
+        took = time.monotonic() - start
+        rate = result.data_bytes / took / 1e6 if took else 0.0
+        print(f"{args.out}: {result.inodes} inodes, {result.image_size} bytes, "
+              f"{result.data_bytes} bytes of file data in {took:.2f} s ({rate:.0f} MB/s)"
+              + (f", diff_id {result.diff_id}" if result.diff_id else ""), file=sys.stderr)
+    return 0

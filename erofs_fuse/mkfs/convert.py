@@ -1,0 +1,290 @@
+"""Convert a layer tar (plain, gzip or zstd) or a directory into one EROFS image.
+
+The output is written to a temporary file beside ``out`` and renamed into place only when
+everything succeeded (the diff_id checked, the image complete, the sidecar written), so a
+failure leaves nothing behind. The same input and options give the same bytes: nothing reads
+the clock, the process ids or the order of a directory listing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterator
+
+from .data import ImageFile, tar_index_data
+from .errors import BadInputError, MkfsError
+from .layout import MetadataWriter, SuperblockInfo, first_data_block, storable_xattr, xattr_body_size
+from .source import InputStream
+from .tar import (BLOCKDEV, CHARDEV, DIRECTORY, FIFO, HARDLINK, REGULAR, SYMLINK, TarMember,
+                  TarReader)
+from .tree import Node, Tree
+
+BLOCK_SIZES = tuple(1 << b for b in range(9, 17))
+TAR_INDEX_BLOCK_SIZE = 512  # tar data sits at 512-byte offsets
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    block_size: int = 4096
+    whiteouts: str = "overlay"          # "overlay" or "oci"
+    tar_index: bool = False
+    compress: str | None = None         # None, "lz4", "lz4hc"
+    compress_level: int | None = None
+    build_time: int = 0
+    uuid: bytes = bytes(16)
+    seal: bool = False
+    expected_diff_id: str | None = None
+    sync: bool = False                  # fsync the image before renaming it into place
+
+    def check(self) -> None:
+        if self.block_size not in BLOCK_SIZES:
+            raise MkfsError(f"block size {self.block_size} is not a power of two in 512..65536")
+        if self.whiteouts not in ("overlay", "oci"):
+            raise MkfsError(f"unknown whiteout form {self.whiteouts!r}")
+        if self.compress not in (None, "lz4", "lz4hc"):
+            raise MkfsError(f"unknown compression {self.compress!r}")
+        if self.tar_index and self.compress:
+            raise MkfsError("a tar index holds no data to compress")
+        if len(self.uuid) != 16:
+            raise MkfsError("a UUID is 16 bytes")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: str
+    diff_id: str | None
+    image_size: int
+    inodes: int
+    verity_digest: str | None
+    data_bytes: int = 0
+    files: int = 0
+    warnings: tuple[str, ...] = field(default=())
+
+
+# output ---------------------------------------------------------------------------------------
+class _Output:
+    """The temporary image beside ``out``, and the spools; removed unless ``commit``ed."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        directory = os.path.dirname(os.path.abspath(out))
+        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(out) + ".",
+                                        suffix=".tmp")
+        self.fd = fd
+        self.spool = tempfile.TemporaryFile(dir=directory, prefix=".erofs-spool-")
+        self.committed = False
+
+    def commit(self, sync: bool) -> None:
+        if sync:
+            os.fsync(self.fd)
+        os.fchmod(self.fd, 0o644)
+        os.rename(self.tmp, self.out)
+        self.committed = True
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.spool.close()
+        if not self.committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+
+
+@contextlib.contextmanager
+def _output(out: str) -> Iterator[_Output]:
+    output = _Output(out)
+    try:
+        yield output
+    finally:
+        output.close()
+
+
+def _seal(tmp: str, out: str) -> str:
+    from ..verity import seal
+
+    sidecar = out + ".verity"
+    result = seal(tmp, sidecar)
+    return result.digest
+
+
+# tar input -------------------------------------------------------------------------------------
+def convert_tar(source: str | BinaryIO, out: str, options: ConvertOptions,
+                progress: Progress | None = None) -> ConvertResult:
+    """Convert a layer tar (a path or a binary stream) into the image ``out``."""
+    options.check()
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, str):
+            try:
+                raw: BinaryIO = stack.enter_context(open(source, "rb"))
+            except OSError as exc:
+                raise MkfsError(f"{source}: {exc.strerror}") from exc
+        else:
+            raw = source
+        output = stack.enter_context(_output(out))
+        return _TarConversion(raw, output, options, progress).run()
+
+
+class _TarConversion:
+    def __init__(self, raw: BinaryIO, output: _Output, options: ConvertOptions,
+                 progress: Progress | None) -> None:
+        self.raw = raw
+        self.output = output
+        self.options = options
+        self.stream = InputStream(raw, progress=progress)
+        self.bs = TAR_INDEX_BLOCK_SIZE if options.tar_index else options.block_size
+        devices = 1 if options.tar_index else 0
+        self.image = ImageFile(output.fd, output.spool.fileno(), self.bs,
+                               first_data_block(self.bs, devices))
+        self.tree = Tree(build_time=options.build_time,
+                         overlay_whiteouts=options.whiteouts == "overlay")
+        self.warnings: list[str] = []
+        self.tee: BinaryIO | None = None
+        self.compressor = None
+        if options.compress:
+            from .compress import Compressor
+
+            self.compressor = Compressor(self.image, options.compress, options.compress_level)
+
+    def run(self) -> ConvertResult:
+        if self.options.tar_index and not self._source_is_plain_file():
+            self.tee = tempfile.TemporaryFile(dir=os.path.dirname(self.output.tmp),
+                                              prefix=".erofs-tar-")
+            self.stream.tee = self.tee
+        reader = TarReader(self.stream)
+        for member in reader:
+            self._add(member, reader)
+        reader.finish_data()
+        self.stream.drain()
+        self.tree.finish()
+        diff_id = self.stream.diff_id()
+        want = self.options.expected_diff_id
+        if want is not None and want != diff_id:
+            raise BadInputError(f"diff_id mismatch: the layer is {diff_id}, {want} was expected")
+        tar_size = self.stream.pos
+        info = SuperblockInfo(
+            build_time=self.options.build_time, uuid=self.options.uuid,
+            feature_incompat=self.compressor.incompat if self.compressor else 0,
+            lz4_max_distance=self.compressor.max_distance if self.compressor else 0,
+            tar_device_blocks=-(-tar_size // TAR_INDEX_BLOCK_SIZE) if self.options.tar_index
+            else None)
+        summary = MetadataWriter(self.image, info).write(self.tree.root)
+        size = summary.image_blocks * self.bs
+        if self.options.tar_index:
+            size = self._append_tar(size, tar_size)
+        digest = _seal(self.output.tmp, self.output.out) if self.options.seal else None
+        self.output.commit(self.options.sync)
+        return ConvertResult(self.output.out, diff_id, size, summary.inodes, digest,
+                             self.image.stats.data_bytes, self.image.stats.files,
+                             tuple(self.warnings))
+
+    def _source_is_plain_file(self) -> bool:
+        if self.stream.compression != "none":
+            return False
+        try:
+            return stat.S_ISREG(os.fstat(self.raw.fileno()).st_mode) and self.raw.seekable()
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _append_tar(self, at: int, tar_size: int) -> int:
+        """Put the uncompressed tar behind the image (extra device 1, at ``uniaddr``)."""
+        if self.tee is not None:
+            self.tee.flush()
+            src = self.tee.fileno()
+        else:
+            src = self.raw.fileno()
+        _copy_range(src, 0, self.output.fd, at, tar_size)
+        end = at + tar_size
+        padded = end + (-end % TAR_INDEX_BLOCK_SIZE)
+        os.ftruncate(self.output.fd, padded)
+        return padded
+
+    # entries -----------------------------------------------------------------------------
+    def _add(self, member: TarMember, reader: TarReader) -> None:
+        if member.unknown_type is not None:
+            self._warn(member, f"unknown type {member.unknown_type!r} stored as a regular file")
+        if member.kind == HARDLINK:
+            self.tree.add_hardlink(member.path, member.linkname, offset=member.header_offset)
+            return
+        node = self._node(member)
+        if member.kind == REGULAR:
+            self._data(member, node)
+        self.tree.add(member.path, node, offset=member.header_offset)
+
+    def _warn(self, member: TarMember, message: str) -> None:
+        name = member.path.decode("utf-8", "backslashreplace")
+        self.warnings.append(f"{name} (at byte {member.header_offset}): {message}")
+
+    def _node(self, member: TarMember) -> Node:
+        kind = member.kind
+        fmt = _TAR_FORMATS[kind]
+        perms = 0o777 if kind == SYMLINK else member.mode  # Linux shows every symlink 0777
+        sec, nsec = divmod(member.mtime_ns, 1_000_000_000)
+        node = Node(fmt | perms, member.uid, member.gid, sec, nsec)
+        for name, value in member.xattrs.items():
+            if storable_xattr(name):
+                node.xattrs[name] = value
+            else:
+                self._warn(member, f"xattr {name.decode(errors='replace')!r} dropped: not in a "
+                                   "namespace EROFS stores (user, trusted, security, POSIX ACLs)")
+        if kind == SYMLINK:
+            node.target = member.linkname
+        elif kind in (CHARDEV, BLOCKDEV):
+            if not (0 <= member.devmajor < 1 << 12 and 0 <= member.devminor < 1 << 20):
+                raise BadInputError(f"device {member.devmajor}:{member.devminor} out of range",
+                                    entry=member.path, offset=member.header_offset)
+            node.rdev = os.makedev(member.devmajor, member.devminor)
+        return node
+
+    def _data(self, member: TarMember, node: Node) -> None:
+        node.size = member.size
+        if member.size == 0 and not member.sparse:
+            return
+        image = self.image
+        pieces = self.stream.pieces(member.stored_size)
+        entry, offset = member.path, member.header_offset
+        if member.sparse is not None:
+            node.data = image.write_sparse(pieces, member.size, member.sparse, entry=entry,
+                                           offset=offset)
+        elif self.options.tar_index:
+            if self.stream.skip(member.stored_size) != member.stored_size:
+                raise BadInputError(f"tar truncated: {member.stored_size} bytes of data "
+                                    "declared", entry=entry, offset=offset)
+            node.data = tar_index_data(member.size, member.data_offset, self.bs)
+        elif self.compressor is not None:
+            room = self._inline_room(node)
+            node.data = self.compressor.write(pieces, member.size, room, entry=entry,
+                                              offset=offset)
+        else:
+            node.data = image.write_flat(pieces, member.size, self._inline_room(node),
+                                         entry=entry, offset=offset)
+
+    def _inline_room(self, node: Node) -> int:
+        """Tail bytes that fit after the inode (taken as extended) and its xattrs."""
+        return self.bs - 64 - xattr_body_size(node.xattrs)
+
+
+def _copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
+    """In-kernel copy (reflink where the filesystem can), falling back to read/write."""
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src, dst, length - done, src_off + done, dst_off + done)
+            if n == 0:
+                break
+            done += n
+    except OSError:
+        pass
+    while done < length:
+        chunk = os.pread(src, min(1 << 20, length - done), src_off + done)
+        if not chunk:
+            raise MkfsError("the tar shrank while it was being converted")
+        os.pwrite(dst, chunk, dst_off + done)
+        done += len(chunk)
+
+
+_TAR_FORMATS = {REGULAR: stat.S_IFREG, DIRECTORY: stat.S_IFDIR, SYMLINK: stat.S_IFLNK,
+                CHARDEV: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK, FIFO: stat.S_IFIFO}

@@ -1,0 +1,206 @@
+"""The uncompressed bytes of a layer tar, read once from a file or a pipe.
+
+The compression is told by the stream's first bytes (gzip ``1f 8b``, zstd ``28 b5 2f fd``,
+anything else is taken as a plain tar), never by a file name. Every byte passes through one
+SHA-256 on its way, so the layer's diff_id (the digest of the uncompressed tar, OCI image spec)
+is known when the last byte has been read, and the caller can refuse a mismatch before the
+output is renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import Any, BinaryIO, Callable, Iterator
+
+from .errors import BadInputError
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+CHUNK = 1 << 20
+PROGRESS_STEP = 4 << 20
+
+Progress = Callable[[int], None]
+
+
+class InputStream:
+    """Sequential reads of the uncompressed stream, with ``pos`` = bytes consumed so far."""
+
+    def __init__(self, raw: BinaryIO, *, progress: Progress | None = None) -> None:
+        self._raw = raw
+        self._progress = progress
+        self._raw_pos = 0
+        self._next_report = PROGRESS_STEP
+        self._hash = hashlib.sha256()
+        head = self._raw_read(4)
+        if head.startswith(GZIP_MAGIC):
+            self.compression = "gzip"
+            self._chunks: Iterator[bytes] = self._gunzip(head)
+        elif head == ZSTD_MAGIC:
+            self.compression = "zstd"
+            self._chunks = self._unzstd(head)
+        else:
+            self.compression = "none"
+            self._chunks = self._plain(head)
+        self._buf = b""
+        self._off = 0
+        self.pos = 0
+        self.eof = False
+        self.tee: BinaryIO | None = None  # gets a copy of every uncompressed byte
+
+    # raw input ---------------------------------------------------------------------------
+    def _raw_read(self, n: int) -> bytes:
+        data = self._raw.read(n)
+        self._raw_pos += len(data)
+        if self._progress is not None and self._raw_pos >= self._next_report:
+            self._next_report = self._raw_pos + PROGRESS_STEP
+            self._progress(self._raw_pos)
+        return data
+
+    def _plain(self, head: bytes) -> Iterator[bytes]:
+        if head:
+            yield head
+        while True:
+            data = self._raw_read(CHUNK)
+            if not data:
+                return
+            yield data
+
+    def _gunzip(self, head: bytes) -> Iterator[bytes]:
+        """Every member of a (possibly multi-member) gzip stream, with bounded output per step."""
+        pending = head
+        while True:
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            while not inflater.eof:
+                if not pending:
+                    pending = self._raw_read(CHUNK // 4)
+                    if not pending:
+                        raise BadInputError(
+                            f"gzip stream truncated after {self._raw_pos} compressed bytes",
+                            offset=self.pos)
+                try:
+                    out = inflater.decompress(pending, CHUNK)
+                    while out:
+                        yield out
+                        out = inflater.decompress(inflater.unconsumed_tail, CHUNK) \
+                            if inflater.unconsumed_tail else b""
+                except zlib.error as exc:
+                    raise BadInputError(f"bad gzip stream near compressed byte "
+                                        f"{self._raw_pos}: {exc}", offset=self.pos) from exc
+                pending = b""
+            rest = inflater.unused_data + self._raw_read(2) if len(inflater.unused_data) < 2 \
+                else inflater.unused_data
+            if not rest.startswith(GZIP_MAGIC):
+                return  # end of stream; trailing bytes that are no gzip member are ignored, as gzip -d does
+            pending = rest
+
+    def _unzstd(self, head: bytes) -> Iterator[bytes]:
+        import io
+
+        import zstandard
+
+        class _Prefixed(io.RawIOBase):
+            def __init__(self, outer: InputStream, first: bytes) -> None:
+                self._outer, self._first = outer, first
+
+            def readable(self) -> bool:
+                return True
+
+            def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+                if self._first:
+                    n = min(len(b), len(self._first))
+                    b[:n] = self._first[:n]
+                    self._first = self._first[n:]
+                    return n
+                data = self._outer._raw_read(len(b))
+                b[:len(data)] = data
+                return len(data)
+
+        prefixed: Any = _Prefixed(self, head)
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            prefixed, read_size=CHUNK // 4, read_across_frames=True)
+        try:
+            while True:
+                out = reader.read(CHUNK)
+                if not out:
+                    return
+                yield out
+        except zstandard.ZstdError as exc:
+            raise BadInputError(f"bad zstd stream near compressed byte {self._raw_pos}: {exc}",
+                                offset=self.pos) from exc
+
+    # decoded reads -----------------------------------------------------------------------
+    def _refill(self) -> bool:
+        chunk = next(self._chunks, b"")
+        if not chunk:
+            self.eof = True
+            return False
+        self._hash.update(chunk)
+        if self.tee is not None:
+            self.tee.write(chunk)
+        self._buf = chunk
+        self._off = 0
+        return True
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; fewer only at the end of the stream."""
+        avail = len(self._buf) - self._off
+        if avail >= n:
+            data = self._buf[self._off:self._off + n]
+            self._off += n
+            self.pos += n
+            return data
+        parts = []
+        while n > 0:
+            avail = len(self._buf) - self._off
+            if avail == 0:
+                if not self._refill():
+                    break
+                continue
+            take = min(avail, n)
+            parts.append(self._buf[self._off:self._off + take])
+            self._off += take
+            n -= take
+        data = b"".join(parts)
+        self.pos += len(data)
+        return data
+
+    def pieces(self, n: int) -> Iterator[memoryview]:
+        """The next ``n`` bytes as views of up to ``CHUNK`` bytes each, without joining them
+        (the data path); stops early only at the end of the stream."""
+        while n > 0:
+            avail = len(self._buf) - self._off
+            if avail == 0:
+                if not self._refill():
+                    return
+                continue
+            take = min(avail, n)
+            view = memoryview(self._buf)[self._off:self._off + take]
+            self._off += take
+            self.pos += take
+            n -= take
+            yield view
+
+    def skip(self, n: int) -> int:
+        """Skip ``n`` bytes (still hashed); the number actually skipped."""
+        done = 0
+        for piece in self.pieces(n):
+            done += len(piece)
+        return done
+
+    def drain(self) -> int:
+        """Read to the end (the digest covers every byte, padding after the end blocks too)."""
+        done = len(self._buf) - self._off
+        self.pos += done
+        self._off = len(self._buf)
+        while self._refill():
+            done += len(self._buf)
+            self.pos += len(self._buf)
+            self._off = len(self._buf)
+        if self._progress is not None:
+            self._progress(self._raw_pos)
+        return done
+
+    def diff_id(self) -> str:
+        """``sha256:HEX`` of the whole uncompressed stream; valid after ``drain``."""
+        return "sha256:" + self._hash.hexdigest()

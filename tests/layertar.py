@@ -1,0 +1,132 @@
+"""Layer tars for the writer's tests, and the reference view of one: what GNU tar extracts.
+
+``reference_view`` extracts with GNU tar exactly as the differ issue says
+(``tar --xattrs --xattrs-include='*' --numeric-owner -xpf``), then turns OCI whiteouts into
+overlay form the way the writer's ``--whiteouts overlay`` must (char 0:0 device without
+permission bits, owner and mtime of the ``.wh.`` entry; ``trusted.overlay.opaque=y`` for
+``.wh..wh..opq``; an empty ``trusted.overlay.origin`` on a directory that got a whiteout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+from typing import Iterator
+
+from helpers import kernel_erofs, require_tool
+from treeview import TreeView, view_of_dir, view_of_image
+
+from erofs_fuse.erofs.image import Image
+
+
+class TarBuilder:
+    """A tar written entry by entry with Python's tarfile (any dialect, any odd field)."""
+
+    def __init__(self, fmt: int = tarfile.PAX_FORMAT) -> None:
+        self.buf = io.BytesIO()
+        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=fmt,
+                                encoding="utf-8", errors="surrogateescape")
+
+    def add(self, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", *,
+            mode: int = 0o644, uid: int = 0, gid: int = 0, mtime: float = 1_600_000_000,
+            linkname: str = "", devmajor: int = 0, devminor: int = 0,
+            pax: dict[str, str] | None = None) -> None:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.mode = mode
+        info.uid, info.gid = uid, gid
+        info.mtime = mtime
+        info.linkname = linkname
+        info.devmajor, info.devminor = devmajor, devminor
+        info.size = len(data) if kind in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0
+        if pax:
+            info.pax_headers = dict(pax)
+        self.tar.addfile(info, io.BytesIO(data) if info.size else None)
+
+    def bytes(self) -> bytes:
+        self.tar.close()
+        return self.buf.getvalue()
+
+
+def gnu_tar_of(src: str, out: str, *options: str) -> None:
+    tar = require_tool("tar")
+    subprocess.run([tar, "--xattrs", "--xattrs-include=*", "--numeric-owner", *options,
+                    "-cf", out, "-C", src, "."], check=True, capture_output=True)
+
+
+def _whiteouts_to_overlay(root: str) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(filenames + dirnames):
+            if not name.startswith(".wh."):
+                continue
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if name == ".wh..wh..opq":
+                os.unlink(path)
+                os.setxattr(dirpath, "trusted.overlay.opaque", b"y")
+                continue
+            target = os.path.join(dirpath, name[4:])
+            if os.path.lexists(target) and not os.path.islink(target) and os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                os.unlink(target)
+            os.unlink(path) if not stat.S_ISDIR(st.st_mode) else shutil.rmtree(path)
+            os.mknod(target, stat.S_IFCHR, os.makedev(0, 0))
+            os.chmod(target, 0)
+            os.chown(target, st.st_uid, st.st_gid)
+            os.utime(target, ns=(st.st_mtime_ns, st.st_mtime_ns), follow_symlinks=False)
+            os.setxattr(dirpath, "trusted.overlay.origin", b"")
+
+
+@contextlib.contextmanager
+def extracted(tar_path: str, *, overlay_whiteouts: bool = True) -> Iterator[str]:
+    """GNU tar's extraction of ``tar_path`` (whiteouts converted), removed afterwards."""
+    tar = require_tool("tar")
+    dest = tempfile.mkdtemp(prefix="erofs-ref-")
+    os.chmod(dest, 0o755)
+    try:
+        proc = subprocess.run([tar, "--xattrs", "--xattrs-include=*", "--numeric-owner",
+                               "-xpf", tar_path, "-C", dest], capture_output=True, text=True)
+        assert proc.returncode == 0, f"GNU tar failed: {proc.stderr}"
+        if overlay_whiteouts:
+            _whiteouts_to_overlay(dest)
+        yield dest
+    finally:
+        shutil.rmtree(dest)
+
+
+def reference_view(tar_path: str, *, overlay_whiteouts: bool = True) -> TreeView:
+    with extracted(tar_path, overlay_whiteouts=overlay_whiteouts) as dest:
+        return view_of_dir(dest)
+
+
+def kernel_view(image: str) -> TreeView:
+    with kernel_erofs(image) as mnt:
+        return view_of_dir(mnt)
+
+
+def reader_view(image: str) -> TreeView:
+    with Image.open(image) as img:
+        return view_of_image(img)
+
+
+def fsck(image: str) -> None:
+    fsck_erofs = require_tool("fsck.erofs")
+    proc = subprocess.run([fsck_erofs, image], capture_output=True, text=True)
+    assert proc.returncode == 0, f"fsck.erofs rejects {image}: {proc.stdout}{proc.stderr}"
+    newer = os.environ.get("EROFS_UTILS_BIN")
+    if newer:
+        proc = subprocess.run([os.path.join(newer, "fsck.erofs"), image], capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, f"newer fsck.erofs rejects {image}: {proc.stderr}"
+
+
+def assert_same(expected: TreeView, actual: TreeView, what: str) -> None:
+    diff = expected.diff(actual)
+    assert not diff, f"{what} differs from GNU tar's extraction:\n" + "\n".join(diff)
