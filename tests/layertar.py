@@ -55,9 +55,13 @@ class TarBuilder:
 
 
 def gnu_tar_of(src: str, out: str, *options: str) -> None:
+    """GNU tar's archive of ``src``; with xattrs and ACLs in the formats that hold them."""
     tar = require_tool("tar")
-    subprocess.run([tar, "--xattrs", "--xattrs-include=*", "--numeric-owner", *options,
-                    "-cf", out, "-C", src, "."], check=True, capture_output=True)
+    pax = not any(o.startswith("--format=") and o != "--format=posix" for o in options)
+    extra = ["--xattrs", "--xattrs-include=*", "--acls"] if pax else []
+    proc = subprocess.run([tar, *extra, "--numeric-owner", *options, "-cf", out, "-C", src, "."],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"GNU tar failed: {proc.stderr}"
 
 
 def _whiteouts_to_overlay(root: str) -> None:
@@ -85,14 +89,16 @@ def _whiteouts_to_overlay(root: str) -> None:
 
 
 @contextlib.contextmanager
-def extracted(tar_path: str, *, overlay_whiteouts: bool = True) -> Iterator[str]:
+def extracted(tar_path: str, *, overlay_whiteouts: bool = True,
+              tar_options: tuple[str, ...] = ()) -> Iterator[str]:
     """GNU tar's extraction of ``tar_path`` (whiteouts converted), removed afterwards."""
     tar = require_tool("tar")
     dest = tempfile.mkdtemp(prefix="erofs-ref-")
     os.chmod(dest, 0o755)
     try:
         proc = subprocess.run([tar, "--xattrs", "--xattrs-include=*", "--numeric-owner",
-                               "-xpf", tar_path, "-C", dest], capture_output=True, text=True)
+                               *tar_options, "-xpf", tar_path, "-C", dest],
+                              capture_output=True, text=True)
         assert proc.returncode == 0, f"GNU tar failed: {proc.stderr}"
         if overlay_whiteouts:
             _whiteouts_to_overlay(dest)
@@ -101,8 +107,10 @@ def extracted(tar_path: str, *, overlay_whiteouts: bool = True) -> Iterator[str]
         shutil.rmtree(dest)
 
 
-def reference_view(tar_path: str, *, overlay_whiteouts: bool = True) -> TreeView:
-    with extracted(tar_path, overlay_whiteouts=overlay_whiteouts) as dest:
+def reference_view(tar_path: str, *, overlay_whiteouts: bool = True,
+                   tar_options: tuple[str, ...] = ()) -> TreeView:
+    with extracted(tar_path, overlay_whiteouts=overlay_whiteouts,
+                   tar_options=tar_options) as dest:
         return view_of_dir(dest)
 
 

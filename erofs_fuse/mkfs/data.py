@@ -124,16 +124,12 @@ class ImageFile:
                      regions: list[tuple[int, int]], *, entry: bytes, offset: int) -> ChunkMapData:
         """Write the data regions of a sparse file (``pieces`` = their bytes, concatenated)."""
         bs = self.bs
-        ranges = _touched_block_ranges(regions, bs)
         file_blocks = -(-size // bs)
-        chunk_blocks = _chunk_blocks(ranges, file_blocks)
+        chunk_blocks, ranges = _chunking(_touched_block_ranges(regions, bs), file_blocks, bs)
         chunkbits = self.blkbits + chunk_blocks.bit_length() - 1
-        nchunks = -(-size // (1 << chunkbits))
-        entries = array.array("I", [d.NULL_ADDR_32]) * nchunks
-        # where each touched block range goes in the image
-        placed: list[tuple[int, int, int]] = []  # (first file block, last+1, image block)
+        entries = array.array("I", [d.NULL_ADDR_32]) * -(-size // (1 << chunkbits))
+        placed: list[tuple[int, int, int]] = []  # (first file block, end, image block)
         for first, end in ranges:
-            end = min(end, file_blocks)
             placed.append((first, end, self.cursor))
             for c in range(first // chunk_blocks, -(-end // chunk_blocks)):
                 entries[c] = self.cursor + c * chunk_blocks - first
@@ -195,18 +191,29 @@ def _touched_block_ranges(regions: list[tuple[int, int]], bs: int) -> list[tuple
     return ranges
 
 
-def _chunk_blocks(ranges: list[tuple[int, int]], file_blocks: int) -> int:
-    """The largest power-of-two chunk (in blocks) whose boundaries hold every range edge, so
-    that no chunk is part data and part hole."""
-    bits = MAX_CHUNK_EXTRA_BITS
-    for first, end in ranges:
-        for edge in (first, end):
-            if 0 < edge < file_blocks:
-                bits = min(bits, (edge & -edge).bit_length() - 1)
-    # a file that is one hole, or whose data fills it, needs few chunks anyway
-    while bits and (1 << bits) >= 2 * max(file_blocks, 1):
-        bits -= 1
-    return 1 << bits
+def _chunking(ranges: list[tuple[int, int]], file_blocks: int,
+              bs: int) -> tuple[int, list[tuple[int, int]]]:
+    """The chunk size (in blocks) that costs least, index entries plus the blocks of every
+    chunk that holds data, and the data ranges widened to whole chunks (merged where they
+    meet). A chunk holding data is written whole: its zero runs stay holes in the image file."""
+    best: tuple[int, int, list[tuple[int, int]]] | None = None
+    for bits in range(MAX_CHUNK_EXTRA_BITS + 1):
+        chunk = 1 << bits
+        if chunk >= 2 * max(file_blocks, 1) and best is not None:
+            break
+        widened: list[tuple[int, int]] = []
+        for first, end in ranges:
+            first = first // chunk * chunk
+            end = min(-(-end // chunk) * chunk, file_blocks)
+            if widened and first <= widened[-1][1]:
+                widened[-1] = (widened[-1][0], max(end, widened[-1][1]))
+            else:
+                widened.append((first, end))
+        cost = 4 * -(-file_blocks // chunk) + bs * sum(e - f for f, e in widened)
+        if best is None or cost <= best[0]:
+            best = (cost, chunk, widened)
+    assert best is not None
+    return best[1], best[2]
 
 
 def tar_index_data(size: int, tar_offset: int, block_size: int) -> TarIndexData:

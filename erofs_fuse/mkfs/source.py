@@ -30,6 +30,7 @@ class InputStream:
         self._raw = raw
         self._progress = progress
         self._raw_pos = 0
+        self.produced = 0  # uncompressed bytes decoded so far (where a decoding error sits)
         self._next_report = PROGRESS_STEP
         self._hash = hashlib.sha256()
         head = self._raw_read(4)
@@ -68,31 +69,34 @@ class InputStream:
 
     def _gunzip(self, head: bytes) -> Iterator[bytes]:
         """Every member of a (possibly multi-member) gzip stream, with bounded output per step."""
-        pending = head
+        data = head
         while True:
             inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            while not inflater.eof:
-                if not pending:
-                    pending = self._raw_read(CHUNK // 4)
-                    if not pending:
-                        raise BadInputError(
-                            f"gzip stream truncated after {self._raw_pos} compressed bytes",
-                            offset=self.pos)
-                try:
-                    out = inflater.decompress(pending, CHUNK)
-                    while out:
+            try:
+                while not inflater.eof:
+                    if not data:
+                        data = self._raw_read(CHUNK // 4)
+                        if not data:
+                            out = inflater.flush()
+                            if out:
+                                yield out
+                            if not inflater.eof:
+                                raise BadInputError(f"gzip stream truncated after "
+                                                    f"{self._raw_pos} compressed bytes",
+                                                    offset=self.produced)
+                            break
+                    out = inflater.decompress(data, CHUNK)
+                    data = inflater.unconsumed_tail
+                    if out:
                         yield out
-                        out = inflater.decompress(inflater.unconsumed_tail, CHUNK) \
-                            if inflater.unconsumed_tail else b""
-                except zlib.error as exc:
-                    raise BadInputError(f"bad gzip stream near compressed byte "
-                                        f"{self._raw_pos}: {exc}", offset=self.pos) from exc
-                pending = b""
-            rest = inflater.unused_data + self._raw_read(2) if len(inflater.unused_data) < 2 \
-                else inflater.unused_data
-            if not rest.startswith(GZIP_MAGIC):
-                return  # end of stream; trailing bytes that are no gzip member are ignored, as gzip -d does
-            pending = rest
+            except zlib.error as exc:
+                raise BadInputError(f"bad gzip stream near compressed byte {self._raw_pos}: "
+                                    f"{exc}", offset=self.produced) from exc
+            data = inflater.unused_data
+            if len(data) < 2:
+                data += self._raw_read(2 - len(data))
+            if not data.startswith(GZIP_MAGIC):
+                return  # trailing bytes that are no gzip member are ignored, as gzip -d does
 
     def _unzstd(self, head: bytes) -> Iterator[bytes]:
         import io
@@ -127,7 +131,7 @@ class InputStream:
                 yield out
         except zstandard.ZstdError as exc:
             raise BadInputError(f"bad zstd stream near compressed byte {self._raw_pos}: {exc}",
-                                offset=self.pos) from exc
+                                offset=self.produced) from exc
 
     # decoded reads -----------------------------------------------------------------------
     def _refill(self) -> bool:
@@ -136,6 +140,7 @@ class InputStream:
             self.eof = True
             return False
         self._hash.update(chunk)
+        self.produced += len(chunk)
         if self.tee is not None:
             self.tee.write(chunk)
         self._buf = chunk
