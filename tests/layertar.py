@@ -138,3 +138,12 @@ def fsck(image: str) -> None:
 def assert_same(expected: TreeView, actual: TreeView, what: str) -> None:
     diff = expected.diff(actual)
     assert not diff, f"{what} differs from GNU tar's extraction:\n" + "\n".join(diff)
+
+
+def check_image_views(tar: str, image: str, *, tar_index: bool = False) -> None:
+    """The image reads as GNU tar extracts ``tar``: fsck, the kernel and our reader."""
+    if not tar_index:
+        fsck(image)
+    ref = reference_view(tar)
+    assert_same(ref, kernel_view(image), "the kernel's view")
+    assert_same(ref, reader_view(image), "our reader's view")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import BadInputError
 
@@ -19,6 +19,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK = 1 << 20
 PROGRESS_STEP = 4 << 20
+ZSTD_STEP = 4096
 
 Progress = Callable[[int], None]
 
@@ -99,39 +100,33 @@ class InputStream:
                 return  # trailing bytes that are no gzip member are ignored, as gzip -d does
 
     def _unzstd(self, head: bytes) -> Iterator[bytes]:
-        import io
-
+        """Every frame of a zstd stream. Input goes in small steps so that one step's output
+        stays bounded (a zstd block holds at most 128 KiB), and a stream that ends inside a
+        frame is an error, which the library's stream reader would hide."""
         import zstandard
 
-        class _Prefixed(io.RawIOBase):
-            def __init__(self, outer: InputStream, first: bytes) -> None:
-                self._outer, self._first = outer, first
-
-            def readable(self) -> bool:
-                return True
-
-            def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-                if self._first:
-                    n = min(len(b), len(self._first))
-                    b[:n] = self._first[:n]
-                    self._first = self._first[n:]
-                    return n
-                data = self._outer._raw_read(len(b))
-                b[:len(data)] = data
-                return len(data)
-
-        prefixed: Any = _Prefixed(self, head)
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            prefixed, read_size=CHUNK // 4, read_across_frames=True)
-        try:
-            while True:
-                out = reader.read(CHUNK)
-                if not out:
-                    return
-                yield out
-        except zstandard.ZstdError as exc:
-            raise BadInputError(f"bad zstd stream near compressed byte {self._raw_pos}: {exc}",
-                                offset=self.produced) from exc
+        data = head
+        while True:
+            inflater = zstandard.ZstdDecompressor().decompressobj()
+            try:
+                while not inflater.eof:
+                    if not data:
+                        data = self._raw_read(ZSTD_STEP)
+                        if not data:
+                            raise BadInputError(f"zstd stream truncated after {self._raw_pos} "
+                                                "compressed bytes", offset=self.produced)
+                    step, data = data[:ZSTD_STEP], data[ZSTD_STEP:]
+                    out = inflater.decompress(step)
+                    if out:
+                        yield out
+            except zstandard.ZstdError as exc:
+                raise BadInputError(f"bad zstd stream near compressed byte {self._raw_pos}: "
+                                    f"{exc}", offset=self.produced) from exc
+            data = inflater.unused_data + data
+            if len(data) < 4:
+                data += self._raw_read(4 - len(data))
+            if data[:4] != ZSTD_MAGIC:
+                return
 
     # decoded reads -----------------------------------------------------------------------
     def _refill(self) -> bool:

@@ -1,0 +1,184 @@
+"""``erofs-fuse convert``: the command line, bad input, sealing, stdin."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+from helpers import require_tool
+from layertar import TarBuilder, check_image_views, gnu_tar_of
+from mounting import env
+
+CLI = [sys.executable, "-m", "erofs_fuse"]
+
+
+def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], input=None if stdin is None else stdin.decode("latin-1"),
+                          capture_output=True, text=True, env=env(), encoding="latin-1")
+
+
+def good_tar() -> bytes:
+    b = TarBuilder()
+    b.add("dir", tarfile.DIRTYPE)
+    b.add("dir/file", data=b"x" * 5000)
+    b.add("dir/link", tarfile.LNKTYPE, linkname="dir/file")
+    b.add("sym", tarfile.SYMTYPE, linkname="dir/file")
+    return b.bytes()
+
+
+def assert_refused(tmp_path: Path, data: bytes, *words: str) -> str:
+    """Exit 2, one line naming what is wrong, and nothing left in the output directory."""
+    src = tmp_path / "bad.tar"
+    src.write_bytes(data)
+    outdir = tmp_path / "out"
+    outdir.mkdir(exist_ok=True)
+    proc = run("convert", str(src), str(outdir / "layer.erofs"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("erofs-fuse: "), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert os.listdir(outdir) == [], "output or temporary files left behind"
+    return lines[0]
+
+
+def test_truncated_tar(tmp_path: Path) -> None:
+    data = good_tar()
+    line = assert_refused(tmp_path, data[:512 + 2000], "dir/file", "truncated", "at byte")
+    assert "at byte 512" in line
+    assert_refused(tmp_path, data[:700], "truncated")
+
+
+def test_bad_gzip_and_zstd_streams(tmp_path: Path) -> None:
+    packed = gzip.compress(good_tar())
+    corrupt = bytearray(packed)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    assert_refused(tmp_path, bytes(corrupt), "gzip")
+    assert_refused(tmp_path, packed[:len(packed) // 2], "gzip", "truncated")
+    z = zstandard.ZstdCompressor().compress(good_tar())
+    zc = bytearray(z)
+    zc[len(zc) // 2] ^= 0xFF
+    assert_refused(tmp_path, bytes(zc), "zstd")
+    assert_refused(tmp_path, z[:len(z) // 2], "truncated")
+
+
+def test_bad_header_checksum(tmp_path: Path) -> None:
+    data = bytearray(good_tar())
+    data[1536 + 10] ^= 1  # inside the second header's name... find a header: use the first
+    data = bytearray(good_tar())
+    data[100] ^= 1  # the first header's mode field (the PAX header, or the entry)
+    assert_refused(tmp_path, bytes(data), "checksum", "at byte 0")
+
+
+def test_hardlink_to_a_missing_target(tmp_path: Path) -> None:
+    b = TarBuilder()
+    b.add("link", tarfile.LNKTYPE, linkname="nowhere")
+    assert_refused(tmp_path, b.bytes(), "link", "missing", "nowhere")
+
+
+def test_a_path_climbing_out_is_refused(tmp_path: Path) -> None:
+    b = TarBuilder()
+    b.add("ok", data=b"1")
+    b.add("../../etc/evil", data=b"2")
+    assert_refused(tmp_path, b.bytes(), "../../etc/evil", "'..'")
+    b = TarBuilder()
+    b.add("l", tarfile.LNKTYPE, linkname="../x")
+    assert_refused(tmp_path, b.bytes(), "'..'")
+
+
+def test_a_name_with_nul(tmp_path: Path) -> None:
+    b = TarBuilder(tarfile.PAX_FORMAT)
+    b.add("plain", data=b"1", pax={"path": "bad\x00name"})
+    assert_refused(tmp_path, b.bytes(), "NUL")
+
+
+def test_a_size_past_the_end(tmp_path: Path) -> None:
+    b = TarBuilder()
+    b.add("big", data=b"y" * 3000)
+    data = bytearray(b.bytes())
+    # claim 100000 bytes in the ustar size field and fix the checksum
+    header = data[0:512]
+    if header[156:157] == b"x":  # skip a PAX header if tarfile wrote one
+        raise AssertionError("no PAX header expected")
+    header[124:136] = b"%011o\0" % 100000
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    data[0:512] = header
+    assert_refused(tmp_path, bytes(data[:512 + 3584]), "big", "truncated")
+
+
+def test_converts_stdin_and_a_directory_and_is_deterministic(tmp_path: Path) -> None:
+    data = good_tar()
+    (tmp_path / "in.tar").write_bytes(data)
+    a, b = tmp_path / "a.erofs", tmp_path / "b.erofs"
+    proc = subprocess.run([*CLI, "convert", "-", str(a)], input=gzip.compress(data),
+                          capture_output=True, env=env())
+    assert proc.returncode == 0, proc.stderr
+    assert run("convert", str(tmp_path / "in.tar"), str(b)).returncode == 0
+    assert a.read_bytes() == b.read_bytes()
+    check_image_views(str(tmp_path / "in.tar"), str(a))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"dir source")
+    assert run("convert", str(src), str(tmp_path / "d.erofs")).returncode == 0
+
+
+def test_seal_prints_what_seal_and_fsverity_print(tmp_path: Path) -> None:
+    (tmp_path / "in.tar").write_bytes(good_tar())
+    out = tmp_path / "layer.erofs"
+    proc = run("convert", "--seal", str(tmp_path / "in.tar"), str(out))
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert line.endswith(f" {out}") and line.startswith("sha256:")
+    assert (tmp_path / "layer.erofs.verity").exists()
+    sealed = run("seal", str(out)).stdout.splitlines()[0]
+    assert sealed == line
+    fsverity = require_tool("fsverity")
+    digest = subprocess.run([fsverity, "digest", str(out)], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert digest == line
+
+
+@pytest.mark.parametrize("args", [["--block-size", "3000"], ["--compress", "zip"],
+                                  ["--compress", "lz4hc,13"], ["--uuid", "nope"],
+                                  ["--tar-index", "--compress", "lz4"], ["--whiteouts", "x"]])
+def test_bad_options_are_one_line(tmp_path: Path, args: list[str]) -> None:
+    (tmp_path / "in.tar").write_bytes(good_tar())
+    proc = run("convert", *args, str(tmp_path / "in.tar"), str(tmp_path / "o.erofs"))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "o.erofs").exists()
+
+
+def test_mtime_and_source_date_epoch_set_the_build_time(tmp_path: Path) -> None:
+    (tmp_path / "in.tar").write_bytes(good_tar())
+    from erofs_fuse.erofs.image import Image
+
+    out = str(tmp_path / "o.erofs")
+    assert run("convert", "--mtime", "1600000000", str(tmp_path / "in.tar"), out).returncode == 0
+    with Image.open(out) as image:
+        assert image.superblock.build_time == 1600000000
+        assert image.superblock.uuid == "00000000-0000-0000-0000-000000000000"
+    os.environ["SOURCE_DATE_EPOCH"] = "1700000000"
+    try:
+        assert run("convert", str(tmp_path / "in.tar"), out).returncode == 0
+    finally:
+        del os.environ["SOURCE_DATE_EPOCH"]
+    with Image.open(out) as image:
+        assert image.superblock.build_time == 1700000000
+
+
+def test_gnu_tar_made_layer_via_cli(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a/b").mkdir(parents=True)
+    (src / "a/b/c").write_bytes(b"c" * 10000)
+    gnu_tar_of(str(src), str(tmp_path / "l.tar"))
+    assert run("convert", "--compress", "lz4hc,9", str(tmp_path / "l.tar"),
+               str(tmp_path / "l.erofs")).returncode == 0
+    check_image_views(str(tmp_path / "l.tar"), str(tmp_path / "l.erofs"))
