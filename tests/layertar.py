@@ -60,7 +60,7 @@ def gnu_tar_of(src: str, out: str, *options: str) -> None:
     pax = not any(o.startswith("--format=") and o != "--format=posix" for o in options)
     extra = ["--xattrs", "--xattrs-include=*", "--acls"] if pax else []
     proc = subprocess.run([tar, *extra, "--numeric-owner", *options, "-cf", out, "-C", src, "."],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, errors="replace")
     assert proc.returncode == 0, f"GNU tar failed: {proc.stderr}"
 
 
@@ -98,7 +98,7 @@ def extracted(tar_path: str, *, overlay_whiteouts: bool = True,
     try:
         proc = subprocess.run([tar, "--xattrs", "--xattrs-include=*", "--numeric-owner",
                                *tar_options, "-xpf", tar_path, "-C", dest],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, errors="replace")
         assert proc.returncode == 0, f"GNU tar failed: {proc.stderr}"
         if overlay_whiteouts:
             _whiteouts_to_overlay(dest)
@@ -126,7 +126,7 @@ def reader_view(image: str) -> TreeView:
 
 def fsck(image: str) -> None:
     fsck_erofs = require_tool("fsck.erofs")
-    proc = subprocess.run([fsck_erofs, image], capture_output=True, text=True)
+    proc = subprocess.run([fsck_erofs, image], capture_output=True, text=True, errors="replace")
     assert proc.returncode == 0, f"fsck.erofs rejects {image}: {proc.stdout}{proc.stderr}"
     newer = os.environ.get("EROFS_UTILS_BIN")
     if newer:

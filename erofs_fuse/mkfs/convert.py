@@ -17,7 +17,8 @@ from typing import BinaryIO, Callable, Iterator
 
 from .data import ImageFile, tar_index_data
 from .errors import BadInputError, MkfsError
-from .layout import MetadataWriter, SuperblockInfo, first_data_block, storable_xattr, xattr_body_size
+from .layout import (MetadataWriter, SuperblockInfo, first_data_block, xattr_body_size,
+                     xattr_refusal)
 from .source import InputStream
 from .tar import (BLOCKDEV, CHARDEV, DIRECTORY, FIFO, HARDLINK, REGULAR, SYMLINK, TarMember,
                   TarReader)
@@ -225,11 +226,11 @@ class _TarConversion:
         sec, nsec = divmod(member.mtime_ns, 1_000_000_000)
         node = Node(fmt | perms, member.uid, member.gid, sec, nsec)
         for name, value in member.xattrs.items():
-            if storable_xattr(name):
+            why = xattr_refusal(name, fmt)
+            if why is None:
                 node.xattrs[name] = value
             else:
-                self._warn(member, f"xattr {name.decode(errors='replace')!r} dropped: not in a "
-                                   "namespace EROFS stores (user, trusted, security, POSIX ACLs)")
+                self._warn(member, f"xattr {name.decode(errors='replace')!r} dropped: {why}")
         if kind == SYMLINK:
             node.target = member.linkname
         elif kind in (CHARDEV, BLOCKDEV):

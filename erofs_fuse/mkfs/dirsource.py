@@ -17,7 +17,8 @@ from typing import Iterator
 from .convert import ConvertOptions, ConvertResult, _output, _seal
 from .data import ImageFile
 from .errors import MkfsError
-from .layout import MetadataWriter, SuperblockInfo, first_data_block, storable_xattr, xattr_body_size
+from .layout import (MetadataWriter, SuperblockInfo, first_data_block, xattr_body_size,
+                     xattr_refusal)
 from .tree import Node
 
 PIECE = 1 << 20
@@ -68,10 +69,12 @@ class _Walker:
         sec, nsec = divmod(st.st_mtime_ns, 1_000_000_000)
         node = Node(st.st_mode, st.st_uid, st.st_gid, sec, nsec)
         for name, value in _xattrs(path):
-            if storable_xattr(name):
+            why = xattr_refusal(name, stat.S_IFMT(st.st_mode))
+            if why is None:
                 node.xattrs[name] = value
             else:
-                self.warnings.append(f"{path}: xattr {name.decode(errors='replace')!r} dropped")
+                self.warnings.append(f"{path}: xattr {name.decode(errors='replace')!r} "
+                                     f"dropped: {why}")
         fmt = stat.S_IFMT(st.st_mode)
         if fmt == stat.S_IFLNK:
             node.target = os.fsencode(os.readlink(path))

@@ -76,9 +76,15 @@ def _prefix_of(name: bytes) -> tuple[int, bytes] | None:
 _PREFIXES_LONGEST_FIRST = sorted(SHORT_PREFIXES.items(), key=lambda kv: -len(kv[1]))
 
 
-def storable_xattr(name: bytes) -> bool:
-    """Whether the kernel shows an xattr of this name when stored under a short prefix."""
-    return _prefix_of(name) is not None
+def xattr_refusal(name: bytes, fmt: int) -> str | None:
+    """Why an xattr cannot be kept on an inode of type ``fmt`` (None when it can): the kernel
+    hides names without a short prefix, and Linux reads ``user.*`` on regular files and
+    directories only (elsewhere it lists the name but answers ENODATA)."""
+    if _prefix_of(name) is None:
+        return "not in a namespace EROFS stores (user, trusted, security, POSIX ACLs)"
+    if name.startswith(b"user.") and fmt not in (stat.S_IFREG, stat.S_IFDIR):
+        return "Linux keeps user.* xattrs on regular files and directories only"
+    return None
 
 
 def pack_xattr_body(xattrs: dict[bytes, bytes]) -> bytes:
