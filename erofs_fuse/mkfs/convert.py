@@ -228,7 +228,7 @@ class _TarConversion:
         for name, value in member.xattrs.items():
             why = xattr_refusal(name, fmt)
             if why is None:
-                node.xattrs[name] = value
+                node.set_xattr(name, value)
             else:
                 self._warn(member, f"xattr {name.decode(errors='replace')!r} dropped: {why}")
         if kind == SYMLINK:

@@ -71,7 +71,7 @@ class _Walker:
         for name, value in _xattrs(path):
             why = xattr_refusal(name, stat.S_IFMT(st.st_mode))
             if why is None:
-                node.xattrs[name] = value
+                node.set_xattr(name, value)
             else:
                 self.warnings.append(f"{path}: xattr {name.decode(errors='replace')!r} "
                                      f"dropped: {why}")

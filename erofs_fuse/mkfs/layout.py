@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Callable
 
 from ..erofs import ondisk as d
 from ..erofs.superblock import crc32c_raw
@@ -161,7 +160,7 @@ class _Plan:
         self.layout = d.LAYOUT_FLAT_PLAIN
         self.i_u = 0
         self.xattrs = b""
-        self.after: bytes | Callable[[], bytes] = b""  # bytes right after the inode and xattrs
+        self.after = b""          # index bytes right after the inode and xattrs
         self.align = 1            # alignment of ``after`` (8 for chunk indexes)
         self.tail_len = 0         # inline tail length (must stay in one block)
         self.late_blocks = 0      # directory/symlink blocks placed before the metadata
@@ -175,13 +174,7 @@ class _Plan:
 
     def footprint(self) -> int:
         base = self.inode_size + len(self.xattrs)
-        pad = -base % self.align
-        return base + pad + self._after_len()
-
-    def _after_len(self) -> int:
-        if isinstance(self.after, bytes):
-            return len(self.after)
-        return self.tail_len
+        return base + (-base % self.align) + len(self.after) + self.tail_len
 
 
 class MetadataWriter:
@@ -204,6 +197,7 @@ class MetadataWriter:
         for serial, plan in enumerate(plans, 1):
             os.pwrite(self.image.fd, self._pack(plan, serial), base + plan.pos)
             self._write_late(plan)
+            plan.dir_blocks = None  # done with them: free as we go
         meta_blocks = -(-end // self.bs)
         total = meta_blkaddr + meta_blocks
         if total >= 1 << 32:
@@ -214,44 +208,42 @@ class MetadataWriter:
 
     # planning ----------------------------------------------------------------------------
     def _plans(self, root: Node) -> list[_Plan]:
-        """Every inode once, root first, then each directory's children in name order."""
-        order: list[_Plan] = []
-        seen: set[int] = set()
-        parents: dict[int, Node] = {id(root): root}
-        links: dict[int, int] = {}
+        """Every inode once: the root, then each directory's children in name order,
+        directories breadth first."""
         for directory in iter_dirs(root):
             assert directory.children is not None
             for child in directory.children.values():
-                links[id(child)] = links.get(id(child), 0) + 1
-                if child.is_dir:
-                    parents[id(child)] = directory
+                child.nlink = 0
         for directory in iter_dirs(root):
-            if id(directory) not in seen:
-                seen.add(id(directory))
-                order.append(self._plan(directory, parents[id(directory)], links))
+            assert directory.children is not None
+            for child in directory.children.values():
+                child.nlink += 1
+        order = [self._plan(root, root)]
+        shared: set[int] = set()  # hard-linked nodes already planned
+        for directory in iter_dirs(root):
             assert directory.children is not None
             for name in sorted(directory.children):
                 child = directory.children[name]
-                if id(child) not in seen and not child.is_dir:
-                    seen.add(id(child))
-                    order.append(self._plan(child, None, links))
+                if child.nlink > 1 and not child.is_dir:
+                    if id(child) in shared:
+                        continue
+                    shared.add(id(child))
+                order.append(self._plan(child, directory))
         return order
 
-    def _plan(self, node: Node, parent: Node | None, links: dict[int, int]) -> _Plan:
+    def _plan(self, node: Node, parent: Node) -> _Plan:
         plan = _Plan(node)
         if node.is_dir:
             assert node.children is not None
             node.nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
-        else:
-            node.nlink = links.get(id(node), 1)
         plan.xattrs = pack_xattr_body(node.xattrs)
         plan.extended = not self._fits_compact(node)
         fmt = stat.S_IFMT(node.mode)
         if fmt == stat.S_IFDIR:
-            assert parent is not None
             self._plan_dir(plan, parent)
         elif fmt == stat.S_IFLNK:
-            self._plan_bytes(plan, node.target)
+            node.size = len(node.target)
+            self._plan_tail(plan, node.size)
         elif fmt == stat.S_IFREG:
             self._plan_regular(plan)
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
@@ -273,16 +265,10 @@ class MetadataWriter:
         entries.sort(key=lambda e: e[0])
         blocks = dir_blocks(entries, self.bs)
         plan.dir_blocks = blocks
-        last = dir_block_used(blocks[-1])
-        node.size = (len(blocks) - 1) * self.bs + last
-        self._plan_tail(plan, node.size, lambda: pack_dir_block(blocks[-1]))
+        node.size = (len(blocks) - 1) * self.bs + dir_block_used(blocks[-1])
+        self._plan_tail(plan, node.size)
 
-    def _plan_bytes(self, plan: _Plan, data: bytes) -> None:
-        plan.node.size = len(data)
-        bs = self.bs
-        self._plan_tail(plan, len(data), lambda: data[len(data) - len(data) % bs:])
-
-    def _plan_tail(self, plan: _Plan, size: int, tail: Callable[[], bytes]) -> None:
+    def _plan_tail(self, plan: _Plan, size: int) -> None:
         """Whole blocks before the metadata; the tail inline when it fits after the inode."""
         bs = self.bs
         tail_len = size % bs
@@ -290,10 +276,18 @@ class MetadataWriter:
             plan.layout = d.LAYOUT_FLAT_INLINE
             plan.late_blocks = size // bs
             plan.tail_len = tail_len
-            plan.after = tail
         else:
             plan.layout = d.LAYOUT_FLAT_PLAIN
             plan.late_blocks = -(-size // bs)
+
+    def _tail(self, plan: _Plan) -> bytes:
+        """The inline tail of a directory, symlink or regular file."""
+        node = plan.node
+        if plan.dir_blocks is not None:
+            return pack_dir_block(plan.dir_blocks[-1])
+        if isinstance(node.data, FlatData):
+            return self.image.tail(node.data)
+        return node.target[len(node.target) - plan.tail_len:]
 
     def _plan_regular(self, plan: _Plan) -> None:
         data = plan.node.data
@@ -304,7 +298,6 @@ class MetadataWriter:
             if data.tail_len:
                 plan.layout = d.LAYOUT_FLAT_INLINE
                 plan.tail_len = data.tail_len
-                plan.after = lambda: self.image.tail(data)
             else:
                 plan.layout = d.LAYOUT_FLAT_PLAIN
         elif isinstance(data, ChunkMapData):
@@ -349,8 +342,8 @@ class MetadataWriter:
             core = d.INODE_COMPACT.pack(i_format, icount, mode, node.nlink, node.size, 0,
                                         plan.i_u, serial & 0xFFFFFFFF, node.uid, node.gid, 0)
         base = core + plan.xattrs
-        after = plan.after if isinstance(plan.after, bytes) else plan.after()
-        return base + bytes(-len(base) % plan.align) + after
+        tail = self._tail(plan) if plan.tail_len else b""
+        return base + bytes(-len(base) % plan.align) + plan.after + tail
 
     def _write_late(self, plan: _Plan) -> None:
         if not plan.late_blocks:

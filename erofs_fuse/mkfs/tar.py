@@ -106,8 +106,13 @@ def _checksum_ok(header: bytes) -> bool:
         return False
     blanked = header[:148] + b" " * 8 + header[156:]
     unsigned = sum(blanked)
-    signed = unsigned - 256 * sum(1 for b in blanked if b & 0x80)
-    return want in (unsigned, signed)
+    if want == unsigned:
+        return True
+    high = len(blanked.translate(None, _LOW_BYTES))  # bytes >= 0x80, negative when signed
+    return want == unsigned - 256 * high
+
+
+_LOW_BYTES = bytes(range(128))
 
 
 _PAX_RECORD = re.compile(rb"(\d+) ")

@@ -30,6 +30,7 @@ OVERLAY_ORIGIN = b"trusted.overlay.origin"
 MAX_NAME = 255
 MAX_DEPTH = 1024
 MAX_LINK_CHAIN = 64
+NO_XATTRS: dict[bytes, bytes] = {}  # never mutated: Node.set_xattr copies on first write
 
 
 class FileData:
@@ -51,7 +52,7 @@ class Node:
         self.gid = gid
         self.mtime = mtime
         self.nsec = nsec
-        self.xattrs: dict[bytes, bytes] = {}
+        self.xattrs: dict[bytes, bytes] = NO_XATTRS  # shared until set_xattr (most have none)
         self.children: dict[bytes, Node] | None = {} if stat.S_ISDIR(mode) else None
         self.target = b""          # symlink target
         self.rdev = 0              # (major, minor) as os.makedev gives it
@@ -64,6 +65,15 @@ class Node:
     @property
     def is_dir(self) -> bool:
         return self.children is not None
+
+    def set_xattr(self, name: bytes, value: bytes) -> None:
+        if self.xattrs is NO_XATTRS:
+            self.xattrs = {}
+        self.xattrs[name] = value
+
+    def setdefault_xattr(self, name: bytes, value: bytes) -> None:
+        if name not in self.xattrs:
+            self.set_xattr(name, value)
 
 
 def split_path(path: bytes, *, entry: bytes, offset: int | None) -> list[bytes]:
@@ -149,13 +159,13 @@ class Tree:
     def _add_whiteout(self, parent: Node, name: bytes, node: Node, path: bytes,
                       offset: int | None) -> None:
         if name == OPAQUE_MARKER:
-            parent.xattrs[OVERLAY_OPAQUE] = b"y"
+            parent.set_xattr(OVERLAY_OPAQUE, b"y")
             return
         hidden = name[len(WHITEOUT_PREFIX):]
         if hidden in (b"", b".", b".."):
             raise BadInputError("whiteout of no name", entry=path, offset=offset)
         whiteout = Node(stat.S_IFCHR, node.uid, node.gid, node.mtime, node.nsec)
-        parent.xattrs.setdefault(OVERLAY_ORIGIN, b"")
+        parent.setdefault_xattr(OVERLAY_ORIGIN, b"")
         self._place(parent, hidden, whiteout)
 
     def add_hardlink(self, path: bytes, target: bytes, *, offset: int | None = None) -> None:
@@ -216,7 +226,8 @@ class Tree:
 
 def _update_dir(old: Node, new: Node) -> None:
     old.mode, old.uid, old.gid, old.mtime, old.nsec = new.mode, new.uid, new.gid, new.mtime, new.nsec
-    old.xattrs.update(new.xattrs)
+    for name, value in new.xattrs.items():
+        old.set_xattr(name, value)
 
 
 def iter_dirs(root: Node) -> Iterator[Node]:
