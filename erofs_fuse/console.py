@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import NoReturn
 
@@ -17,9 +18,14 @@ class CliError(Exception):
         self.code = code
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    raise CliError(message, code)
-
-
 def print_error(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that raises CliError (one line, exit 2) instead of printing usage and exiting:
+    ``erofs-fuse: info: the following arguments are required: image``."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix(PROG).strip()
+        raise CliError(f"{where}: {message}" if where else message)

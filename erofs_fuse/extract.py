@@ -3,25 +3,46 @@
 Every entry is created relative to an open descriptor of its parent directory, with O_NOFOLLOW
 and O_EXCL, and every name is checked before use, so nothing a hostile image contains can make
 a write land outside the destination.
+
+What the destination cannot take is skipped with a warning naming it, as tar does, and the rest
+of the tree is still written: device nodes for a user who is not root, xattrs the filesystem or
+the user may not set. Existing entries: without ``merge`` the destination must be new or empty;
+with it, directories present in both are merged (they take the image's owner, mode and times)
+and any other existing entry is replaced by the image's (a directory where the image has a
+non-directory is removed with its contents, as applying a layer does). Whiteouts are written as
+the image stores them, not applied.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
-import sys
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from .erofs.errors import CorruptImageError
+from .erofs.errors import CorruptImageError, ErofsError
 from .erofs.image import Image, Inode
 
 CHUNK = 1 << 20
 MAX_DEPTH = 800  # below Python's recursion limit; deeper trees are refused as corrupt
+# Creating an entry fails for these because of the destination or the user (not the image):
+# the entry is skipped with a warning. Any other error (ENOSPC, EIO, ...) ends the extraction.
+SKIPPABLE = frozenset({errno.EPERM, errno.EACCES, errno.EEXIST, errno.ENOTSUP, errno.EOPNOTSUPP,
+                       errno.EINVAL, errno.ENAMETOOLONG, errno.EMLINK})
+_KIND = {stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
+         stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
 
 
 class UnsafeNameError(CorruptImageError):
     """A directory entry name that could escape the destination."""
+
+
+class DestinationError(ErofsError, FileExistsError):
+    """The destination holds entries and merging was not asked for."""
+
+    kind = "not extracted"
 
 
 @dataclass
@@ -32,6 +53,7 @@ class ExtractStats:
     specials: int = 0
     hardlinks: int = 0
     bytes: int = 0
+    skipped: int = 0  # entries (with what they hold) not created
     warnings: list[str] = field(default_factory=list)
 
 
@@ -50,11 +72,21 @@ def _write_all(fd: int, data: bytes, pos: int) -> None:
         pos += done
 
 
+def _is_dir_at(fd: int, name: str) -> bool | None:
+    """Whether ``name`` in ``fd`` is a directory (symlinks not followed); None if absent."""
+    try:
+        return stat.S_ISDIR(os.lstat(name, dir_fd=fd).st_mode)
+    except FileNotFoundError:
+        return None
+
+
 class Extractor:
-    def __init__(self, image: Image, *, owners: bool | None = None, xattrs: bool = True) -> None:
+    def __init__(self, image: Image, *, owners: bool | None = None, xattrs: bool = True,
+                 merge: bool = False) -> None:
         self.image = image
         self.owners = os.geteuid() == 0 if owners is None else owners
         self.xattrs = xattrs
+        self.merge = merge
         self.stats = ExtractStats()
         # nid -> (parent fd path is not stable, so keep the first path relative to dest)
         self._links: dict[int, str] = {}
@@ -66,52 +98,113 @@ class Extractor:
         os.makedirs(dest, exist_ok=True)
         self._dest_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
+            if not self.merge and os.listdir(self._dest_fd):
+                raise DestinationError(
+                    f"{dest} is not empty: extract writes into a new or empty directory "
+                    "(--merge extracts over what is there)")
             self._extract_dir(self.image.root, self._dest_fd, "", 0)
+        except ErofsError as exc:
+            raise exc.with_context(image=self.image.name)
         finally:
             os.close(self._dest_fd)
         return self.stats
+
+    def _warn(self, rel: str, what: str, exc: OSError) -> None:
+        self.stats.warnings.append(f"{rel or '.'}: {what}: {exc.strerror or exc}")
+
+    def _skip(self, rel: str, what: str, exc: OSError) -> None:
+        if exc.errno not in SKIPPABLE:
+            raise OSError(exc.errno, f"{what}: {exc.strerror}", rel) from exc
+        self._warn(rel, f"cannot create {what}, skipped", exc)
+        self.stats.skipped += 1
 
     def _extract_dir(self, node: Inode, fd: int, rel: str, depth: int) -> None:
         if depth > MAX_DEPTH:
             raise CorruptImageError(f"directory depth over {MAX_DEPTH}", nid=node.nid)
         self.stats.dirs += 1
-        for entry in node.readdir():
-            name = check_name(entry.name, node.nid)
-            child = self.image.inode(entry.nid)
-            child_rel = f"{rel}/{name}" if rel else name
-            if child.is_dir:
-                if entry.nid in self._dirs_seen:
-                    raise CorruptImageError("directory reached twice (a loop)", nid=entry.nid)
-                self._dirs_seen.add(entry.nid)
+        try:
+            for entry in node.readdir():
+                name = check_name(entry.name, node.nid)
+                child = self.image.inode(entry.nid)
+                child_rel = f"{rel}/{name}" if rel else name
+                if child.is_dir:
+                    if entry.nid in self._dirs_seen:
+                        raise CorruptImageError("directory reached twice (a loop)", nid=entry.nid)
+                    self._dirs_seen.add(entry.nid)
+                    self._extract_subdir(child, fd, name, child_rel, depth)
+                else:
+                    self._extract_leaf(child, fd, name, child_rel)
+        except BaseException:
+            # a directory is made 0700 and gets its mode after its entries: on the way out of
+            # a failed extraction still give it, rather than leave private directories behind
+            try:
+                self._apply_metadata(node, fd, None, rel)
+            except (OSError, ErofsError):
+                pass  # the error being raised is the one to report
+            raise
+        self._apply_metadata(node, fd, None, rel)
+
+    def _extract_subdir(self, node: Inode, fd: int, name: str, rel: str, depth: int) -> None:
+        try:
+            existing = _is_dir_at(fd, name) if self.merge else None
+            if existing is False:
+                os.unlink(name, dir_fd=fd)  # a file or symlink the image replaces
+            if not existing:
                 os.mkdir(name, 0o700, dir_fd=fd)
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                try:
-                    self._extract_dir(child, sub, child_rel, depth + 1)
-                finally:
-                    os.close(sub)
-            else:
-                self._extract_leaf(child, fd, name, child_rel)
-        self._apply_metadata(node, fd, None, rel or ".")
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=fd)
+        except OSError as exc:
+            self._skip(rel, "directory", exc)
+            return
+        try:
+            self._extract_dir(node, sub, rel, depth + 1)
+        finally:
+            os.close(sub)
 
     def _extract_leaf(self, node: Inode, fd: int, name: str, rel: str) -> None:
-        if node.nlink > 1:
-            first = self._links.get(node.nid)
-            if first is not None:
-                os.link(first, name, src_dir_fd=self._dest_fd, dst_dir_fd=fd, follow_symlinks=False)
-                self.stats.hardlinks += 1
-                return
-            self._links[node.nid] = rel
         mode = node.mode
-        if stat.S_ISREG(mode):
-            self._write_file(node, fd, name)
-            self.stats.files += 1
-        elif stat.S_ISLNK(mode):
-            os.symlink(node.readlink(), name, dir_fd=fd)
-            self.stats.symlinks += 1
-        else:
-            os.mknod(name, stat.S_IFMT(mode) | 0o600, node.rdev, dir_fd=fd)
-            self.stats.specials += 1
+        what = ("file" if stat.S_ISREG(mode) else "symlink" if stat.S_ISLNK(mode)
+                else _KIND.get(stat.S_IFMT(mode), "special file"))
+        try:
+            if self.merge:
+                self._clear(fd, name)
+            if self._link_known(node, fd, name, rel):
+                return
+            if stat.S_ISREG(mode):
+                self._write_file(node, fd, name)
+                self.stats.files += 1
+            elif stat.S_ISLNK(mode):
+                os.symlink(node.readlink(), name, dir_fd=fd)
+                self.stats.symlinks += 1
+            else:
+                os.mknod(name, stat.S_IFMT(mode) | 0o600, node.rdev, dir_fd=fd)
+                self.stats.specials += 1
+        except OSError as exc:
+            if self._links.get(node.nid) == rel:
+                del self._links[node.nid]  # not written: a later link of it will be instead
+            self._skip(rel, what, exc)
+            return
         self._apply_metadata(node, fd, name, rel)
+
+    def _clear(self, fd: int, name: str) -> None:
+        """Remove an existing entry the image replaces (merge): a directory with its tree."""
+        existing = _is_dir_at(fd, name)
+        if existing:
+            shutil.rmtree(name, dir_fd=fd)  # fd-relative, never follows symlinks
+        elif existing is False:
+            os.unlink(name, dir_fd=fd)
+
+    def _link_known(self, node: Inode, fd: int, name: str, rel: str) -> bool:
+        """Hardlink a node already written; remember the first path of a multiply linked one."""
+        if node.nlink <= 1:
+            return False
+        first = self._links.get(node.nid)
+        if first is None:
+            self._links[node.nid] = rel
+            return False
+        os.link(first, name, src_dir_fd=self._dest_fd, dst_dir_fd=fd, follow_symlinks=False)
+        self.stats.hardlinks += 1
+        return True
 
     def _write_file(self, node: Inode, fd: int, name: str) -> None:
         out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -141,20 +234,32 @@ class Extractor:
         kw = {} if name is None else {"dir_fd": fd, "follow_symlinks": False}
         symlink = stat.S_ISLNK(node.mode)
         if self.owners:
-            os.chown(target, node.uid, node.gid, **kw)  # type: ignore[arg-type]
+            self._try(rel, "owner", os.chown, target, node.uid, node.gid, **kw)
         if self.xattrs:
             for key, value in node.xattrs():
                 self._set_xattr(fd, name, key, value, rel)
         if not symlink:
-            os.chmod(target, stat.S_IMODE(node.mode), **({} if name is None else {"dir_fd": fd}))  # type: ignore[arg-type]
+            self._try(rel, "mode", os.chmod, target, stat.S_IMODE(node.mode),
+                      **({} if name is None else {"dir_fd": fd}))
         try:
-            os.utime(target, ns=(node.mtime_ns, node.mtime_ns), **kw)  # type: ignore[arg-type]
+            self._try(rel, "mtime", os.utime, target, ns=(node.mtime_ns, node.mtime_ns), **kw)
         except OverflowError:
             # a time the image may hold (64-bit seconds) beyond nanosecond range: whole seconds
             try:
                 os.utime(target, (node.mtime, node.mtime), **kw)  # type: ignore[arg-type]
             except (OverflowError, OSError) as exc:
-                self.stats.warnings.append(f"{rel}: mtime {node.mtime} not set: {exc}")
+                self.stats.warnings.append(f"{rel or '.'}: mtime {node.mtime} not set: {exc}")
+
+    def _try(self, rel: str, what: str, call: Callable[..., None], *args: Any,
+             **kw: Any) -> None:
+        """Set one piece of metadata; one the user may not set (an existing directory of
+        another owner, when merging; owners without privileges) is a warning, as in tar."""
+        try:
+            call(*args, **kw)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            self._warn(rel, f"{what} not set", exc)
 
     def _set_xattr(self, fd: int, name: str | None, key: bytes, value: bytes, rel: str) -> None:
         try:
@@ -165,13 +270,12 @@ class Extractor:
                 os.setxattr(f"/proc/self/fd/{fd}/{name}", key, value, follow_symlinks=False)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
-                self.stats.warnings.append(f"{rel}: xattr {key.decode(errors='replace')}: {exc.strerror}")
+                self._warn(rel, f"xattr {key.decode(errors='replace')} not set", exc)
             else:
                 raise
 
 
-def extract(image: Image, dest: str, *, owners: bool | None = None) -> ExtractStats:
-    stats = Extractor(image, owners=owners).extract(dest)
-    for warning in stats.warnings:
-        print(f"erofs-fuse: warning: {warning}", file=sys.stderr)
-    return stats
+def extract(image: Image, dest: str, *, owners: bool | None = None,
+            merge: bool = False) -> ExtractStats:
+    """Write the tree of ``image`` into ``dest``; warnings are in the returned stats."""
+    return Extractor(image, owners=owners, merge=merge).extract(dest)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Mutation fuzzing of the EROFS reader (``--mode lib``) and of the mounted daemon (``--mode mount``).
+"""Mutation fuzzing of the EROFS reader (``--mode lib``), of the mounted daemon (``--mode mount``)
+and of the tar converter (``--mode convert``).
 
 Mutants are made from real fixture images, deterministically from ``(seed, index)`` (the same
 pair always gives the same bytes, whatever ran before it), aimed at the structures the reader
@@ -32,12 +33,23 @@ exception, a dead worker, a daemon that exited or logged an internal error or a 
 unclean unmount), ``hang`` (one operation over ``--timeout`` seconds). Peak RSS is the worker's
 (lib) or each daemon's ``VmHWM`` (mount). Exit status 1 on any crash or hang.
 
+``convert`` (``scripts/fuzz_convert.py``, mutants from ``scripts/fuzz_tar.py``): mutated layer
+tars (headers, sizes, PAX records, sparse maps, members, gzip and zstd bytes) through
+``convert_tar`` in every mode (full, tar-index, lz4, OCI whiteouts), each in a forked child with
+``--timeout`` and ``--memory``; the image written must read back (our reader; every
+``--kernel-every`` mutants the kernel too), an ``MkfsError`` must be one line and leave nothing
+behind. Besides ``crash`` and ``hang`` it records ``memory``, ``bad-image``, ``differs``,
+``leftover`` and ``bad-message`` (all bugs), and ``split`` (some modes refused, some did not).
+Inputs that found a bug are saved to ``--crashes DIR``.
+
 ``EROFS_FUSE_STRICT=1`` is set, so the reader's safety net (turning stray ``IndexError`` and
 the like into ``CorruptImageError``) does not hide bugs from the fuzzer.
 
-    scripts/fuzz.py --mode lib --count 10000 --seed 1 --jobs 2 --progress
+    scripts/fuzz.py --mode lib --count 10000 --seed 1 --jobs 2
     scripts/fuzz.py --mode mount --count 10000 --seed 1 --jobs 2 --every 2
     scripts/fuzz.py --mode mount --only 1234 --save /tmp        # reproduce one mutant
+    scripts/fuzz.py --mode convert --count 10000 --seed 1 --crashes /tmp/crashes
+    scripts/fuzz.py --mode convert --only 1234 --save /tmp      # the mutant tar, to convert
 """
 
 from __future__ import annotations
@@ -98,6 +110,8 @@ FILE_CAP = 16 << 20  # ... and per file
 ENTRY_CAP = 20000  # directory entries visited per mutant at most
 CHUNK = 1 << 20
 MUTANT_BUDGET = 240.0  # seconds a whole mutant may take before the worker is killed (a hang)
+# what a mutant's status may be that is a bug (convert mode has more than crashes and hangs)
+BUG_STATUSES = ("crash", "hang", "memory", "bad-image", "differs", "leftover", "bad-message")
 
 
 # the structures of an intact image ------------------------------------------------------------
@@ -949,6 +963,10 @@ def _read_log(path: str) -> str:
 # workers and the coordinator ------------------------------------------------------------------
 def worker(args: argparse.Namespace) -> int:
     """Reads mutant indexes on stdin, answers one JSON line each."""
+    if args.mode == "convert":
+        import fuzz_convert
+
+        return fuzz_convert.worker(args)
     corpus = Corpus(args.images)
     inject(args.inject)
     workdir = args.workdir
@@ -995,6 +1013,10 @@ class Worker:
         cmd = [sys.executable, __file__, "--worker", "--mode", args.mode, "--seed", str(args.seed),
                "--timeout", str(args.timeout), "--extract-every", str(args.extract_every),
                "--workdir", self.workdir, "--images", *args.images]
+        if args.mode == "convert":
+            cmd += ["--memory", str(args.memory), "--kernel-every", str(args.kernel_every)]
+            cmd += ["--tars", *args.tars] if args.tars else []
+            cmd += ["--crashes", os.path.abspath(args.crashes)] if args.crashes else []
         if args.inject:
             cmd += ["--inject", args.inject]
         # a session of its own: killing it takes any daemon it forked along
@@ -1032,11 +1054,26 @@ def selected(args: argparse.Namespace) -> Iterator[int]:
     yield from range(args.start, args.start + args.count, args.every)
 
 
+# Seconds between progress lines: a README run takes 10-15 minutes, and was silent throughout.
+PROGRESS_EVERY = 10.0
+
+
+def progress_line(done: int, total: int, counts: dict[str, int], peak_rss_kb: int,
+                  elapsed: float) -> str:
+    left = elapsed / done * (total - done) if done else 0.0
+    return (f"{done}/{total} mutants ({100 * done // max(total, 1)}%), "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            + f"; peak RSS {peak_rss_kb / 1024:.1f} MB; {elapsed:.0f} s, about {left:.0f} s left")
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
+    total = sum(1 for _ in selected(args))
     indexes = selected(args)
     base = tempfile.mkdtemp(prefix="erofs-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     counts: dict[str, int] = {}
     kinds: dict[str, dict[str, int]] = {}
+    by_mode: dict[str, dict[str, int]] = {}
+    splits: list[dict[str, object]] = []  # convert mode: some modes converted, some refused
     findings: list[dict[str, object]] = []
     peak_rss = 0
     done = 0
@@ -1092,16 +1129,21 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 kind = str(rec.get("kind", "?")).split(":")[0]
                 per_kind = kinds.setdefault(kind, {})
                 per_kind[status] = per_kind.get(status, 0) + 1
+                for mode, mode_status in dict(rec.get("modes") or {}).items():
+                    per_mode = by_mode.setdefault(mode, {})
+                    per_mode[mode_status] = per_mode.get(mode_status, 0) + 1
                 peak_rss = max(peak_rss, int(rec.get("rss_kb", 0) or 0))
-                if status in ("crash", "hang"):
+                if status in BUG_STATUSES:
                     findings.append(rec)
+                elif status == "split":
+                    splits.append({k: rec.get(k) for k in ("index", "kind", "modes", "refusal")})
                     print(json.dumps(rec), file=sys.stderr, flush=True)
                 done += 1
                 now = time.monotonic()
-                if args.progress and now - last_report > 30:
+                if args.progress and (now - last_report > PROGRESS_EVERY or done == total):
                     last_report = now
-                    print(f"{done} mutants, {counts}, peak RSS {peak_rss / 1024:.1f} MB, "
-                          f"{now - started:.0f} s", file=sys.stderr, flush=True)
+                    print(progress_line(done, total, counts, peak_rss, now - started),
+                          file=sys.stderr, flush=True)
                 feed(w)
     finally:
         for w in workers:
@@ -1114,8 +1156,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "mode": args.mode, "seed": args.seed, "start": args.start, "count": args.count,
         "every": args.every, "mutants": done, "counts": counts, "by_kind": kinds,
         "crashes": counts.get("crash", 0), "hangs": counts.get("hang", 0),
+        "bugs": sum(counts.get(s, 0) for s in BUG_STATUSES), **({"by_mode": by_mode} if by_mode else {}),
         "peak_rss_mb": round(peak_rss / 1024, 1), "seconds": round(time.monotonic() - started, 1),
-        "findings": findings[:100],
+        "findings": findings[:100], **({"splits": splits[:100]} if splits else {}),
     }
 
 
@@ -1130,15 +1173,28 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=1, help="run every k-th index only")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--mode", choices=["lib", "mount"], default="lib")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds one operation may take")
+    parser.add_argument("--mode", choices=["lib", "mount", "convert"], default="lib")
+    parser.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds one operation (convert: one conversion) may take")
     parser.add_argument("--extract-every", type=int, default=10,
                         help="lib mode: extract every k-th mutant into a sandbox (0: never)")
     parser.add_argument("--images", nargs="+", default=DEFAULT_IMAGES)
+    parser.add_argument("--memory", type=int, default=1024, metavar="MIB",
+                        help="convert mode: address space of one conversion (RLIMIT_AS)")
+    parser.add_argument("--kernel-every", type=int, default=20, metavar="K",
+                        help="convert mode: mount every k-th mutant's image with the kernel "
+                        "(0: never; needs root)")
+    parser.add_argument("--tars", nargs="+", metavar="NAME",
+                        help="convert mode: the seed tars to mutate (default: all of "
+                        "scripts/fuzz_tar.py's SEEDS)")
+    parser.add_argument("--crashes", metavar="DIR",
+                        help="convert mode: save the inputs that found a bug here")
     parser.add_argument("--only", type=int, help="run just this mutant index")
     parser.add_argument("--save", metavar="DIR", help="with --only: write the mutant image here")
     parser.add_argument("--json", metavar="FILE", help="write the summary (with findings) here")
-    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"a progress line on stderr every {PROGRESS_EVERY:.0f} s and at "
+                        "the end (default; --no-progress for none)")
     parser.add_argument("--inject", choices=["crash", "exit", "hang"], help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -1152,7 +1208,11 @@ def main() -> int:
     if args.mode == "mount":
         assert os.geteuid() == 0, "mount mode needs root (FUSE mounts, connection aborts)"
         assert os.path.exists("/dev/fuse"), "/dev/fuse is missing"
-    if args.only is not None and args.save:
+    if args.only is not None and args.save and args.mode == "convert":
+        import fuzz_convert
+
+        print(fuzz_convert.save(args, args.save))
+    elif args.only is not None and args.save:
         name, kind, data = Corpus(args.images).mutant(args.seed, args.only)
         out = Path(args.save) / f"mutant-{args.seed}-{args.only}-{name}"
         out.write_bytes(data)
@@ -1161,8 +1221,8 @@ def main() -> int:
     text = json.dumps(summary, indent=2)
     if args.json:
         Path(args.json).write_text(text)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("findings", "by_kind")}))
-    return 1 if summary["crashes"] or summary["hangs"] else 0
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("findings", "by_kind", "splits")}))
+    return 1 if summary["bugs"] else 0
 
 
 if __name__ == "__main__":

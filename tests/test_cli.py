@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 from erofs_fuse.erofs.image import Image
-from helpers import EXPECTED, corpus, kernel_erofs, mkfs_erofs
+from helpers import EXPECTED, ROOT, corpus, kernel_erofs, mkfs_erofs
 from treeview import parse_manifest, view_of_dir
 
 CLI = [sys.executable, "-m", "erofs_fuse"]
@@ -65,6 +66,53 @@ def test_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
     assert proc.stderr.strip() == (
         f"erofs-fuse: {bad}: corrupt inode {node.nid} at offset {pos}: bad file type in mode 0o177777"
     )
+
+
+def _into_head(*args: str) -> tuple[int, str]:
+    """``erofs-fuse ARGS | head -c 1``: the command's status and stderr."""
+    cmd = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = subprocess.run(["head", "-c", "1"], stdin=cmd.stdout, capture_output=True)
+    assert cmd.stdout is not None and cmd.stderr is not None
+    cmd.stdout.close()
+    err = cmd.stderr.read().decode()
+    return cmd.wait(), err
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    # issue #15: "cat IMAGE PATH | head -1" and "ls | head" printed "erofs-fuse: Broken pipe"
+    for args in (("cat", corpus("plain.erofs"), "/big/zeros-with-tail.bin"),
+                 ("ls", "-lR", corpus("plain.erofs"))):
+        status, err = _into_head(*args)
+        assert err == "" and status == 128 + 13, (args, status, err)  # as if killed by SIGPIPE
+
+
+def test_info_without_the_extra_device_describes_what_is_needed(tmp_path: Path) -> None:
+    # issue #15: info refused such an image and called it corrupt
+    from test_image import debian_blobdev_image
+
+    image, blob, _ = debian_blobdev_image(str(tmp_path))
+    proc = run("info", image)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "chunked_file device_table" in proc.stdout
+    assert "device 1:" in proc.stdout and "needed: give it with --device" in proc.stdout
+    proc = run("info", "--device", blob, image)
+    assert proc.returncode == 0 and f"file {blob}" in proc.stdout, proc.stderr
+    proc = run("ls", image)  # reading needs the device: one line, and not "corrupt"
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "missing device" in proc.stderr and "corrupt" not in proc.stderr
+    proc = subprocess.run([*CLI, "cat", "--device", blob, image, "/a.bin"], capture_output=True)
+    assert proc.returncode == 0 and len(proc.stdout) == 20000, proc.stderr
+
+
+def test_info_says_a_truncated_image_is_short(tmp_path: Path) -> None:
+    # issue #15: info exited 0 on a truncated image without saying it was short
+    short = tmp_path / "short.erofs"
+    short.write_bytes(Path(corpus("plain.erofs")).read_bytes()[:50000])
+    proc = run("info", str(short))
+    assert "block size:" in proc.stdout  # what the superblock says is still shown
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{short}: truncated: 50000 bytes" in proc.stderr
+    assert run("info", corpus("plain.erofs")).returncode == 0
 
 
 def test_extract_equals_the_manifest(tmp_path: Path) -> None:
@@ -149,8 +197,53 @@ def test_extract_refuses_names_that_escape(tmp_path: Path) -> None:
         subprocess.run(["rm", "-rf", str(tmp_path / "dest")], check=True)
 
 
-def test_extract_is_rejected_into_existing_entries(tmp_path: Path) -> None:
+def test_extract_into_a_non_empty_directory_needs_merge(tmp_path: Path) -> None:
     dest = tmp_path / "out"
-    assert run("extract", corpus("plain.erofs"), str(dest)).returncode == 0
+    dest.mkdir()
+    (dest / "mine").write_text("kept")
     proc = run("extract", corpus("plain.erofs"), str(dest))
-    assert proc.returncode != 0 and len(proc.stderr.splitlines()) == 1
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"erofs-fuse: {corpus('plain.erofs')}: ")
+    assert "not empty" in proc.stderr and "--merge" in proc.stderr
+    assert os.listdir(dest) == ["mine"]  # nothing written
+
+
+def test_extract_merge_lays_layers_one_over_another(tmp_path: Path) -> None:
+    # issue #15: extracting a second layer over a first stopped at the first existing entry
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    for rel, data in (("etc/hosts", "lower"), ("etc/only-lower", "l"), ("opt/dir/f", "f"),
+                      ("bin/sh", "shell"), ("hl/a", "link")):
+        (lower / rel).parent.mkdir(parents=True, exist_ok=True)
+        (lower / rel).write_text(data)
+    os.link(lower / "hl/a", lower / "hl/b")
+    for rel, data in (("etc/hosts", "upper"), ("opt/dir", "a file over a directory"),
+                      ("etc/new", "n")):
+        (upper / rel).parent.mkdir(parents=True, exist_ok=True)
+        (upper / rel).write_text(data)
+    (upper / "bin").mkdir()
+    (upper / "bin/sh").symlink_to("busybox")
+    os.chmod(upper / "etc", 0o700)
+    images = []
+    for tree in (lower, upper):
+        mkfs_erofs(str(tree), str(tree) + ".erofs")
+        images.append(str(tree) + ".erofs")
+    dest = tmp_path / "out"
+    assert run("extract", images[0], str(dest)).returncode == 0
+    (dest / "mine").write_text("kept")
+    proc = run("extract", "--merge", images[1], str(dest))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert (dest / "etc/hosts").read_text() == "upper"
+    assert (dest / "etc/only-lower").read_text() == "l" and (dest / "etc/new").read_text() == "n"
+    assert (dest / "opt/dir").read_text() == "a file over a directory"
+    assert os.readlink(dest / "bin/sh") == "busybox"
+    assert os.stat(dest / "hl/a").st_ino == os.stat(dest / "hl/b").st_ino
+    assert (dest / "mine").read_text() == "kept"
+    assert stat.S_IMODE(os.stat(dest / "etc").st_mode) == 0o700  # the upper layer's mode
+
+
+def test_extract_errors_name_the_image(tmp_path: Path) -> None:
+    # issue #15: a hostile name's error lacked the "IMAGE: " prefix
+    hostile = str(ROOT / "fixtures/hostile/names.erofs")
+    proc = run("extract", hostile, str(tmp_path / "d"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"erofs-fuse: {hostile}: corrupt inode "), proc.stderr

@@ -69,6 +69,20 @@ def test_library_fuzz_short_run(tmp_path: Path) -> None:
     assert_clean(summary, 150)
 
 
+def test_fuzz_shows_progress_by_default() -> None:
+    # issue #15: the README's commands ran 10-15 minutes without a line of output
+    proc = subprocess.run([sys.executable, str(FUZZ), "--mode", "lib", "--seed", "3",
+                           "--count", "12"], capture_output=True, text=True, env=env(),
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("12/12 mutants (100%), ") and "about 0 s left" in last, proc.stderr
+    quiet = subprocess.run([sys.executable, str(FUZZ), "--mode", "lib", "--seed", "3",
+                            "--count", "2", "--no-progress"], capture_output=True, text=True,
+                           env=env(), timeout=240)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
 def test_mount_fuzz_short_run(tmp_path: Path) -> None:
     require_fuse()
     summary = fuzz(tmp_path, "--mode", "mount", "--seed", "7", "--count", "20", "--jobs", "2")

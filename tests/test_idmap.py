@@ -6,6 +6,7 @@ unprivileged user are in test_rootless.py)."""
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -269,7 +270,21 @@ def test_only_root_may_ask_for_suid_and_dev(monkeypatch: pytest.MonkeyPatch) -> 
     for opt in (["--suid"], ["--dev"], ["-o", "allow_suid"]):
         with pytest.raises(CliError, match="only root"):
             mount.parse_args(["--layers", "a", *opt, "/mnt"])
+    # allow_other: as fusermount3 decides, from /etc/fuse.conf, but before anything is tried
+    monkeypatch.setattr(mount, "user_allow_other", lambda: True)
     assert "allow_other" in mount.parse_args(["--layers", "a", "--allow-other", "/mnt"]).options
+    monkeypatch.setattr(mount, "user_allow_other", lambda: False)
+    with pytest.raises(CliError, match="has the line user_allow_other"):
+        mount.parse_args(["--layers", "a", "-o", "allow_other", "/mnt"])
+
+
+def test_user_allow_other_reads_fuse_conf_as_fusermount3_does(tmp_path: Path) -> None:
+    conf = tmp_path / "fuse.conf"
+    assert not mount.user_allow_other(str(conf))  # no file
+    conf.write_text("# user_allow_other\nmount_max = 10\n")
+    assert not mount.user_allow_other(str(conf))
+    conf.write_text("mount_max = 10\n  user_allow_other   # for the sandbox\n")
+    assert mount.user_allow_other(str(conf))
 
 
 # the mount(8) helper form ---------------------------------------------------------------------
@@ -297,7 +312,7 @@ def test_mount_helper_form() -> None:
 
 
 @pytest.mark.parametrize("argv", [["ls", "img"], ["info", "img"], ["mount", "x"],
-                                  ["a", "b", "c"], ["a"], [], ["a", "-f", "b"], ["a", "b", "-o"]])
+                                  ["a", "b", "c"], ["a"], [], ["a", "-x", "b"], ["a", "b", "-o"]])
 def test_other_command_lines_are_not_the_helper_form(argv: list[str]) -> None:
     assert mount_helper_args(argv) is None
 

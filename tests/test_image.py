@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import tempfile
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -70,6 +74,43 @@ def test_flattened_blob_device_image_reads_from_the_concatenation(tmp_path: obje
     expected = without_mtime(parse_manifest(str(EXPECTED / "plain.manifest")))
     with Image.open(flat) as image:
         assert expected.diff(view_of_image(image, with_mtime=False)) == []
+
+
+@contextlib.contextmanager
+def kernel_erofs_with_device(image: str, device_file: str) -> Iterator[str]:
+    """The image mounted by the kernel with its extra device as a read-only loop device."""
+    loop = subprocess.run(["losetup", "-f", "--show", "-r", device_file], capture_output=True,
+                          text=True)
+    assert loop.returncode == 0, f"losetup {device_file}: {loop.stderr}"
+    try:
+        with kernel_erofs(image, f"device={loop.stdout.strip()}") as mnt:
+            yield mnt
+    finally:
+        subprocess.run(["losetup", "-d", loop.stdout.strip()], check=True)
+
+
+def debian_blobdev_image(tmp: str) -> tuple[str, str, str]:
+    """(image, device file, source) made as issue #15 made them: Debian 12's own mkfs.erofs
+    (1.5) with ``--chunksize=4096 --blobdev``, whose device table records 0 blocks."""
+    src = os.path.join(tmp, "src")
+    os.makedirs(os.path.join(src, "sub"))
+    for name, size in (("a.bin", 20000), ("sub/b.bin", 9000), ("sub/empty", 0),
+                       ("big.bin", 300 * 4096 + 17)):
+        with open(os.path.join(src, name), "wb") as f:
+            f.write(bytes((k * 7 + size) % 251 for k in range(size)))
+    os.symlink("sub/b.bin", os.path.join(src, "link"))
+    image, blob = os.path.join(tmp, "layer.erofs"), os.path.join(tmp, "blob.bin")
+    mkfs_erofs(src, image, "--chunksize=4096", f"--blobdev={blob}")
+    return image, blob, src
+
+
+def test_debian_blobdev_image_reads_as_the_kernel_reads_it(tmp_path: Path) -> None:
+    image, blob, src = debian_blobdev_image(str(tmp_path))
+    with Image.open(image, devices=[blob]) as img, kernel_erofs_with_device(image, blob) as mnt:
+        assert img.superblock.devices[0].blocks == 0  # what makes this image a case
+        want = view_of_dir(mnt)
+        assert want.diff(view_of_image(img)) == []
+    assert view_of_dir(src, with_mtime=False).diff(without_mtime(want)) == []
 
 
 def test_tar_index_layer_reads_the_appended_tar() -> None:

@@ -22,6 +22,8 @@ from mounting import MOUNT_CMD, env, fuse_mount
 from treeview import parse_manifest, view_of_dir
 
 LOWER_LZ4 = "layer-lower-aufs-lz4.erofs"
+SEAL_CMD = [*MOUNT_CMD[:2], "import sys; from erofs_fuse.cli import main; "
+            "sys.exit(main(['seal', *sys.argv[1:]]))"]
 LOWER = "layer-lower-aufs.erofs"
 UPPER = "layer-upper-aufs.erofs"
 
@@ -33,8 +35,7 @@ def seal(tmp: Path, names: list[str]) -> tuple[list[str], str]:
         dst = tmp / name
         shutil.copyfile(corpus(name), dst)
         paths.append(str(dst))
-    proc = subprocess.run([*MOUNT_CMD[:2], "import sys; from erofs_fuse.verity import seal_main; "
-                           "sys.exit(seal_main(sys.argv[1:]))", *paths],
+    proc = subprocess.run([*SEAL_CMD, *paths],
                           capture_output=True, text=True, env=env())
     assert proc.returncode == 0, proc.stderr
     roots = tmp / "roots"
@@ -204,8 +205,7 @@ def test_tampered_block_gives_eio_and_the_rest_still_reads(
     shutil.copyfile(custom_layers[variant], lower)
     paths, roots = seal(tmp_path, [UPPER])
     paths = [str(lower), paths[0]]
-    roots_text = subprocess.run([*MOUNT_CMD[:2], "import sys; from erofs_fuse.verity import "
-                                 "seal_main; sys.exit(seal_main(sys.argv[1:]))", str(lower)],
+    roots_text = subprocess.run([*SEAL_CMD, str(lower)],
                                 capture_output=True, text=True, env=env(), check=True).stdout
     Path(roots).write_text(Path(roots).read_text() + roots_text)
     offset = where(paths[victim])
@@ -244,8 +244,7 @@ def test_tampered_tree_nodes(tmp_path: Path, custom_layers: dict[str, str]) -> N
     paths, roots = seal(tmp_path, [UPPER])
     paths = [str(lower), paths[0]]
     Path(roots).write_text(Path(roots).read_text() + subprocess.run(
-        [*MOUNT_CMD[:2], "import sys; from erofs_fuse.verity import seal_main; "
-         "sys.exit(seal_main(sys.argv[1:]))", str(lower)],
+        [*SEAL_CMD, str(lower)],
         capture_output=True, text=True, env=env(), check=True).stdout)
     blocks = os.path.getsize(lower) // 4096
     assert 256 < blocks <= 128 * 128  # two levels: the top block, then the leaves

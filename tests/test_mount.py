@@ -157,6 +157,15 @@ def test_blob_device_image_with_its_device() -> None:
         assert expected.diff(view_of_dir(fuse.mountpoint)) == []
 
 
+def test_debian_blobdev_image_mounts_as_the_kernel_reads_it(tmp_path: Path) -> None:
+    from test_image import debian_blobdev_image, kernel_erofs_with_device
+
+    image, blob, _ = debian_blobdev_image(str(tmp_path))
+    with kernel_erofs_with_device(image, blob) as ref, \
+            fuse_mount([image], "--device", f"0:{blob}") as fuse:
+        assert_same_tree(ref, fuse, single_layer=True)
+
+
 # the fixture layer stacks = kernel overlayfs over the aufs layers = the manifest --------------
 @pytest.fixture(scope="module")
 def overlay_reference() -> Iterator[tuple[TreeView, dict[str, tuple[int, ...]],
@@ -442,6 +451,61 @@ def test_corrupt_layer_gives_eio_and_the_mount_keeps_serving(tmp_path: Path) -> 
         assert len(Path(fuse.mountpoint, "big/dup-b.txt").read_bytes()) == 30000
         errors = [ln for ln in fuse.log_text().splitlines() if " ERROR " in ln]
         assert errors and all(str(bad) in ln and "inode 20522" in ln for ln in errors)
+
+
+def _bad_layer(tmp_path: Path) -> Path:
+    """plain.erofs cut short: /sizes/text-65543 lies past the end (EIO and one log line)."""
+    bad = tmp_path / f"trunc-{os.getpid()}-{time.monotonic_ns()}.erofs"
+    bad.write_bytes(Path(corpus("plain.erofs")).read_bytes()[:190 * 4096])
+    return bad
+
+
+def _read_fails_with_eio(mnt: str) -> None:
+    with pytest.raises(OSError) as exc:
+        Path(mnt, "sizes/text-65543").read_bytes()
+    assert exc.value.errno == errno.EIO
+
+
+def test_without_syslog_the_daemon_logs_to_a_file_under_run(tmp_path: Path) -> None:
+    # issue #15: with no /dev/log (containers) every log line was dropped
+    from erofs_fuse.mount import default_log_file
+
+    bad = _bad_layer(tmp_path)
+    with empty_dir() as mnt:
+        proc = subprocess.run([*MOUNT_CMD, "--layers", str(bad), mnt], capture_output=True,
+                              text=True, env={**env(), "EROFS_FUSE_SYSLOG": ""}, timeout=60)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        _read_fails_with_eio(mnt)
+        assert run_umount(mnt).returncode == 0
+    log = default_log_file()
+    assert log == "/run/erofs-fuse/erofs-fuse.log"  # root's
+    lines = [ln for ln in Path(log).read_text().splitlines() if str(bad) in ln]
+    assert any(" ERROR " in ln and "inode 20522" in ln for ln in lines), lines
+
+
+def test_log_mount_option_names_the_log_file(tmp_path: Path) -> None:
+    bad, log = _bad_layer(tmp_path), tmp_path / "daemon.log"
+    with empty_dir() as mnt:
+        proc = run_mount("--layers", str(bad), "-o", f"noatime,log={log}", mnt)
+        assert proc.returncode == 0, proc.stderr
+        assert "log=" not in next(ln for ln in open("/proc/self/mountinfo") if mnt in ln)
+        _read_fails_with_eio(mnt)
+        assert run_umount(mnt).returncode == 0
+    errors = [ln for ln in log.read_text().splitlines() if " ERROR " in ln]
+    assert errors and all(str(bad) in ln for ln in errors)
+    with empty_dir() as mnt:
+        proc = run_mount("--layers", str(bad), "-o", "log=", mnt)
+        assert proc.returncode == 2 and "expected -o log=FILE" in proc.stderr
+
+
+def test_unknown_option_is_one_line_exit_2_and_nothing_mounted() -> None:
+    # issue #15: libfuse's complaint came on a second line and the exit status was 1
+    with empty_dir() as mnt:
+        for args in (["-o", "bogus_option"], ["-f", "-o", "bogus_option"]):
+            proc = run_mount("--layers", corpus("plain.erofs"), *args, mnt)
+            assert proc.returncode == 2, (args, proc.stderr)
+            assert proc.stderr.count("\n") == 1 and "unknown option" in proc.stderr, proc.stderr
+            assert proc.stderr.startswith("erofs-fuse: ") and not is_mounted(mnt)
 
 
 def test_mount_through_the_cli_dispatcher() -> None:

@@ -330,7 +330,10 @@ def test_user_options_that_need_privileges(rootless: Rootless) -> None:
             assert "allow_other" in mountinfo(mnt)[3]
             os.stat(os.path.join(mnt, "etc"))  # root may use it now
         else:
-            assert proc.returncode == 1 and "user_allow_other" in proc.stderr, proc.stderr
+            # refused before anything is tried, in one line (fusermount3 would say it on a
+            # second line and the mount command would exit 1)
+            assert proc.returncode == 2 and "user_allow_other" in proc.stderr, proc.stderr
+            assert proc.stderr.startswith("erofs-fuse: ") and proc.stderr.count("\n") == 1
             assert not is_mounted(mnt)
 
 
@@ -345,6 +348,41 @@ def test_allow_other_only_when_asked(rootless: Rootless) -> None:
         assert seen["/etc/hostname"]["data"] == "upper\n"
         assert seen["trusted.secret"] == "ENODATA"  # the user: refused by the kernel
         assert os.getxattr(os.path.join(fm.mountpoint, "xattrs"), "trusted.secret") == b"t"
+
+
+# extract as an ordinary user -----------------------------------------------------------------
+def test_user_extract_skips_device_nodes_and_finishes_the_tree(rootless: Rootless) -> None:
+    # issue #15: a user's extract stopped at the first device node ("Operation not permitted",
+    # no path) and left the directories made so far at 0700
+    env = rootless
+    tree = env.work / "devtree"
+    for rel, mode in (("a/dev", 0o755), ("a/etc", 0o750), ("z", 0o711)):
+        (tree / rel).mkdir(parents=True)
+        (tree / rel).chmod(mode)
+    os.mknod(tree / "a/dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(tree / "a/dev/sda", 0o660 | stat.S_IFBLK, os.makedev(8, 0))
+    os.mkfifo(tree / "a/dev/fifo", 0o644)
+    write(tree, "a/etc/hosts", "127.0.0.1 localhost\n")
+    write(tree, "z/last", "after the devices\n", mode=0o640)
+    (image,) = make_images(env.work, "devtree", (tree,))
+    dest = env.work / "extracted"
+    dest.mkdir()
+    os.chown(dest, env.uid, env.gid)
+    proc = env.run(ENTRY, "extract", image, str(dest))
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[:2] == [
+        "erofs-fuse: warning: a/dev/null: cannot create character device, skipped: "
+        "Operation not permitted",
+        "erofs-fuse: warning: a/dev/sda: cannot create block device, skipped: "
+        "Operation not permitted"], proc.stderr
+    assert "2 entries" in lines[-1] and len(lines) == 3, proc.stderr
+    assert stat.S_ISFIFO(os.lstat(dest / "a/dev/fifo").st_mode)
+    assert (dest / "z/last").read_text() == "after the devices\n"
+    modes = {rel: stat.S_IMODE(os.lstat(dest / rel).st_mode)
+             for rel in ("a", "a/dev", "a/etc", "z", "z/last")}
+    assert modes == {"a": 0o755, "a/dev": 0o755, "a/etc": 0o750, "z": 0o711, "z/last": 0o640}
+    assert all(os.lstat(p).st_uid == env.uid for p in dest.rglob("*"))
 
 
 # mount(8) and fstab ---------------------------------------------------------------------------
@@ -390,6 +428,44 @@ def test_mount_t_fuse_erofs_fuse_and_an_fstab_line(rootless: Rootless) -> None:
         proc = _mount8("umount", mnt)
         assert proc.returncode == 0, proc.stderr
         assert not is_mounted(mnt)
+
+
+MOUNT_HELPER = "/sbin/mount.fuse.erofs-fuse"
+
+
+@pytest.mark.parametrize("options, why", [
+    ("drop_privileges", "drop_privileges is not supported"),
+    ("noexec,bogus_option", "unknown option"),
+    ("max_read=4096", "the read size"),
+])
+def test_mount8_refusals_leave_nothing_mounted(tmp_path: Path, options: str, why: str) -> None:
+    # issue #15: through mount.fuse3, -o drop_privileges was refused after mount.fuse3 had
+    # mounted (with every capability dropped), leaving a dead mount; mount(8) now runs
+    # erofs-fuse as its own helper, which refuses before anything is mounted
+    assert os.path.realpath(MOUNT_HELPER) == os.path.realpath(ENTRY), f"{MOUNT_HELPER}: {INSTALL}"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with cleanup(str(mnt)):
+        proc = _mount8("mount", "-t", "fuse.erofs-fuse", "-o", options,
+                       str(ROOT / "fixtures/corpus/plain.erofs"), str(mnt))
+        assert proc.returncode != 0 and why in proc.stderr, proc.stderr
+        assert proc.stderr.count("erofs-fuse: ") == 1 and "Traceback" not in proc.stderr
+        assert not is_mounted(str(mnt))
+
+
+def test_mount8_log_option_names_the_log_file(tmp_path: Path) -> None:
+    # issue #15: the mount(8)/fstab form had no way to name a log file
+    mnt, log = tmp_path / "mnt", tmp_path / "daemon.log"
+    mnt.mkdir()
+    with cleanup(str(mnt)):
+        proc = _mount8("mount", "-t", "fuse.erofs-fuse", "-o", f"log={log}",
+                       str(ROOT / "fixtures/corpus/plain.erofs"), str(mnt))
+        assert proc.returncode == 0, proc.stderr
+        assert _mount8("umount", str(mnt)).returncode == 0
+        wait_until(lambda: not daemons(str(mnt)), what="the daemon to exit after umount")
+    text = log.read_text()
+    assert f"mounted {ROOT}/fixtures/corpus/plain.erofs on {mnt}" in text, text
+    assert f"unmounted {mnt}" in text, text
 
 
 # a rootless sandbox ---------------------------------------------------------------------------

@@ -21,14 +21,17 @@ from typing import Callable
 import pytest
 
 from erofs_fuse.blob import Blob, FileBlob
-from erofs_fuse.console import CliError
 from erofs_fuse.erofs import ondisk as d
 from erofs_fuse.erofs.extent import Source
 from erofs_fuse.erofs.image import Image, Inode
+from erofs_fuse.cli import main as cli_main
 from erofs_fuse.verity import (
     DmVerityRoot,
     FsVerityDigest,
+    HashParams,
     IntegrityError,
+    ProgressBar,
+    TrustError,
     TrustSpec,
     VerifiedBlob,
     fsverity_tree,
@@ -36,10 +39,8 @@ from erofs_fuse.verity import (
     parse_trust_args,
     read_digests_file,
     seal,
-    seal_main,
 )
-from erofs_fuse.verity_formats import HashParams, geometry
-from erofs_fuse.verity_seal import ProgressBar
+from erofs_fuse.verity.formats import geometry
 
 from helpers import corpus, flip
 
@@ -157,11 +158,11 @@ def test_seal_other_parameters(tmp_path: Path, alg: str, block_size: int, salt: 
         blob.close()
 
 
-def test_seal_main_prints_fsverity_lines(tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_seal_command_prints_fsverity_lines(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     a = write(tmp_path / "a.erofs", payload(10 * BS))
     b = write(tmp_path / "b.erofs", payload(BS + 5, seed=2))
-    assert seal_main([a, b]) == 0
+    assert cli_main(["seal", a, b]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     digests = [line for line in lines if not line.startswith("#")]
@@ -177,15 +178,27 @@ def test_seal_main_prints_fsverity_lines(tmp_path: Path,
     assert spec.dmverity == DmVerityRoot(bytes.fromhex(info["Root hash"]), 10)
 
 
-def test_seal_main_errors_are_one_line(tmp_path: Path) -> None:
-    with pytest.raises(CliError, match="No such file"):
-        seal_main([str(tmp_path / "missing")])
-    with pytest.raises(CliError, match="not a regular file"):
-        seal_main([str(tmp_path)])
-    with pytest.raises(CliError, match="--output takes exactly one"):
-        seal_main(["-o", "x", "a", "b"])
-    with pytest.raises(CliError, match="block size"):
-        seal_main(["--block-size=1000", "a"])
+def test_seal_command_errors_are_one_line_exit_2(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [([str(tmp_path / "missing")], "No such file"),
+             ([str(tmp_path)], "not a regular file"),
+             (["-o", "x", "a", "b"], "--output takes exactly one"),
+             (["--block-size=1000", "a"], "block size"),
+             (["--salt", "zz", "a"], "not hex"),
+             ([], "required")]
+    for args, why in cases:
+        assert cli_main(["seal", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("erofs-fuse: ") and why in err and err.count("\n") == 1, err
+
+
+def test_seal_library_raises_seal_error(tmp_path: Path) -> None:
+    from erofs_fuse.verity import SealError
+
+    with pytest.raises(SealError, match="No such file"):
+        seal(str(tmp_path / "missing"))
+    with pytest.raises(SealError, match="not a regular file"):
+        seal(str(tmp_path))
 
 
 def test_seal_through_cli(tmp_path: Path) -> None:
@@ -684,13 +697,13 @@ def test_parse_trust_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert specs[2].dmverity == DmVerityRoot(bytes.fromhex("55" * 32), 9, 512, 512)
     assert parse_trust_args(layers[2:], verity_roots=["roots"])[0].fsverity is not None  # basename
     for bad in ([f"3={dg}"], [f"x.erofs={dg}"], ["0=sha256:abc"], ["0=md5:" + "00" * 16], ["0"]):
-        with pytest.raises(CliError):
+        with pytest.raises(TrustError):
             parse_trust_args(layers, verity=bad)
-    with pytest.raises(CliError, match="already"):
+    with pytest.raises(TrustError, match="already"):
         parse_trust_args(layers, verity=[f"0={dg}"], dm_verity=[f"0={'55' * 32}:9"])
-    with pytest.raises(CliError):
+    with pytest.raises(TrustError):
         parse_trust_args(layers, dm_verity=[f"0={'55' * 32}"])  # no block count
-    with pytest.raises(CliError, match=":3"):
+    with pytest.raises(TrustError, match=":3"):
         (tmp_path / "broken").write_text("\n\nnot-a-digest x\n")
         parse_trust_args(layers, verity_roots=["broken"])
     assert parse_trust_args(["x"], index_base=1, verity=[f"1={dg}"])[0].fsverity is not None

@@ -6,6 +6,7 @@ from .dirent import DirEntry
 from .errors import (
     CorruptImageError,
     ErofsError,
+    MissingDeviceError,
     NotADirectoryErofsError,
     NotFoundError,
     UnsupportedFeatureError,
@@ -19,6 +20,7 @@ __all__ = [
     "ErofsError",
     "Image",
     "Inode",
+    "MissingDeviceError",
     "NotADirectoryErofsError",
     "NotFoundError",
     "SuperBlock",

@@ -8,10 +8,14 @@ allowed to produce more than ``llen`` bytes, whatever sizes a hostile stream cla
 LZ4 goes through the system liblz4 (ctypes) when it can be loaded, for exact and partial
 decoding; else through the ``lz4`` extension (exact only) and a small pure-Python block decoder
 (``lz4_block_decode``) with an output cap, for partial decoding and as the last fallback.
+
+Each codec's module is imported when a pcluster of that algorithm is first decoded, not with
+this module: a mount of lz4 layers never loads zstandard or lzma (start-up time).
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 import threading
 from typing import Any, Callable
@@ -20,25 +24,27 @@ from . import ondisk as d
 from .errors import CorruptImageError, UnsupportedFeatureError
 from .superblock import CompressionConfig
 
-try:
-    import lz4.block as _lz4block
-except ImportError:  # pragma: no cover - exercised by monkeypatching in tests
-    _lz4block = None
+_UNSET: Any = object()
+# The codec modules: _UNSET until first needed, then the module, or None when it is missing
+# (tests set None to see that case).
+_lz4block: Any = _UNSET
+zstandard: Any = _UNSET
+lzma: Any = _UNSET
+zlib: Any = _UNSET
+_MODULES = {"_lz4block": "lz4.block", "zstandard": "zstandard", "lzma": "lzma", "zlib": "zlib"}
 
-try:
-    import zstandard
-except ImportError:  # pragma: no cover
-    zstandard = None  # type: ignore[assignment]
 
-try:
-    import lzma
-except ImportError:  # pragma: no cover
-    lzma = None  # type: ignore[assignment]
+def _codec(name: str) -> Any:
+    """The module bound to the global ``name``, imported on first use (None if missing)."""
+    module = globals()[name]
+    if module is _UNSET:
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except ImportError:  # pragma: no cover - exercised by monkeypatching in tests
+            module = None
+        globals()[name] = module
+    return module
 
-try:
-    import zlib
-except ImportError:  # pragma: no cover
-    zlib = None  # type: ignore[assignment]
 
 Buffer = bytes | memoryview
 
@@ -91,17 +97,17 @@ def _lz4(data: Buffer, llen: int, partial: bool, config: CompressionConfig) -> b
     native = _liblz4()
     if native is not None:
         return native(data, llen, partial)
-    if not partial and _lz4block is not None:
+    lz4block = _codec("_lz4block") if not partial else None
+    if lz4block is not None:
         try:
-            out: bytes = _lz4block.decompress(data, uncompressed_size=llen)
-        except _lz4block.LZ4BlockError as exc:
+            out: bytes = lz4block.decompress(data, uncompressed_size=llen)
+        except lz4block.LZ4BlockError as exc:
             raise _corrupt("lz4", str(exc)) from exc
         return _check_length("lz4", out, llen)
     return lz4_block_decode(data, llen, exact=not partial)
 
 
 _NativeLz4 = Callable[[Buffer, int, bool], bytes]
-_UNSET: Any = object()
 _native_lz4: Any = _UNSET
 
 
@@ -238,6 +244,7 @@ def _lz4_copy(out: bytearray, offset: int, count: int) -> None:
 
 # MicroLZMA (§5.3) ------------------------------------------------------------------------------
 def _lzma(data: Buffer, llen: int, partial: bool, config: CompressionConfig) -> bytes:
+    lzma = _codec("lzma")
     if lzma is None:
         raise _missing("lzma", "lzma")
     if len(data) < 2:
@@ -260,6 +267,7 @@ def _lzma(data: Buffer, llen: int, partial: bool, config: CompressionConfig) -> 
 
 # DEFLATE (§5.4) --------------------------------------------------------------------------------
 def _deflate(data: Buffer, llen: int, partial: bool, config: CompressionConfig) -> bytes:
+    zlib = _codec("zlib")
     if zlib is None:
         raise _missing("deflate", "zlib")
     try:
@@ -281,12 +289,13 @@ def _deflate(data: Buffer, llen: int, partial: bool, config: CompressionConfig) 
 def _zstd_context() -> Any:
     dctx = getattr(_zstd_local, "dctx", None)
     if dctx is None:
-        dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+        dctx = _codec("zstandard").ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
         _zstd_local.dctx = dctx
     return dctx
 
 
 def _zstd(data: Buffer, llen: int, partial: bool, config: CompressionConfig) -> bytes:
+    zstandard = _codec("zstandard")
     if zstandard is None:
         raise _missing("zstd", "zstandard")
     parts: list[bytes] = []

@@ -62,6 +62,13 @@ class UnsupportedFeatureError(ErofsError):
     kind = "unsupported"
 
 
+class MissingDeviceError(ErofsError):
+    """The image keeps data in extra device files that were not given (or not all of them):
+    the image itself may be fine, it cannot be read alone."""
+
+    kind = "missing device"
+
+
 class NotFoundError(ErofsError, FileNotFoundError):
     """A path or name does not exist in the image (not corruption)."""
 

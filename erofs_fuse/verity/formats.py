@@ -19,7 +19,7 @@ For SHA-256, 4096-byte blocks, no salt and block-aligned data the two trees are 
 which is why one sidecar (a veritysetup hash device: superblock block + tree) serves both.
 
 This module holds the pure parts: parameters, geometry, the descriptor and veritysetup
-superblock layouts, and a tree builder. ``verity`` does trust and lazy verification.
+superblock layouts. ``build`` makes trees, ``trust`` and ``blob`` check them.
 """
 
 from __future__ import annotations
@@ -284,80 +284,3 @@ def hash_area_offset(hash_offset: int, hash_block_size: int, superblock: bool) -
     if not superblock:
         return hash_offset
     return -(-(hash_offset + VERITY_SB.size) // hash_block_size) * hash_block_size
-
-
-# building -----------------------------------------------------------------------------------
-
-ReadFn = Callable[[int, int], bytes]
-Progress = Callable[[int, int], None]
-BUILD_CHUNK = 8 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class BuiltTree:
-    params: HashParams
-    data_size: int
-    data_blocks: int
-    root: bytes
-    tree: bytes  # root-first levels, exactly what ``--out-merkle-tree`` writes
-
-    @property
-    def fsverity_digest(self) -> bytes:
-        return fsverity_digest(self.params, self.data_size, self.root)
-
-
-def hash_blocks(hasher: Callable[[bytes | memoryview], bytes], data: bytes, block_size: int,
-                slot_size: int) -> bytes:
-    """The concatenated slot-padded hashes of the blocks of ``data`` (a partial last block is
-    zero-padded, as fs-verity does)."""
-    if len(data) % block_size:
-        data = data + bytes(-len(data) % block_size)
-    mv = memoryview(data)
-    digests = [hasher(mv[k:k + block_size]) for k in range(0, len(data), block_size)]
-    pad = slot_size - len(digests[0]) if digests else 0
-    if pad:
-        digests = [d + bytes(pad) for d in digests]
-    return b"".join(digests)
-
-
-def pack_level(hashes: bytes, params: HashParams) -> bytes:
-    """Lay slot-padded hashes out in hash blocks of ``hashes_per_block`` slots each, the rest
-    of every block zero (only dm-verity format 0 with sha1/224/384 leaves a gap per block)."""
-    hbs = params.hash_block_size
-    per_block = params.hashes_per_block * params.slot_size
-    if per_block == hbs:
-        return hashes + bytes(-len(hashes) % hbs)
-    blocks = []
-    for k in range(0, len(hashes), per_block):
-        part = hashes[k:k + per_block]
-        blocks.append(part + bytes(hbs - len(part)))
-    return b"".join(blocks)
-
-
-def build_tree(read: ReadFn, data_size: int, params: HashParams, *,
-               progress: Progress | None = None, chunk: int = BUILD_CHUNK) -> BuiltTree:
-    """Hash ``data_size`` bytes from ``read`` into a tree. Data is read in large chunks and
-    hashed block by block with hashlib (which drops the GIL on each block)."""
-    dbs, hbs, slot = params.data_block_size, params.hash_block_size, params.slot_size
-    hasher = params.hasher()
-    nblocks = data_blocks_of(data_size, dbs)
-    chunk = max(dbs, chunk - chunk % dbs)
-    parts: list[bytes] = []
-    for pos in range(0, data_size, chunk):
-        parts.append(hash_blocks(hasher, read(pos, min(chunk, data_size - pos)), dbs, slot))
-        if progress is not None:
-            progress(min(pos + chunk, data_size), data_size)
-    if nblocks == 0:
-        return BuiltTree(params, data_size, 0, bytes(params.digest_size), b"")
-    level = b"".join(parts)
-    if nblocks == 1:
-        return BuiltTree(params, data_size, 1, level[: params.digest_size], b"")
-    levels: list[bytes] = []
-    while True:
-        level = pack_level(level, params)
-        levels.append(level)
-        if len(level) == hbs:
-            break
-        level = hash_blocks(hasher, level, hbs, slot)
-    root = hasher(levels[-1])
-    return BuiltTree(params, data_size, nblocks, root, b"".join(reversed(levels)))

@@ -13,15 +13,14 @@ import threading
 
 from cachetools import LRUCache
 
-from .blob import Blob
-from .erofs.errors import CorruptImageError
-from .verity_formats import Geometry, HashParams, data_blocks_of, geometry, hash_blocks
-from .verity_trust import Anchor, IntegrityError
+from ..blob import Blob
+from ..erofs.errors import CorruptImageError
+from .build import hash_blocks
+from .formats import Geometry, HashParams, data_blocks_of, geometry
+from .trust import Anchor, IntegrityError
 
 DEFAULT_TREE_CACHE_BYTES = 64 << 20
 DIGEST_PREFIX_HEX = 16  # hex digits of a hash shown in error messages
-
-
 
 
 class MerkleTree:

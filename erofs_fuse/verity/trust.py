@@ -22,9 +22,8 @@ import os
 from dataclasses import dataclass
 from typing import AbstractSet, Callable, Iterable, Protocol, Sequence, TypeVar
 
-from .console import fail
-from .erofs.errors import CorruptImageError
-from .verity_formats import ALG_BY_DIGEST_SIZE, FormatError, HashParams, SaltMode, fsverity_digest
+from ..erofs.errors import CorruptImageError
+from .formats import ALG_BY_DIGEST_SIZE, FormatError, HashParams, SaltMode, fsverity_digest
 
 MAX_JSON_SIDECAR = 1 << 16
 
@@ -33,6 +32,12 @@ class IntegrityError(CorruptImageError):
     """Layer bytes, or its tree, do not match the trusted digest (or cannot be checked)."""
 
     kind = "integrity error"
+
+
+class TrustError(ValueError):
+    """The trusted input as given is unusable: a malformed value, a layer named twice or not at
+    all, an unreadable roots file. The message is one line naming the option; the caller words
+    it for its user (``erofs-fuse: MESSAGE`` on the command line)."""
 
 
 def _hex_bytes(text: str, what: str) -> bytes:
@@ -240,7 +245,7 @@ def _match_roots(layer: str, entries: list[RootsEntry]) -> FsVerityDigest | None
     for tier in tiers:
         digests = {digest for digest, _, _ in tier}
         if len(digests) > 1:
-            fail(f"--verity-roots: several digests for layer {layer}")
+            raise TrustError(f"--verity-roots: several digests for layer {layer}")
         if digests:
             return digests.pop()
     return None
@@ -253,11 +258,12 @@ def _layer_index(key: str, layers: Sequence[str], option: str, index_base: int) 
         index = int(key) - index_base
         if 0 <= index < len(layers):
             return index
-        fail(f"{option} {key}: no such layer (layers are numbered {index_base}.."
+        raise TrustError(f"{option} {key}: no such layer (layers are numbered {index_base}.."
              f"{index_base + len(layers) - 1})")
     matches = [i for i, layer in enumerate(layers) if _same_file(key, layer)]
     if len(matches) != 1:
-        fail(f"{option} {key}: {'no' if not matches else 'more than one'} layer is that file")
+        which = "no" if not matches else "more than one"
+        raise TrustError(f"{option} {key}: {which} layer is that file")
     return matches[0]
 
 
@@ -265,7 +271,7 @@ def _split_keyed(value: str, option: str, last: bool) -> tuple[str, str]:
     # digests and roots hold no '=', so a path key may; a sidecar path may, so split first
     key, sep, rest = value.rpartition("=") if last else value.partition("=")
     if not sep or not key or not rest:
-        fail(f"{option} {value!r}: expected LAYER=VALUE")
+        raise TrustError(f"{option} {value!r}: expected LAYER=VALUE")
     return key, rest
 
 
@@ -274,7 +280,7 @@ def _keyed(value: str, option: str, layers: Sequence[str], index_base: int,
     key, text = _split_keyed(value, option, last=True)
     index = _layer_index(key, layers, option, index_base)
     if index in taken:
-        fail(f"{option} {value}: layer {key} already has a trusted digest")
+        raise TrustError(f"{option} {value}: layer {key} already has a trusted digest")
     return index, text
 
 
@@ -285,7 +291,7 @@ def _parse_or_fail(parse: Callable[[str], T], text: str, context: str) -> T:
     try:
         return parse(text)
     except FormatError as exc:
-        fail(f"{context}: {exc}")
+        raise TrustError(f"{context}: {exc}") from None
 
 
 def parse_trust_args(
@@ -299,7 +305,7 @@ def parse_trust_args(
     index_base: int = 0,
 ) -> list[TrustSpec]:
     """One ``TrustSpec`` per layer from the mount options (grammar in the module docstring).
-    Errors are ``CliError`` (one line)."""
+    Errors are ``TrustError`` (one line)."""
     fs: dict[int, FsVerityDigest] = {}
     dm: dict[int, DmVerityRoot] = {}
     sidecars: dict[int, str] = {}
@@ -313,7 +319,7 @@ def parse_trust_args(
         key, path = _split_keyed(value, "--verity-sidecar", last=False)
         index = _layer_index(key, layers, "--verity-sidecar", index_base)
         if index in sidecars:
-            fail(f"--verity-sidecar {value}: layer {key} already has a sidecar")
+            raise TrustError(f"--verity-sidecar {value}: layer {key} already has a sidecar")
         sidecars[index] = path
     _apply_roots_files(layers, verity_roots, fs, dm)
     return [TrustSpec(fs.get(i), dm.get(i), sidecars.get(i), trust_dmverity_sidecar)
@@ -327,9 +333,9 @@ def _apply_roots_files(layers: Sequence[str], files: Iterable[str],
         try:
             found = read_digests_file(path)
         except OSError as exc:
-            fail(f"--verity-roots {path}: {exc.strerror}")
+            raise TrustError(f"--verity-roots {path}: {exc.strerror}") from None
         except FormatError as exc:
-            fail(f"--verity-roots {exc}")
+            raise TrustError(f"--verity-roots {exc}") from None
         entries.extend((digest, p, os.path.dirname(path)) for digest, p in found)
     for index, layer in enumerate(layers):
         if entries and index not in fs and index not in dm:

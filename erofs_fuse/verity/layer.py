@@ -1,42 +1,12 @@
-"""Runtime integrity of layer blobs: lazy Merkle-tree verification of every byte read.
-
-Design and measured facts: ``docs/integrity.md``. This module opens layers (finds and checks
-their trees) and re-exports the public names of its helpers: ``verity_formats`` (tree
-formats, builder), ``verity_trust`` (trusted values, option parsing), ``verity_blob``
-(``VerifiedBlob``), ``verity_seal`` (``seal``, ``seal_main``).
-
-Trusted input (per layer file), strongest first:
-
-* ``FsVerityDigest`` -- ``sha256:HEX`` exactly as ``fsverity digest LAYER`` prints it. It
-  covers algorithm, block size, salt, data size and root, so the blob size is authenticated.
-  Without a descriptor file the defaults (4096-byte blocks, no salt, the digest's algorithm)
-  and the blob's size rebuild the descriptor; ``SIDECAR.desc`` (``--out-descriptor``) is used
-  when it hashes to the digest.
-* ``DmVerityRoot`` -- a dm-verity root *with its data block count* (and block sizes, default
-  4096, and hash type, default 1): the root alone does not cover them. The algorithm follows
-  from the root's length. Only the salt is taken from a veritysetup superblock, because
-  changing it changes the root. The hash type is *not* taken from the superblock: with an
-  all-zero salt (containerd's), a format-0 tree over data shifted by 32 bytes reproduces a
-  format-1 root, so a forged superblock could pass off shifted blocks (see the tests).
-* a containerd ``LAYER.dmverity`` JSON (``{"roothash", "hashoffset"}``, tree appended to the
-  layer at ``hashoffset``): its root is trusted only with ``trust_dmverity_sidecar``; the block
-  size then comes from the superblock but must equal the hash block size, which keeps a hash
-  block from being passed off as data.
+"""Opening a layer for reading: find its Merkle tree (sidecars), check the tree's root against
+what is trusted for the layer, and wrap the file in a ``VerifiedBlob``, or hand back the plain
+file when nothing is trusted.
 
 Sidecars (where the tree is), found as ``TrustSpec.sidecar`` or next to the layer:
 ``LAYER.verity`` = veritysetup hash device (superblock block + tree, what ``seal`` writes) or
 a raw fs-verity tree (``fsverity digest --out-merkle-tree``); ``LAYER.dmverity`` = containerd
 layout. Formats are told apart by the tree size that follows from the trusted data size, then
 by the superblock magic; a wrong guess can only fail verification, never pass bad data.
-
-API for the mount code::
-
-    specs = parse_trust_args(layers, verity=[...], verity_roots=[...], dm_verity=[...],
-                             verity_sidecar=[...], trust_dmverity_sidecar=False)
-    blobs = [open_layer_blob(path, spec, require=require_verity) for path, spec in ...]
-
-``open_layer_blob`` returns a plain ``FileBlob`` when nothing is trusted (``IntegrityError``
-if ``require``), else a ``VerifiedBlob`` whose ``size`` is the authenticated data size.
 """
 
 from __future__ import annotations
@@ -45,9 +15,9 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from .blob import Blob, FileBlob
-from .verity_blob import DEFAULT_TREE_CACHE_BYTES, MerkleTree, VerifiedBlob
-from .verity_formats import (
+from ..blob import Blob, FileBlob
+from .blob import DEFAULT_TREE_CACHE_BYTES, MerkleTree, VerifiedBlob
+from .formats import (
     VERITY_MAGIC,
     FormatError,
     HashParams,
@@ -56,8 +26,7 @@ from .verity_formats import (
     parse_fsverity_descriptor,
     parse_verity_superblock,
 )
-from .verity_seal import SealResult, seal, seal_main
-from .verity_trust import (
+from .trust import (
     Anchor,
     ContainerdVerity,
     DmVerityRoot,
@@ -65,17 +34,8 @@ from .verity_trust import (
     IntegrityError,
     TrustSpec,
     is_dmverity_json,
-    parse_trust_args,
-    read_digests_file,
     read_dmverity_json,
 )
-
-__all__ = [
-    "DEFAULT_TREE_CACHE_BYTES", "Anchor", "ContainerdVerity", "DmVerityRoot", "FsVerityDigest",
-    "IntegrityError", "MerkleTree", "SealResult", "TrustSpec", "VerifiedBlob",
-    "containerd_trust", "dmverity_tree", "fsverity_tree", "open_layer_blob", "parse_trust_args",
-    "read_digests_file", "read_dmverity_json", "seal", "seal_main",
-]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""``erofs-fuse seal LAYER...``: hash a layer once and write its Merkle tree next to it.
+"""Sealing a layer (``erofs-fuse seal``, worded by ``cli``): hash it once and write its Merkle
+tree next to it.
 
 For the default parameters (SHA-256, 4096-byte blocks, no salt) and a block-aligned, non-empty
 layer, ``LAYER.verity`` is byte-identical to ``veritysetup format --salt=-
@@ -21,32 +22,32 @@ The second line is a comment, so the output is itself a valid ``--verity-roots``
 
 from __future__ import annotations
 
-import argparse
 import os
 import stat
-import sys
 import time
 from dataclasses import dataclass
-from typing import NoReturn, TextIO
+from typing import TextIO
 
-from .blob import FileBlob
-from .console import fail
-from .erofs.errors import ErofsError
-from .verity_formats import (
+from ..blob import FileBlob
+from ..erofs.errors import ErofsError
+from .build import BuiltTree, Progress, build_tree
+from .formats import (
     ZERO_UUID,
-    FormatError,
     HashParams,
-    Progress,
     SaltMode,
     VeritySuperblock,
-    build_tree,
     fsverity_descriptor,
     hash_area_offset,
     pack_verity_superblock,
 )
 
-PROGRESS_MIN_BYTES = 32 << 20
-EXIT_FAILURE = 1
+PROGRESS_MIN_BYTES = 32 << 20  # smaller layers are sealed too fast for a progress bar to help
+
+
+class SealError(ValueError):
+    """A layer cannot be sealed: missing, unreadable, not a regular file, or of parameters
+    fs-verity does not have. One line naming the layer; failing to write the sidecar is an
+    ``OSError`` instead (the input was fine)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +82,9 @@ def seal(path: str, out: str | None = None, *, progress: Progress | None = None,
     4096-byte blocks, no salt)."""
     params = params if params is not None else HashParams.fsverity()
     if params.mode is not SaltMode.FSVERITY:
-        raise FormatError("seal builds fs-verity trees")
+        raise SealError("seal builds fs-verity trees")
     out = out if out is not None else path + ".verity"
-    blob = FileBlob(path)
-    try:
-        built = build_tree(blob.read, blob.size, params, progress=progress)
-    finally:
-        blob.close()
+    built = _build(path, params, progress)
     bs = params.data_block_size
     dm = params.is_dm_compatible_default and built.data_size > 0 and built.data_size % bs == 0
     if dm:
@@ -108,6 +105,21 @@ def seal(path: str, out: str | None = None, *, progress: Progress | None = None,
                       built.root, built.fsverity_digest, built.root if dm else None)
 
 
+def _build(path: str, params: HashParams, progress: Progress | None) -> BuiltTree:
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise SealError(f"{path}: not a regular file")
+        blob = FileBlob(path)
+    except OSError as exc:
+        raise SealError(f"{exc.filename or path}: {exc.strerror or exc}") from None
+    try:
+        return build_tree(blob.read, blob.size, params, progress=progress)
+    except ErofsError as exc:  # the file shrank or could not be read while hashing
+        raise SealError(f"{path}: {exc.message}") from None
+    finally:
+        blob.close()
+
+
 def _write_atomic(path: str, data: bytes) -> None:
     """Write via a temporary file and rename, so readers never see half a tree (and no stale
     bytes survive past the end, the trap ``veritysetup format`` sets)."""
@@ -125,7 +137,7 @@ def _write_atomic(path: str, data: bytes) -> None:
         raise
 
 
-# the command --------------------------------------------------------------------------------
+# progress on a terminal ----------------------------------------------------------------------
 
 class ProgressBar:
     """``\\rsealing NAME  42% 120/286 MiB 850 MB/s`` on a terminal, at most 10 updates/s."""
@@ -153,68 +165,3 @@ class ProgressBar:
         if self._width:
             self._stream.write("\r" + " " * self._width + "\r")
             self._stream.flush()
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        fail(f"seal: {message}")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="erofs-fuse seal",
-                description="Write LAYER.verity (the Merkle tree) and print the fs-verity "
-                            "digest of each layer, as `fsverity digest` does. With non-default "
-                            "parameters the sidecar is a raw fs-verity tree, plus "
-                            "SIDECAR.desc for a salt or another block size.")
-    p.add_argument("layers", nargs="+", metavar="LAYER")
-    p.add_argument("-o", "--output", metavar="FILE", help="sidecar path (one layer only)")
-    p.add_argument("--hash-alg", choices=("sha256", "sha512"), default="sha256",
-                   help="as `fsverity digest --hash-alg` (default sha256)")
-    p.add_argument("--block-size", type=int, default=4096, metavar="BYTES",
-                   help="Merkle tree block size (default 4096)")
-    p.add_argument("--salt", default="", metavar="HEX", help="fs-verity salt (default none)")
-    return p
-
-
-def _params(args: argparse.Namespace) -> HashParams:
-    try:
-        salt = bytes.fromhex(args.salt)
-    except ValueError:
-        fail(f"seal: --salt {args.salt!r} is not hex")
-    try:
-        return HashParams.fsverity(args.hash_alg, args.block_size, salt)
-    except FormatError as exc:
-        fail(f"seal: {exc}")
-
-
-def _seal_one(layer: str, output: str | None, params: HashParams) -> SealResult:
-    try:
-        st = os.stat(layer)
-        if not stat.S_ISREG(st.st_mode):
-            fail(f"{layer}: not a regular file", EXIT_FAILURE)
-        bar = ProgressBar(layer, sys.stderr)
-        show = sys.stderr.isatty() and st.st_size >= PROGRESS_MIN_BYTES
-        try:
-            return seal(layer, output, progress=bar if show else None, params=params)
-        finally:
-            bar.clear()
-    except OSError as exc:
-        fail(f"{exc.filename or layer}: {exc.strerror or exc}", EXIT_FAILURE)
-    except ErofsError as exc:
-        fail(f"{layer}: {exc.message}", EXIT_FAILURE)
-
-
-def seal_main(argv: list[str]) -> int:
-    """The ``seal`` subcommand; errors are raised as ``CliError`` (one line)."""
-    args = _parser().parse_args(argv)
-    if args.output is not None and len(args.layers) > 1:
-        fail("seal: --output takes exactly one LAYER")
-    params = _params(args)
-    for layer in args.layers:
-        result = _seal_one(layer, args.output, params)
-        print(result.digest_line())
-        dm_line = result.dm_line()
-        if dm_line is not None:
-            print(dm_line)
-        sys.stdout.flush()
-    return 0
