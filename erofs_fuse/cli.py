@@ -1,35 +1,48 @@
 """The ``erofs-fuse`` command: inspect, read and extract images, mount layer stacks.
 
-Subcommands that need no mount (info, ls, cat, extract) live here; ``mount``/``umount`` belong to
-``mount.py`` and ``seal`` to ``verity.py``, which parse their own arguments. Every failure is one
-line on stderr and a non-zero exit: 2 for bad input (usage, unreadable or corrupt images).
+Subcommands that need no mount (info, ls, cat, extract, seal) live here; ``mount``/``umount``
+belong to ``mount.py``, which parses its own arguments. Each module is imported only by the
+subcommand that uses it (a mount imports neither ``extract`` nor the integrity code it is not
+asked for). Every failure is one line on stderr and a non-zero exit: 2 for bad input (usage,
+unreadable or corrupt images).
 
 ``erofs-fuse SOURCE MOUNTPOINT [-o OPTS]`` (no subcommand) is the call of a mount helper:
 ``mount -t fuse.erofs-fuse L1,L2 DIR`` and fstab lines of type ``fuse.erofs-fuse`` run
-``mount.fuse3``, which runs ``erofs-fuse L1,L2 DIR -o OPTS`` through ``/bin/sh`` with mount(8)'s
-PATH; see ``mount_helper_args``.
+``/sbin/mount.fuse.erofs-fuse L1,L2 DIR -o OPTS``, a link to erofs-fuse (scripts/install-deps);
+without that link mount(8) runs ``mount.fuse3``, which runs ``erofs-fuse L1,L2 DIR -o OPTS``
+through ``/bin/sh`` with mount(8)'s PATH. See ``mount_helper_args``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import stat
 import sys
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from .console import PROG, CliError, print_error
+from .console import PROG, CliError, OneLineParser, print_error
 from .erofs import ondisk as d
 from .erofs.errors import ErofsError
 from .erofs.image import Image, Inode
+from .info import utc
+
+if TYPE_CHECKING:
+    from .verity.formats import HashParams
 
 DISPATCHED = {
     "mount": ("erofs_fuse.mount", "main", "mount a stack of layers (bottom to top) as one tree"),
     "umount": ("erofs_fuse.mount", "umount_main", "unmount an erofs-fuse mount"),
-    "seal": ("erofs_fuse.verity", "seal_main", "write .verity sidecars and print digests"),
+    "convert-image": ("erofs_fuse.convert_image", "main",
+                      "convert an OCI image's layers to EROFS files and a .layers list"),
+    "convert": ("erofs_fuse.convert", "convert_main",
+                "convert a layer tar or a directory into an EROFS image"),
+    "snapshotter": ("erofs_fuse.snapshotter.server", "main",
+                    "serve containerd's snapshots API (a proxy snapshotter) on a unix socket"),
 }
-_COMMANDS = ("info", "ls", "cat", "extract")  # parsed here (build_parser)
+_COMMANDS = ("info", "ls", "cat", "extract", "seal")  # parsed here (build_parser)
 
 
 def _open(args: argparse.Namespace) -> Image:
@@ -40,46 +53,24 @@ def _open(args: argparse.Namespace) -> Image:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with _open(args) as image:
-        sb = image.superblock
-        rows = [
-            ("image", args.image),
-            ("block size", str(sb.block_size)),
-            ("uuid", sb.uuid),
-            ("volume name", sb.volume_name or "-"),
-            ("build time", _utc(sb.build_time, "%Y-%m-%d %H:%M:%S UTC")),
-            ("inodes", str(sb.raw.inos)),
-            ("blocks", str(sb.primary_blocks)),
-            ("root nid", str(sb.root_nid)),
-            ("features", " ".join(sb.feature_names()) or "-"),
-            ("compression", " ".join(d.ALG_NAMES[a] for a in sorted(sb.available_algorithms))
-             if sb.feature_incompat & (d.INCOMPAT_COMPR_CFGS | d.INCOMPAT_ZERO_PADDING) else "-"),
-            ("extra devices", str(len(sb.devices))),
-        ]
-        for k, dev in enumerate(sb.devices):
-            rows.append((f"device {k + 1}", f"{dev.blocks} blocks at {dev.uniaddr} "
-                         f"tag={dev.tag.decode(errors='replace') or '-'}"))
-        if sb.packed_nid is not None:
-            rows.append(("packed nid", str(sb.packed_nid)))
-        if sb.metabox_nid is not None:
-            rows.append(("metabox nid", str(sb.metabox_nid)))
-        width = max(len(k) for k, _ in rows)
-        for key, value in rows:
-            print(f"{key + ':':<{width + 1}} {value}")
+    """The superblock and device table (``info.describe``); a short file is reported after."""
+    from .info import describe
+
+    try:
+        rows, short = describe(args.image, args.device or [])
+    except OSError as exc:
+        raise CliError(f"{exc.filename or args.image}: {exc.strerror}") from exc
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key + ':':<{width + 1}} {value}")
+    sys.stdout.flush()
+    if short:
+        raise CliError(short)
     return 0
 
 
-def _utc(seconds: int, fmt: str) -> str:
-    """A UTC time, or the raw number for one the platform cannot show (images hold any 64-bit
-    number of seconds)."""
-    try:
-        return time.strftime(fmt, time.gmtime(seconds))
-    except (OverflowError, OSError, ValueError):
-        return f"@{seconds}"
-
-
 def _ls_line(name: str, node: Inode) -> str:
-    mtime = _utc(node.mtime, "%Y-%m-%d %H:%M")
+    mtime = utc(node.mtime, "%Y-%m-%d %H:%M")
     size = (f"{os.major(node.rdev)}, {os.minor(node.rdev)}"
             if stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode) else str(node.size))
     line = f"{stat.filemode(node.mode)} {node.nlink:>3} {node.uid:>5} {node.gid:>5} {size:>9} {mtime} {name}"
@@ -120,35 +111,91 @@ def cmd_cat(args: argparse.Namespace) -> int:
         if node.is_dir:
             raise CliError(f"{args.path}: is a directory")
         if node.is_symlink:
-            sys.stdout.buffer.write(node.readlink())
+            _write_out(node.readlink())
             return 0
-        out = sys.stdout.buffer
         pos = 0
         while pos < node.size:
             chunk = node.read(pos, 1 << 20)
             if not chunk:
                 break
-            out.write(chunk)
+            _write_out(chunk)
             pos += len(chunk)
-        out.flush()
+        sys.stdout.buffer.flush()
     return 0
 
 
+def _write_out(data: bytes) -> None:
+    """All of ``data`` to stdout. Under PYTHONUNBUFFERED stdout is a raw file whose write may
+    take part of it (a pipe whose reader left): without the loop the rest would be lost."""
+    view = memoryview(data)
+    while view:
+        done = sys.stdout.buffer.write(view)
+        view = view[done:]
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
+    """Extract; one warning line per entry skipped or metadata not set, as tar prints them,
+    and exit 1 when entries were skipped (the tree is incomplete)."""
     from .extract import extract
 
     with _open(args) as image:
         start = time.monotonic()
-        stats = extract(image, args.dest, owners=None if args.owners is None else args.owners)
-        if args.verbose:
-            took = time.monotonic() - start
-            print(f"extracted {stats.files} files, {stats.dirs} directories, {stats.symlinks} "
-                  f"symlinks, {stats.specials} special files, {stats.hardlinks} hardlinks, "
-                  f"{stats.bytes} bytes in {took:.2f} s", file=sys.stderr)
+        stats = extract(image, args.dest, owners=args.owners, merge=args.merge)
+    for warning in stats.warnings:
+        print_error(f"warning: {warning}")
+    if args.verbose:
+        took = time.monotonic() - start
+        print(f"extracted {stats.files} files, {stats.dirs} directories, {stats.symlinks} "
+              f"symlinks, {stats.specials} special files, {stats.hardlinks} hardlinks, "
+              f"{stats.bytes} bytes in {took:.2f} s", file=sys.stderr)
+    if stats.skipped:
+        raise CliError(f"extract: {stats.skipped} entries of {args.image} could not be "
+                       f"created in {args.dest} (warnings above)", 1)
     return 0
 
 
-def _image_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+def cmd_seal(args: argparse.Namespace) -> int:
+    """Seal each layer and print its digest lines; the first layer that fails ends the run."""
+    from .verity.formats import FormatError, HashParams
+
+    if args.output is not None and len(args.layers) > 1:
+        raise CliError("seal: --output takes exactly one LAYER")
+    try:
+        salt = bytes.fromhex(args.salt)
+    except ValueError:
+        raise CliError(f"seal: --salt {args.salt!r} is not hex") from None
+    try:
+        params = HashParams.fsverity(args.hash_alg, args.block_size, salt)
+    except FormatError as exc:
+        raise CliError(f"seal: {exc}") from None
+    for layer in args.layers:
+        for line in _seal_one(layer, args.output, params):
+            print(line)
+        sys.stdout.flush()
+    return 0
+
+
+def _seal_one(layer: str, output: str | None, params: HashParams) -> list[str]:
+    """The digest lines of one sealed layer. A layer that cannot be read is bad input (exit 2);
+    a sidecar that cannot be written is an OSError (exit 1, from ``main``)."""
+    from .verity.sealing import PROGRESS_MIN_BYTES, ProgressBar, SealError, seal
+
+    bar = ProgressBar(layer, sys.stderr)
+    try:
+        show = sys.stderr.isatty() and os.path.getsize(layer) >= PROGRESS_MIN_BYTES
+    except OSError:
+        show = False  # seal() says why
+    try:
+        result = seal(layer, output, progress=bar if show else None, params=params)
+    except SealError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        bar.clear()
+    dm_line = result.dm_line()
+    return [result.digest_line(), *([dm_line] if dm_line is not None else [])]
+
+
+def _image_parser(sub: argparse._SubParsersAction[OneLineParser], name: str,
                   help_: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_, description=help_)
     p.add_argument("--device", action="append", metavar="PATH",
@@ -158,7 +205,7 @@ def _image_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG,
         description="Read EROFS images and mount stacks of EROFS layers through FUSE.",
         epilog=f"{PROG} L1,L2,... MOUNTPOINT [-o OPTIONS] is the mount helper form, which "
@@ -178,14 +225,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="path inside the image")
     p.set_defaults(func=cmd_cat)
     p = _image_parser(sub, "extract", "extract the whole tree into a directory")
-    p.add_argument("dest", help="destination directory (created if missing)")
+    p.add_argument("dest", help="destination directory (created if missing; must be empty "
+                   "unless --merge)")
+    p.add_argument("--merge", action="store_true",
+                   help="extract over what DEST holds, as a layer over the one below: "
+                   "directories in both are merged, other existing entries are replaced")
     owners = p.add_mutually_exclusive_group()
     owners.add_argument("--owners", dest="owners", action="store_true", default=None,
                         help="restore owners (default when run as root)")
     owners.add_argument("--no-owners", dest="owners", action="store_false")
     p.add_argument("-v", "--verbose", action="store_true", help="print a summary to stderr")
     p.set_defaults(func=cmd_extract)
+    _seal_parser(sub)
     return parser
+
+
+def _seal_parser(sub: argparse._SubParsersAction[OneLineParser]) -> None:
+    help_ = "write .verity sidecars and print digests"
+    p = sub.add_parser(
+        "seal", help=help_,
+        description="Write LAYER.verity (the Merkle tree) and print the fs-verity digest of "
+        "each layer, as `fsverity digest` does. With non-default parameters the sidecar is a "
+        "raw fs-verity tree, plus SIDECAR.desc for a salt or another block size.")
+    p.add_argument("layers", nargs="+", metavar="LAYER")
+    p.add_argument("-o", "--output", metavar="FILE", help="sidecar path (one layer only)")
+    p.add_argument("--hash-alg", choices=("sha256", "sha512"), default="sha256",
+                   help="as `fsverity digest --hash-alg` (default sha256)")
+    p.add_argument("--block-size", type=int, default=4096, metavar="BYTES",
+                   help="Merkle tree block size (default 4096)")
+    p.add_argument("--salt", default="", metavar="HEX", help="fs-verity salt (default none)")
+    p.set_defaults(func=cmd_seal)
 
 
 # mount(8) -------------------------------------------------------------------------------------
@@ -205,14 +274,23 @@ def _helper_option_kept(opt: str) -> bool:
         not opt.startswith(HELPER_IGNORED_PREFIXES)
 
 
-def mount_helper_args(argv: Sequence[str]) -> list[str] | None:
-    """The ``mount`` arguments of a mount-helper call ``SOURCE MOUNTPOINT [-o OPTS]...``.
+# The flags libmount gives a mount helper (sloppy, fake, no mtab, verbose); only fake matters.
+HELPER_FLAGS = frozenset({"-s", "-f", "-n", "-v"})
+_DROP_PRIVILEGES = ("mount: drop_privileges is not supported: with it mount.fuse3 mounts by "
+                    "itself, without the ro and default_permissions erofs-fuse relies on")
 
-    None when ``argv`` has another shape or names a subcommand. SOURCE is the ``--layers`` list
-    (bottom to top) and also the name shown in /proc/mounts, as for any mounted device.
+
+def mount_helper_args(argv: Sequence[str]) -> list[str] | None:
+    """The ``mount`` arguments of a mount-helper call ``SOURCE MOUNTPOINT [FLAGS] [-o OPTS]``,
+    as mount(8) runs ``/sbin/mount.fuse.erofs-fuse`` (or mount.fuse3 runs ``erofs-fuse``).
+
+    None when ``argv`` has another shape or names a subcommand; an empty list for mount(8)'s
+    fake mount (``-f``: everything but the mount). SOURCE is the ``--layers`` list (bottom to
+    top) and also the name shown in /proc/mounts, as for any mounted device.
     """
     positional: list[str] = []
     option_lists: list[str] = []
+    flags: set[str] = set()
     k = 0
     while k < len(argv):
         arg = argv[k]
@@ -222,6 +300,8 @@ def mount_helper_args(argv: Sequence[str]) -> list[str] | None:
             continue
         if arg.startswith("-o") and len(arg) > 2:
             option_lists.append(arg[2:])
+        elif arg in HELPER_FLAGS:
+            flags.add(arg)
         elif arg.startswith("-"):
             return None
         else:
@@ -230,10 +310,15 @@ def mount_helper_args(argv: Sequence[str]) -> list[str] | None:
     if len(positional) != 2 or positional[0] in DISPATCHED or positional[0] in _COMMANDS:
         return None
     source, mountpoint = positional
-    if mountpoint.startswith("/dev/fd/"):  # mount.fuse3 -o drop_privileges mounted by itself
-        raise CliError("mount: drop_privileges is not supported: mount.fuse3 then mounts "
-                       "without the ro and default_permissions that erofs-fuse relies on")
-    kept = [opt for value in option_lists for opt in value.split(",") if _helper_option_kept(opt)]
+    options = [opt for value in option_lists for opt in value.split(",")]
+    # Refused before anything is mounted when mount(8) runs us as its helper. Through
+    # mount.fuse3, which has mounted already (the mountpoint is then its /dev/fd/N) and dropped
+    # every capability, the refusal leaves that mount behind: README, mount(8) and fstab.
+    if "drop_privileges" in options or mountpoint.startswith("/dev/fd/"):
+        raise CliError(_DROP_PRIVILEGES)
+    if "-f" in flags:
+        return []
+    kept = [opt for opt in options if _helper_option_kept(opt)]
     return ["--layers", source, "--fsname", source, *(["-o", ",".join(kept)] if kept else []),
             "--", mountpoint]
 
@@ -254,10 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dispatch(args_list[0], args_list[1:])
         helper_args = mount_helper_args(args_list)
         if helper_args is not None:
-            return _dispatch("mount", helper_args)
+            return _dispatch("mount", helper_args) if helper_args else 0
         args = build_parser().parse_args(args_list)
         result: int = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
         return result
+    except BrokenPipeError:
+        return _reader_gone()
     except CliError as exc:
         print_error(str(exc))
         return exc.code
@@ -272,8 +360,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _reader_gone() -> int:
+    """``... | head``: the reader closed the pipe. Not an error: end quietly with the status of
+    a process SIGPIPE ends, as coreutils do (Python ignores the signal and raises instead)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the final flush has nowhere to fail now
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def entry() -> None:
-    sys.exit(main())
+    """The ``erofs-fuse`` program. It ends with ``os._exit`` once its output is flushed: the
+    interpreter's own shutdown, which tears down every module a mount imported (trio,
+    pyfuse3), took 30-40 ms of CPU after ``erofs-fuse mount`` already had its answer, and
+    nothing in it is ours to run (no atexit work; the kernel closes files and frees memory)."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        code = code or _reader_gone()
+    os._exit(code)
 
 
 if __name__ == "__main__":

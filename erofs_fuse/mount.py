@@ -3,10 +3,12 @@
 Order of events: parse the arguments, open and validate every layer, check the mountpoint (any
 failure so far is one line ``erofs-fuse: ...`` and exit 2), then, unless ``--foreground``, fork:
 the parent waits on a pipe until the daemon says the kernel's INIT request has been served (the
-mount answers) or why it could not mount, and exits 0 or 1. The daemon configures logging
-(syslog or ``--log FILE``), serves until unmounted or signalled (SIGTERM, SIGINT and SIGHUP end
-the main loop with ``pyfuse3.terminate``) and always finishes with ``pyfuse3.close(unmount=True)``.
-Logging is configured here and nowhere else.
+mount answers) or why it could not mount, and exits 0, or with the daemon's one line (2 for
+bad input, 1 otherwise). The daemon configures logging (to ``--log FILE`` or ``-o log=FILE``,
+else syslog, else a file under /run or the user's state directory: never nowhere), serves until
+unmounted or signalled (SIGTERM, SIGINT and SIGHUP end the main loop with ``pyfuse3.terminate``)
+and always finishes with ``pyfuse3.close(unmount=True)``. Logging is configured here and
+nowhere else.
 """
 
 from __future__ import annotations
@@ -15,27 +17,30 @@ import argparse
 import contextlib
 import errno
 import logging
-import logging.handlers
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pyfuse3
 import trio
 
-from .console import PROG, CliError, print_error
+from .console import EXIT_USAGE, PROG, CliError, print_error
 from .erofs.errors import ErofsError
 from .blob import Blob, FileBlob
 from .erofs.image import Image
 from .fs import DEFAULT_READ_THREADS, DEFAULT_TIMEOUT, Operations
 from .idmap import IDENTITY, IdMap, IdMapError, kernel_overflow_ids, parse_id
+from .layers_file import LayersFileError, expand_layers, with_listed_digests
 from .overlay import MAX_LAYERS, MergedTree
-from .verity import TrustSpec, open_layer_blob, parse_trust_args
+
+if TYPE_CHECKING:
+    from .verity import TrustSpec
 
 log = logging.getLogger("erofs_fuse")
 
@@ -49,7 +54,16 @@ _ALIASES = {"allow_suid": "suid", "allow_dev": "dev"}
 # -o options of erofs-fuse itself (fuse-overlayfs's names, see idmap.py), never given to FUSE;
 # all but the last take a value
 OWN_OPTIONS = ("uidmapping", "gidmapping", "squash_to_uid", "squash_to_gid", "squash_to_root")
-_REFUSED_OPTIONS = {"rw": "the tree is read-only"}
+LOG_OPTION = "log"  # -o log=FILE: --log for mount(8) and fstab lines
+# The syslog socket; EROFS_FUSE_SYSLOG names another one, or none when set empty.
+SYSLOG_SOCKET = os.environ.get("EROFS_FUSE_SYSLOG", "/dev/log")
+FUSE_CONF = "/etc/fuse.conf"  # fusermount3's: user_allow_other, mount_max
+_REFUSED_OPTIONS = {
+    "rw": "the tree is read-only",
+    # libfuse takes it, then ends the session at INIT (pyfuse3 asks for another read size):
+    # the mount command would succeed and leave nothing mounted
+    "max_read": "the read size is pyfuse3's",
+}
 _READY = b"ready\n"
 
 
@@ -69,6 +83,7 @@ class MountConfig:
     trust: list[TrustSpec] = field(default_factory=list)  # one per layer, or empty
     require_verity: bool = False
     idmap: IdMap = IDENTITY
+    syslog: str | None = None  # the socket a background daemon logs to, without a log file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--layers", required=True, metavar="L1,L2,...,LN",
                    help="layer images, comma-separated, BOTTOM TO TOP (the order of an OCI "
-                   "manifest's layers: the last one wins)")
+                   "manifest's layers: the last one wins); @FILE stands for the layers of a "
+                   ".layers file written by convert-image, trusting its fs-verity digests")
     p.add_argument("--device", action="append", default=[], metavar="INDEX:PATH",
                    help="an extra device (blob) file of layer INDEX (0 = the first, bottom "
                    "layer); repeat in device-table order for several devices")
@@ -100,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsname", default=SUBTYPE,
                    help="the source shown in /proc/mounts (default %(default)s)")
     p.add_argument("--log", dest="log_file", metavar="FILE",
-                   help="log file of the background daemon (default: syslog, if /dev/log exists)")
+                   help="log file of the background daemon, = -o log=FILE (default: syslog, "
+                   "or without /dev/log " + default_log_file() + ")")
     p.add_argument("--threads", dest="read_threads", type=int, default=DEFAULT_READ_THREADS,
                    metavar="N", help="worker threads for large reads of compressed files "
                    "(0: none; default %(default)s)")
@@ -154,16 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> MountConfig:
     ns = build_parser().parse_args(argv)
-    layers = [item for item in ns.layers.split(",") if item]
+    try:
+        layers, listed_digests = expand_layers(ns.layers)  # @FILE items: .layers files
+    except LayersFileError as exc:
+        raise CliError(f"mount: --layers {exc}") from exc
     if not layers:
         raise CliError("mount: --layers names no layer")
     if len(layers) > MAX_LAYERS:
         raise CliError(f"mount: {len(layers)} layers; at most {MAX_LAYERS} are supported")
     if ns.read_threads < 0:
         raise CliError("mount: --threads must be 0 or more")
-    trust = parse_trust_args(
-        layers, verity=ns.verity, verity_roots=ns.verity_roots, dm_verity=ns.dm_verity,
-        verity_sidecar=ns.verity_sidecar, trust_dmverity_sidecar=ns.trust_dmverity_sidecar)
+    trust = parse_trust(layers, ns, listed=bool(listed_digests))
+    trust = with_listed_digests(trust, listed_digests)
     return MountConfig(
         trust=trust,
         require_verity=ns.require_verity,
@@ -174,11 +193,27 @@ def parse_args(argv: list[str]) -> MountConfig:
         debug=ns.debug,
         options=check_privileged_options(parse_options(ns.options)),
         fsname=ns.fsname,
-        log_file=os.path.abspath(ns.log_file) if ns.log_file else None,
+        log_file=parse_log_file(ns),
         read_threads=ns.read_threads,
         timeout=ns.timeout,
         idmap=parse_idmap(ns),
     )
+
+
+def parse_trust(layers: list[str], ns: argparse.Namespace, listed: bool) -> list[TrustSpec]:
+    """The trusted roots of the integrity options, one spec per layer; none (and no import of
+    the integrity code) without such options or digests ``listed`` in a .layers file."""
+    if not (listed or ns.verity or ns.verity_roots or ns.dm_verity or ns.verity_sidecar
+            or ns.trust_dmverity_sidecar):
+        return []
+    from .verity.trust import TrustError, parse_trust_args
+
+    try:
+        return parse_trust_args(
+            layers, verity=ns.verity, verity_roots=ns.verity_roots, dm_verity=ns.dm_verity,
+            verity_sidecar=ns.verity_sidecar, trust_dmverity_sidecar=ns.trust_dmverity_sidecar)
+    except TrustError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def parse_devices(specs: list[str], nlayers: int) -> dict[int, list[str]]:
@@ -194,16 +229,30 @@ def parse_devices(specs: list[str], nlayers: int) -> dict[int, list[str]]:
     return devices
 
 
+def parse_log_file(ns: argparse.Namespace) -> str | None:
+    """--log FILE, else the last -o log=FILE; absolute, as the daemon runs in /."""
+    path: str | None = ns.log_file
+    for value in ns.options:
+        for opt in value.split(","):
+            name, eq, arg = opt.partition("=")
+            if name == LOG_OPTION:
+                if not eq or not arg:
+                    raise CliError(f"mount: -o {opt}: expected -o log=FILE")
+                path = path if ns.log_file else arg
+    return os.path.abspath(path) if path else None
+
+
 def parse_options(values: list[str]) -> set[str]:
     """The FUSE mount options: the defaults, changed by the -o lists (our own ones left out)."""
     options = set(DEFAULT_OPTIONS)
     for value in values:
         for opt in filter(None, value.split(",")):
-            if opt.partition("=")[0] in OWN_OPTIONS:
+            if opt.partition("=")[0] in (*OWN_OPTIONS, LOG_OPTION):
                 continue
             opt = _ALIASES.get(opt, opt)
-            if opt in _REFUSED_OPTIONS:
-                raise CliError(f"mount: -o {opt}: {_REFUSED_OPTIONS[opt]}")
+            refused = _REFUSED_OPTIONS.get(opt.partition("=")[0])
+            if refused:
+                raise CliError(f"mount: -o {opt}: {refused}")
             if opt in _NEGATIONS:
                 options.discard(_NEGATIONS[opt])
             options.add(opt)
@@ -211,13 +260,27 @@ def parse_options(values: list[str]) -> set[str]:
 
 
 def check_privileged_options(options: set[str]) -> set[str]:
-    """Refuse what fusermount3 would silently drop for a caller that is not root."""
+    """Refuse what fusermount3 would silently drop, or refuse only once forked, for a caller
+    that is not root."""
     if os.geteuid() != 0:
         for opt in ("suid", "dev"):
             if opt in options:
                 raise CliError(f"mount: {opt}: only root can mount with {opt} (fusermount3 "
                                "mounts nosuid,nodev for every other user)")
+        if "allow_other" in options and not user_allow_other():
+            raise CliError(f"mount: allow_other: only root may use it unless {FUSE_CONF} has "
+                           "the line user_allow_other")
     return options
+
+
+def user_allow_other(path: str = FUSE_CONF) -> bool:
+    """Whether fusermount3 lets users mount with allow_other: a line ``user_allow_other`` in
+    /etc/fuse.conf (comments after ``#``, surrounding blanks ignored, as fusermount3 reads it)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return any(line.partition("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def parse_idmap(ns: argparse.Namespace) -> IdMap:
@@ -283,7 +346,7 @@ def _open_layer(index: int, path: str, devices: list[str], trust: TrustSpec | No
     blob: Blob | None = None
     device_blobs: list[Blob] = []
     try:
-        blob = open_layer_blob(path, trust, require=require_verity)
+        blob = _open_layer_blob(path, trust, require_verity)
         for dev in devices:
             device_blobs.append(FileBlob(dev))
         return Image(blob, device_blobs, name=path)  # named by its path in every error
@@ -295,6 +358,14 @@ def _open_layer(index: int, path: str, devices: list[str], trust: TrustSpec | No
         if isinstance(exc, ErofsError):
             raise CliError(f"{path} (layer {index}): {exc.message}") from exc
         raise
+
+
+def _open_layer_blob(path: str, trust: TrustSpec | None, require_verity: bool) -> Blob:
+    if trust is None and not require_verity:
+        return FileBlob(path)  # nothing to verify: the integrity code is not even imported
+    from .verity.layer import open_layer_blob
+
+    return open_layer_blob(path, trust, require=require_verity)
 
 
 def check_mountpoint(path: str) -> None:
@@ -322,6 +393,40 @@ def check_log_file(path: str | None) -> None:
             raise CliError(f"--log {path}: {exc.strerror}") from exc
 
 
+def default_log_file() -> str:
+    """Where a background daemon logs when given no log file and there is no syslog (a
+    container): /run/erofs-fuse for root, the XDG state directory for a user."""
+    if os.geteuid() == 0:
+        return "/run/erofs-fuse/erofs-fuse.log"
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "erofs-fuse", "erofs-fuse.log")
+
+
+def choose_daemon_log(cfg: MountConfig) -> None:
+    """Settle, before the fork, where the daemon's log lines go: the log file asked for, else
+    syslog when its socket takes a connection, else ``default_log_file()``. Never nowhere: the
+    one line per corrupt block or verification failure is the only report of it."""
+    if cfg.log_file is None and SYSLOG_SOCKET:
+        try:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            with probe:
+                probe.connect(SYSLOG_SOCKET)
+            cfg.syslog = SYSLOG_SOCKET
+            return
+        except OSError:
+            pass  # no syslog here (containers): a file
+    if cfg.log_file is None:
+        path = default_log_file()
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o755 if os.geteuid() == 0 else 0o700,
+                        exist_ok=True)
+        except OSError as exc:
+            raise CliError(f"no syslog ({SYSLOG_SOCKET or 'EROFS_FUSE_SYSLOG empty'}) and "
+                           f"{os.path.dirname(path)}: {exc.strerror}: give --log FILE") from exc
+        cfg.log_file = path
+    check_log_file(cfg.log_file)
+
+
 def fuse_options(cfg: MountConfig) -> set[str]:
     options = set(cfg.options)
     # libfuse splits options at commas; a backslash keeps one in the value
@@ -343,11 +448,12 @@ def configure_logging(cfg: MountConfig, *, daemon: bool) -> None:
         handler = logging.FileHandler(cfg.log_file)
         handler.setFormatter(logging.Formatter(
             "%(asctime)s " + PROG + "[%(process)d] %(levelname)s %(message)s"))
-    elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler("/dev/log")
-        handler.setFormatter(logging.Formatter(PROG + "[%(process)d]: %(message)s"))
     else:
-        handler = logging.NullHandler()  # no syslog in this container: --log keeps a log
+        from logging.handlers import SysLogHandler  # only here: 5 ms a file-logging mount saves
+
+        assert cfg.syslog is not None, "choose_daemon_log settles on a file or syslog"
+        handler = SysLogHandler(cfg.syslog)
+        handler.setFormatter(logging.Formatter(PROG + "[%(process)d]: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
     # pyfuse3's own debug lines are per request and worker: only with --debug
@@ -384,10 +490,7 @@ def serve(cfg: MountConfig, images: list[Image], on_ready: Callable[[], None] | 
     tree = MergedTree(images)
     ops = Operations(tree, timeout=cfg.timeout, read_threads=cfg.read_threads,
                      on_ready=on_ready, idmap=cfg.idmap)
-    try:
-        pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
-    except RuntimeError as exc:
-        raise CliError(f"{cfg.mountpoint}: cannot mount ({exc})", EXIT_MOUNT_FAILED) from exc
+    _init(ops, cfg)
     log.info("mounted %s on %s", ",".join(cfg.layers), cfg.mountpoint)
     try:
         trio.run(_serve_until_done, ops, cfg.mountpoint)
@@ -397,6 +500,28 @@ def serve(cfg: MountConfig, images: list[Image], on_ready: Callable[[], None] | 
             image.close()
     log.info("unmounted %s", cfg.mountpoint)
     return 0
+
+
+def _init(ops: Operations, cfg: MountConfig) -> None:
+    """pyfuse3.init, with what libfuse and fusermount3 print (to stderr, which they share with
+    us) turned into the one line of the CliError: an unknown option is bad input (exit 2)."""
+    said = os.memfd_create("libfuse-stderr", os.MFD_CLOEXEC)
+    saved = os.dup(2)
+    os.dup2(said, 2)
+    try:
+        pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+        return
+    except RuntimeError as exc:
+        failure = exc
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        text = os.pread(said, 4096, 0)
+        os.close(said)
+    lines = text.decode(errors="replace").splitlines()
+    why = "; ".join(line.strip() for line in lines if line.strip()) or str(failure)
+    code = EXIT_USAGE if "unknown option" in why else EXIT_MOUNT_FAILED
+    raise CliError(f"{cfg.mountpoint}: cannot mount: {why}", code) from failure
 
 
 # Read-ahead of the mount, KiB. The kernel gives a FUSE mount 128 KiB, so a large file costs a
@@ -434,7 +559,7 @@ def run_foreground(cfg: MountConfig, images: list[Image]) -> int:
 
 
 def run_daemon(cfg: MountConfig, images: list[Image]) -> int:
-    """Fork; the parent returns once the daemon reports the mount ready (0) or failed (1).
+    """Fork; the parent returns 0 once the daemon reports the mount ready, or raises its error.
 
     Forked twice, the daemon is nobody's child but init's (no zombie in a long-lived caller)
     and, no session leader, can never acquire a controlling terminal.
@@ -455,9 +580,10 @@ def run_daemon(cfg: MountConfig, images: list[Image]) -> int:
         report = pipe.read()
     if report == _READY:
         return 0
-    message = report.decode(errors="replace").strip()
-    raise CliError(message or "the mount daemon exited before the mount was ready",
-                   EXIT_MOUNT_FAILED)
+    code, _, message = report.decode(errors="replace").strip().partition(" ")
+    if not message or not code.isdigit():
+        raise CliError("the mount daemon exited before the mount was ready", EXIT_MOUNT_FAILED)
+    raise CliError(message, int(code))
 
 
 def _daemon_main(cfg: MountConfig, images: list[Image], report_fd: int) -> int:
@@ -478,18 +604,20 @@ def _daemon_main(cfg: MountConfig, images: list[Image], report_fd: int) -> int:
         configure_logging(cfg, daemon=True)
         return serve(cfg, images, on_ready=ready)
     except CliError as exc:
-        _report(report_fd, str(exc))
+        _report(report_fd, str(exc), exc.code)
         return exc.code
     except BaseException as exc:  # the parent must hear something, whatever happened
         log.exception("mount daemon failed")
-        _report(report_fd, f"mount daemon failed: {exc}")
+        _report(report_fd, f"mount daemon failed: {exc}", EXIT_MOUNT_FAILED)
         return EXIT_MOUNT_FAILED
 
 
-def _report(fd: int, message: str) -> None:
+def _report(fd: int, message: str, code: int) -> None:
+    """Tell the waiting parent why there is no mount: ``CODE MESSAGE``, its exit status and
+    its one line."""
     if fd >= 0:
         with contextlib.suppress(OSError):
-            os.write(fd, message.encode(errors="replace") + b"\n")
+            os.write(fd, f"{code} {message}".encode(errors="replace") + b"\n")
             os.close(fd)
 
 
@@ -506,7 +634,10 @@ def main(argv: list[str]) -> int:
         images = open_layers(cfg)
         try:
             check_mountpoint(cfg.mountpoint)
-            check_log_file(cfg.log_file)
+            if cfg.foreground:
+                check_log_file(cfg.log_file)
+            else:
+                choose_daemon_log(cfg)
         except BaseException:
             for image in images:
                 image.close()

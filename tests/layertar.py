@@ -64,7 +64,19 @@ def gnu_tar_of(src: str, out: str, *options: str) -> None:
     assert proc.returncode == 0, f"GNU tar failed: {proc.stderr}"
 
 
-def _whiteouts_to_overlay(root: str) -> None:
+def _last_positions(tar_path: str) -> dict[str, int]:
+    """Each member path (normalised as tar extracts it) and the index of its last entry."""
+    out: dict[str, int] = {}
+    with tarfile.open(tar_path, encoding="utf-8", errors="surrogateescape") as tar:
+        for k, member in enumerate(tar):
+            parts = [p for p in member.name.split("/") if p not in ("", ".")]
+            out["/".join(parts)] = k
+    return out
+
+
+def _whiteouts_to_overlay(root: str, order: dict[str, int]) -> None:
+    """A ``.wh.NAME`` becomes the whiteout NAME, unless NAME came again after it in the stream
+    (then the later entry stands, as the writer keeps tar order)."""
     for dirpath, dirnames, filenames in os.walk(root):
         for name in sorted(filenames + dirnames):
             if not name.startswith(".wh."):
@@ -76,6 +88,12 @@ def _whiteouts_to_overlay(root: str) -> None:
                 os.setxattr(dirpath, "trusted.overlay.opaque", b"y")
                 continue
             target = os.path.join(dirpath, name[4:])
+            rel = os.path.relpath(path, root)
+            rel_target = os.path.relpath(target, root)
+            if order.get(rel_target, -1) > order.get(rel, -1):
+                os.unlink(path)  # re-created after its whiteout: the later entry wins
+                os.setxattr(dirpath, "trusted.overlay.origin", b"")
+                continue
             if os.path.lexists(target) and not os.path.islink(target) and os.path.isdir(target):
                 shutil.rmtree(target)
             elif os.path.lexists(target):
@@ -101,7 +119,7 @@ def extracted(tar_path: str, *, overlay_whiteouts: bool = True,
                               capture_output=True, text=True, errors="replace")
         assert proc.returncode == 0, f"GNU tar failed: {proc.stderr}"
         if overlay_whiteouts:
-            _whiteouts_to_overlay(dest)
+            _whiteouts_to_overlay(dest, _last_positions(tar_path))
         yield dest
     finally:
         shutil.rmtree(dest)

@@ -182,3 +182,16 @@ def test_gnu_tar_made_layer_via_cli(tmp_path: Path) -> None:
     assert run("convert", "--compress", "lz4hc,9", str(tmp_path / "l.tar"),
                str(tmp_path / "l.erofs")).returncode == 0
     check_image_views(str(tmp_path / "l.tar"), str(tmp_path / "l.erofs"))
+
+
+@pytest.mark.parametrize("wrap", ["plain", "gzip"])
+def test_tar_index_from_stdin_appends_the_uncompressed_tar(tmp_path: Path, wrap: str) -> None:
+    data = good_tar()
+    (tmp_path / "in.tar").write_bytes(data)
+    out = tmp_path / "i.erofs"
+    feed = gzip.compress(data) if wrap == "gzip" else data
+    proc = subprocess.run([*CLI, "convert", "--tar-index", "-", str(out)], input=feed,
+                          capture_output=True, env=env())
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes().endswith(data)  # image ‖ tar, as containerd lays it out
+    check_image_views(str(tmp_path / "in.tar"), str(out), tar_index=True)

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import gzip
 import os
+import stat
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 import zstandard
-from helpers import kernel_erofs, require_tool
+from helpers import EXPECTED, corpus, kernel_erofs, require_tool
 from layertar import (TarBuilder, assert_same, fsck, gnu_tar_of, kernel_view, reader_view,
                       reference_view)
-from treeview import view_of_dir
+from mounting import fuse_mount, kernel_erofs_stack, kernel_overlay
+from treeview import TreeView, parse_manifest, view_of_dir
 
 from erofs_fuse.erofs.image import Image
 from erofs_fuse.mkfs import ConvertOptions, convert_dir, convert_tar
@@ -343,3 +345,65 @@ def test_gnu_tar_reference_tools_are_present() -> None:
     require_tool("tar")
     require_tool("setfacl")
     require_tool("fsck.erofs")
+
+
+# against mkfs.erofs 1.9.3 (the corpus layers) and through a merged mount --------------------
+def _without_mtimes(view: TreeView) -> TreeView:
+    entries = {p: "\t".join(c for c in line.split("\t") if not c.startswith("mtime="))
+               for p, line in view.entries.items()}
+    return TreeView(entries, view.hardlinks)
+
+
+def _known_mkfs_quirks(view: TreeView) -> TreeView:
+    """mkfs.erofs 1.9.3's view with the two places where we follow GNU tar instead: a root the
+    tar never names is 0777 there (overlayfs shows the top layer's root, so a layer would make
+    a container's / world-writable) and 0755 here; symlinks keep the tar's permission bits
+    there, while every symlink Linux creates shows 0777."""
+    entries = {}
+    for path, line in view.entries.items():
+        cols = line.split("\t")
+        mode = int(cols[1], 8)
+        if path == ".":
+            cols[1] = "0o40755"
+        elif stat.S_ISLNK(mode):
+            cols[1] = f"0o{stat.S_IFLNK | 0o777:o}"
+        entries[path] = "\t".join(cols)
+    return TreeView(entries, view.hardlinks)
+
+
+@pytest.mark.parametrize("layer", ["lower", "upper"])
+def test_same_view_as_mkfs_erofs_1_9_3_tar_aufs(tmp_path: Path, layer: str) -> None:
+    """``layer-*-aufs.erofs`` were made from the same tars by ``mkfs.erofs --tar=f --aufs -T0``
+    of erofs-utils 1.9.3. ``-T0`` also sets every mtime to 0 there, so mtimes are left out;
+    everything else must match, and mtimes must match GNU tar (``check_image``)."""
+    tar = corpus(f"{layer}.tar")
+    out = str(tmp_path / f"{layer}.erofs")
+    convert_tar(tar, out, ConvertOptions())
+    check_image(tar, out)
+    anchor = _known_mkfs_quirks(_without_mtimes(kernel_view(corpus(f"layer-{layer}-aufs.erofs"))))
+    ours = _without_mtimes(kernel_view(out))
+    assert anchor.diff(ours) == []
+    newer = os.environ.get("EROFS_UTILS_BIN")
+    if newer:  # a newer mkfs.erofs at hand: the same comparison on every test tree
+        ref = str(tmp_path / "anchor.erofs")
+        subprocess.run([os.path.join(newer, "mkfs.erofs"), "--tar=f", "--aufs", "-T0",
+                        "--mkfs-time", ref, tar], check=True, capture_output=True)
+        assert kernel_view(ref).diff(kernel_view(out)) == []
+
+
+def test_converted_layers_merge_as_the_kernels_overlay(tmp_path: Path) -> None:
+    """lower.tar and upper.tar converted, then merged: by kernel overlayfs over kernel erofs
+    mounts, and by erofs-fuse; both equal the corpus listing of the 1.9.3 layers' merge."""
+    images = []
+    for layer in ("lower", "upper"):
+        out = str(tmp_path / f"{layer}.erofs")
+        convert_tar(corpus(f"{layer}.tar"), out, ConvertOptions())
+        images.append(out)
+    manifest = _known_mkfs_quirks(_without_mtimes(parse_manifest(
+        str(EXPECTED / "layers-lower+upper.manifest"))))
+    with kernel_erofs_stack(images) as mounts, kernel_overlay(mounts[::-1]) as ovl:
+        kernel_merged = view_of_dir(ovl)
+    with fuse_mount(images) as fuse:
+        ours = view_of_dir(fuse.mountpoint)
+    assert manifest.diff(_without_mtimes(kernel_merged)) == []
+    assert kernel_merged.diff(ours) == []

@@ -135,6 +135,7 @@ class _TarConversion:
         self.raw = raw
         self.output = output
         self.options = options
+        self.raw_start = _position(raw)  # where the tar starts, for copying it (tar index)
         self.stream = InputStream(raw, progress=progress)
         self.bs = TAR_INDEX_BLOCK_SIZE if options.tar_index else options.block_size
         devices = 1 if options.tar_index else 0
@@ -183,7 +184,7 @@ class _TarConversion:
                              tuple(self.warnings))
 
     def _source_is_plain_file(self) -> bool:
-        if self.stream.compression != "none":
+        if self.stream.compression != "none" or self.raw_start is None:
             return False
         try:
             return stat.S_ISREG(os.fstat(self.raw.fileno()).st_mode) and self.raw.seekable()
@@ -195,9 +196,12 @@ class _TarConversion:
         if self.tee is not None:
             self.tee.flush()
             src = self.tee.fileno()
+            start = 0
         else:
             src = self.raw.fileno()
-        _copy_range(src, 0, self.output.fd, at, tar_size)
+            assert self.raw_start is not None
+            start = self.raw_start
+        _copy_range(src, start, self.output.fd, at, tar_size)
         end = at + tar_size
         padded = end + (-end % TAR_INDEX_BLOCK_SIZE)
         os.ftruncate(self.output.fd, padded)
@@ -266,6 +270,13 @@ class _TarConversion:
     def _inline_room(self, node: Node) -> int:
         """Tail bytes that fit after the inode (taken as extended) and its xattrs."""
         return self.bs - 64 - xattr_body_size(node.xattrs)
+
+
+def _position(raw: BinaryIO) -> int | None:
+    try:
+        return raw.tell() if raw.seekable() else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:

@@ -1,0 +1,170 @@
+"""``erofs-fuse convert-image IMAGE OUTDIR``: every layer of an OCI image as an EROFS file.
+
+IMAGE is an OCI image layout directory or an OCI archive (``oci.py`` resolves it to one
+platform's manifest). Each layer becomes ``OUTDIR/sha256-<diff_id hex>.erofs`` in a worker
+process of its own (``convert_workers.py``, ``-j N`` at a time), checked against its diff_id
+while it is converted; a layer whose file exists is not converted again, so images sharing
+layers share their files (the name says the content, not the options it was made with). Then
+``OUTDIR/NAME.layers`` lists the stack (``layers_file.py``), for ``mount --layers @FILE``.
+
+A failure in one layer, Ctrl-C or SIGTERM cancels the other workers and leaves no partial file;
+the command then prints one line and exits 2 (bad input: the image, a layer), 1 (anything else)
+or 128+N (signal N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from types import FrameType
+from typing import NoReturn, TextIO
+
+from .console import PROG, CliError, print_error
+from .convert_progress import ProgressView
+from .convert_workers import EXIT_BAD_INPUT, EXIT_FAILURE, JobFailed, output_name, plan, run_jobs
+from .layers_file import SUFFIX, LayersFile, ListedLayer, write_layers_file
+from .mkfs import ConvertOptions, MkfsError
+from .oci import OciError, Platform, resolve_image, sanitize_name
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM in the parent; ``code`` is the exit status (128 + signal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.code = 128 + signum
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"convert-image: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=f"{PROG} convert-image",
+        description="Convert every layer of an OCI image (a layout directory or an OCI "
+        "archive) into OUTDIR/sha256-<diff_id>.erofs, and list the stack in "
+        "OUTDIR/NAME.layers for 'erofs-fuse mount --layers @OUTDIR/NAME.layers'. Layers whose "
+        "file exists are not converted again (the name says the content, not the options).")
+    p.add_argument("image", help="OCI image layout directory or OCI archive (.tar)")
+    p.add_argument("outdir", help="directory of the layer files (created if missing)")
+    p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="layers converted at once, each in a process (default: %(default)s)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="the manifest to take from a multi-platform image (default: this "
+                   "machine's, linux/<GOARCH>)")
+    p.add_argument("--ref", metavar="NAME",
+                   help="the image in index.json annotated with this "
+                   "org.opencontainers.image.ref.name (when the layout holds several)")
+    p.add_argument("--name", help="NAME of NAME.layers (default: from the image's reference "
+                   "name, else the layout's base name)")
+    p.add_argument("--block-size", type=int, default=4096, metavar="BYTES",
+                   help="EROFS block size (default %(default)s; 512 with --tar-index)")
+    p.add_argument("--compress", choices=("lz4", "lz4hc"), help="compress file data")
+    p.add_argument("--compress-level", type=int, metavar="N", help="lz4hc level")
+    p.add_argument("--tar-index", action="store_true",
+                   help="index the uncompressed tar, kept after the metadata in the same file")
+    p.add_argument("--whiteouts", choices=("overlay", "oci"), default="overlay",
+                   help="store OCI .wh. whiteouts as overlayfs char 0:0 devices and opaque "
+                   "xattrs (default; what the kernel's overlayfs reads) or as they are")
+    p.add_argument("--seal", action="store_true",
+                   help="write LAYER.verity and record each layer's fs-verity digest, which "
+                   "mount --layers @FILE then trusts")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+@dataclass(frozen=True)
+class Request:
+    image: str
+    outdir: str
+    jobs: int
+    platform: Platform | None
+    ref: str | None
+    name: str | None
+    options: ConvertOptions
+    quiet: bool
+
+
+def parse_args(argv: list[str]) -> Request:
+    ns = build_parser().parse_args(argv)
+    if ns.jobs < 1:
+        raise CliError("convert-image: -j must be 1 or more")
+    if ns.compress_level is not None and ns.compress != "lz4hc":
+        raise CliError("convert-image: --compress-level needs --compress lz4hc")
+    options = ConvertOptions(block_size=ns.block_size, whiteouts=ns.whiteouts,
+                             tar_index=ns.tar_index, compress=ns.compress,
+                             compress_level=ns.compress_level, seal=ns.seal)
+    try:
+        options.check()
+        platform = Platform.parse(ns.platform) if ns.platform is not None else None
+    except (MkfsError, OciError) as exc:
+        raise CliError(f"convert-image: {exc}") from exc
+    return Request(ns.image, ns.outdir, ns.jobs, platform, ns.ref,
+                   sanitize_name(ns.name) if ns.name is not None else None, options, ns.quiet)
+
+
+def convert_image(req: Request, stderr: TextIO | None = None) -> str:
+    """Convert and write the ``.layers`` file; its path. Progress goes to ``stderr``
+    (default: sys.stderr)."""
+    image = resolve_image(req.image, req.platform, req.ref)
+    os.makedirs(req.outdir, exist_ok=True)
+    jobs = plan(image, req.outdir, req.options)
+    view = ProgressView(stderr or sys.stderr, len(image.layers), jobs, quiet=req.quiet)
+    present = len({layer.diff_id for layer in image.layers}) - sum(j.convert for j in jobs)
+    view.note(f"{image.source}: {image.platform or 'no platform'}, {len(image.layers)} "
+              f"layers: {sum(j.convert for j in jobs)} to convert, {present} present")
+    try:
+        results = run_jobs(jobs, min(req.jobs, max(len(jobs), 1)), view)
+    finally:
+        view.close()
+    verity = {job.layer.diff_id: results[job.key].verity for job in jobs}
+    listed = tuple(
+        ListedLayer(output_name(layer.diff_id), layer.diff_id, layer.chain_id, layer.digest,
+                    os.path.getsize(os.path.join(req.outdir, output_name(layer.diff_id))),
+                    verity.get(layer.diff_id))
+        for layer in image.layers)
+    name = req.name or image.name
+    path = os.path.join(req.outdir, name + SUFFIX)
+    write_layers_file(path, LayersFile(
+        os.path.abspath(image.source), name, image.ref_name, image.manifest_digest,
+        image.config_digest, str(image.platform) if image.platform else None, listed))
+    view.note(f"wrote {path}")
+    return path
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    raise Interrupted(signum)
+
+
+def main(argv: list[str]) -> int:
+    """``erofs-fuse convert-image ...``: 0, or one line on stderr and 2 (bad input), 1 (other
+    failures), 128+N (signal N)."""
+    old = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        path = convert_image(parse_args(argv))
+        print(path)
+        return 0
+    except CliError as exc:
+        print_error(str(exc))
+        return exc.code
+    except (OciError, MkfsError) as exc:
+        print_error(f"convert-image: {exc}")
+        return EXIT_BAD_INPUT
+    except JobFailed as exc:
+        print_error(f"convert-image: {exc}")
+        return exc.code
+    except Interrupted as exc:
+        print_error(f"convert-image: interrupted ({exc}); no partial layer is left")
+        return exc.code
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print_error(f"convert-image: {where}{exc.strerror or exc}")
+        return EXIT_FAILURE
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
