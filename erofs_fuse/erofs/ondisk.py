@@ -214,18 +214,86 @@ class InodeExtendedRaw(NamedTuple):
 
 
 DIRENT = _struct("<QHBB", 12)
-XATTR_IBODY_HEADER = _struct("<IB7s", 12)  # h_name_filter, h_shared_count, reserved
-XATTR_ENTRY = _struct("<BBH", 4)  # e_name_len, e_name_index, e_value_size
-DEVICE_SLOT = _struct("<64sIIHH52s", 128)  # tag, blocks_lo, uniaddr_lo, blocks_hi, uniaddr_hi
-CHUNK_INDEX = _struct("<HHI", 8)  # startblk_hi, device_id, startblk_lo
+
+
+class DirentRaw(NamedTuple):
+    nid: int
+    nameoff: int
+    file_type: int
+    reserved: int = 0
+
+
+XATTR_IBODY_HEADER = _struct("<IB7s", 12)
+
+
+class XattrIbodyHeaderRaw(NamedTuple):
+    h_name_filter: int
+    h_shared_count: int
+    h_reserved2: bytes = bytes(7)
+
+
+XATTR_ENTRY = _struct("<BBH", 4)
+
+
+class XattrEntryRaw(NamedTuple):
+    e_name_len: int
+    e_name_index: int
+    e_value_size: int
+
+
+DEVICE_SLOT = _struct("<64sIIHH52s", 128)
+
+
+class DeviceSlotRaw(NamedTuple):
+    tag: bytes
+    blocks_lo: int
+    uniaddr_lo: int
+    blocks_hi: int = 0
+    uniaddr_hi: int = 0
+    reserved: bytes = bytes(52)
+
+
+CHUNK_INDEX = _struct("<HHI", 8)
+
+
+class ChunkIndexRaw(NamedTuple):
+    startblk_hi: int
+    device_id: int
+    startblk_lo: int
 BLOCK_MAP_ENTRY = _struct("<I", 4)
 U16 = _struct("<H", 2)
 U32 = _struct("<I", 4)
 U64 = _struct("<Q", 8)
-MAP_HEADER = _struct("<HHHBB", 8)  # fragmentoff_lo/reserved1, idata_size, advise, algtype, clusterbits
-LCLUSTER_INDEX = _struct("<HHI", 8)  # di_advise, di_clusterofs, di_blkaddr (or delta0, delta1)
+MAP_HEADER = _struct("<HHHBB", 8)
+
+
+class MapHeaderRaw(NamedTuple):
+    h_reserved1: int  # low half of h_fragmentoff
+    h_idata_size: int
+    h_advise: int
+    h_algorithmtype: int
+    h_clusterbits: int
+
+
+LCLUSTER_INDEX = _struct("<HHI", 8)
+
+
+class LclusterIndexRaw(NamedTuple):
+    di_advise: int
+    di_clusterofs: int
+    di_u: int  # di_blkaddr, or delta0 | delta1 << 16 for NONHEAD
 EXTENT_RECORD = _struct("<IIII", 16)  # plen, pstart_lo, pstart_hi, lstart_lo
 LZ4_CFG = _struct("<HH", 4)  # max_distance, max_pclusterblks
 LZMA_CFG = _struct("<IH", 6)  # dict_size, format
 DEFLATE_CFG = _struct("<B", 1)  # windowbits
 ZSTD_CFG = _struct("<BB", 2)  # format, windowlog
+
+
+# every layout with named fields, for the size check in the tests
+NAMED_LAYOUTS: tuple[tuple[struct.Struct, type], ...] = (
+    (SUPER_BLOCK, SuperBlockRaw), (INODE_COMPACT, InodeCompactRaw),
+    (INODE_EXTENDED, InodeExtendedRaw), (DIRENT, DirentRaw),
+    (XATTR_IBODY_HEADER, XattrIbodyHeaderRaw), (XATTR_ENTRY, XattrEntryRaw),
+    (DEVICE_SLOT, DeviceSlotRaw), (CHUNK_INDEX, ChunkIndexRaw), (MAP_HEADER, MapHeaderRaw),
+    (LCLUSTER_INDEX, LclusterIndexRaw),
+)

@@ -185,18 +185,22 @@ def _pack_index(heads: list[tuple[int, int, int]], size: int, bs: int) -> bytes:
     if size % bs and (size - 1) // bs not in by_lcn:
         by_lcn[(size - 1) // bs] = (d.Z_LCLUSTER_TYPE_PLAIN, size % bs, 0)
     head_lcns = sorted(by_lcn)
-    out = [d.MAP_HEADER.pack(0, 0, 0, (d.ALG_LZ4 << 4) | d.ALG_LZ4, 0), bytes(8)]
+    header = d.MapHeaderRaw(h_reserved1=0, h_idata_size=0, h_advise=0,
+                            h_algorithmtype=d.ALG_LZ4 << 4 | d.ALG_LZ4, h_clusterbits=0)
+    out = [d.MAP_HEADER.pack(*header), bytes(8)]
     after = 0  # index in head_lcns of the first head past lcn
     for lcn in range(nclusters):
         while after < len(head_lcns) and head_lcns[after] <= lcn:
             after += 1
         if lcn in by_lcn:
             kind, clusterofs, block = by_lcn[lcn]
-            out.append(d.LCLUSTER_INDEX.pack(kind, clusterofs, block))
+            out.append(d.LCLUSTER_INDEX.pack(*d.LclusterIndexRaw(
+                di_advise=kind, di_clusterofs=clusterofs, di_u=block)))
             continue
         prev = head_lcns[after - 1]
         nxt = head_lcns[after] if after < len(head_lcns) else nclusters
         delta0 = min(lcn - prev, d.Z_LI_D0_CBLKCNT - 1)
-        out.append(d.LCLUSTER_INDEX.pack(d.Z_LCLUSTER_TYPE_NONHEAD, 0,
-                                         delta0 | (min(nxt - lcn, 0xFFFF) << 16)))
+        out.append(d.LCLUSTER_INDEX.pack(*d.LclusterIndexRaw(
+            di_advise=d.Z_LCLUSTER_TYPE_NONHEAD, di_clusterofs=0,
+            di_u=delta0 | min(nxt - lcn, 0xFFFF) << 16)))
     return b"".join(out)

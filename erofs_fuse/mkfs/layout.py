@@ -91,7 +91,8 @@ def pack_xattr_body(xattrs: dict[bytes, bytes]) -> bytes:
     Callers drop names without a short prefix first (``storable_xattr``)."""
     if not xattrs:
         return b""
-    parts = [d.XATTR_IBODY_HEADER.pack(0, 0, bytes(7))]
+    header = d.XattrIbodyHeaderRaw(h_name_filter=0, h_shared_count=0)  # no filter, no shared
+    parts = [d.XATTR_IBODY_HEADER.pack(*header)]
     for name in sorted(xattrs):
         value = xattrs[name]
         prefix = _prefix_of(name)
@@ -99,7 +100,9 @@ def pack_xattr_body(xattrs: dict[bytes, bytes]) -> bytes:
         index, suffix = prefix
         if len(suffix) > 255 or len(value) > XATTR_VALUE_MAX:
             raise UnsupportedInputError(f"xattr {name[:40]!r} too long for EROFS")
-        entry = d.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+        head = d.XattrEntryRaw(e_name_len=len(suffix), e_name_index=index,
+                               e_value_size=len(value))
+        entry = d.XATTR_ENTRY.pack(*head) + suffix + value
         parts.append(entry + bytes(-len(entry) % 4))
     body = b"".join(parts)
     if len(body) > XATTR_BODY_MAX:
@@ -142,7 +145,8 @@ def pack_dir_block(block: list[tuple[bytes, Node]]) -> bytes:
     nameoff = d.DIRENT.size * len(block)
     heads = []
     for name, node in block:
-        heads.append(d.DIRENT.pack(node.nid, nameoff, file_type(node.mode), 0))
+        heads.append(d.DIRENT.pack(*d.DirentRaw(nid=node.nid, nameoff=nameoff,
+                                                file_type=file_type(node.mode))))
         nameoff += len(name)
     return b"".join(heads) + b"".join(name for name, _ in block)
 
@@ -309,7 +313,8 @@ class MetadataWriter:
         elif isinstance(data, TarIndexData):
             plan.layout = d.LAYOUT_CHUNK_BASED
             plan.i_u = (data.chunkbits - self.image.blkbits) | d.CHUNK_FORMAT_INDEXES
-            plan.after = d.CHUNK_INDEX.pack(0, 1, data.device_block)
+            plan.after = d.CHUNK_INDEX.pack(*d.ChunkIndexRaw(
+                startblk_hi=0, device_id=1, startblk_lo=data.device_block))
             plan.align = 8
             self.incompat |= d.INCOMPAT_CHUNKED_FILE
         else:
@@ -335,12 +340,16 @@ class MetadataWriter:
         icount = (len(plan.xattrs) - 12) // 4 + 1 if plan.xattrs else 0
         mode = node.mode & 0xFFFF
         if plan.extended:
-            core = d.INODE_EXTENDED.pack(i_format, icount, mode, 0, node.size, plan.i_u,
-                                         serial & 0xFFFFFFFF, node.uid, node.gid, node.mtime,
-                                         node.nsec, node.nlink, bytes(16))
-        else:
-            core = d.INODE_COMPACT.pack(i_format, icount, mode, node.nlink, node.size, 0,
-                                        plan.i_u, serial & 0xFFFFFFFF, node.uid, node.gid, 0)
+            core = d.INODE_EXTENDED.pack(*d.InodeExtendedRaw(
+                i_format=i_format, i_xattr_icount=icount, i_mode=mode, i_nb=0,
+                i_size=node.size, i_u=plan.i_u, i_ino=serial & 0xFFFFFFFF, i_uid=node.uid,
+                i_gid=node.gid, i_mtime=node.mtime, i_mtime_nsec=node.nsec,
+                i_nlink=node.nlink, i_reserved2=bytes(16)))
+        else:  # the compact i_mtime stays 0: its time is the superblock's epoch
+            core = d.INODE_COMPACT.pack(*d.InodeCompactRaw(
+                i_format=i_format, i_xattr_icount=icount, i_mode=mode, i_nb=node.nlink,
+                i_size=node.size, i_mtime=0, i_u=plan.i_u, i_ino=serial & 0xFFFFFFFF,
+                i_uid=node.uid, i_gid=node.gid, i_reserved=0))
         base = core + plan.xattrs
         tail = self._tail(plan) if plan.tail_len else b""
         return base + bytes(-len(base) % plan.align) + plan.after + tail
@@ -375,8 +384,8 @@ class MetadataWriter:
         head = bytearray(d.SUPER_BLOCK.pack(*raw))
         if devices:
             assert info.tar_device_blocks is not None
-            head += d.DEVICE_SLOT.pack(bytes(64), info.tar_device_blocks, total_blocks, 0, 0,
-                                       bytes(52))
+            head += d.DEVICE_SLOT.pack(*d.DeviceSlotRaw(
+                tag=bytes(64), blocks_lo=info.tar_device_blocks, uniaddr_lo=total_blocks))
         bs = self.bs
         length = bs - d.SUPERBLOCK_OFFSET if bs > d.SUPERBLOCK_OFFSET else bs
         region = bytearray(os.pread(self.image.fd, length, d.SUPERBLOCK_OFFSET))
