@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="filesystem UUID: a UUID, 'clear' (zero, the default) or 'random'")
     p.add_argument("--seal", action="store_true",
                    help="also write OUT.verity and print the fs-verity digest (as 'seal' does)")
+    p.add_argument("--objects", metavar="DIR",
+                   help="metadata-only image: each regular file's bytes go to DIR/ab/cdef... "
+                        "(its fs-verity digest, composefs's layout), once per content; mount "
+                        "with --data-dir DIR")
     p.add_argument("--sync", action="store_true", help="fsync the image before renaming it")
     p.add_argument("-v", "--verbose", action="store_true", help="print a summary to stderr")
     return p
@@ -94,7 +98,7 @@ def convert_main(argv: list[str]) -> int:
     options = ConvertOptions(block_size=args.block_size, whiteouts=args.whiteouts,
                              tar_index=args.tar_index, compress=alg, compress_level=level,
                              build_time=build_time(args.mtime), uuid=parse_uuid(args.uuid),
-                             seal=args.seal, sync=args.sync)
+                             seal=args.seal, sync=args.sync, objects=args.objects)
     start = time.monotonic()
     try:
         if args.source == "-":
@@ -112,6 +116,10 @@ def convert_main(argv: list[str]) -> int:
         print_error(f"warning: {warning}")
     if result.verity_digest:
         print(f"{result.verity_digest} {args.out}", flush=True)
+    if args.verbose and args.objects:
+        print(f"{args.objects}: {result.objects_stored} objects stored "
+              f"({result.object_bytes} bytes), {result.objects_shared} already there",
+              file=sys.stderr)
     if args.verbose:
         took = time.monotonic() - start
         rate = result.data_bytes / took / 1e6 if took else 0.0

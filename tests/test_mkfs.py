@@ -407,3 +407,55 @@ def test_converted_layers_merge_as_the_kernels_overlay(tmp_path: Path) -> None:
         ours = view_of_dir(fuse.mountpoint)
     assert manifest.diff(_without_mtimes(kernel_merged)) == []
     assert kernel_merged.diff(ours) == []
+
+
+def test_objects_store_file_bytes_by_fsverity_digest(tmp_path: Path) -> None:
+    """``--objects``: metadata-only layers whose files kernel overlayfs reads from the store
+    (a data-only lower layer, ``lowerdir=TOP:BOTTOM::OBJECTS``) exactly as the full layers."""
+    store = tmp_path / "objects"
+    plain, meta = [], []
+    stored = 0
+    for layer in ("lower", "upper"):
+        convert_tar(corpus(f"{layer}.tar"), str(tmp_path / f"{layer}.erofs"), ConvertOptions())
+        result = convert_tar(corpus(f"{layer}.tar"), str(tmp_path / f"{layer}-meta.erofs"),
+                             ConvertOptions(objects=str(store)))
+        fsck(str(tmp_path / f"{layer}-meta.erofs"))
+        plain.append(str(tmp_path / f"{layer}.erofs"))
+        meta.append(str(tmp_path / f"{layer}-meta.erofs"))
+        stored += result.objects_stored
+    fsverity = require_tool("fsverity")
+    objects = sorted(p for p in store.rglob("*") if p.is_file())
+    assert len(objects) == stored > 0
+    for obj in objects:
+        digest = subprocess.run([fsverity, "digest", str(obj)], capture_output=True, text=True,
+                                check=True).stdout.split()[0]
+        assert digest == f"sha256:{obj.parent.name}{obj.name}"
+    with kernel_erofs_stack(plain) as mounts, kernel_overlay(mounts[::-1]) as ovl:
+        expected = view_of_dir(ovl)
+    with kernel_erofs_stack(meta) as mounts:
+        spec = ":".join(mounts[::-1]) + "::" + str(store)
+        mnt = tmp_path / "merged"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"ro,metacopy=on,redirect_dir=on,lowerdir={spec}", str(mnt)], check=True)
+        try:
+            got = view_of_dir(str(mnt))
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    assert expected.diff(got) == []
+
+
+def test_objects_are_stored_once(tmp_path: Path) -> None:
+    b = TarBuilder()
+    for k in range(5):
+        b.add(f"copy{k}", data=b"same content " * 100)
+    b.add("other", data=b"different " * 100)
+    b.add("tiny", data=b"inline")
+    tar = build(tmp_path, b)
+    store = str(tmp_path / "objects")
+    first = convert_tar(tar, str(tmp_path / "a.erofs"), ConvertOptions(objects=store))
+    assert (first.objects_stored, first.objects_shared) == (2, 4)
+    again = convert_tar(tar, str(tmp_path / "b.erofs"), ConvertOptions(objects=store))
+    assert (again.objects_stored, again.objects_shared) == (0, 6)
+    with Image.open(str(tmp_path / "a.erofs")) as image:
+        assert image.lookup("/tiny").read(0, 6) == b"inline"  # small files stay in the image

@@ -13,12 +13,13 @@ import os
 import stat
 import tempfile
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
-from .data import ImageFile, tar_index_data
+from .data import ImageFile, hole_data, tar_index_data
 from .errors import BadInputError, MkfsError
 from .layout import (MetadataWriter, SuperblockInfo, first_data_block, xattr_body_size,
                      xattr_refusal)
+from .objects import INLINE_LIMIT, METACOPY, REDIRECT, ObjectStore, metacopy_value, redirect_value
 from .source import InputStream
 from .tar import (BLOCKDEV, CHARDEV, DIRECTORY, FIFO, HARDLINK, REGULAR, SYMLINK, TarMember,
                   TarReader)
@@ -41,6 +42,7 @@ class ConvertOptions:
     seal: bool = False
     expected_diff_id: str | None = None
     sync: bool = False                  # fsync the image before renaming it into place
+    objects: str | None = None          # an object store: file bytes there, metadata here
 
     def check(self) -> None:
         if self.block_size not in BLOCK_SIZES:
@@ -51,6 +53,9 @@ class ConvertOptions:
             raise MkfsError(f"unknown compression {self.compress!r}")
         if self.tar_index and self.compress:
             raise MkfsError("a tar index holds no data to compress")
+        if self.objects and (self.tar_index or self.compress):
+            raise MkfsError("--objects stores file data outside the image: no --tar-index "
+                            "or --compress with it")
         if len(self.uuid) != 16:
             raise MkfsError("a UUID is 16 bytes")
 
@@ -65,6 +70,9 @@ class ConvertResult:
     data_bytes: int = 0
     files: int = 0
     warnings: tuple[str, ...] = field(default=())
+    objects_stored: int = 0             # with --objects: new objects, and their bytes
+    objects_shared: int = 0             # contents the store already held
+    object_bytes: int = 0
 
 
 # output ---------------------------------------------------------------------------------------
@@ -150,6 +158,7 @@ class _TarConversion:
             from .compress import Compressor
 
             self.compressor = Compressor(self.image, options.compress, options.compress_level)
+        self.store = object_store(options)
 
     def run(self) -> ConvertResult:
         if self.options.tar_index and not self._source_is_plain_file():
@@ -181,7 +190,7 @@ class _TarConversion:
         self.output.commit(self.options.sync)
         return ConvertResult(self.output.out, diff_id, size, summary.inodes, digest,
                              self.image.stats.data_bytes, self.image.stats.files,
-                             tuple(self.warnings))
+                             tuple(self.warnings), *store_counts(self.store))
 
     def _source_is_plain_file(self) -> bool:
         if self.stream.compression != "none" or self.raw_start is None:
@@ -259,6 +268,9 @@ class _TarConversion:
                 raise BadInputError(f"tar truncated: {member.stored_size} bytes of data "
                                     "declared", entry=entry, offset=offset)
             node.data = tar_index_data(member.size, member.data_offset, self.bs)
+        elif self.store is not None and member.size > INLINE_LIMIT:
+            store_object(self.store, node, pieces, member.size, image.blkbits, entry=entry,
+                         offset=offset)
         elif self.compressor is not None:
             room = self._inline_room(node)
             node.data = self.compressor.write(pieces, member.size, room, entry=entry,
@@ -270,6 +282,26 @@ class _TarConversion:
     def _inline_room(self, node: Node) -> int:
         """Tail bytes that fit after the inode (taken as extended) and its xattrs."""
         return self.bs - 64 - xattr_body_size(node.xattrs)
+
+
+def object_store(options: ConvertOptions) -> ObjectStore | None:
+    return ObjectStore(options.objects) if options.objects else None
+
+
+def store_object(store: ObjectStore, node: Node, pieces: Iterable[memoryview | bytes],
+                 size: int, blkbits: int, *, entry: bytes, offset: int) -> None:
+    """The file's bytes into the store; the image keeps a hole of its size and the two xattrs
+    that send overlayfs (and erofs-fuse with ``--data-dir``) to the object."""
+    digest = store.put(pieces, size, entry=entry, offset=offset)
+    node.set_xattr(METACOPY, metacopy_value(digest))
+    node.set_xattr(REDIRECT, redirect_value(digest))
+    node.data = hole_data(size, blkbits)
+
+
+def store_counts(store: ObjectStore | None) -> tuple[int, int, int]:
+    if store is None:
+        return 0, 0, 0
+    return store.stored, store.deduplicated, store.bytes_written
 
 
 def _position(raw: BinaryIO) -> int | None:

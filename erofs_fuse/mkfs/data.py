@@ -216,6 +216,12 @@ def _chunking(ranges: list[tuple[int, int]], file_blocks: int,
     return best[1], best[2]
 
 
+def hole_data(size: int, blkbits: int) -> ChunkMapData:
+    """A file that is one hole (its bytes live elsewhere): one NULL chunk covering it all."""
+    chunkbits = min(max(blkbits, (size - 1).bit_length()), blkbits + MAX_CHUNK_EXTRA_BITS)
+    return ChunkMapData(chunkbits, array.array("I", [d.NULL_ADDR_32]) * -(-size >> chunkbits))
+
+
 def tar_index_data(size: int, tar_offset: int, block_size: int) -> TarIndexData:
     """One chunk covering the whole file, at its offset in the tar (device 1)."""
     blkbits = block_size.bit_length() - 1

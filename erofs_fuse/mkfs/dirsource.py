@@ -14,7 +14,9 @@ import os
 import stat
 from typing import Iterator
 
-from .convert import ConvertOptions, ConvertResult, _output, _seal
+from .convert import (ConvertOptions, ConvertResult, _output, _seal, object_store, store_counts,
+                      store_object)
+from .objects import INLINE_LIMIT
 from .data import ImageFile
 from .errors import MkfsError
 from .layout import (MetadataWriter, SuperblockInfo, first_data_block, xattr_body_size,
@@ -50,7 +52,7 @@ def convert_dir(source: str, out: str, options: ConvertOptions) -> ConvertResult
         output.commit(options.sync)
         return ConvertResult(out, None, summary.image_blocks * options.block_size,
                              summary.inodes, digest, image.stats.data_bytes, image.stats.files,
-                             tuple(walker.warnings))
+                             tuple(walker.warnings), *store_counts(walker.store))
 
 
 class _Walker:
@@ -64,6 +66,7 @@ class _Walker:
             from .compress import Compressor
 
             self.compressor = Compressor(image, options.compress, options.compress_level)
+        self.store = object_store(options)
 
     def node(self, path: str, st: os.stat_result) -> Node:
         sec, nsec = divmod(st.st_mtime_ns, 1_000_000_000)
@@ -130,7 +133,10 @@ class _Walker:
                 return
             room = self.image.bs - 64 - xattr_body_size(node.xattrs)
             pieces = _read_pieces(fd, 0, st.st_size)
-            if self.compressor is not None:
+            if self.store is not None and st.st_size > INLINE_LIMIT:
+                store_object(self.store, node, pieces, st.st_size, self.image.blkbits,
+                             entry=entry, offset=0)
+            elif self.compressor is not None:
                 node.data = self.compressor.write(pieces, st.st_size, room, entry=entry, offset=0)
             else:
                 node.data = self.image.write_flat(pieces, st.st_size, room, entry=entry, offset=0)

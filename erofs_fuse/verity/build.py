@@ -61,18 +61,25 @@ def build_tree(read: ReadFn, data_size: int, params: HashParams, *,
                progress: Progress | None = None, chunk: int = BUILD_CHUNK) -> BuiltTree:
     """Hash ``data_size`` bytes from ``read`` into a tree. Data is read in large chunks and
     hashed block by block with hashlib (which drops the GIL on each block)."""
-    dbs, hbs, slot = params.data_block_size, params.hash_block_size, params.slot_size
+    dbs, slot = params.data_block_size, params.slot_size
     hasher = params.hasher()
-    nblocks = data_blocks_of(data_size, dbs)
     chunk = max(dbs, chunk - chunk % dbs)
     parts: list[bytes] = []
     for pos in range(0, data_size, chunk):
         parts.append(hash_blocks(hasher, read(pos, min(chunk, data_size - pos)), dbs, slot))
         if progress is not None:
             progress(min(pos + chunk, data_size), data_size)
+    return tree_from_leaves(b"".join(parts), data_size, params)
+
+
+def tree_from_leaves(level: bytes, data_size: int, params: HashParams) -> BuiltTree:
+    """The tree over data whose block hashes (slot-padded, in order) are ``level``: for a
+    caller that hashed the blocks as they streamed past."""
+    hbs, slot = params.hash_block_size, params.slot_size
+    hasher = params.hasher()
+    nblocks = data_blocks_of(data_size, params.data_block_size)
     if nblocks == 0:
         return BuiltTree(params, data_size, 0, bytes(params.digest_size), b"")
-    level = b"".join(parts)
     if nblocks == 1:
         return BuiltTree(params, data_size, 1, level[: params.digest_size], b"")
     levels: list[bytes] = []

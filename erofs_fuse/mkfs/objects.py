@@ -1,0 +1,97 @@
+"""A composefs-style object store: file contents named by their fs-verity digest.
+
+With ``--objects DIR`` a regular file's bytes go to ``DIR/ab/cdef...`` (the SHA-256 fs-verity
+digest in hex, split after two digits, composefs's layout), once per distinct content, and the
+image keeps only its metadata: the inode (size, a hole where data would be) with
+``trusted.overlay.metacopy`` (version 0, length, flags, algorithm 1 = SHA-256, digest: the
+form the kernel's overlayfs checks with ``verity=``) and ``trusted.overlay.redirect=/ab/cdef...``,
+as mkcomposefs writes them. The digest is computed while the bytes stream into a temporary file
+in DIR, which is renamed to its name, or dropped when that object already exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Iterable
+
+from ..verity.build import tree_from_leaves
+from ..verity.formats import HashParams
+from .errors import BadInputError
+
+INLINE_LIMIT = 64  # mkcomposefs keeps files this small in the image itself
+METACOPY = b"trusted.overlay.metacopy"
+REDIRECT = b"trusted.overlay.redirect"
+FSVERITY_SHA256 = 1
+BLOCK = 4096
+
+
+def metacopy_value(digest: bytes) -> bytes:
+    """The ``trusted.overlay.metacopy`` value that carries a digest (struct ovl_metacopy)."""
+    return bytes([0, 4 + len(digest), 0, FSVERITY_SHA256]) + digest
+
+
+def redirect_value(digest: bytes) -> bytes:
+    hexd = digest.hex()
+    return f"/{hexd[:2]}/{hexd[2:]}".encode()
+
+
+class ObjectStore:
+    """Objects under ``root``; ``put`` returns the fs-verity digest of what it stored."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+        self.params = HashParams.fsverity()
+        self.hasher = self.params.hasher()
+        self.stored = 0       # objects written
+        self.deduplicated = 0  # contents found already there
+        self.bytes_written = 0
+
+    def put(self, pieces: Iterable[memoryview | bytes], size: int, *, entry: bytes,
+            offset: int) -> bytes:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".object-")
+        try:
+            leaves = self._write_hashing(fd, pieces, size, entry=entry, offset=offset)
+            digest = tree_from_leaves(leaves, size, self.params).fsverity_digest
+            self._commit(tmp, digest, size)
+            return digest
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _write_hashing(self, fd: int, pieces: Iterable[memoryview | bytes], size: int, *,
+                       entry: bytes, offset: int) -> bytes:
+        hashes: list[bytes] = []
+        partial = b""
+        written = 0
+        for piece in pieces:
+            os.write(fd, piece)
+            written += len(piece)
+            data = partial + bytes(piece) if partial else bytes(piece)
+            whole = len(data) - len(data) % BLOCK
+            mv = memoryview(data)
+            hashes.extend(self.hasher(mv[k:k + BLOCK]) for k in range(0, whole, BLOCK))
+            partial = data[whole:]
+        if written != size:
+            raise BadInputError(f"tar truncated: {size} bytes of data declared, {written} "
+                                "found", entry=entry, offset=offset)
+        if partial:
+            hashes.append(self.hasher(partial + bytes(BLOCK - len(partial))))
+        return b"".join(hashes)
+
+    def _commit(self, tmp: str, digest: bytes, size: int) -> None:
+        hexd = digest.hex()
+        subdir = os.path.join(self.root, hexd[:2])
+        os.makedirs(subdir, exist_ok=True)
+        final = os.path.join(subdir, hexd[2:])
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, final)  # never replaces: an object with this name has these bytes
+        except FileExistsError:
+            self.deduplicated += 1
+            return
+        self.stored += 1
+        self.bytes_written += size
