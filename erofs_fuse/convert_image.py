@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seal", action="store_true",
                    help="write LAYER.verity and record each layer's fs-verity digest, which "
                    "mount --layers @FILE then trusts")
+    p.add_argument("--objects", metavar="DIR",
+                   help="one object store for every layer: metadata-only layer files, file "
+                        "bytes in DIR by fs-verity digest (see convert --objects)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -98,7 +101,8 @@ def parse_args(argv: list[str]) -> Request:
         raise CliError("convert-image: --compress-level needs --compress lz4hc")
     options = ConvertOptions(block_size=ns.block_size, whiteouts=ns.whiteouts,
                              tar_index=ns.tar_index, compress=ns.compress,
-                             compress_level=ns.compress_level, seal=ns.seal)
+                             compress_level=ns.compress_level, seal=ns.seal,
+                             objects=os.path.abspath(ns.objects) if ns.objects else None)
     try:
         options.check()
         platform = Platform.parse(ns.platform) if ns.platform is not None else None

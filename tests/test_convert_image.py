@@ -497,3 +497,29 @@ def test_a_failing_layer_cancels_the_others(tmp_path: Path) -> None:
     line = one_line_error(subprocess.CompletedProcess([], 2, "", err))
     assert "layer 2/2" in line and "diff_id mismatch" in line
     assert os.listdir(out) == []  # the first layer was cancelled, not finished
+
+
+def test_objects_one_store_for_every_layer(image: tuple[Layout, list[LayerBlob]],
+                                           tmp_path: Path) -> None:
+    """``--objects``: metadata-only layer files sharing one store; kernel overlayfs with the
+    store as a data-only layer shows what the full layers show."""
+    lay, _ = image
+    full = converted(str(lay.root), str(tmp_path / "full"))
+    store = tmp_path / "objects"
+    meta = converted(str(lay.root), str(tmp_path / "meta"), "--objects", str(store))
+    views = []
+    for listed, data_layer in ((full, ""), (meta, "::" + str(store))):
+        paths = [str(listed.parent / x["path"]) for x in layers_doc(listed)["layers"]]
+        with kernel_erofs_stack(paths) as mounts:
+            mnt = tmp_path / f"merged{len(views)}"
+            mnt.mkdir()
+            spec = ":".join(reversed(mounts)) + data_layer
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                            f"ro,metacopy=on,redirect_dir=on,lowerdir={spec}", str(mnt)],
+                           check=True)
+            try:
+                views.append(view_of_dir(str(mnt)))
+            finally:
+                subprocess.run(["umount", str(mnt)], check=True)
+    assert views[0].diff(views[1]) == []
+    assert any(store.rglob("*"))
