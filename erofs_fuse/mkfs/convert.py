@@ -82,8 +82,12 @@ class _Output:
     def __init__(self, out: str) -> None:
         self.out = out
         directory = os.path.dirname(os.path.abspath(out))
-        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(out) + ".",
-                                        suffix=".tmp")
+        try:
+            fd, self.tmp = tempfile.mkstemp(dir=directory,
+                                            prefix="." + os.path.basename(out) + ".",
+                                            suffix=".tmp")
+        except OSError as exc:
+            raise MkfsError(f"cannot write {out}: {exc.strerror} ({directory})") from exc
         self.fd = fd
         self.spool = tempfile.TemporaryFile(dir=directory, prefix=".erofs-spool-")
         self.committed = False
