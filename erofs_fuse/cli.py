@@ -16,6 +16,7 @@ through ``/bin/sh`` with mount(8)'s PATH. See ``mount_helper_args``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import stat
@@ -30,6 +31,7 @@ from .erofs.image import Image, Inode
 from .info import utc
 
 if TYPE_CHECKING:
+    from .objects import ObjectStore
     from .verity.formats import HashParams
 
 DISPATCHED = {
@@ -105,7 +107,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _objects(args: argparse.Namespace) -> ObjectStore | None:
+    """The object stores of --data-dir (objects.py), or None without one."""
+    if not args.data_dir and not args.require_object_verity:
+        return None
+    from .objects import ObjectStore
+
+    try:
+        return ObjectStore(args.data_dir or [], require_verity=args.require_object_verity)
+    except OSError as exc:
+        raise CliError(f"data dir {exc.filename}: {exc.strerror}") from exc
+
+
 def cmd_cat(args: argparse.Namespace) -> int:
+    objects = _objects(args)
     with _open(args) as image:
         node = image.lookup(args.path)
         if node.is_dir:
@@ -113,9 +128,12 @@ def cmd_cat(args: argparse.Namespace) -> int:
         if node.is_symlink:
             _write_out(node.readlink())
             return 0
+        read = node.read  # a metadata-only file without data dirs: MetacopyError, exit 2
+        if objects is not None and node.is_metacopy:
+            read = functools.partial(objects.read, node)
         pos = 0
         while pos < node.size:
-            chunk = node.read(pos, 1 << 20)
+            chunk = read(pos, 1 << 20)
             if not chunk:
                 break
             _write_out(chunk)
@@ -140,7 +158,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     with _open(args) as image:
         start = time.monotonic()
-        stats = extract(image, args.dest, owners=args.owners, merge=args.merge)
+        stats = extract(image, args.dest, owners=args.owners, merge=args.merge,
+                        objects=_objects(args))
     for warning in stats.warnings:
         print_error(f"warning: {warning}")
     if args.verbose:
@@ -223,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ls)
     p = _image_parser(sub, "cat", "write a file of an image to stdout")
     p.add_argument("path", help="path inside the image")
+    _data_dir_options(p)
     p.set_defaults(func=cmd_cat)
     p = _image_parser(sub, "extract", "extract the whole tree into a directory")
     p.add_argument("dest", help="destination directory (created if missing; must be empty "
@@ -235,9 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="restore owners (default when run as root)")
     owners.add_argument("--no-owners", dest="owners", action="store_false")
     p.add_argument("-v", "--verbose", action="store_true", help="print a summary to stderr")
+    _data_dir_options(p)
     p.set_defaults(func=cmd_extract)
     _seal_parser(sub)
     return parser
+
+
+def _data_dir_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", action="append", metavar="DIR",
+                   help="object store of metadata-only files (trusted.overlay.metacopy); "
+                   "repeatable, searched in order")
+    p.add_argument("--require-object-verity", action="store_true",
+                   help="refuse objects whose metacopy xattr carries no fs-verity digest")
 
 
 def _seal_parser(sub: argparse._SubParsersAction[OneLineParser]) -> None:

@@ -213,3 +213,12 @@ def archive(layout: Path, out: Path, *, prefix: str = "") -> Path:
 
 def ref(name: str) -> dict[str, dict[str, str]]:
     return {"annotations": {"org.opencontainers.image.ref.name": name}}
+
+
+def busybox_entries(busybox: str = "/bin/busybox") -> list[Entry]:
+    """A one-file root filesystem: ``/bin/busybox`` (a static busybox, the Debian package
+    busybox-static) and the directories a runtime mounts over."""
+    with open(busybox, "rb") as f:
+        data = f.read()
+    return [directory("bin"), file("bin/busybox", data, mode=0o755), directory("etc"),
+            directory("proc"), directory("sys"), directory("dev"), directory("tmp", 0o1777)]

@@ -1,0 +1,192 @@
+"""FUSE mounts of committed layer chains, started from a fork server.
+
+Why a fork server: a new mount must not pay an interpreter start (``erofs-fuse mount`` takes
+about 0.6 s, most of it imports). The snapshotter imports ``erofs_fuse.mount`` and forks one
+child, the *forker*, before it starts any thread (grpc's included: forking a process that runs
+threads is unsafe). For each mount the forker forks a worker that runs ``mount.main(argv)``,
+which double-forks the daemon and returns once the kernel's INIT has been served, as on the
+command line. The daemons are nobody's children: they outlive a snapshotter restart, so running
+containers keep their root filesystems.
+
+One mount per distinct chain: a chain is fixed by its top committed snapshot (parents never
+change), so the mountpoint is ``<root>/mounts/<id of the top>``. Its users are the active
+snapshots and views whose parent is that snapshot, counted in the database, never in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+
+log = logging.getLogger("erofs_fuse.snapshotter")
+
+
+class MountError(Exception):
+    """A mount could not be made; the message is the mount command's one line."""
+
+
+class Forker:
+    """The fork server: ``mount(argv)`` runs ``erofs-fuse mount ARGV`` in a forked worker."""
+
+    def __init__(self) -> None:
+        from .. import mount  # imported here, before the fork, so each worker starts warm
+
+        del mount
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            code = 1
+            try:
+                _serve_forks(theirs)
+                code = 0
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid = pid
+        self.sock = ours
+        self.reader = ours.makefile("rb")
+        self.lock = threading.Lock()
+
+    def mount(self, argv: Sequence[str]) -> None:
+        with self.lock:
+            self.sock.sendall(json.dumps(list(argv)).encode() + b"\n")
+            line = self.reader.readline()
+        if not line:
+            raise MountError("the mount fork server is gone")
+        reply = json.loads(line)
+        if reply["code"] != 0:
+            raise MountError(reply["error"] or f"erofs-fuse mount exited with {reply['code']}")
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()  # the forker reads EOF and exits
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def _serve_forks(sock: socket.socket) -> None:
+    """The forker's loop: one JSON argv per line in, one JSON ``{code, error}`` per line out."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C of a foreground snapshotter: it stops us
+    reader = sock.makefile("rb")
+    for line in reader:
+        argv = json.loads(line)
+        err = os.memfd_create("erofs-fuse-mount-stderr")
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                reader.close()
+                sock.close()
+                os.dup2(err, 2)
+                os.close(err)
+                from .. import mount
+
+                code = mount.main(argv)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        text = os.pread(err, 65536, 0).decode(errors="replace").strip()
+        os.close(err)
+        sock.sendall(json.dumps({"code": code, "error": text}).encode() + b"\n")
+
+
+def mounted(path: str) -> bool:
+    """Whether ``path`` is a FUSE mountpoint (from mountinfo, without touching it)."""
+    from ..mount import mounted_fuse
+
+    return mounted_fuse(path)
+
+
+def alive(path: str, wait: float = 5.0) -> bool:
+    """Whether the mount's daemon still answers: a dead one gives ENOTCONN at once. The probe
+    runs in a thread so that a hung daemon cannot hang the caller; one that does not answer
+    within ``wait`` counts as alive (mounting over it would not help)."""
+    dead: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.stat(path)
+        except OSError as exc:
+            dead.append(exc.errno in (errno.ENOTCONN, errno.ECONNABORTED))
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(wait)
+    return not (dead and dead[0])
+
+
+def unmount(path: str) -> None:
+    """Unmount a FUSE mount; detach it lazily if it is busy or its daemon is dead."""
+    if not mounted(path):
+        return
+    r = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        log.warning("%s: %s; detaching it", path, r.stderr.strip() or "cannot unmount")
+        subprocess.run(["umount", "-l", path], capture_output=True, text=True)
+
+
+class ChainMounts:
+    """Mountpoints ``<root>/mounts/<id>`` of chains, each a merged erofs-fuse mount."""
+
+    def __init__(self, root: str, forker: Forker) -> None:
+        self.dir = os.path.join(root, "mounts")
+        os.makedirs(self.dir, exist_ok=True)
+        self.forker = forker
+
+    def path(self, top_id: int) -> str:
+        return os.path.join(self.dir, str(top_id))
+
+    def ensure(self, top_id: int, layers: Sequence[tuple[str, str]]) -> str:
+        """The mount of the chain ``layers`` (bottom first: (layer file, fs-verity digest))
+        whose top is ``top_id``, made (or made again, if its daemon died) when needed."""
+        path = self.path(top_id)
+        if mounted(path):
+            if alive(path):
+                return path
+            log.warning("%s: the mount's daemon is gone; mounting it again", path)
+            unmount(path)
+        os.makedirs(path, exist_ok=True)
+        # allow_other: the shim and containers' users are other processes. suid and dev:
+        # overlayfs opens lower files through this mount, so its nodev would refuse the
+        # image's device nodes; the mountpoint itself is only reachable by root (ROOT is 0700).
+        argv = ["--layers", ",".join(layer for layer, _ in layers), "--allow-other", "--suid",
+                "--dev", "--require-verity", "--log", path + ".log"]
+        for index, (_, digest) in enumerate(layers):
+            argv += ["--verity", f"{index}={digest}"]
+        argv.append(path)
+        start = time.monotonic()
+        self.forker.mount(argv)
+        log.info("mounted chain %d (%d layers) at %s in %.0f ms", top_id, len(layers), path,
+                 (time.monotonic() - start) * 1000)
+        return path
+
+    def release(self, top_id: int) -> None:
+        """Unmount the chain's mount (if mounted) and remove its mountpoint and log."""
+        path = self.path(top_id)
+        if mounted(path):
+            unmount(path)
+            log.info("unmounted chain %d", top_id)
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+        with contextlib.suppress(OSError):
+            os.unlink(path + ".log")
+
+    def existing(self) -> list[int]:
+        """Ids of the mountpoints present (mounted or not)."""
+        out = []
+        for name in os.listdir(self.dir):
+            if name.isdigit():
+                out.append(int(name))
+        return out

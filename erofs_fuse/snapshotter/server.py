@@ -1,0 +1,95 @@
+"""``erofs-fuse snapshotter``: the lifecycle of the containerd proxy snapshotter.
+
+Order: parse arguments, configure logging (stderr, for systemd's journal), import the mount
+code and fork the mount forker (before any thread exists), open the store and sweep what a
+crash left, then serve gRPC on the unix socket until SIGTERM or SIGINT, which stop the server
+(in-flight calls get a grace period), the forker and the store. The FUSE mounts of running
+containers are left in place: they are independent daemons, and the next start adopts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+
+from ..console import PROG, CliError, print_error
+
+log = logging.getLogger("erofs_fuse.snapshotter")
+
+DEFAULT_ROOT = "/var/lib/erofs-fuse/snapshotter"
+DEFAULT_ADDRESS = "/run/erofs-fuse/snapshotter.sock"
+MAX_MESSAGE = 16 << 20  # containerd's limit, each way
+GRACE = 10.0  # seconds in-flight calls get at SIGTERM
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} snapshotter",
+        description="Serve containerd's snapshots API (a [proxy_plugins] snapshotter) on a "
+        "unix socket: each committed layer is one sealed EROFS file, root filesystems are "
+        "served by erofs-fuse mounts. Runs in the foreground and logs to stderr.")
+    p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
+    p.add_argument("--address", default=DEFAULT_ADDRESS,
+                   help=f"unix socket to listen on (default {DEFAULT_ADDRESS})")
+    p.add_argument("--debug", action="store_true", help="log every call")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return serve(os.path.abspath(ns.root), os.path.abspath(ns.address))
+    except CliError as exc:
+        print_error(str(exc))
+        return exc.code
+
+
+def serve(root: str, address: str) -> int:
+    from .mounts import Forker
+
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    forker = Forker()  # first: no thread may exist when it forks
+    with contextlib.ExitStack() as stack:
+        stack.callback(forker.close)
+        import grpc
+
+        from .api import snapshots_pb2_grpc as pb_grpc
+        from .core import Snapshotter
+        from .service import Service
+
+        snapshotter = Snapshotter(root, forker)
+        stack.callback(snapshotter.close)
+        os.makedirs(os.path.dirname(address), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)  # a socket left by a killed predecessor
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE)])
+        pb_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]
+            Service(snapshotter), server)
+        if server.add_insecure_port(f"unix://{address}") == 0:
+            raise CliError(f"{address}: cannot listen", 1)
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        server.start()
+        stack.callback(lambda: server.stop(GRACE).wait())
+        log.info("serving containerd snapshots on %s, root %s", address, root)
+        while not stop.wait(3600):
+            pass
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)
+    log.info("stopped")
+    return 0

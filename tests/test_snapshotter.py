@@ -1,0 +1,529 @@
+"""``erofs-fuse snapshotter`` against the real containerd (Debian 12's 1.6), driven by ``ctr``.
+
+Each test module run starts its own containerd (temporary config, root, state and socket:
+never the system service) and our snapshotter as a proxy plugin, imports an OCI archive built
+here, runs containers from it and removes it. Everything started is stopped, and every mount
+under the temporary directory unmounted, in ``finally`` blocks: other suites share the machine.
+A missing component (containerd, ctr, runc, fsck.erofs, busybox) fails the tests.
+
+The containerd tests share one containerd and run in file order, each on the state the one
+before left (import, ls, run, restart, ..., removal). ``test_api_errors_and_labels`` talks gRPC
+to a snapshotter of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from helpers import require_tool
+from mounting import env, require_fuse
+from ocilayout import (
+    Layout,
+    archive,
+    busybox_entries,
+    directory,
+    file,
+    many_files_tar,
+    opaque,
+    ref,
+    whiteout,
+)
+
+SNAPSHOTTER = "erofs-fuse"
+IMAGE = "example.com/erofstest:v1"
+NS = "default"
+BIG = b"".join(b"block %05d of a file with its own data blocks\n" % k for k in range(400))
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    root: Path  # the snapshotter's
+    address: str  # containerd's socket
+    log: Path
+    snapshotter: subprocess.Popen[bytes] | None = None
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> str:
+        proc = subprocess.run(["ctr", "-a", self.address, "-n", NS, *args],
+                              capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert proc.returncode == 0, (
+                f"ctr {' '.join(args)} failed ({proc.returncode}): {proc.stderr}\n"
+                f"--- snapshotter log ---\n{self.snapshotter_log()}")
+        return proc.stdout
+
+    def snapshotter_log(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def chain_mounts(self) -> list[str]:
+        prefix = str(self.root / "mounts") + "/"
+        return [m for m in mounts_under(str(self.tmp)) if m.startswith(prefix)]
+
+    def start_snapshotter(self) -> None:
+        sock = self.tmp / "snapshotter.sock"
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        with open(self.log, "ab") as log:
+            self.snapshotter = proc = subprocess.Popen(
+                [sys.executable, "-m", "erofs_fuse", "snapshotter", "--root", str(self.root),
+                 "--address", str(sock), "--debug"],
+                stdout=log, stderr=subprocess.STDOUT, env=env())
+        wait_for(lambda: sock.exists() or proc.poll() is not None, 30, "the snapshotter")
+        assert proc.poll() is None, f"snapshotter died: {self.snapshotter_log()}"
+
+    def wait_reachable(self) -> None:
+        """Until containerd reaches the (restarted) snapshotter: its gRPC client may still be
+        in reconnect backoff (up to 3 s), and a GC pass that fails then is not retried until
+        the next change, leaving snapshots behind."""
+        def reached() -> bool:
+            proc = subprocess.run(["ctr", "-a", self.address, "-n", NS, "snapshots",
+                                   "--snapshotter", SNAPSHOTTER, "usage"],
+                                  capture_output=True, text=True)
+            return proc.returncode == 0
+        wait_for(reached, 30, "containerd to reach the snapshotter")
+
+    def stop_snapshotter(self, sig: int = signal.SIGTERM) -> None:
+        stop(self.snapshotter, sig=sig)
+        self.snapshotter = None
+
+
+def mounts_under(prefix: str) -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == prefix or point.startswith(prefix.rstrip("/") + "/"):
+                out.append(point)
+    return out
+
+
+def unmount_all(prefix: str) -> None:
+    for _ in range(5):
+        points = mounts_under(prefix)
+        if not points:
+            return
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+    assert not mounts_under(prefix), f"mounts left under {prefix}: {mounts_under(prefix)}"
+
+
+def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15,
+         sig: int = signal.SIGTERM) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+CONFIG = """\
+version = 2
+root = "{tmp}/containerd/root"
+state = "{tmp}/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{tmp}/containerd.sock"
+
+[ttrpc]
+  address = "{tmp}/containerd.sock.ttrpc"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{tmp}/opt"
+
+[proxy_plugins]
+  [proxy_plugins.{name}]
+    type = "snapshot"
+    address = "{tmp}/snapshotter.sock"
+"""
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "fsck.erofs"):
+        require_tool(tool)
+    require_fuse()
+    tmp = Path(tempfile.mkdtemp(prefix="efs-snap-", dir="/tmp"))  # socket paths stay short
+    containerd = None
+    s = Stack(tmp, tmp / "snapshotter", str(tmp / "containerd.sock"), tmp / "snapshotter.log")
+    try:
+        (tmp / "config.toml").write_text(CONFIG.format(tmp=tmp, name=SNAPSHOTTER))
+        s.start_snapshotter()
+        with open(tmp / "containerd.log", "wb") as log:
+            containerd = subprocess.Popen(
+                ["containerd", "--config", str(tmp / "config.toml")],
+                stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            assert containerd is not None and containerd.poll() is None, \
+                (tmp / "containerd.log").read_text(errors="replace")[-4000:]
+            return subprocess.run(["ctr", "-a", s.address, "version"],
+                                  capture_output=True).returncode == 0
+
+        wait_for(ready, 30, "containerd")
+        yield s
+    finally:
+        try:
+            stop(containerd)
+            s.stop_snapshotter()
+        finally:
+            unmount_all(str(tmp))
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def image_archive(stack: Stack) -> Path:
+    layout = Layout(stack.tmp / "layout")
+    base = layout.layer(busybox_entries() + [
+        file("etc/hello", "hello from layer 1\n"),
+        file("gone.txt", "deleted by layer 2\n"),
+        directory("opq"), file("opq/old", "hidden by the opaque dir\n"),
+        directory("keep"), file("keep/a", "a\n"),
+    ])
+    top = layout.layer([
+        whiteout("gone.txt"),
+        file("msg", "layer two\n"),
+        opaque("opq"), file("opq/new", "new\n"),
+        file("keep/b", "b\n"),
+        file("big", BIG),
+    ])
+    manifest = layout.image([base, top])
+    layout.write_index([{**manifest, **ref("v1")}])
+    return archive(layout.root, stack.tmp / "image.tar")
+
+
+def committed_dirs(stack: Stack) -> list[Path]:
+    return sorted((stack.root / "snapshots").iterdir())
+
+
+def test_import(stack: Stack, image_archive: Path) -> None:
+    stack.ctr("images", "import", "--snapshotter", SNAPSHOTTER,
+              "--base-name", "example.com/erofstest", str(image_archive))
+    assert IMAGE in stack.ctr("images", "ls", "-q").split()
+    dirs = committed_dirs(stack)
+    assert len(dirs) == 2, dirs
+    for d in dirs:
+        # one layer file (its fs-verity Merkle tree beside it); the staging dir is gone
+        assert sorted(os.listdir(d)) == ["layer.erofs", "layer.erofs.verity"], d
+        proc = subprocess.run(["fsck.erofs", str(d / "layer.erofs")], capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, f"fsck.erofs rejects {d}: {proc.stdout}{proc.stderr}"
+    assert stack.chain_mounts() == []  # import done: nothing mounted
+
+
+def test_snapshots_ls(stack: Stack) -> None:
+    out = stack.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls")
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["KEY", "PARENT", "KIND"], out
+    rows = [line.split() for line in lines[1:]]
+    assert len(rows) == 2 and all(r[-1] == "Committed" for r in rows), out
+    top = [r for r in rows if len(r) == 3]
+    assert len(top) == 1, out
+    info = stack.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "info", top[0][0])
+    assert '"Kind": "Committed"' in info and top[0][1] in info, info
+    usage = stack.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "usage", top[0][0])
+    assert top[0][0] in usage, usage
+
+
+def run(stack: Stack, cid: str, *cmd: str) -> str:
+    return stack.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, IMAGE, cid, *cmd)
+
+
+def test_run(stack: Stack) -> None:
+    assert run(stack, "t-cat", "/bin/busybox", "cat", "/msg", "/etc/hello") == \
+        "layer two\nhello from layer 1\n"
+    listing = run(stack, "t-ls", "/bin/busybox", "ls", "/", "/opq", "/keep")
+    assert "gone.txt" not in listing, listing
+    assert "/opq:\nnew\n" in listing and "old" not in listing, listing
+    assert "/keep:\na\nb\n" in listing, listing
+    # the container writes into its own upper directory, not into a layer
+    assert run(stack, "t-write", "/bin/busybox", "sh", "-c",
+               "echo x > /msg && cat /msg") == "x\n"
+    assert run(stack, "t-again", "/bin/busybox", "cat", "/msg") == "layer two\n"
+    # every root filesystem was an overlay over the erofs-fuse mount of the image's chain
+    assert "mounted chain" in stack.snapshotter_log()
+
+
+def test_containers_share_one_mount(stack: Stack) -> None:
+    ids = ("t-shared-1", "t-shared-2")
+    try:
+        for cid in ids:
+            stack.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, IMAGE, cid,
+                      "/bin/busybox", "sleep", "600")
+        assert len(stack.chain_mounts()) == 1, stack.chain_mounts()
+        out = stack.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls")
+        assert sum(line.split()[0] in ids and line.split()[-1] == "Active"
+                   for line in out.splitlines()[1:]) == 2, out
+        mounts = stack.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "mounts", "/mnt", ids[0])
+        assert "overlay" in mounts and "lowerdir=" + str(stack.root / "mounts") in mounts, mounts
+    finally:
+        for cid in ids:
+            stack.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+        for cid in ids:
+            wait_for(lambda: "RUNNING" not in stack.ctr("task", "ls", check=False)
+                     .split(cid)[-1].split("\n")[0], 30, f"{cid} to stop")
+            stack.ctr("task", "rm", cid, check=False)
+            stack.ctr("container", "rm", cid, check=False)
+
+
+def test_view(stack: Stack) -> None:
+    """A view on the top layer is a read-only bind of the chain's FUSE mount. (ctr makes it
+    under a lease that ends with the command, so GC may remove it at any moment after: the
+    mount is read through in test_api_errors_and_labels instead.)"""
+    rows = [line.split() for line in stack.ctr("snapshots", "--snapshotter", SNAPSHOTTER,
+                                               "ls").splitlines()[1:]]
+    committed = [r for r in rows if r[-1] == "Committed"]
+    parents = {r[1] for r in committed if len(r) == 3}
+    top_name = next(r[0] for r in committed if r[0] not in parents)
+    out = stack.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "view", "--mounts", "v1",
+                    top_name)
+    mounts = json.loads(out)
+    assert len(mounts) == 1 and mounts[0]["Type"] == "bind", out
+    assert sorted(mounts[0]["Options"]) == ["rbind", "ro"], out
+    assert Path(mounts[0]["Source"]).parent == stack.root / "mounts", out
+    stack.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "rm", "v1", check=False)
+    wait_for(lambda: "v1" not in stack.ctr("snapshots", "--snapshotter", SNAPSHOTTER,
+                                            "ls").split(), 30, "the view's removal")
+
+
+def test_restart(stack: Stack) -> None:
+    """State survives a restart (SIGTERM or SIGKILL), and a running container keeps its root
+    filesystem while the snapshotter is down: its FUSE mount is an independent daemon."""
+    stack.stop_snapshotter()
+    stack.start_snapshotter()
+    stack.wait_reachable()
+    assert run(stack, "t-restarted", "/bin/busybox", "cat", "/msg") == "layer two\n"
+    cid = "t-survivor"
+    try:
+        stack.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, IMAGE, cid,
+                  "/bin/busybox", "sleep", "600")
+        mounts = stack.chain_mounts()
+        assert len(mounts) == 1, mounts
+        stack.stop_snapshotter(signal.SIGKILL)
+        out = stack.ctr("task", "exec", "--exec-id", "e1", cid, "/bin/busybox", "cat", "/msg")
+        assert out == "layer two\n"
+        stack.start_snapshotter()
+        stack.wait_reachable()
+        assert stack.chain_mounts() == mounts  # adopted, not mounted again
+        out = stack.ctr("task", "exec", "--exec-id", "e2", cid, "/bin/busybox", "cat", "/msg")
+        assert out == "layer two\n"
+    finally:
+        stack.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+        wait_for(lambda: "RUNNING" not in stack.ctr("task", "ls", check=False)
+                 .split(cid)[-1].split("\n")[0], 30, f"{cid} to stop")
+        stack.ctr("task", "rm", cid, check=False)
+        stack.ctr("container", "rm", cid, check=False)
+
+
+def test_tampered_layer_gives_eio(stack: Stack) -> None:
+    """A byte flipped in a committed layer.erofs: EIO in the container, never altered bytes.
+    (No test before reads /big: none of its blocks is in a page cache.)"""
+    layers = [d / "layer.erofs" for d in committed_dirs(stack)
+              if (d / "layer.erofs").exists() and BIG[:4096] in (d / "layer.erofs").read_bytes()]
+    assert len(layers) == 1, layers
+    data = layers[0].read_bytes()
+    pos = data.index(BIG[:4096]) + 8192 + 100  # inside the file's third data block
+    with open(layers[0], "r+b") as f:
+        f.seek(pos)
+        f.write(bytes([data[pos] ^ 0x01]))
+    try:
+        proc = subprocess.run(["ctr", "-a", stack.address, "-n", NS, "run", "--rm",
+                               "--snapshotter", SNAPSHOTTER, IMAGE, "t-tampered",
+                               "/bin/busybox", "cat", "/big"], capture_output=True, text=True)
+        assert proc.returncode != 0, "a tampered layer was read without error"
+        assert "I/O error" in proc.stderr or "Input/output error" in proc.stderr, proc.stderr
+        assert proc.stdout == BIG[:len(proc.stdout)].decode()  # what came is right, and
+        assert len(proc.stdout) <= 8192  # nothing of the tampered block or after it
+    finally:
+        with open(layers[0], "r+b") as f:
+            f.seek(pos)
+            f.write(bytes([data[pos]]))
+
+
+BIG_IMAGE = "example.com/erofstest:many"
+
+
+def test_killed_during_import(stack: Stack) -> None:
+    """SIGKILL while a layer is being committed; after a restart the import is retried and
+    succeeds, and the image runs."""
+    layout = Layout(stack.tmp / "layout-many")
+    base = layout.layer(busybox_entries() + [file("etc/which", "many\n")])
+    many = layout.layer(many_files_tar(4000))
+    layout.write_index([{**layout.image([base, many]), **ref("many")}])
+    tar = archive(layout.root, stack.tmp / "many.tar")
+    args = ["ctr", "-a", stack.address, "-n", NS, "images", "import", "--snapshotter",
+            SNAPSHOTTER, "--base-name", "example.com/erofstest", str(tar)]
+    start = len(stack.log.read_bytes())
+    importer = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        def committing_second_layer() -> bool:
+            log = stack.log.read_bytes()[start:]
+            return log.count(b"DEBUG erofs_fuse.snapshotter: Commit ") >= 2 or \
+                importer.poll() is not None
+        wait_for(committing_second_layer, 60, "the second layer's Commit")
+        stack.stop_snapshotter(signal.SIGKILL)
+        importer.wait(60)
+        assert importer.returncode != 0, "the import finished before the snapshotter was killed"
+    finally:
+        if importer.poll() is None:
+            importer.kill()
+            importer.wait()
+    stack.start_snapshotter()
+    stack.wait_reachable()
+    stack.ctr("images", "import", "--snapshotter", SNAPSHOTTER, "--base-name",
+              "example.com/erofstest", str(tar))
+    out = stack.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, BIG_IMAGE, "t-many",
+                    "/bin/busybox", "sh", "-c", "cat /etc/which; ls /many/3 | wc -l")
+    assert out.split() == ["many", "1000"], out
+    for d in committed_dirs(stack):
+        assert not [n for n in os.listdir(d) if n.endswith(".tmp")], os.listdir(d)
+
+
+def test_remove_image_leaves_nothing(stack: Stack) -> None:
+    stack.wait_reachable()
+    stack.ctr("images", "rm", "--sync", IMAGE, BIG_IMAGE)
+
+    def empty() -> bool:
+        out = stack.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls")
+        return len(out.strip().splitlines()) <= 1 and not committed_dirs(stack)
+
+    try:
+        wait_for(empty, 30, "garbage collection of every snapshot")
+    except AssertionError as exc:
+        left = stack.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls")
+        clog = [line for line in (stack.tmp / "containerd.log").read_text(errors="replace")
+                .splitlines() if "snapshot" in line.lower() or "gc" in line.lower()]
+        raise AssertionError(f"{exc}\nleft: {left}\n{committed_dirs(stack)}\n"
+                             f"{stack.snapshotter_log()}\n--- containerd ---\n"
+                             + "\n".join(clog[-30:])) from None
+    assert stack.chain_mounts() == []
+    left = [p for p in (stack.root / "mounts").iterdir()]
+    assert left == [], left
+
+
+# the API alone, through a gRPC client, on a snapshotter of its own (containerd's GC would
+# remove snapshots it does not know) -------------------------------------------------------------
+@pytest.fixture
+def direct() -> Iterator[tuple[object, Path]]:
+    import grpc
+
+    from erofs_fuse.snapshotter.api import snapshots_pb2_grpc
+
+    tmp = Path(tempfile.mkdtemp(prefix="efs-snapd-", dir="/tmp"))
+    s = Stack(tmp, tmp / "snapshotter", "", tmp / "snapshotter.log")
+    channel = None
+    try:
+        s.start_snapshotter()
+        channel = grpc.insecure_channel(f"unix://{tmp}/snapshotter.sock")
+        yield snapshots_pb2_grpc.SnapshotsStub(channel), s.root
+    finally:
+        try:
+            if channel is not None:
+                channel.close()
+            s.stop_snapshotter()
+        finally:
+            unmount_all(str(tmp))
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_api_errors_and_labels(direct: tuple[object, Path]) -> None:
+    import grpc
+    from google.protobuf import field_mask_pb2
+
+    from erofs_fuse.snapshotter.api import snapshots_pb2 as pb
+
+    stub, root = direct
+
+    def code(call: object, request: object) -> object:
+        assert callable(call)
+        with pytest.raises(grpc.RpcError) as info:
+            call(request)
+        return info.value.code()
+
+    NOT_FOUND = grpc.StatusCode.NOT_FOUND
+    assert code(stub.Stat, pb.StatSnapshotRequest(key="ns/1/missing")) == NOT_FOUND
+    assert code(stub.Remove, pb.RemoveSnapshotRequest(key="ns/1/missing")) == NOT_FOUND
+    assert code(stub.Prepare, pb.PrepareSnapshotRequest(key="ns/1/a", parent="ns/0/x")) \
+        == NOT_FOUND
+    r = stub.Prepare(pb.PrepareSnapshotRequest(key="ns/1/a b", labels={"l": "1"}))
+    assert r.mounts[0].type == "bind" and "rw" in r.mounts[0].options
+    fs = Path(r.mounts[0].source)
+    (fs / "hello").write_text("hi\n")
+    assert code(stub.Prepare, pb.PrepareSnapshotRequest(key="ns/1/a b")) == \
+        grpc.StatusCode.ALREADY_EXISTS
+    assert code(stub.Prepare, pb.PrepareSnapshotRequest(key="ns/2/c", parent="ns/1/a b")) == \
+        grpc.StatusCode.FAILED_PRECONDITION  # parent not committed
+    stub.Commit(pb.CommitSnapshotRequest(key="ns/1/a b", name="ns/2/sha256:x",
+                                         labels={"containerd.io/snapshot.ref": "x"}))
+    assert code(stub.Commit, pb.CommitSnapshotRequest(key="ns/1/a b", name="ns/2/y")) == \
+        NOT_FOUND
+    info = stub.Stat(pb.StatSnapshotRequest(key="ns/2/sha256:x")).info
+    assert info.kind == pb.COMMITTED and info.labels["containerd.io/snapshot.ref"] == "x"
+    assert info.created_at.seconds > 0 and info.updated_at.seconds > 0
+    assert not fs.exists()
+    # a child keeps its parent, which is then in use by its mount
+    c = stub.Prepare(pb.PrepareSnapshotRequest(key="ns/3/c", parent="ns/2/sha256:x"))
+    assert c.mounts[0].type == "overlay"
+    lower = next(o for o in c.mounts[0].options if o.startswith("lowerdir="))[9:]
+    assert (Path(lower) / "hello").read_text() == "hi\n"
+    v = stub.View(pb.ViewSnapshotRequest(key="ns/3/v", parent="ns/2/sha256:x"))
+    assert v.mounts[0].type == "bind" and v.mounts[0].source == lower
+    assert code(stub.Remove, pb.RemoveSnapshotRequest(key="ns/2/sha256:x")) == \
+        grpc.StatusCode.FAILED_PRECONDITION
+    # Update: labels only; other fields refused
+    new = pb.Info(name="ns/3/c", labels={"a": "1", "b": "2"})
+    got = stub.Update(pb.UpdateSnapshotRequest(info=new)).info
+    assert dict(got.labels) == {"a": "1", "b": "2"}
+    got = stub.Update(pb.UpdateSnapshotRequest(
+        info=pb.Info(name="ns/3/c", labels={"b": "3"}),
+        update_mask=field_mask_pb2.FieldMask(paths=["labels.b"]))).info
+    assert dict(got.labels) == {"a": "1", "b": "3"}
+    assert code(stub.Update, pb.UpdateSnapshotRequest(
+        info=pb.Info(name="ns/3/c"), update_mask=field_mask_pb2.FieldMask(paths=["parent"]))) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+
+    def listed(*filters: str) -> list[str]:
+        return sorted(i.name for r in stub.List(pb.ListSnapshotsRequest(filters=list(filters)))
+                      for i in r.info)
+
+    assert listed() == ["ns/2/sha256:x", "ns/3/c", "ns/3/v"]
+    assert listed("kind==committed") == ["ns/2/sha256:x"]
+    assert listed('labels."containerd.io/snapshot.ref"==x,parent==') == ["ns/2/sha256:x"]
+    assert listed("parent==ns/2/sha256:x,labels.a") == ["ns/3/c"]
+    assert listed("kind==view", "name==ns/3/c") == ["ns/3/c", "ns/3/v"]
+    usage = stub.Usage(pb.UsageRequest(key="ns/2/sha256:x"))
+    assert usage.size > 0 and usage.inodes == 2
+    # removing the users unmounts the chain; then the parent goes too
+    for key in ("ns/3/c", "ns/3/v"):
+        stub.Remove(pb.RemoveSnapshotRequest(key=key))
+    assert mounts_under(str(root)) == []
+    stub.Remove(pb.RemoveSnapshotRequest(key="ns/2/sha256:x"))
+    stub.Cleanup(pb.CleanupRequest())
+    assert listed() == [] and os.listdir(root / "snapshots") == []
