@@ -85,3 +85,20 @@ class FileBlob:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``path`` via a temporary file, fsync and rename, so that a reader never sees half
+    of it (and no stale bytes survive past the end, the trap ``veritysetup format`` sets)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

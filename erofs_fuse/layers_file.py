@@ -32,6 +32,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .blob import write_atomic
+
 if TYPE_CHECKING:  # imported when a digest is met: a mount without one imports no verity code
     from .verity.trust import FsVerityDigest, TrustSpec
 
@@ -83,17 +85,7 @@ class LayersFile:
 
 def write_layers_file(path: str, content: LayersFile) -> None:
     """Write atomically: a mount reading the old file never sees half of the new one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(content.dumps())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, content.dumps().encode("utf-8"))
 
 
 @dataclass(frozen=True)

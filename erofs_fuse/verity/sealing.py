@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from ..blob import FileBlob
+from ..blob import FileBlob, write_atomic
 from ..erofs.errors import ErofsError
 from .build import BuiltTree, Progress, build_tree
 from .formats import (
@@ -91,13 +91,13 @@ def seal(path: str, out: str | None = None, *, progress: Progress | None = None,
         sb = VeritySuperblock(1, ZERO_UUID, params.alg, bs, bs, built.data_blocks, b"")
         head = pack_verity_superblock(sb)
         head += bytes(hash_area_offset(0, bs, True) - len(head))
-        _write_atomic(out, head + built.tree)
+        write_atomic(out, head + built.tree)
     else:
-        _write_atomic(out, built.tree)
+        write_atomic(out, built.tree)
     desc_path = out + ".desc"
     descriptor: str | None = None
     if params != HashParams.fsverity(params.alg):
-        _write_atomic(desc_path, fsverity_descriptor(params, built.data_size, built.root))
+        write_atomic(desc_path, fsverity_descriptor(params, built.data_size, built.root))
         descriptor = desc_path
     elif os.path.exists(desc_path):
         os.unlink(desc_path)  # stale: it would only be ignored (no longer hashes to the digest)
@@ -118,23 +118,6 @@ def _build(path: str, params: HashParams, progress: Progress | None) -> BuiltTre
         raise SealError(f"{path}: {exc.message}") from None
     finally:
         blob.close()
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write via a temporary file and rename, so readers never see half a tree (and no stale
-    bytes survive past the end, the trap ``veritysetup format`` sets)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # progress on a terminal ----------------------------------------------------------------------
