@@ -10,7 +10,9 @@ the user may not set. Existing entries: without ``merge`` the destination must b
 with it, directories present in both are merged (they take the image's owner, mode and times)
 and any other existing entry is replaced by the image's (a directory where the image has a
 non-directory is removed with its contents, as applying a layer does). Whiteouts are written as
-the image stores them, not applied.
+the image stores them, not applied. A metadata-only file (``trusted.overlay.metacopy``) is
+written from its object in the data dirs (without its metacopy and redirect xattrs: it is an
+ordinary file now); without a data dir or its object it is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ import os
 import shutil
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .erofs.errors import CorruptImageError, ErofsError
 from .erofs.image import Image, Inode
+from .erofs.metacopy import METACOPY_XATTR, REDIRECT_XATTR
+
+if TYPE_CHECKING:
+    from .objects import ObjectStore
 
 CHUNK = 1 << 20
 MAX_DEPTH = 800  # below Python's recursion limit; deeper trees are refused as corrupt
@@ -31,12 +37,18 @@ MAX_DEPTH = 800  # below Python's recursion limit; deeper trees are refused as c
 # the entry is skipped with a warning. Any other error (ENOSPC, EIO, ...) ends the extraction.
 SKIPPABLE = frozenset({errno.EPERM, errno.EACCES, errno.EEXIST, errno.ENOTSUP, errno.EOPNOTSUPP,
                        errno.EINVAL, errno.ENAMETOOLONG, errno.EMLINK})
+_METACOPY_XATTRS = (METACOPY_XATTR, REDIRECT_XATTR)
 _KIND = {stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
          stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
 
 
 class UnsafeNameError(CorruptImageError):
     """A directory entry name that could escape the destination."""
+
+
+class _ObjectSkipped(Exception):
+    """A metadata-only file whose bytes cannot be had (no data dir, no object, an object that
+    fails verification): skipped with a warning, as an entry the destination cannot take."""
 
 
 class DestinationError(ErofsError, FileExistsError):
@@ -82,8 +94,9 @@ def _is_dir_at(fd: int, name: str) -> bool | None:
 
 class Extractor:
     def __init__(self, image: Image, *, owners: bool | None = None, xattrs: bool = True,
-                 merge: bool = False) -> None:
+                 merge: bool = False, objects: ObjectStore | None = None) -> None:
         self.image = image
+        self.objects = objects  # where metadata-only files' bytes are (objects.py)
         self.owners = os.geteuid() == 0 if owners is None else owners
         self.xattrs = xattrs
         self.merge = merge
@@ -179,10 +192,15 @@ class Extractor:
             else:
                 os.mknod(name, stat.S_IFMT(mode) | 0o600, node.rdev, dir_fd=fd)
                 self.stats.specials += 1
-        except OSError as exc:
+        except (OSError, _ObjectSkipped) as exc:
             if self._links.get(node.nid) == rel:
                 del self._links[node.nid]  # not written: a later link of it will be instead
-            self._skip(rel, what, exc)
+            if isinstance(exc, _ObjectSkipped):
+                self.stats.warnings.append(f"{rel}: metadata-only file not extracted, "
+                                           f"skipped: {exc}")
+                self.stats.skipped += 1
+            else:
+                self._skip(rel, what, exc)
             return
         self._apply_metadata(node, fd, name, rel)
 
@@ -207,6 +225,9 @@ class Extractor:
         return True
 
     def _write_file(self, node: Inode, fd: int, name: str) -> None:
+        if node.is_metacopy:
+            self._write_object(node, fd, name)
+            return
         out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                       0o600, dir_fd=fd)
         try:
@@ -228,6 +249,35 @@ class Extractor:
         finally:
             os.close(out)
 
+    def _write_object(self, node: Inode, fd: int, name: str) -> None:
+        """A metadata-only file, from its object (checked before the file is created); a
+        failure on the way (a block that fails verification) removes the partial file."""
+        if self.objects is None:
+            raise _ObjectSkipped("its data is in an object store (give --data-dir)")
+        try:
+            self.objects.object_of(node)
+        except ErofsError as exc:
+            raise _ObjectSkipped(exc.message) from exc
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600, dir_fd=fd)
+        try:
+            pos = 0
+            while pos < node.size:
+                data = self.objects.read(node, pos, CHUNK)
+                if not data:
+                    raise CorruptImageError("object data ended early", nid=node.nid, offset=pos)
+                _write_all(out, data, pos)
+                pos += len(data)
+            self.stats.bytes += node.size
+        except ErofsError as exc:
+            os.close(out)
+            out = -1
+            os.unlink(name, dir_fd=fd)
+            raise _ObjectSkipped(str(exc)) from exc
+        finally:
+            if out >= 0:
+                os.close(out)
+
     def _apply_metadata(self, node: Inode, fd: int, name: str | None, rel: str) -> None:
         """Owner, xattrs, mode, then times: chown clears setuid bits and ACLs change the mode."""
         target: int | str = fd if name is None else name
@@ -236,8 +286,11 @@ class Extractor:
         if self.owners:
             self._try(rel, "owner", os.chown, target, node.uid, node.gid, **kw)
         if self.xattrs:
+            # a metadata-only file written from its object is an ordinary file now
+            drop = _METACOPY_XATTRS if node.is_metacopy else ()
             for key, value in node.xattrs():
-                self._set_xattr(fd, name, key, value, rel)
+                if key not in drop:
+                    self._set_xattr(fd, name, key, value, rel)
         if not symlink:
             self._try(rel, "mode", os.chmod, target, stat.S_IMODE(node.mode),
                       **({} if name is None else {"dir_fd": fd}))
@@ -276,6 +329,8 @@ class Extractor:
 
 
 def extract(image: Image, dest: str, *, owners: bool | None = None,
-            merge: bool = False) -> ExtractStats:
-    """Write the tree of ``image`` into ``dest``; warnings are in the returned stats."""
-    return Extractor(image, owners=owners, merge=merge).extract(dest)
+            merge: bool = False, objects: ObjectStore | None = None) -> ExtractStats:
+    """Write the tree of ``image`` into ``dest``; warnings are in the returned stats.
+    Metadata-only files take their bytes from ``objects``; without it (or their object) they
+    are skipped with a warning."""
+    return Extractor(image, owners=owners, merge=merge, objects=objects).extract(dest)

@@ -55,6 +55,7 @@ _ALIASES = {"allow_suid": "suid", "allow_dev": "dev"}
 # all but the last take a value
 OWN_OPTIONS = ("uidmapping", "gidmapping", "squash_to_uid", "squash_to_gid", "squash_to_root")
 LOG_OPTION = "log"  # -o log=FILE: --log for mount(8) and fstab lines
+DATADIR_OPTION = "datadir"  # -o datadir=DIR: --data-dir for mount(8) and fstab lines
 # The syslog socket; EROFS_FUSE_SYSLOG names another one, or none when set empty.
 SYSLOG_SOCKET = os.environ.get("EROFS_FUSE_SYSLOG", "/dev/log")
 FUSE_CONF = "/etc/fuse.conf"  # fusermount3's: user_allow_other, mount_max
@@ -82,6 +83,8 @@ class MountConfig:
     timeout: float = DEFAULT_TIMEOUT
     trust: list[TrustSpec] = field(default_factory=list)  # one per layer, or empty
     require_verity: bool = False
+    data_dirs: list[str] = field(default_factory=list)  # object stores (objects.py), in order
+    require_object_verity: bool = False
     idmap: IdMap = IDENTITY
     syslog: str | None = None  # the socket a background daemon logs to, without a log file
 
@@ -165,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trust the root hash in containerd's LAYER.dmverity files")
     v.add_argument("--require-verity", action="store_true",
                    help="refuse to mount any layer without a trusted root")
+    o = p.add_argument_group(
+        "object stores", "Metadata-only files (trusted.overlay.metacopy, as mkcomposefs writes "
+        "them) take their bytes from the object their trusted.overlay.redirect names in a data "
+        "dir, as overlayfs data-only layers (lowerdir=...::DIR); without one their reads fail "
+        "with EIO. An object whose metacopy carries an fs-verity digest is verified per block.")
+    o.add_argument("--data-dir", dest="data_dirs", action="append", default=[], metavar="DIR",
+                   help="an object store (= -o datadir=DIR); repeatable, searched in order")
+    o.add_argument("--require-object-verity", action="store_true",
+                   help="refuse objects whose metacopy xattr carries no fs-verity digest")
     p.add_argument("mountpoint", help="an empty directory")
     return p
 
@@ -186,6 +198,8 @@ def parse_args(argv: list[str]) -> MountConfig:
     return MountConfig(
         trust=trust,
         require_verity=ns.require_verity,
+        data_dirs=parse_data_dirs(ns),
+        require_object_verity=ns.require_object_verity,
         layers=layers,
         mountpoint=os.path.abspath(ns.mountpoint),
         devices=parse_devices(ns.device, len(layers)),
@@ -242,12 +256,29 @@ def parse_log_file(ns: argparse.Namespace) -> str | None:
     return os.path.abspath(path) if path else None
 
 
+def parse_data_dirs(ns: argparse.Namespace) -> list[str]:
+    """--data-dir DIRs then -o datadir=DIR ones, absolute (the daemon runs in /); each must be
+    a directory."""
+    dirs: list[str] = list(ns.data_dirs)
+    for value in ns.options:
+        for opt in value.split(","):
+            name, eq, arg = opt.partition("=")
+            if name == DATADIR_OPTION:
+                if not eq or not arg:
+                    raise CliError(f"mount: -o {opt}: expected -o datadir=DIR")
+                dirs.append(arg)
+    for path in dirs:
+        if not os.path.isdir(path):
+            raise CliError(f"mount: data dir {path}: not a directory")
+    return [os.path.abspath(path) for path in dirs]
+
+
 def parse_options(values: list[str]) -> set[str]:
     """The FUSE mount options: the defaults, changed by the -o lists (our own ones left out)."""
     options = set(DEFAULT_OPTIONS)
     for value in values:
         for opt in filter(None, value.split(",")):
-            if opt.partition("=")[0] in (*OWN_OPTIONS, LOG_OPTION):
+            if opt.partition("=")[0] in (*OWN_OPTIONS, LOG_OPTION, DATADIR_OPTION):
                 continue
             opt = _ALIASES.get(opt, opt)
             refused = _REFUSED_OPTIONS.get(opt.partition("=")[0])
@@ -487,7 +518,15 @@ async def _terminate_on_signal() -> None:
 
 def serve(cfg: MountConfig, images: list[Image], on_ready: Callable[[], None] | None) -> int:
     """Mount, serve until unmounted or signalled, unmount. A CliError: nothing was mounted."""
-    tree = MergedTree(images)
+    objects = None
+    if cfg.data_dirs or cfg.require_object_verity:
+        from .objects import ObjectStore
+
+        try:
+            objects = ObjectStore(cfg.data_dirs, require_verity=cfg.require_object_verity)
+        except OSError as exc:
+            raise CliError(f"data dir {exc.filename}: {exc.strerror}") from exc
+    tree = MergedTree(images, objects=objects)
     ops = Operations(tree, timeout=cfg.timeout, read_threads=cfg.read_threads,
                      on_ready=on_ready, idmap=cfg.idmap)
     _init(ops, cfg)

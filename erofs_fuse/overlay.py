@@ -36,8 +36,16 @@ hostile image has and which are skipped with a log line.
 
 Where we differ from a plain ``mount -t overlay``: the kernel honours ``user.overlay.opaque``
 only when mounted with ``userxattr`` (and then ignores the trusted form); we honour both, since a
-layer image says which form its builder used. Redirects, metacopy and the ``x`` opaque value of
+layer image says which form its builder used. Directory redirects and the ``x`` opaque value of
 nested overlays are not interpreted (tar-made layers never hold them).
+
+Metadata-only files (``trusted.overlay.metacopy``, composefs's and overlayfs's data-only layers;
+``erofs/metacopy.py``): a regular file that carries it keeps its attributes and takes its bytes
+from the object its absolute ``trusted.overlay.redirect`` names in the data dirs
+(``objects.ObjectStore``, as ``lowerdir=...::DATA``); with no data dir, or no such object, its
+reads fail (``MetacopyError``), never zeros. Unlike the kernel, the data is never looked for in
+the ordinary layers below (composefs images never need it). Escaped xattrs, as the kernel shows
+them: ``trusted.overlay.overlay.X`` of a layer is shown as ``trusted.overlay.X``.
 
 Attributes of a merged directory are those of its topmost directory, except ``st_nlink``: the
 kernel reports 1 for a directory merged from more than one layer (counting subdirectories would
@@ -57,7 +65,7 @@ import logging
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple, NewType, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, NewType, Sequence
 
 from cachetools import LRUCache
 
@@ -65,6 +73,9 @@ from .erofs import ondisk as d
 from .erofs.dirent import DirEntry
 from .erofs.errors import CorruptImageError
 from .erofs.image import Image, Inode
+
+if TYPE_CHECKING:
+    from .objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +88,10 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 HIDDEN_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+# an xattr of the layer's own overlay, escaped (composefs, overlayfs fs/overlayfs/xattrs.c):
+# stored as trusted.overlay.overlay.X, shown as trusted.overlay.X
+ESCAPED_XATTR_PREFIX = b"trusted.overlay.overlay."
+SHOWN_ESCAPED_PREFIX = b"trusted.overlay."
 
 # Inode numbers: (nid << 1 | metabox bit) << LAYER_BITS | layer, plus FIRST_INO so that 0
 # (invalid) and 1 (the FUSE root) are never produced. 512 layers is above the kernel's limit of
@@ -119,6 +134,14 @@ def is_unsafe_name(name: bytes) -> bool:
 
 def is_hidden_xattr(name: bytes) -> bool:
     return name.startswith(HIDDEN_XATTR_PREFIXES)
+
+
+def shown_xattr(name: bytes) -> bytes | None:
+    """The name a layer's xattr shows under in the merged tree, or None if hidden: the
+    overlay's own are hidden, escaped ones (``trusted.overlay.overlay.X``) are unescaped."""
+    if name.startswith(ESCAPED_XATTR_PREFIX):
+        return SHOWN_ESCAPED_PREFIX + name[len(ESCAPED_XATTR_PREFIX):]
+    return None if is_hidden_xattr(name) else name
 
 
 def is_opaque(inode: Inode) -> bool:
@@ -208,13 +231,15 @@ class MergedTree:
     """The overlay of ``images`` (bottom to top); thread-safe."""
 
     def __init__(
-        self, images: Sequence[Image], *, dir_cache_entries: int = DEFAULT_DIR_CACHE_ENTRIES
+        self, images: Sequence[Image], *, dir_cache_entries: int = DEFAULT_DIR_CACHE_ENTRIES,
+        objects: ObjectStore | None = None,
     ) -> None:
         if not images:
             raise ValueError("at least one layer is needed")
         if len(images) > MAX_LAYERS:
             raise ValueError(f"{len(images)} layers; at most {MAX_LAYERS} are supported")
         self.images = list(images)
+        self.objects = objects  # where metadata-only files get their bytes
         self._lock = threading.Lock()
         self._dirs: LRUCache[Ino, MergedDir] = LRUCache(
             maxsize=dir_cache_entries, getsizeof=lambda m: len(m.entries) + 1
@@ -321,7 +346,10 @@ class MergedTree:
 
     # contents ---------------------------------------------------------------------------------
     def read(self, node: Node, offset: int, size: int) -> bytes:
-        return node.inode.read(offset, size)
+        inode = node.inode
+        if self.objects is not None and inode.is_metacopy:
+            return self.objects.read(inode, offset, size)
+        return inode.read(offset, size)  # a metadata-only file: MetacopyError
 
     def readlink(self, node: Node) -> bytes:
         return node.inode.readlink()
@@ -330,7 +358,12 @@ class MergedTree:
         """The visible xattrs: the winning inode's, without the overlay's own."""
         if not node.inode.info.xattr_icount:  # no xattr region: most inodes, nothing to parse
             return []
-        return [(n, v) for n, v in node.inode.xattrs() if not is_hidden_xattr(n)]
+        out = []
+        for name, value in node.inode.xattrs():
+            shown = shown_xattr(name)
+            if shown is not None:
+                out.append((shown, value))
+        return out
 
     def listxattr(self, node: Node) -> list[bytes]:
         return [name for name, _ in self.xattrs(node)]
@@ -338,7 +371,11 @@ class MergedTree:
     def getxattr(self, node: Node, name: bytes) -> bytes | None:
         # the kernel asks for ACLs and security labels of inodes that have no xattrs at all:
         # answered without parsing (daemon CPU per getxattr request 83 -> 72 us)
-        if is_hidden_xattr(name) or not node.inode.info.xattr_icount:
+        if not node.inode.info.xattr_icount:
+            return None
+        if name.startswith(SHOWN_ESCAPED_PREFIX):  # only an escaped one shows under this name
+            return node.inode.getxattr(ESCAPED_XATTR_PREFIX + name[len(SHOWN_ESCAPED_PREFIX):])
+        if is_hidden_xattr(name):
             return None
         return node.inode.getxattr(name)
 

@@ -443,6 +443,8 @@ def test_objects_store_file_bytes_by_fsverity_digest(tmp_path: Path) -> None:
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
     assert expected.diff(got) == []
+    with fuse_mount(meta, "--data-dir", str(store), "--require-object-verity") as fuse:
+        assert expected.diff(view_of_dir(fuse.mountpoint)) == []
 
 
 def test_objects_are_stored_once(tmp_path: Path) -> None:

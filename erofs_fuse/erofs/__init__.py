@@ -6,6 +6,7 @@ from .dirent import DirEntry
 from .errors import (
     CorruptImageError,
     ErofsError,
+    MetacopyError,
     MissingDeviceError,
     NotADirectoryErofsError,
     NotFoundError,
@@ -20,6 +21,7 @@ __all__ = [
     "ErofsError",
     "Image",
     "Inode",
+    "MetacopyError",
     "MissingDeviceError",
     "NotADirectoryErofsError",
     "NotFoundError",

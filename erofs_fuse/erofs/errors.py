@@ -69,6 +69,14 @@ class MissingDeviceError(ErofsError):
     kind = "missing device"
 
 
+class MetacopyError(ErofsError):
+    """A metadata-only file (overlayfs ``metacopy``): its bytes are in an object store, not in
+    the image. Raised instead of reading it (it would read as zeros), and when its object is
+    missing, refused or of the wrong size."""
+
+    kind = "metacopy"
+
+
 class NotFoundError(ErofsError, FileNotFoundError):
     """A path or name does not exist in the image (not corruption)."""
 

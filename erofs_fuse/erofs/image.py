@@ -20,12 +20,14 @@ from .dirent import DirEntry, lookup_in_blocks, parse_dir_block
 from .errors import (
     CorruptImageError,
     ErofsError,
+    MetacopyError,
     MissingDeviceError,
     NotADirectoryErofsError,
     NotFoundError,
 )
 from .extent import ChunkMapper, FlatMapper, Mapper, Source, nblocks
 from .inode import InodeInfo, parse_inode
+from .metacopy import METACOPY_XATTR, REDIRECT_XATTR, Metacopy, parse_metacopy
 from .reader import DEFAULT_EXTENT_CACHE_BYTES, DataReader
 from .space import BlockCachedSpace, Space
 from .superblock import parse_superblock
@@ -98,13 +100,15 @@ class InodeSpace:
 class Inode:
     """An inode of an image: attributes plus data, directory and xattr access."""
 
-    __slots__ = ("image", "info", "space", "_mapper")
+    __slots__ = ("image", "info", "space", "_mapper", "_is_metacopy", "_metacopy")
 
     def __init__(self, image: Image, info: InodeInfo, space: Space) -> None:
         self.image = image
         self.info = info
         self.space = space
         self._mapper: Mapper | None = None
+        self._is_metacopy: bool | None = None
+        self._metacopy: Metacopy | None = None
 
     # attributes -------------------------------------------------------------------------------
     @property
@@ -163,10 +167,46 @@ class Inode:
     def st_blocks(self) -> int:
         return self.info.st_blocks(self.image.superblock.blkszbits)
 
+    # metadata-only files (erofs/metacopy.py) -----------------------------------------------------
+    @property
+    def is_metacopy(self) -> bool:
+        """A regular file with ``trusted.overlay.metacopy``: its bytes are not in this image
+        (they are in the object its ``redirect`` names), so ``read`` refuses it."""
+        flag = self._is_metacopy
+        if flag is None:
+            flag = (self.info.is_reg and self.info.xattr_icount > 0
+                    and self.getxattr(METACOPY_XATTR) is not None)
+            self._is_metacopy = flag
+        return flag
+
+    def metacopy(self) -> Metacopy | None:
+        """Where a metadata-only file's bytes are (None for any other inode);
+        ``MetacopyError`` when its xattrs are malformed."""
+        if not self.is_metacopy:
+            return None
+        meta = self._metacopy
+        if meta is None:
+            with self.image.context(self.nid):
+                value = self.getxattr(METACOPY_XATTR)
+                assert value is not None
+                meta = parse_metacopy(value, self.getxattr(REDIRECT_XATTR))
+            self._metacopy = meta  # parsed once per cached inode, not per read
+        return meta
+
+    def _refuse_metacopy(self) -> NoReturn:
+        redirect = self.getxattr(REDIRECT_XATTR)
+        named = f" (object {redirect.decode(errors='replace')})" if redirect else ""
+        raise MetacopyError(
+            f"metadata-only file{named}: its data is in an object store (give a data dir)",
+            image=self.image.name, nid=self.nid)
+
     # data -------------------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
-        """File bytes ``[offset, offset + size)``, shorter at EOF."""
+        """File bytes ``[offset, offset + size)``, shorter at EOF. ``MetacopyError`` for a
+        metadata-only file (``is_metacopy``), whose bytes this image does not hold."""
         try:
+            if self.is_metacopy:
+                self._refuse_metacopy()
             return self.image._read_data(self, offset, size)
         except Exception as exc:
             self.image.reraise(exc, self.nid)
@@ -177,6 +217,8 @@ class Inode:
         Lets a copy skip a sparse region in one step: a hostile inode may claim terabytes of
         hole, which reading as zeros would take days to copy."""
         try:
+            if self.is_metacopy:
+                self._refuse_metacopy()
             return self.image._hole_end(self, offset)
         except Exception as exc:
             self.image.reraise(exc, self.nid)

@@ -19,7 +19,8 @@ from .data import ImageFile, hole_data, tar_index_data
 from .errors import BadInputError, MkfsError
 from .layout import (MetadataWriter, SuperblockInfo, first_data_block, xattr_body_size,
                      xattr_refusal)
-from .objects import INLINE_LIMIT, METACOPY, REDIRECT, ObjectStore, metacopy_value, redirect_value
+from .objects import (INLINE_LIMIT, METACOPY, REDIRECT, ObjectWriter, metacopy_value,
+                      redirect_value)
 from .source import InputStream
 from .tar import (BLOCKDEV, CHARDEV, DIRECTORY, FIFO, HARDLINK, REGULAR, SYMLINK, TarMember,
                   TarReader)
@@ -288,11 +289,11 @@ class _TarConversion:
         return self.bs - 64 - xattr_body_size(node.xattrs)
 
 
-def object_store(options: ConvertOptions) -> ObjectStore | None:
-    return ObjectStore(options.objects) if options.objects else None
+def object_store(options: ConvertOptions) -> ObjectWriter | None:
+    return ObjectWriter(options.objects) if options.objects else None
 
 
-def store_object(store: ObjectStore, node: Node, pieces: Iterable[memoryview | bytes],
+def store_object(store: ObjectWriter, node: Node, pieces: Iterable[memoryview | bytes],
                  size: int, blkbits: int, *, entry: bytes, offset: int) -> None:
     """The file's bytes into the store; the image keeps a hole of its size and the two xattrs
     that send overlayfs (and erofs-fuse with ``--data-dir``) to the object."""
@@ -302,7 +303,7 @@ def store_object(store: ObjectStore, node: Node, pieces: Iterable[memoryview | b
     node.data = hole_data(size, blkbits)
 
 
-def store_counts(store: ObjectStore | None) -> tuple[int, int, int]:
+def store_counts(store: ObjectWriter | None) -> tuple[int, int, int]:
     if store is None:
         return 0, 0, 0
     return store.stored, store.deduplicated, store.bytes_written

@@ -37,7 +37,7 @@ def redirect_value(digest: bytes) -> bytes:
     return f"/{hexd[:2]}/{hexd[2:]}".encode()
 
 
-class ObjectStore:
+class ObjectWriter:
     """Objects under ``root``; ``put`` returns the fs-verity digest of what it stored."""
 
     def __init__(self, root: str) -> None:

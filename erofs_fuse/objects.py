@@ -1,0 +1,256 @@
+"""Object stores: where metadata-only files (``erofs/metacopy.py``) get their bytes.
+
+An object store ("data dir") is a directory like an overlayfs data-only lower layer
+(``lowerdir=L1:L2::DATA1::DATA2``) or composefs's ``objects/`` directory: a metadata-only file
+whose ``trusted.overlay.redirect`` is ``/ab/cdef...`` takes its bytes from ``DATA/ab/cdef...``
+of the first data dir holding that object, while its attributes stay those of the layer.
+
+Lookup is as safe as the kernel's ``LOOKUP_BENEATH | LOOKUP_NO_SYMLINKS``: each component is
+opened relative to the descriptor of its parent (the data dir's, opened once) with
+``O_NOFOLLOW``, ``.``/``..`` and empty components are refused before any lookup, and only a
+regular file is an object. An object whose size differs from the file's is refused.
+
+Verification: when the metacopy xattr carries an fs-verity digest, the object's Merkle tree is
+built on first open (the object is read once, about 1.2 s per GB), its root with the object's
+size must give that digest, and from then on every read is checked block by block against the
+tree by a ``VerifiedBlob`` (the layers' verifier): a block changed afterwards gives EIO, the
+other blocks are still served. Trees live in memory only, in an LRU bounded by bytes (a tree is
+about 1/128 of its object: 64 MiB of trees cover about 8 GiB of open objects); an evicted
+object is opened, hashed and checked again on its next read. An object changed before its
+first open fails its digest check: no block of it is served, since no trusted tree exists to
+tell good blocks from bad ones.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from typing import TYPE_CHECKING, Sequence
+
+from cachetools import LRUCache
+
+from .blob import BlobIOError
+from .erofs.errors import CorruptImageError, ErofsError, MetacopyError
+from .erofs.metacopy import Metacopy, redirect_components
+
+if TYPE_CHECKING:
+    from .blob import Blob
+    from .erofs.image import Inode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OBJECT_CACHE_BYTES = 64 << 20  # trees of open verified objects
+DEFAULT_OPEN_OBJECTS = 256  # descriptors kept open
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# the object is not in this data dir: try the next one (ELOOP: a symlink, refused, as the
+# kernel's LOOKUP_NO_SYMLINKS refuses it)
+_NOT_HERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+
+
+class FdBlob:
+    """An open object read with ``os.pread`` (the ``Blob`` protocol); closed when dropped."""
+
+    def __init__(self, fd: int, size: int, name: str) -> None:
+        self._fd = fd
+        self._size = size
+        self.name = name
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise CorruptImageError(f"read of {length} bytes past the end of the object "
+                                    f"({self._size} bytes)", image=self.name, offset=offset)
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise BlobIOError(str(exc), image=self.name, offset=offset) from exc
+        if len(data) != length:
+            raise MetacopyError(f"short read: {len(data)} of {length} bytes (object truncated?)",
+                                image=self.name, offset=offset)
+        return data
+
+    def identity(self) -> tuple[int, ...]:
+        """What changes when the file is replaced or written: device, inode, size, times."""
+        st = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class _MemoryBlob:
+    """A tree held in memory, as the ``source`` of a ``MerkleTree``."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self._data = data
+        self.name = name
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._data[offset:offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+class ObjectStore:
+    """The data dirs of a mount (or of ``cat``/``extract``), searched in order."""
+
+    def __init__(self, dirs: Sequence[str], *, require_verity: bool = False,
+                 cache_bytes: int = DEFAULT_OBJECT_CACHE_BYTES,
+                 open_objects: int = DEFAULT_OPEN_OBJECTS) -> None:
+        self.dirs = list(dirs)
+        self.require_verity = require_verity
+        self._fds: list[int] = []
+        try:
+            for path in self.dirs:
+                self._fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        except BaseException:
+            self.close()
+            raise
+        self._lock = threading.Lock()
+        # (redirect, digest) -> open object; weighed by its tree's bytes (plus one block)
+        self._open: LRUCache[tuple[bytes, bytes | None], Blob] = LRUCache(
+            maxsize=cache_bytes, getsizeof=lambda b: getattr(b, "cost", 4096))
+        self._max_open = open_objects
+        # objects that failed their digest at open, by key: (identity of the file then, the
+        # error); the same file is refused again without being hashed again
+        self._failed: LRUCache[tuple[bytes, bytes | None],
+                               tuple[tuple[int, ...], ErofsError]] = LRUCache(maxsize=1024)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self._open.clear()
+
+    def __enter__(self) -> ObjectStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # reading ----------------------------------------------------------------------------------
+    def read(self, inode: Inode, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset + size)`` of the metadata-only file ``inode`` (shorter at
+        EOF), from its object; ``MetacopyError`` (or ``IntegrityError``) otherwise."""
+        try:
+            if offset < 0 or size < 0:
+                raise CorruptImageError(f"bad read range {offset}+{size}")
+            if offset >= inode.size or size == 0:
+                return b""
+            blob = self.object_of(inode)
+            return blob.read(offset, min(size, inode.size - offset))
+        except Exception as exc:
+            if isinstance(exc, ErofsError) and exc.image not in (None, inode.image.name):
+                # raised about the object (a block failing verification): name the file too
+                exc.message += f" (the object of {inode.image.name} inode {inode.nid})"
+            inode.image.reraise(exc, inode.nid)
+
+    def object_of(self, inode: Inode) -> Blob:
+        """The open (and, with a digest, verifying) object of a metadata-only file."""
+        meta = inode.metacopy()
+        if meta is None:
+            raise MetacopyError("not a metadata-only file")
+        key = (meta.redirect or b"", meta.digest)
+        with self._lock:
+            blob = self._open.get(key)
+        if blob is not None and blob.size == inode.size:
+            return blob
+        blob = self._open_object(key, meta, inode.size)
+        with self._lock:
+            if len(self._open) >= self._max_open:
+                self._open.popitem()
+            if getattr(blob, "cost", 4096) <= self._open.maxsize:
+                self._open[key] = blob
+        return blob
+
+    def _open_object(self, key: tuple[bytes, bytes | None], meta: Metacopy, size: int) -> Blob:
+        shown = (meta.redirect or b"").decode(errors="replace")
+        if meta.digest is None and self.require_verity:
+            raise MetacopyError(f"object {shown} has no fs-verity digest in its metacopy "
+                                "xattr, and object verity is required")
+        parts = redirect_components(meta.redirect)
+        if not self._fds:
+            raise MetacopyError(f"object {shown}: no data dir given")
+        for root, fd in zip(self.dirs, self._fds):
+            blob = self._open_in(fd, parts, os.path.join(root, *parts))
+            if blob is None:
+                continue
+            if blob.size != size:
+                raise MetacopyError(f"object {blob.name} has {blob.size} bytes, the file "
+                                    f"{size}")
+            if meta.digest is None:
+                return blob
+            identity = blob.identity()
+            with self._lock:
+                failed = self._failed.get(key)
+            if failed is not None and failed[0] == identity:
+                raise failed[1]  # unchanged since it failed: not hashed again
+            try:
+                return _verified(blob, meta)
+            except ErofsError as exc:
+                with self._lock:
+                    self._failed[key] = (identity, exc)
+                raise
+        raise MetacopyError(f"object {shown} is in none of the data dirs "
+                            f"({', '.join(self.dirs)})")
+
+    def _open_in(self, root_fd: int, parts: list[str], name: str) -> FdBlob | None:
+        """The object ``parts`` beneath ``root_fd``, or None when this dir has none."""
+        fd = root_fd
+        try:
+            for part in parts[:-1]:
+                sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                if fd != root_fd:
+                    os.close(fd)
+                fd = sub
+            obj = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in _NOT_HERE:
+                if exc.errno == errno.ELOOP:
+                    log.warning("%s: a symlink on the way to an object: refused", name)
+                return None
+            raise MetacopyError(f"object {name}: {exc.strerror}") from exc
+        finally:
+            if fd != root_fd:
+                os.close(fd)
+        st = os.fstat(obj)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(obj)
+            return None  # only a regular file is an object (as in the kernel)
+        return FdBlob(obj, st.st_size, name)
+
+
+def _verified(blob: FdBlob, meta: Metacopy) -> Blob:
+    """``blob`` behind a ``VerifiedBlob`` whose tree is built now and checked against the
+    metacopy digest (``IntegrityError`` when the object does not give it)."""
+    from .verity.blob import MerkleTree, VerifiedBlob
+    from .verity.build import build_tree
+    from .verity.formats import HashParams
+    from .verity.trust import FsVerityDigest
+
+    assert meta.alg is not None and meta.digest is not None
+    params = HashParams.fsverity(meta.alg)
+    built = build_tree(blob.read, blob.size, params)
+    tree = MerkleTree(params, blob.size, _MemoryBlob(built.tree, blob.name + " (tree)"), 0,
+                      FsVerityDigest(meta.alg, meta.digest))
+    verified = VerifiedBlob(blob, tree, name=blob.name,
+                            cache_bytes=16 * params.hash_block_size)
+    verified.cost = len(built.tree) + 16 * params.hash_block_size  # type: ignore[attr-defined]
+    return verified
