@@ -33,14 +33,15 @@ exception, a dead worker, a daemon that exited or logged an internal error or a 
 unclean unmount), ``hang`` (one operation over ``--timeout`` seconds). Peak RSS is the worker's
 (lib) or each daemon's ``VmHWM`` (mount). Exit status 1 on any crash or hang.
 
-``convert`` (``scripts/fuzz_convert.py``, mutants from ``scripts/fuzz_tar.py``): mutated layer
-tars (headers, sizes, PAX records, sparse maps, members, gzip and zstd bytes) through
-``convert_tar`` in every mode (full, tar-index, lz4, OCI whiteouts), each in a forked child with
-``--timeout`` and ``--memory``; the image written must read back (our reader; every
-``--kernel-every`` mutants the kernel too), an ``MkfsError`` must be one line and leave nothing
-behind. Besides ``crash`` and ``hang`` it records ``memory``, ``bad-image``, ``differs``,
-``leftover`` and ``bad-message`` (all bugs), and ``split`` (some modes refused, some did not).
-Inputs that found a bug are saved to ``--crashes DIR``.
+``convert`` (``scripts/fuzz_convert.py``; mutations in ``fuzz_tar.py``, seed tars in
+``fuzz_tar_seeds.py``): mutated layer tars (headers, sizes, PAX records, sparse maps, members,
+gzip and zstd bytes) through ``convert_tar`` in every mode (full, tar-index, lz4, OCI
+whiteouts), each in a forked child with ``--timeout`` and ``--memory``; the image written must
+read back (our reader; every ``--kernel-every``-th mutant the kernel too), an ``MkfsError`` must
+be one line and leave nothing behind. Besides ``crash`` and ``hang`` it records ``memory``,
+``bad-image``, ``differs``, ``leftover`` and ``bad-message`` (all bugs; exit status 1), and
+``split`` (some modes refused, some did not). Inputs that found a bug are saved to
+``--crashes DIR``.
 
 ``EROFS_FUSE_STRICT=1`` is set, so the reader's safety net (turning stray ``IndexError`` and
 the like into ``CorruptImageError``) does not hide bugs from the fuzzer.
@@ -1074,6 +1075,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     kinds: dict[str, dict[str, int]] = {}
     by_mode: dict[str, dict[str, int]] = {}
     splits: list[dict[str, object]] = []  # convert mode: some modes converted, some refused
+    kernel_checks = 0  # convert mode: images mounted by the kernel and compared
     findings: list[dict[str, object]] = []
     peak_rss = 0
     done = 0
@@ -1129,15 +1131,16 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 kind = str(rec.get("kind", "?")).split(":")[0]
                 per_kind = kinds.setdefault(kind, {})
                 per_kind[status] = per_kind.get(status, 0) + 1
+                kernel_checks += 1 if rec.get("kernel") else 0
                 for mode, mode_status in dict(rec.get("modes") or {}).items():
                     per_mode = by_mode.setdefault(mode, {})
                     per_mode[mode_status] = per_mode.get(mode_status, 0) + 1
                 peak_rss = max(peak_rss, int(rec.get("rss_kb", 0) or 0))
                 if status in BUG_STATUSES:
                     findings.append(rec)
+                    print(json.dumps(rec), file=sys.stderr, flush=True)
                 elif status == "split":
                     splits.append({k: rec.get(k) for k in ("index", "kind", "modes", "refusal")})
-                    print(json.dumps(rec), file=sys.stderr, flush=True)
                 done += 1
                 now = time.monotonic()
                 if args.progress and (now - last_report > PROGRESS_EVERY or done == total):
@@ -1156,7 +1159,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "mode": args.mode, "seed": args.seed, "start": args.start, "count": args.count,
         "every": args.every, "mutants": done, "counts": counts, "by_kind": kinds,
         "crashes": counts.get("crash", 0), "hangs": counts.get("hang", 0),
-        "bugs": sum(counts.get(s, 0) for s in BUG_STATUSES), **({"by_mode": by_mode} if by_mode else {}),
+        "bugs": sum(counts.get(s, 0) for s in BUG_STATUSES),
+        **({"by_mode": by_mode, "kernel_checks": kernel_checks} if args.mode == "convert" else {}),
         "peak_rss_mb": round(peak_rss / 1024, 1), "seconds": round(time.monotonic() - started, 1),
         "findings": findings[:100], **({"splits": splits[:100]} if splits else {}),
     }
@@ -1186,7 +1190,7 @@ def main() -> int:
                         "(0: never; needs root)")
     parser.add_argument("--tars", nargs="+", metavar="NAME",
                         help="convert mode: the seed tars to mutate (default: all of "
-                        "scripts/fuzz_tar.py's SEEDS)")
+                        "scripts/fuzz_tar_seeds.py's SEEDS)")
     parser.add_argument("--crashes", metavar="DIR",
                         help="convert mode: save the inputs that found a bug here")
     parser.add_argument("--only", type=int, help="run just this mutant index")
@@ -1195,7 +1199,8 @@ def main() -> int:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help=f"a progress line on stderr every {PROGRESS_EVERY:.0f} s and at "
                         "the end (default; --no-progress for none)")
-    parser.add_argument("--inject", choices=["crash", "exit", "hang"], help=argparse.SUPPRESS)
+    parser.add_argument("--inject", help=argparse.SUPPRESS, choices=[
+        "crash", "exit", "hang", "memory", "leftover", "message", "image"])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -195,3 +195,39 @@ def test_tar_index_from_stdin_appends_the_uncompressed_tar(tmp_path: Path, wrap:
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes().endswith(data)  # image ‖ tar, as containerd lays it out
     check_image_views(str(tmp_path / "in.tar"), str(out), tar_index=True)
+
+
+# found by scripts/fuzz.py --mode convert --------------------------------------------------
+def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", linkname: str = "",
+            pax: dict[str, str] | None = None) -> bytes:
+    b = TarBuilder()
+    b.add(name, kind, data, linkname=linkname, pax=pax)
+    return b.bytes()
+
+
+@pytest.mark.parametrize("data,words", [
+    (_member("l", tarfile.SYMTYPE), ("symlink target of 0 bytes",)),
+    (_member("l", tarfile.SYMTYPE, linkname="t" * 4096), ("symlink target of 4096 bytes",)),
+    (_member("f", pax={"mtime": "18446744073709551616"}), ("mtime", "out of range")),
+    (_member("f", pax={"uid": "4294967295"}), ("owner", "out of range")),
+    (_member("s", data=b"x", pax={"GNU.sparse.map": "0,1", "GNU.sparse.size": str(10**30)}),
+     ("size", "out of range")),
+    (_member("s", data=b"x", pax={"GNU.sparse.map": "0,1", "GNU.sparse.size": str(1 << 62)}),
+     ("sparse file",)),
+    (_member("link", tarfile.LNKTYPE, linkname="new\nline"), ("new\\nline",)),
+], ids=["empty-symlink", "long-symlink", "mtime", "no-id", "sparse-size", "sparse-cost",
+        "newline"])
+def test_fuzz_findings_are_refused_in_one_line(tmp_path: Path, data: bytes,
+                                               words: tuple[str, ...]) -> None:
+    assert_refused(tmp_path, data, *words)
+
+
+def test_malformed_capabilities_and_acls_are_dropped_with_a_warning(tmp_path: Path) -> None:
+    b = TarBuilder()
+    b.add("cap", data=b"c", pax={"SCHILY.xattr.security.capability": "not a valid value"})
+    b.add("acl", data=b"a", pax={"SCHILY.xattr.system.posix_acl_access": "not an acl"})
+    (tmp_path / "in.tar").write_bytes(b.bytes())
+    proc = run("convert", str(tmp_path / "in.tar"), str(tmp_path / "o.erofs"))
+    assert proc.returncode == 0, proc.stderr
+    assert "not a valid capability set" in proc.stderr and "not a valid POSIX ACL" in proc.stderr
+    check_image_views(str(tmp_path / "in.tar"), str(tmp_path / "o.erofs"))

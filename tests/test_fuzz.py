@@ -1,10 +1,12 @@
-"""Short, seeded runs of the robustness harnesses: scripts/fuzz.py (library and mount modes) and
-scripts/stress. Any crash, hang or checksum error fails the test; the injected faults prove that
-the fuzzer would see a crash or a hang if there were one. The long runs are in the note.
+"""Short, seeded runs of the robustness harnesses: scripts/fuzz.py (library, mount and convert
+modes) and scripts/stress. Any crash, hang or checksum error fails the test (in convert mode
+also a MemoryError, an unreadable image, a multi-line error or a leftover file); the injected
+faults prove that the fuzzer would see each if there were one. The long runs are in the note.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -121,3 +123,82 @@ def test_stress_short_run(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["errors"] == 0 and report["ops"] > 100 and report["daemon_exit"] == 0, report
     assert report["rss_mb"]["max"] < 256, report
+
+
+# the converter under mutated tars (scripts/fuzz.py --mode convert) ------------------------------
+def load_fuzz_tar() -> ModuleType:
+    """scripts/fuzz_tar.py (the mutations; it imports the seed tars of fuzz_tar_seeds.py)."""
+    scripts = str(ROOT / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        return importlib.import_module("fuzz_tar")
+    finally:
+        sys.path.remove(scripts)
+
+
+def test_tar_mutants_are_a_function_of_seed_and_index() -> None:
+    corpus = load_fuzz_tar().TarCorpus()
+    first = [corpus.mutant(7, k) for k in range(60)]
+    again = [corpus.mutant(7, k) for k in reversed(range(60))][::-1]
+    assert first == again
+    assert len({m.data for m in first}) > 55
+    assert corpus.mutant(8, 0) != first[0]
+    wrappings = {m.wrapping.split("+")[0].split("-")[0] for m in first}
+    assert wrappings == {"plain", "gzip", "zstd"}, wrappings
+    assert len({m.kind.split(":")[0] for m in first}) >= 10
+
+
+def test_seed_tars_convert_in_every_mode(tmp_path: Path) -> None:
+    """Unmutated, every seed is a valid layer: each mode converts it and the image reads back."""
+    from erofs_fuse.erofs.image import Image
+    from erofs_fuse.mkfs import ConvertOptions, convert_tar
+
+    modes = [ConvertOptions(), ConvertOptions(tar_index=True), ConvertOptions(compress="lz4"),
+             ConvertOptions(whiteouts="oci")]
+    for name, build in load_fuzz_tar().SEEDS.items():
+        tar = tmp_path / f"{name}.tar"
+        tar.write_bytes(build())
+        for k, options in enumerate(modes):
+            out = str(tmp_path / f"{name}-{k}.erofs")
+            result = convert_tar(str(tar), out, options)
+            assert not result.warnings, (name, result.warnings)
+            with Image.open(out) as image:
+                for _, node in image.walk():
+                    if node.is_reg:
+                        node.read(0, 1 << 20)
+                    elif node.is_symlink:
+                        node.readlink()
+                    node.xattrs()
+
+
+def test_convert_fuzz_short_run(tmp_path: Path) -> None:
+    """700 mutated tars through every mode of the converter; a sample through the kernel."""
+    crashes = tmp_path / "crashes"
+    # 20 s a mutant: a hang is still caught, a machine busy with other work is not one
+    summary = fuzz(tmp_path, "--mode", "convert", "--seed", "11", "--count", "700",
+                   "--jobs", "2", "--kernel-every", "10", "--crashes", str(crashes),
+                   "--timeout", "20")
+    assert summary["mutants"] == 700, summary
+    findings = json.dumps(summary["findings"], indent=1)[:6000]
+    assert summary["bugs"] == 0 and summary["returncode"] == 0, findings
+    counts = summary["counts"]
+    assert isinstance(counts, dict) and counts.get("ok", 0) > 50 and counts.get("refused", 0) > 50
+    assert int(summary["kernel_checks"]) > 5, summary  # type: ignore[call-overload]
+    assert float(summary["peak_rss_mb"]) < 256, summary  # type: ignore[arg-type]
+    assert not crashes.exists()
+
+
+def test_the_convert_fuzzer_sees_every_kind_of_bug(tmp_path: Path) -> None:
+    """A fault injected into the full mode's conversion of mutant 2 (which converts)."""
+    expected = {"crash": "crash", "exit": "crash", "hang": "hang", "memory": "memory",
+                "leftover": "leftover", "message": "bad-message", "image": "bad-image"}
+    for fault, status in expected.items():
+        crashes = tmp_path / fault
+        summary = fuzz(tmp_path, "--mode", "convert", "--seed", "1", "--only", "2", "--jobs", "1",
+                       "--inject", fault, "--timeout", "1", "--kernel-every", "0",
+                       "--crashes", str(crashes))
+        assert summary["counts"] == {status: 1} and summary["returncode"] == 1, (fault, summary)
+        (record,) = summary["findings"]  # type: ignore[misc]
+        assert record["modes"]["full"] == status and record["modes"]["lz4"] == "ok", record
+        saved = Path(record["saved"])
+        assert sorted(crashes.iterdir()) == sorted([saved, crashes / "convert-1-2.json"])

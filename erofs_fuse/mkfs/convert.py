@@ -244,7 +244,7 @@ class _TarConversion:
         sec, nsec = divmod(member.mtime_ns, 1_000_000_000)
         node = Node(fmt | perms, member.uid, member.gid, sec, nsec)
         for name, value in member.xattrs.items():
-            why = xattr_refusal(name, fmt)
+            why = xattr_refusal(name, fmt, value)
             if why is None:
                 node.set_xattr(name, value)
             else:

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from ..erofs import ondisk as d
-from .errors import BadInputError
+from .errors import BadInputError, UnsupportedInputError
 from .tree import FileData
 
 MAX_CHUNK_EXTRA_BITS = 31
+SPARSE_SLACK = 1 << 30  # what a sparse file may cost beyond twice its data (index, zero fill)
 
 
 @dataclass(slots=True)
@@ -125,7 +126,12 @@ class ImageFile:
         """Write the data regions of a sparse file (``pieces`` = their bytes, concatenated)."""
         bs = self.bs
         file_blocks = -(-size // bs)
-        chunk_blocks, ranges = _chunking(_touched_block_ranges(regions, bs), file_blocks, bs)
+        cost, chunk_blocks, ranges = _chunking(_touched_block_ranges(regions, bs), file_blocks, bs)
+        stored = sum(n for _, n in regions)
+        if cost > 2 * stored + SPARSE_SLACK:
+            raise UnsupportedInputError(
+                f"a sparse file of {size} bytes would take {cost} bytes of chunk index and "
+                f"zero-filled chunks for {stored} bytes of data", entry=entry, offset=offset)
         chunkbits = self.blkbits + chunk_blocks.bit_length() - 1
         entries = array.array("I", [d.NULL_ADDR_32]) * -(-size // (1 << chunkbits))
         placed: list[tuple[int, int, int]] = []  # (first file block, end, image block)
@@ -192,10 +198,10 @@ def _touched_block_ranges(regions: list[tuple[int, int]], bs: int) -> list[tuple
 
 
 def _chunking(ranges: list[tuple[int, int]], file_blocks: int,
-              bs: int) -> tuple[int, list[tuple[int, int]]]:
-    """The chunk size (in blocks) that costs least, index entries plus the blocks of every
-    chunk that holds data, and the data ranges widened to whole chunks (merged where they
-    meet). A chunk holding data is written whole: its zero runs stay holes in the image file."""
+              bs: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """(cost, chunk size in blocks, ranges): the chunk size that costs least in index entries
+    plus the blocks of every chunk that holds data, and the data ranges widened to whole chunks
+    (merged where they meet). A chunk holding data is written whole: its zero runs stay holes in the image file."""
     best: tuple[int, int, list[tuple[int, int]]] | None = None
     for bits in range(MAX_CHUNK_EXTRA_BITS + 1):
         chunk = 1 << bits
@@ -213,7 +219,7 @@ def _chunking(ranges: list[tuple[int, int]], file_blocks: int,
         if best is None or cost <= best[0]:
             best = (cost, chunk, widened)
     assert best is not None
-    return best[1], best[2]
+    return best
 
 
 def hole_data(size: int, blkbits: int) -> ChunkMapData:

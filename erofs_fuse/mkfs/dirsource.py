@@ -72,7 +72,7 @@ class _Walker:
         sec, nsec = divmod(st.st_mtime_ns, 1_000_000_000)
         node = Node(st.st_mode, st.st_uid, st.st_gid, sec, nsec)
         for name, value in _xattrs(path):
-            why = xattr_refusal(name, stat.S_IFMT(st.st_mode))
+            why = xattr_refusal(name, stat.S_IFMT(st.st_mode), value)
             if why is None:
                 node.set_xattr(name, value)
             else:

@@ -27,7 +27,15 @@ class MkfsError(Exception):
             where.append(repr(name)[1:-1] if name.isprintable() else ascii(name)[1:-1])
         if self.offset is not None:
             where.append(f"at byte {self.offset}")
-        return (" ".join(where) + ": " if where else "") + self.message
+        return one_line((" ".join(where) + ": " if where else "") + self.message)
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped: names from a tar may hold newlines, and an
+    error is one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class BadInputError(MkfsError):

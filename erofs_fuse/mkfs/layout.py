@@ -75,15 +75,37 @@ def _prefix_of(name: bytes) -> tuple[int, bytes] | None:
 _PREFIXES_LONGEST_FIRST = sorted(SHORT_PREFIXES.items(), key=lambda kv: -len(kv[1]))
 
 
-def xattr_refusal(name: bytes, fmt: int) -> str | None:
+def xattr_refusal(name: bytes, fmt: int, value: bytes) -> str | None:
     """Why an xattr cannot be kept on an inode of type ``fmt`` (None when it can): the kernel
-    hides names without a short prefix, and Linux reads ``user.*`` on regular files and
-    directories only (elsewhere it lists the name but answers ENODATA)."""
+    hides names without a short prefix, Linux reads ``user.*`` on regular files and
+    directories only (elsewhere it lists the name but answers ENODATA), and it interprets
+    capabilities and ACLs, refusing malformed ones (as it refuses to set them)."""
     if _prefix_of(name) is None:
         return "not in a namespace EROFS stores (user, trusted, security, POSIX ACLs)"
     if name.startswith(b"user.") and fmt not in (stat.S_IFREG, stat.S_IFDIR):
         return "Linux keeps user.* xattrs on regular files and directories only"
+    if name == b"security.capability" and not _valid_capability(value):
+        return "not a valid capability set"
+    if name in (b"system.posix_acl_access", b"system.posix_acl_default") \
+            and not _valid_acl(value):
+        return "not a valid POSIX ACL"
     return None
+
+
+_CAP_SIZES = {0x01000000: 12, 0x02000000: 20, 0x03000000: 24}  # vfs_cap_data revisions
+
+
+def _valid_capability(value: bytes) -> bool:
+    if len(value) < 4:
+        return False
+    revision = int.from_bytes(value[:4], "little") & 0xFF000000
+    return _CAP_SIZES.get(revision) == len(value)
+
+
+def _valid_acl(value: bytes) -> bool:
+    """posix_acl_xattr: version 2, then 8-byte entries (tag, perm, id)."""
+    return len(value) >= 4 and (len(value) - 4) % 8 == 0 \
+        and int.from_bytes(value[:4], "little") == 2
 
 
 def pack_xattr_body(xattrs: dict[bytes, bytes]) -> bytes:

@@ -25,6 +25,10 @@ from .source import InputStream
 BLOCK = 512
 MAX_META_RECORD = 1 << 20      # a PAX header or GNU long name larger than this is refused
 MAX_SPARSE_REGIONS = 1 << 20
+NO_ID = (1 << 32) - 1
+MAX_FILE_SIZE = (1 << 63) - 1   # EROFS sizes are u64; Linux file offsets are signed 64-bit
+MAX_SECONDS = (1 << 63) - 1     # an extended inode's i_mtime is a signed 64-bit count
+MAX_SYMLINK = 4095              # PATH_MAX less the NUL
 
 REGULAR = b"0"
 HARDLINK = b"1"
@@ -319,7 +323,9 @@ class TarReader:
         if b"\0" in member.path or b"\0" in member.linkname:
             raise BadInputError("a name holds a NUL byte", entry=member.path, offset=offset)
         self._normalise_kind(member, header, gnu, pending, pax)
-        if member.uid < 0 or member.gid < 0 or member.uid >= 1 << 32 or member.gid >= 1 << 32:
+        _check_ranges(member)
+        if not (0 <= member.uid < NO_ID and 0 <= member.gid < NO_ID):
+            # (u32)-1 is no id to Linux: chown() takes it as "leave unchanged"
             raise BadInputError(f"owner {member.uid}:{member.gid} out of range",
                                 entry=member.path, offset=offset)
         member.data_offset = self.stream.pos
@@ -455,3 +461,16 @@ class TarReader:
             raise BadInputError(f"sparse map covers {stored} bytes but {member.stored_size} "
                                 "are stored", entry=member.path, offset=member.header_offset)
         return [(o, n) for o, n in regions if n > 0]
+
+
+def _check_ranges(member: TarMember) -> None:
+    """Sizes, times and link targets the image and Linux can hold."""
+    if not 0 <= member.size <= MAX_FILE_SIZE:
+        raise BadInputError(f"size {member.size} out of range", entry=member.path,
+                            offset=member.header_offset)
+    if not -MAX_SECONDS - 1 <= member.mtime_ns // 1_000_000_000 <= MAX_SECONDS:
+        raise BadInputError(f"mtime {member.mtime_ns // 1_000_000_000} out of range",
+                            entry=member.path, offset=member.header_offset)
+    if member.kind == SYMLINK and not 1 <= len(member.linkname) <= MAX_SYMLINK:
+        raise BadInputError(f"symlink target of {len(member.linkname)} bytes (Linux takes 1 "
+                            f"to {MAX_SYMLINK})", entry=member.path, offset=member.header_offset)
