@@ -51,7 +51,13 @@ def table(results: Results, stacks: list[str], workloads: list[tuple[str, str]])
             else:
                 row.append("-")
         rows.append(row)
-    widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
+    return align(rows)
+
+
+def align(rows: list[list[str]]) -> str:
+    """A text table: the first row is the head, underlined; the first column left-aligned,
+    the others right-aligned."""
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in
                        enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))

@@ -34,21 +34,26 @@ MTIME = 1_700_000_000
 # layer tars ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Entry:
-    """A tar entry: kind is file, dir, symlink, hardlink, whiteout (``.wh.NAME``), opaque
-    (``DIR/.wh..wh..opq``)."""
+    """A tar entry: kind is file, dir, symlink, hardlink, chardev, whiteout (``.wh.NAME``),
+    opaque (``DIR/.wh..wh..opq``). Xattr values are bytes (binary ones too)."""
 
     kind: str
     path: str
     data: bytes = b""
     target: str = ""
     mode: int = 0o644
-    xattrs: tuple[tuple[str, str], ...] = ()
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+    rdev: tuple[int, int] = (0, 0)
 
 
-def file(path: str, data: bytes | str, mode: int = 0o644, **xattrs: str) -> Entry:
-    """A regular file; ``xattrs`` are user.NAME=VALUE (PAX SCHILY.xattr records)."""
+def file(path: str, data: bytes | str, mode: int = 0o644, *,
+         raw_xattrs: dict[str, bytes] | None = None, **xattrs: str) -> Entry:
+    """A regular file; ``xattrs`` are user.NAME=VALUE, ``raw_xattrs`` full names with any
+    bytes as values (``security.capability``); both become PAX SCHILY.xattr records."""
+    items = [(f"user.{k}", v.encode()) for k, v in xattrs.items()]
+    items += list((raw_xattrs or {}).items())
     return Entry("file", path, data.encode() if isinstance(data, str) else data, mode=mode,
-                 xattrs=tuple((f"user.{k}", v) for k, v in xattrs.items()))
+                 xattrs=tuple(items))
 
 
 def directory(path: str, mode: int = 0o755) -> Entry:
@@ -63,6 +68,10 @@ def hardlink(path: str, target: str) -> Entry:
     return Entry("hardlink", path, target=target)
 
 
+def chardev(path: str, major: int, minor: int, mode: int = 0o666) -> Entry:
+    return Entry("chardev", path, mode=mode, rdev=(major, minor))
+
+
 def whiteout(path: str) -> Entry:
     return Entry("whiteout", path)
 
@@ -73,7 +82,8 @@ def opaque(path: str) -> Entry:
 
 def tar_bytes(entries: Sequence[Entry]) -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      errors="surrogateescape") as tar:
         for e in entries:
             _add(tar, e)
     return buf.getvalue()
@@ -89,7 +99,9 @@ def _add(tar: tarfile.TarFile, e: Entry) -> None:
     elif e.kind == "opaque":
         path = os.path.join(path, ".wh..wh..opq")
     info.name = path
-    info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in e.xattrs}
+    # bytes that are not UTF-8 go out raw (tarfile then writes hdrcharset=BINARY)
+    info.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
+                        for k, v in e.xattrs}
     if e.kind in ("file", "whiteout", "opaque"):
         data = e.data
         info.size = len(data)
@@ -99,6 +111,8 @@ def _add(tar: tarfile.TarFile, e: Entry) -> None:
         info.type, info.linkname = tarfile.SYMTYPE, e.target
     elif e.kind == "hardlink":
         info.type, info.linkname = tarfile.LNKTYPE, e.target
+    elif e.kind == "chardev":
+        info.type, (info.devmajor, info.devminor) = tarfile.CHRTYPE, e.rdev
     else:
         raise ValueError(e.kind)
     tar.addfile(info, io.BytesIO(data) if info.isreg() else None)

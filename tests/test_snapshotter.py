@@ -1,10 +1,11 @@
 """``erofs-fuse snapshotter`` against the real containerd (Debian 12's 1.6), driven by ``ctr``.
 
 Each test module run starts its own containerd (temporary config, root, state and socket:
-never the system service) and our snapshotter as a proxy plugin, imports an OCI archive built
-here, runs containers from it and removes it. Everything started is stopped, and every mount
-under the temporary directory unmounted, in ``finally`` blocks: other suites share the machine.
-A missing component (containerd, ctr, runc, fsck.erofs, busybox) fails the tests.
+never the system service) and our snapshotter as a proxy plugin (``ctrstack.py``), imports
+OCI archives built here, runs containers from them and removes them. Everything started is
+stopped, and every mount under the temporary directory unmounted, in ``finally`` blocks: other
+suites share the machine. A missing component (containerd, ctr, runc, fsck.erofs, busybox)
+fails the tests.
 
 The containerd tests share one containerd and run in file order, each on the state the one
 before left (import, ls, run, restart, ..., removal). ``test_api_errors_and_labels`` talks gRPC
@@ -21,181 +22,40 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from helpers import require_tool
-from mounting import env, require_fuse
+from ctrstack import NS, SNAPSHOTTER, Stack, containerd_stack, mounts_under, unmount_all, wait_for
+from helpers import ROOT
+from layertar import extracted
+from mounting import kernel_overlay
 from ocilayout import (
+    LayerBlob,
     Layout,
     archive,
     busybox_entries,
+    chardev,
     directory,
     file,
+    hardlink,
     many_files_tar,
     opaque,
     ref,
+    symlink,
     whiteout,
 )
+from treeview import TreeView, view_of_dir
 
-SNAPSHOTTER = "erofs-fuse"
 IMAGE = "example.com/erofstest:v1"
-NS = "default"
 BIG = b"".join(b"block %05d of a file with its own data blocks\n" % k for k in range(400))
-
-
-@dataclass
-class Stack:
-    tmp: Path
-    root: Path  # the snapshotter's
-    address: str  # containerd's socket
-    log: Path
-    snapshotter: subprocess.Popen[bytes] | None = None
-
-    def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> str:
-        proc = subprocess.run(["ctr", "-a", self.address, "-n", NS, *args],
-                              capture_output=True, text=True, timeout=timeout)
-        if check:
-            assert proc.returncode == 0, (
-                f"ctr {' '.join(args)} failed ({proc.returncode}): {proc.stderr}\n"
-                f"--- snapshotter log ---\n{self.snapshotter_log()}")
-        return proc.stdout
-
-    def snapshotter_log(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-6000:]
-        except OSError:
-            return ""
-
-    def chain_mounts(self) -> list[str]:
-        prefix = str(self.root / "mounts") + "/"
-        return [m for m in mounts_under(str(self.tmp)) if m.startswith(prefix)]
-
-    def start_snapshotter(self) -> None:
-        sock = self.tmp / "snapshotter.sock"
-        with contextlib.suppress(FileNotFoundError):
-            sock.unlink()
-        with open(self.log, "ab") as log:
-            self.snapshotter = proc = subprocess.Popen(
-                [sys.executable, "-m", "erofs_fuse", "snapshotter", "--root", str(self.root),
-                 "--address", str(sock), "--debug"],
-                stdout=log, stderr=subprocess.STDOUT, env=env())
-        wait_for(lambda: sock.exists() or proc.poll() is not None, 30, "the snapshotter")
-        assert proc.poll() is None, f"snapshotter died: {self.snapshotter_log()}"
-
-    def wait_reachable(self) -> None:
-        """Until containerd reaches the (restarted) snapshotter: its gRPC client may still be
-        in reconnect backoff (up to 3 s), and a GC pass that fails then is not retried until
-        the next change, leaving snapshots behind."""
-        def reached() -> bool:
-            proc = subprocess.run(["ctr", "-a", self.address, "-n", NS, "snapshots",
-                                   "--snapshotter", SNAPSHOTTER, "usage"],
-                                  capture_output=True, text=True)
-            return proc.returncode == 0
-        wait_for(reached, 30, "containerd to reach the snapshotter")
-
-    def stop_snapshotter(self, sig: int = signal.SIGTERM) -> None:
-        stop(self.snapshotter, sig=sig)
-        self.snapshotter = None
-
-
-def mounts_under(prefix: str) -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point == prefix or point.startswith(prefix.rstrip("/") + "/"):
-                out.append(point)
-    return out
-
-
-def unmount_all(prefix: str) -> None:
-    for _ in range(5):
-        points = mounts_under(prefix)
-        if not points:
-            return
-        for point in sorted(points, key=len, reverse=True):
-            subprocess.run(["umount", "-l", point], capture_output=True)
-    assert not mounts_under(prefix), f"mounts left under {prefix}: {mounts_under(prefix)}"
-
-
-def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15,
-         sig: int = signal.SIGTERM) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-CONFIG = """\
-version = 2
-root = "{tmp}/containerd/root"
-state = "{tmp}/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = "{tmp}/containerd.sock"
-
-[ttrpc]
-  address = "{tmp}/containerd.sock.ttrpc"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{tmp}/opt"
-
-[proxy_plugins]
-  [proxy_plugins.{name}]
-    type = "snapshot"
-    address = "{tmp}/snapshotter.sock"
-"""
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "fsck.erofs"):
-        require_tool(tool)
-    require_fuse()
-    tmp = Path(tempfile.mkdtemp(prefix="efs-snap-", dir="/tmp"))  # socket paths stay short
-    containerd = None
-    s = Stack(tmp, tmp / "snapshotter", str(tmp / "containerd.sock"), tmp / "snapshotter.log")
-    try:
-        (tmp / "config.toml").write_text(CONFIG.format(tmp=tmp, name=SNAPSHOTTER))
-        s.start_snapshotter()
-        with open(tmp / "containerd.log", "wb") as log:
-            containerd = subprocess.Popen(
-                ["containerd", "--config", str(tmp / "config.toml")],
-                stdout=log, stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            assert containerd is not None and containerd.poll() is None, \
-                (tmp / "containerd.log").read_text(errors="replace")[-4000:]
-            return subprocess.run(["ctr", "-a", s.address, "version"],
-                                  capture_output=True).returncode == 0
-
-        wait_for(ready, 30, "containerd")
+    with containerd_stack() as s:
         yield s
-    finally:
-        try:
-            stop(containerd)
-            s.stop_snapshotter()
-        finally:
-            unmount_all(str(tmp))
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -285,12 +145,84 @@ def test_containers_share_one_mount(stack: Stack) -> None:
         assert "overlay" in mounts and "lowerdir=" + str(stack.root / "mounts") in mounts, mounts
     finally:
         for cid in ids:
-            stack.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
-        for cid in ids:
-            wait_for(lambda: "RUNNING" not in stack.ctr("task", "ls", check=False)
-                     .split(cid)[-1].split("\n")[0], 30, f"{cid} to stop")
-            stack.ctr("task", "rm", cid, check=False)
-            stack.ctr("container", "rm", cid, check=False)
+            stack.remove_container(cid)
+
+
+TREE_IMAGE = "example.com/erofstest:tree"
+# security.capability, VFS_CAP_REVISION_2 with the effective bit: cap_net_bind_service=ep
+CAP_NET_BIND = (0x02000001).to_bytes(4, "little") + (1 << 10).to_bytes(4, "little") + bytes(12)
+
+
+def tree_layers(layout: Layout) -> list[LayerBlob]:
+    """Two layers holding every kind of entry and overlay rule a root filesystem meets."""
+    base = layout.layer(busybox_entries() + [
+        directory("run"),  # a mountpoint runc would otherwise create in the container's upper
+        file("etc/hello", "hello\n", origin="layer 1"),
+        file("bin/suid", b"#!/bin/sh\n", mode=0o4755,
+             raw_xattrs={"security.capability": CAP_NET_BIND}),
+        file("bin/sgid", b"#!/bin/sh\n", mode=0o2711),
+        directory("data"), file("data/orig", "linked\n", a="1", b="2"),
+        hardlink("data/link", "data/orig"), hardlink("data/link2", "data/orig"),
+        symlink("lnk", "etc/hello"), symlink("dangling", "/nowhere"),
+        directory("devs"), chardev("devs/null", 1, 3), chardev("devs/tty", 5, 0, 0o620),
+        directory("shared", 0o3777),
+        file("gone.txt", "deleted by layer 2\n"),
+        directory("gonedir"), file("gonedir/f", "gone with its directory\n"),
+        directory("opq"), file("opq/old", "hidden by the opaque dir\n"),
+        directory("opq/sub"), file("opq/sub/deep", "hidden too\n"),
+        directory("keep"), file("keep/a", "a\n"),
+    ])
+    top = layout.layer([
+        whiteout("gone.txt"), whiteout("gonedir"),
+        opaque("opq"), file("opq/new", "new\n"),
+        file("etc/hello", "hello again\n", origin="layer 2"),  # replaced, other xattr value
+        file("data/two", "two\n"), hardlink("data/two-link", "data/two"),
+        file("keep/b", "b\n", mode=0o600),
+        file("lnk2", "a file where layer 1 had nothing\n"),
+        symlink("keep/up", "../etc/hello"),
+    ])
+    return [base, top]
+
+
+def assert_rootfs_is_kernel_overlay(stack: Stack, image: str, layer_tars: list[Path],
+                                    *cmd: str) -> TreeView:
+    """Run ``cmd`` (one that waits) in a container of ``image`` and compare its whole root
+    filesystem, as the host sees it, with the kernel's overlayfs over ``layer_tars`` (bottom
+    first) extracted by GNU tar, whiteouts in overlay form: our writer, reader and FUSE mount
+    are all outside that oracle. The container's view is returned."""
+    cid = "t-compare"
+    with contextlib.ExitStack() as es:
+        stack.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, image, cid, *cmd)
+        es.callback(stack.remove_container, cid)
+        ours = view_of_dir(str(stack.rootfs(cid)))
+        lowers = [es.enter_context(extracted(str(tar))) for tar in layer_tars]
+        kernel = view_of_dir(es.enter_context(kernel_overlay(lowers[::-1])))
+    diff = kernel.diff(ours)
+    assert not diff, f"the root filesystem of a container of {image} differs from the " \
+        "kernel's overlay:\n" + "\n".join(diff)
+    return ours
+
+
+def test_rootfs_equals_kernel_overlay(stack: Stack) -> None:
+    """A running container's whole root filesystem equals the kernel's overlayfs over the
+    same layers. Every entry is compared: type, mode (setuid, setgid, sticky), owner, size and
+    content, symlink target, device number, mtime, xattrs (user.* and security.capability)
+    and hardlink groups."""
+    layout = Layout(stack.tmp / "layout-tree")
+    layers = tree_layers(layout)
+    layout.write_index([{**layout.image(layers), **ref("tree")}])
+    stack.ctr("images", "import", "--snapshotter", SNAPSHOTTER, "--base-name",
+              "example.com/erofstest", str(archive(layout.root, stack.tmp / "tree.tar")))
+    try:
+        tars = [stack.tmp / f"tree-layer{k}.tar" for k in range(len(layers))]
+        for tar, layer in zip(tars, layers):
+            tar.write_bytes(layer.tar)
+        ours = assert_rootfs_is_kernel_overlay(stack, TREE_IMAGE, tars,
+                                               "/bin/busybox", "sleep", "600")
+    finally:
+        stack.ctr("images", "rm", "--sync", TREE_IMAGE, check=False)
+    assert "bin/suid" in ours.entries and "security.capability=" in ours.entries["bin/suid"]
+    assert frozenset({"data/orig", "data/link", "data/link2"}) in ours.hardlinks
 
 
 def test_view(stack: Stack) -> None:
@@ -335,11 +267,7 @@ def test_restart(stack: Stack) -> None:
         out = stack.ctr("task", "exec", "--exec-id", "e2", cid, "/bin/busybox", "cat", "/msg")
         assert out == "layer two\n"
     finally:
-        stack.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
-        wait_for(lambda: "RUNNING" not in stack.ctr("task", "ls", check=False)
-                 .split(cid)[-1].split("\n")[0], 30, f"{cid} to stop")
-        stack.ctr("task", "rm", cid, check=False)
-        stack.ctr("container", "rm", cid, check=False)
+        stack.remove_container(cid)
 
 
 def test_tampered_layer_gives_eio(stack: Stack) -> None:
@@ -404,6 +332,36 @@ def test_killed_during_import(stack: Stack) -> None:
     assert out.split() == ["many", "1000"], out
     for d in committed_dirs(stack):
         assert not [n for n in os.listdir(d) if n.endswith(".tmp")], os.listdir(d)
+
+
+DEBIAN_IMAGE = "example.com/erofstest:debian"
+
+
+def test_debian_rootfs_demo(stack: Stack) -> None:
+    """The Debian root filesystem of scripts/rootfs-demo as an OCI image of three layers
+    (debootstrap minbase; apt-get install hello, apt-get clean: whiteouts; docs deleted and
+    /usr/share/locale, a directory, replaced by a file): imported, run, and its whole root
+    filesystem compared with the kernel's overlayfs. The archive is built once and cached
+    (scripts/snapshotter_images.py; the first build runs rootfs-demo if its trees are gone)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from snapshotter_images import oci_archive
+
+    tar, layer_tars = oci_archive("demo")
+    stack.ctr("images", "import", "--snapshotter", SNAPSHOTTER, "--index-name", DEBIAN_IMAGE,
+              str(tar), timeout=900)
+    try:
+        out = stack.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, DEBIAN_IMAGE, "t-debian",
+                        "/bin/sh", "-c", "echo ok; hello; cat /usr/share/locale; "
+                        "ls /usr/share/doc 2>&1; ls /var/cache/apt/archives/*.deb 2>&1; true")
+        lines = out.splitlines()
+        assert lines[:3] == ["ok", "Hello, world!", "locales were removed in layer 2"], out
+        assert "No such file or directory" in lines[3], out  # whited out in layer 2
+        assert "No such file or directory" in lines[4], out  # apt-get clean in layer 1
+        ours = assert_rootfs_is_kernel_overlay(stack, DEBIAN_IMAGE, layer_tars,
+                                               "/bin/sleep", "infinity")
+        assert len(ours.entries) > 4000, len(ours.entries)  # the whole tree was compared
+    finally:
+        stack.ctr("images", "rm", "--sync", DEBIAN_IMAGE, check=False)
 
 
 def test_remove_image_leaves_nothing(stack: Stack) -> None:

@@ -1,0 +1,195 @@
+"""A containerd of its own with ``erofs-fuse snapshotter`` as a proxy plugin, driven by ``ctr``.
+
+``containerd_stack()`` starts Debian 12's containerd (1.6) with a temporary config, root, state
+directory and socket (never the system service) and our snapshotter, and stops both, unmounting
+everything under the temporary directory, whatever happened. Used by
+``tests/test_snapshotter.py`` and ``scripts/bench-snapshotter``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from helpers import require_tool
+from mounting import env, require_fuse
+
+SNAPSHOTTER = "erofs-fuse"
+NS = "default"
+
+CONFIG = """\
+version = 2
+root = "{tmp}/containerd/root"
+state = "{tmp}/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{tmp}/containerd.sock"
+
+[ttrpc]
+  address = "{tmp}/containerd.sock.ttrpc"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{tmp}/opt"
+
+[proxy_plugins]
+  [proxy_plugins.{name}]
+    type = "snapshot"
+    address = "{tmp}/snapshotter.sock"
+"""
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    root: Path  # the snapshotter's
+    address: str  # containerd's socket
+    log: Path
+    snapshotter: subprocess.Popen[bytes] | None = None
+    debug: bool = True  # the snapshotter logs every call (the tests read it)
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> str:
+        proc = subprocess.run(["ctr", "-a", self.address, "-n", NS, *args],
+                              capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert proc.returncode == 0, (
+                f"ctr {' '.join(args)} failed ({proc.returncode}): {proc.stderr}\n"
+                f"--- snapshotter log ---\n{self.snapshotter_log()}")
+        return proc.stdout
+
+    def snapshotter_log(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def chain_mounts(self) -> list[str]:
+        prefix = str(self.root / "mounts") + "/"
+        return [m for m in mounts_under(str(self.tmp)) if m.startswith(prefix)]
+
+    def rootfs(self, cid: str) -> Path:
+        """A running container's root filesystem as the host sees it: the overlay that the
+        shim mounts on its bundle's ``rootfs`` (runc's own mounts, /proc and /dev, are in the
+        container's mount namespace, not on it)."""
+        path = self.tmp / "containerd/state/io.containerd.runtime.v2.task" / NS / cid / "rootfs"
+        assert str(path) in mounts_under(str(path)), f"{path} is not a mount"
+        return path
+
+    def remove_container(self, cid: str) -> None:
+        """Kill a container started with ``ctr run -d`` (if it runs), then remove its task and
+        the container (and with it its active snapshot)."""
+        self.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+        wait_for(lambda: "RUNNING" not in self.ctr("task", "ls", check=False)
+                 .split(cid)[-1].split("\n")[0], 30, f"{cid} to stop")
+        self.ctr("task", "rm", cid, check=False)
+        self.ctr("container", "rm", cid, check=False)
+
+    def start_snapshotter(self) -> None:
+        sock = self.tmp / "snapshotter.sock"
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        with open(self.log, "ab") as log:
+            self.snapshotter = proc = subprocess.Popen(
+                [sys.executable, "-m", "erofs_fuse", "snapshotter", "--root", str(self.root),
+                 "--address", str(sock), *(["--debug"] if self.debug else [])],
+                stdout=log, stderr=subprocess.STDOUT, env=env())
+        wait_for(lambda: sock.exists() or proc.poll() is not None, 30, "the snapshotter")
+        assert proc.poll() is None, f"snapshotter died: {self.snapshotter_log()}"
+
+    def wait_reachable(self) -> None:
+        """Until containerd reaches the (restarted) snapshotter: its gRPC client may still be
+        in reconnect backoff (up to 3 s), and a GC pass that fails then is not retried until
+        the next change, leaving snapshots behind."""
+        def reached() -> bool:
+            proc = subprocess.run(["ctr", "-a", self.address, "-n", NS, "snapshots",
+                                   "--snapshotter", SNAPSHOTTER, "usage"],
+                                  capture_output=True, text=True)
+            return proc.returncode == 0
+        wait_for(reached, 30, "containerd to reach the snapshotter")
+
+    def stop_snapshotter(self, sig: int = signal.SIGTERM) -> None:
+        stop(self.snapshotter, sig=sig)
+        self.snapshotter = None
+
+
+def mounts_under(prefix: str) -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == prefix or point.startswith(prefix.rstrip("/") + "/"):
+                out.append(point)
+    return out
+
+
+def unmount_all(prefix: str) -> None:
+    for _ in range(5):
+        points = mounts_under(prefix)
+        if not points:
+            return
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+    assert not mounts_under(prefix), f"mounts left under {prefix}: {mounts_under(prefix)}"
+
+
+def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15,
+         sig: int = signal.SIGTERM) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def containerd_stack(*, debug: bool = True) -> Iterator[Stack]:
+    """containerd and our snapshotter, ready for ``ctr``; both stopped afterwards."""
+    for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "fsck.erofs"):
+        require_tool(tool)
+    require_fuse()
+    tmp = Path(tempfile.mkdtemp(prefix="efs-snap-", dir="/tmp"))  # socket paths stay short
+    containerd = None
+    s = Stack(tmp, tmp / "snapshotter", str(tmp / "containerd.sock"), tmp / "snapshotter.log",
+              debug=debug)
+    try:
+        (tmp / "config.toml").write_text(CONFIG.format(tmp=tmp, name=SNAPSHOTTER))
+        s.start_snapshotter()
+        with open(tmp / "containerd.log", "wb") as log:
+            containerd = subprocess.Popen(
+                ["containerd", "--config", str(tmp / "config.toml")],
+                stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            assert containerd is not None and containerd.poll() is None, \
+                (tmp / "containerd.log").read_text(errors="replace")[-4000:]
+            return subprocess.run(["ctr", "-a", s.address, "version"],
+                                  capture_output=True).returncode == 0
+
+        wait_for(ready, 30, "containerd")
+        yield s
+    finally:
+        try:
+            stop(containerd)
+            s.stop_snapshotter()
+        finally:
+            unmount_all(str(tmp))
+            shutil.rmtree(tmp, ignore_errors=True)
