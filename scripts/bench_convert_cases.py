@@ -56,6 +56,7 @@ def _img(out: Path) -> str:
 
 
 def _tree(out: Path) -> str:
+    """Where a case extracts (the runner sets trees aside instead of deleting them at once)."""
     path = out / "tree"
     path.mkdir(exist_ok=True)
     return str(path)
@@ -104,7 +105,7 @@ IMAGE_CASES = [
     ImageCase("tar -xzf, layer after layer", "GNU tar", False,
               lambda i, o: ["sh", "-c", 'out=$1; shift; k=0; for t; do k=$((k+1)); '
                             'mkdir "$out/$k" && tar -xzf "$t" -C "$out/$k" || exit 1; done',
-                            "sh", str(o), *(layer.tar for layer in i.layers)]),
+                            "sh", _tree(o), *(layer.tar for layer in i.layers)]),
 ]
 
 
