@@ -217,7 +217,8 @@ def write_synthetic(out: Path, spec: Synthetic) -> None:
             written += put(tar_header(f"d{k // 10000:02d}/{k // 100 % 100:02d}/f{k:06d}",
                                    tarfile.REGTYPE, size))
             start = rnd.randrange(len(pool) - min(size, len(pool) - 1))
-            data = pool[start:start + size] if size <= len(pool) else (pool * -(-size // len(pool)))[:size]
+            data = (pool[start:start + size] if size <= len(pool)
+                    else (pool * -(-size // len(pool)))[:size])
             written += put(data + bytes(-size % 512))
         written += put(bytes(1024))
         put(bytes(-written % 10240))  # GNU tar's record size
