@@ -322,7 +322,7 @@ def debian_layers(work: Path) -> list[LayerInput]:
 # OCI images ------------------------------------------------------------------------------------
 def oci_image(work: Path, name: str, what: str, layers: list[LayerInput]) -> ImageInput:
     """An OCI image layout of ``layers`` (bottom first); blobs are the layer files' bytes."""
-    from erofs_fuse.oci import host_platform
+    from erofs_fuse.oci.image import host_platform
 
     root = work / "images" / name
     key = [layer.diff_id for layer in layers]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import cProfile
 import sys
 
-from erofs_fuse.mount import main
+from erofs_fuse.cli.mount import main
 
 if __name__ == "__main__":
     out, args = sys.argv[1], sys.argv[2:]

@@ -562,8 +562,8 @@ def lib_merged(images: list[Image], timer: Timer) -> None:
     attributes and statfs replies made from them (in-process, no mount)."""
     import pyfuse3
 
-    from erofs_fuse.fs import Operations
-    from erofs_fuse.overlay import MergedTree, Node
+    from erofs_fuse.fuse.operations import Operations
+    from erofs_fuse.fuse.overlay import MergedTree, Node
 
     tree = MergedTree(images)
     ops = Operations(tree)
@@ -597,7 +597,7 @@ def lib_merged(images: list[Image], timer: Timer) -> None:
 
 def lib_extract(image: Image, workdir: str, timer: Timer) -> str | None:
     """Extract into a sandbox; a problem description if anything landed outside it."""
-    from erofs_fuse.extract import Extractor
+    from erofs_fuse.cli.extract import Extractor
 
     box = os.path.join(workdir, "box")
     shutil.rmtree(box, ignore_errors=True)
@@ -837,7 +837,7 @@ def _daemon_child(layers: list[str], mnt: str, log_path: str) -> None:
         faulthandler.enable(file=sys.stderr)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
-        from erofs_fuse.mount import main as mount_main
+        from erofs_fuse.cli.mount import main as mount_main
 
         code = mount_main(["-f", "--layers", ",".join(layers), mnt])
     except BaseException:  # noqa: BLE001 - report whatever it was in the log, as a crash
@@ -974,7 +974,7 @@ def worker(args: argparse.Namespace) -> int:
     path = os.path.join(workdir, "mutant.erofs")
     dump = open(os.path.join(workdir, "stack.txt"), "w+")
     if args.mode == "mount":
-        import erofs_fuse.mount  # noqa: F401 - imported once, forked per mutant
+        import erofs_fuse.cli.mount  # noqa: F401 - imported once, forked per mutant
     else:
         logging.getLogger("erofs_fuse").addHandler(INTERNAL)
         logging.getLogger("erofs_fuse").propagate = False

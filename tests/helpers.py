@@ -21,7 +21,7 @@ from erofs_fuse.erofs.image import Inode
 from erofs_fuse.erofs.superblock import crc32c_raw
 
 if TYPE_CHECKING:
-    from erofs_fuse.fs import Operations
+    from erofs_fuse.fuse.operations import Operations
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "fixtures" / "corpus"

@@ -15,11 +15,11 @@ import tempfile
 import time
 from typing import Iterator, Sequence
 
-# The commands exactly as cli.py dispatches them (mount.main / mount.umount_main).
+# The commands exactly as cli/main.py dispatches them (mount.main / mount.umount_main).
 MOUNT_CMD = [sys.executable, "-c",
-             "import sys; from erofs_fuse.mount import main; sys.exit(main(sys.argv[1:]))"]
+             "import sys; from erofs_fuse.cli.mount import main; sys.exit(main(sys.argv[1:]))"]
 UMOUNT_CMD = [sys.executable, "-c",
-              "import sys; from erofs_fuse.mount import umount_main; "
+              "import sys; from erofs_fuse.cli.mount import umount_main; "
               "sys.exit(umount_main(sys.argv[1:]))"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

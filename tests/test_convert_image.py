@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import pytest
 
 from erofs_fuse.erofs.image import Image
-from erofs_fuse.oci import chain_ids, host_platform
+from erofs_fuse.oci.image import chain_ids, host_platform
 from helpers import require_tool
 from mounting import (
     MOUNT_CMD,

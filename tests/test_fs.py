@@ -15,8 +15,8 @@ import pyfuse3
 import pytest
 
 from erofs_fuse.erofs.image import Image
-from erofs_fuse.fs import Operations
-from erofs_fuse.overlay import MergedTree
+from erofs_fuse.fuse.operations import Operations
+from erofs_fuse.fuse.overlay import MergedTree
 from helpers import corpus, resolve
 
 ROOT = pyfuse3.ROOT_INODE

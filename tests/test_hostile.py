@@ -18,9 +18,9 @@ import pytest
 
 from erofs_fuse.erofs.errors import CorruptImageError
 from erofs_fuse.erofs.image import Image
-from erofs_fuse.extract import Extractor, UnsafeNameError, extract
-from erofs_fuse.fs import Operations
-from erofs_fuse.overlay import MergedTree
+from erofs_fuse.cli.extract import Extractor, UnsafeNameError, extract
+from erofs_fuse.fuse.operations import Operations
+from erofs_fuse.fuse.overlay import MergedTree
 from helpers import kernel_erofs
 from mounting import daemon_pids, env, fuse_mount, is_mounted
 

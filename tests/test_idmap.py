@@ -1,4 +1,4 @@
-"""Id mapping (erofs_fuse/idmap.py): fuse-overlayfs's uidmapping/gidmapping/squash semantics,
+"""Id mapping (erofs_fuse/fuse/idmap.py): fuse-overlayfs's uidmapping/gidmapping/squash semantics,
 the mount options that ask for it, the mount(8) helper form of the command line, and the
 attributes and ACLs the FUSE operations report with it (in-process; real mounts by an
 unprivileged user are in test_rootless.py)."""
@@ -14,12 +14,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from erofs_fuse import mount
-from erofs_fuse.cli import mount_helper_args
+from erofs_fuse.cli import mount
+from erofs_fuse.fuse.daemon import fuse_options
+from erofs_fuse.cli.main import mount_helper_args
 from erofs_fuse.console import CliError
 from erofs_fuse.erofs.image import Image
-from erofs_fuse.fs import Operations
-from erofs_fuse.idmap import (
+from erofs_fuse.fuse.operations import Operations
+from erofs_fuse.fuse.idmap import (
     DEFAULT_OVERFLOW_ID,
     IDENTITY,
     MAX_RANGES,
@@ -31,7 +32,7 @@ from erofs_fuse.idmap import (
     parse_id,
     parse_mapping,
 )
-from erofs_fuse.overlay import MergedTree
+from erofs_fuse.fuse.overlay import MergedTree
 from helpers import corpus, resolve
 
 ROOT = pyfuse3.ROOT_INODE
@@ -329,4 +330,4 @@ def test_helper_form_reaches_mount_with_the_defaults_kept() -> None:
     assert cfg.layers == ["/l/a.erofs", "/l/b.erofs"] and cfg.mountpoint == "/mnt"
     assert cfg.fsname == "/l/a.erofs,/l/b.erofs"
     assert {"nosuid", "nodev", "ro"} <= cfg.options and "rw" not in cfg.options
-    assert "fsname=/l/a.erofs\\,/l/b.erofs" in mount.fuse_options(cfg)
+    assert "fsname=/l/a.erofs\\,/l/b.erofs" in fuse_options(cfg)

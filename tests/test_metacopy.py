@@ -25,7 +25,7 @@ from erofs_fuse.erofs.errors import ErofsError, MetacopyError
 from erofs_fuse.erofs.image import Image
 from erofs_fuse.erofs.metacopy import parse_metacopy, redirect_components
 from erofs_fuse.objects import ObjectStore
-from erofs_fuse.overlay import MergedTree, Node
+from erofs_fuse.fuse.overlay import MergedTree, Node
 from erofs_fuse.verity.build import build_tree
 from erofs_fuse.verity.formats import HashParams
 from helpers import kernel_erofs, mkfs_erofs, require_tool
@@ -529,7 +529,7 @@ def test_extract(stack: Stack, tmp_path: Path) -> None:
 
 def test_mount_options(stack: Stack, tmp_path: Path) -> None:
     from erofs_fuse.console import CliError
-    from erofs_fuse.mount import parse_args
+    from erofs_fuse.cli.mount import parse_args
 
     mnt = str(tmp_path)
     cfg = parse_args(["--layers", stack.layers[2], "--data-dir", stack.objects, "-o",
@@ -540,7 +540,7 @@ def test_mount_options(stack: Stack, tmp_path: Path) -> None:
         parse_args(["--layers", stack.layers[2], "--data-dir", stack.layers[0], mnt])
     with pytest.raises(CliError, match="datadir=DIR"):
         parse_args(["--layers", stack.layers[2], "-o", "datadir", mnt])
-    from erofs_fuse.cli import mount_helper_args
+    from erofs_fuse.cli.main import mount_helper_args
 
     helper = mount_helper_args([stack.layers[2], mnt, "-o", f"noauto,datadir={stack.objects}"])
     assert helper is not None

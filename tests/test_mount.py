@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from erofs_fuse.erofs.image import Image
-from erofs_fuse.fs import STATELESS_OPEN
+from erofs_fuse.fuse.operations import STATELESS_OPEN
 from helpers import CORPUS, EXPECTED, corpus, kernel_erofs, mkfs_erofs
 from mounting import (
     MOUNT_CMD,
@@ -468,7 +468,7 @@ def _read_fails_with_eio(mnt: str) -> None:
 
 def test_without_syslog_the_daemon_logs_to_a_file_under_run(tmp_path: Path) -> None:
     # issue #15: with no /dev/log (containers) every log line was dropped
-    from erofs_fuse.mount import default_log_file
+    from erofs_fuse.fuse.daemon import default_log_file
 
     bad = _bad_layer(tmp_path)
     with empty_dir() as mnt:
@@ -550,7 +550,7 @@ def error_cases(not_erofs: str, mnt: str, tmp: Path) -> list[tuple[list[str], st
 
 def test_errors_before_mounting_are_one_line_and_exit_2(not_erofs: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from erofs_fuse.mount import main
+    from erofs_fuse.cli.mount import main
 
     with empty_dir() as mnt:
         for argv, fragment in error_cases(not_erofs, mnt, tmp_path):

@@ -1,4 +1,4 @@
-"""Reading OCI layouts and archives (erofs_fuse/oci.py): resolution to one platform's manifest,
+"""Reading OCI layouts and archives (erofs_fuse/oci/image.py): resolution to one platform's manifest,
 diff_ids and chain ids, blobs streamed in place, and hostile layouts refused with one line."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from erofs_fuse.oci import (
+from erofs_fuse.oci.image import (
     OciError,
     Platform,
     ResolvedImage,
@@ -25,7 +25,7 @@ from erofs_fuse.oci import (
     open_blob,
     resolve_image,
 )
-from erofs_fuse.oci_layout import read_location
+from erofs_fuse.oci.layout import read_location
 from ocilayout import (
     DOCKER_LAYER,
     Layout,

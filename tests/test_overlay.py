@@ -13,7 +13,7 @@ import pytest
 from erofs_fuse.erofs import ondisk as d
 from erofs_fuse.erofs.errors import CorruptImageError
 from erofs_fuse.erofs.image import Image
-from erofs_fuse.overlay import (
+from erofs_fuse.fuse.overlay import (
     FIRST_INO,
     MAX_LAYERS,
     MergedTree,

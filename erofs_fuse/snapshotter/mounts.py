@@ -1,9 +1,11 @@
 """FUSE mounts of committed layer chains, started from a fork server.
 
 Why a fork server: a new mount must not pay an interpreter start (``erofs-fuse mount`` takes
-about 0.6 s, most of it imports). The snapshotter imports ``erofs_fuse.mount`` and forks one
+about 0.6 s, most of it imports). The command line imports ``erofs_fuse.cli.mount`` and the snapshotter
+forks one
 child, the *forker*, before it starts any thread (grpc's included: forking a process that runs
-threads is unsafe). For each mount the forker forks a worker that runs ``mount.main(argv)``,
+threads is unsafe). For each mount the forker forks a worker that runs that module's ``main(argv)``
+(handed in as ``mount_main``: nothing here imports the command line),
 which double-forks the daemon and returns once the kernel's INIT has been served, as on the
 command line. The daemons are nobody's children: they outlive a snapshotter restart, so running
 containers keep their root filesystems.
@@ -24,9 +26,13 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+from ..fuse.mountinfo import mounted_fuse
 
 log = logging.getLogger("erofs_fuse.snapshotter")
+
+MountMain = Callable[[list[str]], int]  # erofs-fuse mount's entry point: argv -> exit status
 
 
 class MountError(Exception):
@@ -36,17 +42,15 @@ class MountError(Exception):
 class Forker:
     """The fork server: ``mount(argv)`` runs ``erofs-fuse mount ARGV`` in a forked worker."""
 
-    def __init__(self) -> None:
-        from .. import mount  # imported here, before the fork, so each worker starts warm
-
-        del mount
+    def __init__(self, mount_main: MountMain) -> None:
+        # mount_main's module is imported already, before the fork: each worker starts warm
         ours, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:
             ours.close()
             code = 1
             try:
-                _serve_forks(theirs)
+                _serve_forks(theirs, mount_main)
                 code = 0
             finally:
                 os._exit(code)
@@ -73,7 +77,7 @@ class Forker:
             os.waitpid(self.pid, 0)
 
 
-def _serve_forks(sock: socket.socket) -> None:
+def _serve_forks(sock: socket.socket, mount_main: MountMain) -> None:
     """The forker's loop: one JSON argv per line in, one JSON ``{code, error}`` per line out."""
     import signal
 
@@ -90,9 +94,7 @@ def _serve_forks(sock: socket.socket) -> None:
                 sock.close()
                 os.dup2(err, 2)
                 os.close(err)
-                from .. import mount
-
-                code = mount.main(argv)
+                code = mount_main(argv)
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
@@ -104,8 +106,6 @@ def _serve_forks(sock: socket.socket) -> None:
 
 def mounted(path: str) -> bool:
     """Whether ``path`` is a FUSE mountpoint (from mountinfo, without touching it)."""
-    from ..mount import mounted_fuse
-
     return mounted_fuse(path)
 
 

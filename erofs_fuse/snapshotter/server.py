@@ -1,7 +1,8 @@
-"""``erofs-fuse snapshotter``: the lifecycle of the containerd proxy snapshotter.
+"""The lifecycle of the containerd proxy snapshotter (``erofs-fuse snapshotter``, whose
+arguments ``erofs_fuse.cli.snapshotter`` parses).
 
-Order: parse arguments, configure logging (stderr, for systemd's journal), import the mount
-code and fork the mount forker (before any thread exists), open the store and sweep what a
+Order: the command line configures logging (stderr, for systemd's journal) and imports the
+mount code; here we fork the mount forker (before any thread exists), open the store and sweep what a
 crash left, then serve gRPC on the unix socket until SIGTERM or SIGINT, which stop the server
 (in-flight calls get a grace period), the forker and the store. The FUSE mounts of running
 containers are left in place: they are independent daemons, and the next start adopts them.
@@ -9,7 +10,6 @@ containers are left in place: they are independent daemons, and the next start a
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -17,7 +17,8 @@ import signal
 import threading
 from concurrent import futures
 
-from ..console import PROG, CliError, print_error
+from ..console import CliError
+from .mounts import MountMain
 
 log = logging.getLogger("erofs_fuse.snapshotter")
 
@@ -27,35 +28,13 @@ MAX_MESSAGE = 16 << 20  # containerd's limit, each way
 GRACE = 10.0  # seconds in-flight calls get at SIGTERM
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=f"{PROG} snapshotter",
-        description="Serve containerd's snapshots API (a [proxy_plugins] snapshotter) on a "
-        "unix socket: each committed layer is one sealed EROFS file, root filesystems are "
-        "served by erofs-fuse mounts. Runs in the foreground and logs to stderr.")
-    p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
-    p.add_argument("--address", default=DEFAULT_ADDRESS,
-                   help=f"unix socket to listen on (default {DEFAULT_ADDRESS})")
-    p.add_argument("--debug", action="store_true", help="log every call")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if ns.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return serve(os.path.abspath(ns.root), os.path.abspath(ns.address))
-    except CliError as exc:
-        print_error(str(exc))
-        return exc.code
-
-
-def serve(root: str, address: str) -> int:
+def serve(root: str, address: str, mount_main: MountMain) -> int:
+    """Serve until SIGTERM or SIGINT; ``mount_main`` is ``erofs-fuse mount``'s entry point,
+    which the forker runs for each chain mount."""
     from .mounts import Forker
 
     os.makedirs(root, mode=0o700, exist_ok=True)
-    forker = Forker()  # first: no thread may exist when it forks
+    forker = Forker(mount_main)  # first: no thread may exist when it forks
     with contextlib.ExitStack() as stack:
         stack.callback(forker.close)
         import grpc

@@ -12,7 +12,7 @@ import os
 import time
 from typing import TextIO
 
-from .convert_workers import Job, JobResult
+from .workers import Job, JobResult
 
 
 def _size(n: int) -> str:

@@ -32,10 +32,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .blob import write_atomic
+from ..blob import write_atomic
 
 if TYPE_CHECKING:  # imported when a digest is met: a mount without one imports no verity code
-    from .verity.trust import FsVerityDigest, TrustSpec
+    from ..verity.trust import FsVerityDigest, TrustSpec
 
 FORMAT = "erofs-fuse.layers.v1"
 SUFFIX = ".layers"
@@ -130,8 +130,8 @@ def _mount_layer(entry: object, base: str, where: str) -> MountLayer:
         return MountLayer(os.path.join(base, rel), None)
     if not isinstance(verity, str):
         raise LayersFileError(f"{where}: 'verity' is not a string")
-    from .verity.formats import FormatError
-    from .verity.trust import FsVerityDigest
+    from ..verity.formats import FormatError
+    from ..verity.trust import FsVerityDigest
 
     try:
         return MountLayer(os.path.join(base, rel), FsVerityDigest.parse(verity))
@@ -162,7 +162,7 @@ def with_listed_digests(trust: list[TrustSpec],
     command line gave no root: an explicit ``--verity``/``--dm-verity`` wins."""
     if not digests:
         return trust
-    from .verity.trust import TrustSpec
+    from ..verity.trust import TrustSpec
 
     out = []
     for index, spec in enumerate(trust):

@@ -12,9 +12,9 @@ import os
 import time
 from typing import Sequence
 
-from .blob import FileBlob
-from .erofs import ondisk as d
-from .erofs.superblock import Device, SuperBlock, parse_superblock
+from ..blob import FileBlob
+from ..erofs import ondisk as d
+from ..erofs.superblock import Device, SuperBlock, parse_superblock
 
 Rows = list[tuple[str, str]]
 

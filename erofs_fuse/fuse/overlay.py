@@ -69,13 +69,13 @@ from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, NewType, Seque
 
 from cachetools import LRUCache
 
-from .erofs import ondisk as d
-from .erofs.dirent import DirEntry
-from .erofs.errors import CorruptImageError
-from .erofs.image import Image, Inode
+from ..erofs import ondisk as d
+from ..erofs.dirent import DirEntry
+from ..erofs.errors import CorruptImageError
+from ..erofs.image import Image, Inode
 
 if TYPE_CHECKING:
-    from .objects import ObjectStore
+    from ..objects import ObjectStore
 
 log = logging.getLogger(__name__)
 

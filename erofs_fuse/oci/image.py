@@ -8,7 +8,7 @@ them.
 
 ``resolve_image(path, platform)`` follows ``index.json`` through nested indexes to the manifest
 of one platform, reads its config and returns the layers bottom to top, each with its blob's
-``BlobLocation`` (a file, a byte offset and a size; ``oci_layout.py`` finds blobs in a layout
+``BlobLocation`` (a file, a byte offset and a size; ``layout.py`` finds blobs in a layout
 directory or in an archive, read in place), which ``open_blob`` streams.
 
 Everything read is untrusted. Manifests, indexes and configs are read only up to
@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .oci_layout import BlobLocation, BlobStream, Layout, OciError, open_layout, parse_json
+from .layout import BlobLocation, BlobStream, Layout, OciError, open_layout, parse_json
 
 __all__ = [
     "BlobLocation", "BlobStream", "Descriptor", "Layer", "OciError", "Platform",

@@ -1,11 +1,11 @@
 """``erofs-fuse convert-image IMAGE OUTDIR``: every layer of an OCI image as an EROFS file.
 
-IMAGE is an OCI image layout directory or an OCI archive (``oci.py`` resolves it to one
+IMAGE is an OCI image layout directory or an OCI archive (``oci/image.py`` resolves it to one
 platform's manifest). Each layer becomes ``OUTDIR/sha256-<diff_id hex>.erofs`` in a worker
-process of its own (``convert_workers.py``, ``-j N`` at a time), checked against its diff_id
+process of its own (``oci/workers.py``, ``-j N`` at a time), checked against its diff_id
 while it is converted; a layer whose file exists is not converted again, so images sharing
 layers share their files (the name says the content, not the options it was made with). Then
-``OUTDIR/NAME.layers`` lists the stack (``layers_file.py``), for ``mount --layers @FILE``.
+``OUTDIR/NAME.layers`` lists the stack (``oci/layers_file.py``), for ``mount --layers @FILE``.
 
 A failure in one layer, Ctrl-C or SIGTERM cancels the other workers and leaves no partial file;
 the command then prints one line and exits 2 (bad input: the image, a layer), 1 (anything else)
@@ -17,17 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
-from dataclasses import dataclass
 from types import FrameType
-from typing import NoReturn, TextIO
+from typing import NoReturn
 
-from .console import PROG, CliError, print_error
-from .convert_progress import ProgressView
-from .convert_workers import EXIT_BAD_INPUT, EXIT_FAILURE, JobFailed, output_name, plan, run_jobs
-from .layers_file import SUFFIX, LayersFile, ListedLayer, write_layers_file
-from .mkfs import ConvertOptions, MkfsError
-from .oci import OciError, Platform, resolve_image, sanitize_name
+from ..console import PROG, CliError, print_error
+from ..mkfs import ConvertOptions, MkfsError
+from ..oci.convert import Request, convert_image
+from ..oci.image import OciError, Platform, sanitize_name
+from ..oci.workers import EXIT_BAD_INPUT, EXIT_FAILURE, JobFailed
 
 
 class Interrupted(Exception):
@@ -81,18 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass(frozen=True)
-class Request:
-    image: str
-    outdir: str
-    jobs: int
-    platform: Platform | None
-    ref: str | None
-    name: str | None
-    options: ConvertOptions
-    quiet: bool
-
-
 def parse_args(argv: list[str]) -> Request:
     ns = build_parser().parse_args(argv)
     if ns.jobs < 1:
@@ -110,35 +95,6 @@ def parse_args(argv: list[str]) -> Request:
         raise CliError(f"convert-image: {exc}") from exc
     return Request(ns.image, ns.outdir, ns.jobs, platform, ns.ref,
                    sanitize_name(ns.name) if ns.name is not None else None, options, ns.quiet)
-
-
-def convert_image(req: Request, stderr: TextIO | None = None) -> str:
-    """Convert and write the ``.layers`` file; its path. Progress goes to ``stderr``
-    (default: sys.stderr)."""
-    image = resolve_image(req.image, req.platform, req.ref)
-    os.makedirs(req.outdir, exist_ok=True)
-    jobs = plan(image, req.outdir, req.options)
-    view = ProgressView(stderr or sys.stderr, len(image.layers), jobs, quiet=req.quiet)
-    present = len({layer.diff_id for layer in image.layers}) - sum(j.convert for j in jobs)
-    view.note(f"{image.source}: {image.platform or 'no platform'}, {len(image.layers)} "
-              f"layers: {sum(j.convert for j in jobs)} to convert, {present} present")
-    try:
-        results = run_jobs(jobs, min(req.jobs, max(len(jobs), 1)), view)
-    finally:
-        view.close()
-    verity = {job.layer.diff_id: results[job.key].verity for job in jobs}
-    listed = tuple(
-        ListedLayer(output_name(layer.diff_id), layer.diff_id, layer.chain_id, layer.digest,
-                    os.path.getsize(os.path.join(req.outdir, output_name(layer.diff_id))),
-                    verity.get(layer.diff_id))
-        for layer in image.layers)
-    name = req.name or image.name
-    path = os.path.join(req.outdir, name + SUFFIX)
-    write_layers_file(path, LayersFile(
-        os.path.abspath(image.source), name, image.ref_name, image.manifest_digest,
-        image.config_digest, str(image.platform) if image.platform else None, listed))
-    view.note(f"wrote {path}")
-    return path
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:

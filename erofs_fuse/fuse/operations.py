@@ -31,7 +31,7 @@ from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, Sequence, T
 import pyfuse3
 import trio
 
-from .erofs.errors import ErofsError
+from ..erofs.errors import ErofsError
 from .idmap import ACL_XATTRS, IDENTITY, IdMap
 from .overlay import Ino, MergedTree, Node
 
@@ -123,7 +123,7 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self.tree = tree
-        self.idmap = idmap  # the owners and groups reported (idmap.py)
+        self.idmap = idmap  # the owners and groups reported (fuse/idmap.py)
         self.timeout = timeout
         self._on_ready = on_ready
         # handles are inode numbers and open/opendir answer ENOSYS (see STATELESS_OPEN)

@@ -13,7 +13,7 @@ import sys
 import time
 import uuid as uuidlib
 
-from .console import PROG, CliError, print_error
+from ..console import PROG, CliError, print_error
 
 COMPRESSORS = ("lz4", "lz4hc")
 
@@ -91,7 +91,7 @@ def build_time(value: int | None) -> int:
 
 
 def convert_main(argv: list[str]) -> int:
-    from .mkfs import ConvertOptions, MkfsError, convert_dir, convert_tar
+    from ..mkfs import ConvertOptions, MkfsError, convert_dir, convert_tar
 
     args = build_parser().parse_args(argv)
     alg, level = parse_compress(args.compress)

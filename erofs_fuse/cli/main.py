@@ -1,9 +1,9 @@
 """The ``erofs-fuse`` command: inspect, read and extract images, mount layer stacks.
 
 Subcommands that need no mount (info, ls, cat, extract, seal) live here; ``mount``/``umount``
-belong to ``mount.py``, which parses its own arguments. Each module is imported only by the
-subcommand that uses it (a mount imports neither ``extract`` nor the integrity code it is not
-asked for). Every failure is one line on stderr and a non-zero exit: 2 for bad input (usage,
+belong to ``mount.py`` beside this module, which parses its own arguments. Each module is
+imported only by the subcommand that uses it (a mount imports neither ``extract`` nor the
+integrity code it is not asked for). Every failure is one line on stderr and a non-zero exit: 2 for bad input (usage,
 unreadable or corrupt images).
 
 ``erofs-fuse SOURCE MOUNTPOINT [-o OPTS]`` (no subcommand) is the call of a mount helper:
@@ -24,24 +24,24 @@ import sys
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .console import PROG, CliError, OneLineParser, print_error
-from .erofs import ondisk as d
-from .erofs.errors import ErofsError
-from .erofs.image import Image, Inode
+from ..console import PROG, CliError, OneLineParser, print_error
+from ..erofs import ondisk as d
+from ..erofs.errors import ErofsError
+from ..erofs.image import Image, Inode
 from .info import utc
 
 if TYPE_CHECKING:
-    from .objects import ObjectStore
-    from .verity.formats import HashParams
+    from ..objects import ObjectStore
+    from ..verity.formats import HashParams
 
 DISPATCHED = {
-    "mount": ("erofs_fuse.mount", "main", "mount a stack of layers (bottom to top) as one tree"),
-    "umount": ("erofs_fuse.mount", "umount_main", "unmount an erofs-fuse mount"),
-    "convert-image": ("erofs_fuse.convert_image", "main",
+    "mount": ("erofs_fuse.cli.mount", "main", "mount a stack of layers (bottom to top) as one tree"),
+    "umount": ("erofs_fuse.cli.mount", "umount_main", "unmount an erofs-fuse mount"),
+    "convert-image": ("erofs_fuse.cli.convert_image", "main",
                       "convert an OCI image's layers to EROFS files and a .layers list"),
-    "convert": ("erofs_fuse.convert", "convert_main",
+    "convert": ("erofs_fuse.cli.convert", "convert_main",
                 "convert a layer tar or a directory into an EROFS image"),
-    "snapshotter": ("erofs_fuse.snapshotter.server", "main",
+    "snapshotter": ("erofs_fuse.cli.snapshotter", "main",
                     "serve containerd's snapshots API (a proxy snapshotter) on a unix socket"),
 }
 _COMMANDS = ("info", "ls", "cat", "extract", "seal")  # parsed here (build_parser)
@@ -111,7 +111,7 @@ def _objects(args: argparse.Namespace) -> ObjectStore | None:
     """The object stores of --data-dir (objects.py), or None without one."""
     if not args.data_dir and not args.require_object_verity:
         return None
-    from .objects import ObjectStore
+    from ..objects import ObjectStore
 
     try:
         return ObjectStore(args.data_dir or [], require_verity=args.require_object_verity)
@@ -175,7 +175,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_seal(args: argparse.Namespace) -> int:
     """Seal each layer and print its digest lines; the first layer that fails ends the run."""
-    from .verity.formats import FormatError, HashParams
+    from ..verity.formats import FormatError, HashParams
 
     if args.output is not None and len(args.layers) > 1:
         raise CliError("seal: --output takes exactly one LAYER")
@@ -197,7 +197,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
 def _seal_one(layer: str, output: str | None, params: HashParams) -> list[str]:
     """The digest lines of one sealed layer. A layer that cannot be read is bad input (exit 2);
     a sidecar that cannot be written is an OSError (exit 1, from ``main``)."""
-    from .verity.sealing import PROGRESS_MIN_BYTES, ProgressBar, SealError, seal
+    from ..verity.sealing import PROGRESS_MIN_BYTES, ProgressBar, SealError, seal
 
     bar = ProgressBar(layer, sys.stderr)
     try:

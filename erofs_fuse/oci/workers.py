@@ -32,9 +32,9 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any, NoReturn, Protocol
 
-from .mkfs import ConvertOptions, MkfsError, convert_tar
-from .oci import Layer, OciError, ResolvedImage, open_blob
-from .verity.sealing import SealError, seal
+from ..mkfs import ConvertOptions, MkfsError, convert_tar
+from .image import Layer, OciError, ResolvedImage, open_blob
+from ..verity.sealing import SealError, seal
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1

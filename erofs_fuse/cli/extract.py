@@ -24,12 +24,12 @@ import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from .erofs.errors import CorruptImageError, ErofsError
-from .erofs.image import Image, Inode
-from .erofs.metacopy import METACOPY_XATTR, REDIRECT_XATTR
+from ..erofs.errors import CorruptImageError, ErofsError
+from ..erofs.image import Image, Inode
+from ..erofs.metacopy import METACOPY_XATTR, REDIRECT_XATTR
 
 if TYPE_CHECKING:
-    from .objects import ObjectStore
+    from ..objects import ObjectStore
 
 CHUNK = 1 << 20
 MAX_DEPTH = 800  # below Python's recursion limit; deeper trees are refused as corrupt

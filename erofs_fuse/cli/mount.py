@@ -1,0 +1,337 @@
+"""``erofs-fuse mount`` and ``erofs-fuse umount``: their arguments and options.
+
+Order of events: parse the arguments into a ``MountConfig`` (``erofs_fuse.fuse.daemon``), which
+then opens and validates every layer and checks the mountpoint (any failure so far is one line
+``erofs-fuse: ...`` and exit 2) and serves the mount, from a forked daemon unless
+``--foreground``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+from typing import TYPE_CHECKING
+
+from ..console import PROG, CliError, print_error
+from ..fuse.daemon import SUBTYPE, MountConfig, default_log_file, mount
+from ..fuse.idmap import IdMap, IdMapError, kernel_overflow_ids, parse_id
+from ..fuse.mountinfo import is_stale, mounted_fuse, mountpoint_path
+from ..fuse.operations import DEFAULT_READ_THREADS, DEFAULT_TIMEOUT
+from ..fuse.overlay import MAX_LAYERS
+from ..oci.layers_file import LayersFileError, expand_layers, with_listed_digests
+
+if TYPE_CHECKING:
+    from ..verity import TrustSpec
+
+DEFAULT_OPTIONS = ("ro", "default_permissions", "nosuid", "nodev")
+# -o options that undo a default, and the default each one removes
+_NEGATIONS = {"suid": "nosuid", "dev": "nodev"}
+# other names of them, which mount(8) passes on (it drops a written suid or dev: the defaults)
+_ALIASES = {"allow_suid": "suid", "allow_dev": "dev"}
+# -o options of erofs-fuse itself (fuse-overlayfs's names, see fuse/idmap.py), never given to FUSE;
+# all but the last take a value
+OWN_OPTIONS = ("uidmapping", "gidmapping", "squash_to_uid", "squash_to_gid", "squash_to_root")
+LOG_OPTION = "log"  # -o log=FILE: --log for mount(8) and fstab lines
+DATADIR_OPTION = "datadir"  # -o datadir=DIR: --data-dir for mount(8) and fstab lines
+FUSE_CONF = "/etc/fuse.conf"  # fusermount3's: user_allow_other, mount_max
+_REFUSED_OPTIONS = {
+    "rw": "the tree is read-only",
+    # libfuse takes it, then ends the session at INIT (pyfuse3 asks for another read size):
+    # the mount command would succeed and leave nothing mounted
+    "max_read": "the read size is pyfuse3's",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises CliError (one line, exit 2) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(f"{self.prog.removeprefix(PROG + ' ')}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=f"{PROG} mount",
+        description="Mount a stack of EROFS layer images as one read-only tree, merged as "
+        "overlayfs merges layers (whiteouts and opaque directories in overlayfs or OCI form).",
+    )
+    p.add_argument("--layers", required=True, metavar="L1,L2,...,LN",
+                   help="layer images, comma-separated, BOTTOM TO TOP (the order of an OCI "
+                   "manifest's layers: the last one wins); @FILE stands for the layers of a "
+                   ".layers file written by convert-image, trusting its fs-verity digests")
+    p.add_argument("--device", action="append", default=[], metavar="INDEX:PATH",
+                   help="an extra device (blob) file of layer INDEX (0 = the first, bottom "
+                   "layer); repeat in device-table order for several devices")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr (default: return once the "
+                   "mount is ready and serve it from a background daemon)")
+    p.add_argument("--debug", action="store_true", help="log every request")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                   help="FUSE mount options, e.g. allow_other; 'ro,default_permissions,nosuid,"
+                   "nodev' are always on unless undone ('suid', 'dev')")
+    p.add_argument("--fsname", default=SUBTYPE,
+                   help="the source shown in /proc/mounts (default %(default)s)")
+    p.add_argument("--log", dest="log_file", metavar="FILE",
+                   help="log file of the background daemon, = -o log=FILE (default: syslog, "
+                   "or without /dev/log " + default_log_file() + ")")
+    p.add_argument("--threads", dest="read_threads", type=int, default=DEFAULT_READ_THREADS,
+                   metavar="N", help="worker threads for large reads of compressed files "
+                   "(0: none; default %(default)s)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="how long the kernel may cache entries and attributes "
+                   "(default %(default)s)")
+    a = p.add_argument_group(
+        "access and ownership", "Ids are mapped as by fuse-overlayfs's options of the same names "
+        "(each also accepted as -o uidmapping=LIST, gidmapping=LIST, squash_to_root, "
+        "squash_to_uid=UID, squash_to_gid=GID): a LIST is CONTAINER:HOST:COUNT triples joined by "
+        "':', as the container's uid_map on one line; a file stored with a CONTAINER id is "
+        "reported with the HOST id, one in no triple with the overflow id (65534).")
+    a.add_argument("--uidmap", action="append", default=[], metavar="LIST",
+                   help="report owner HOST+(ID-CONTAINER) for owner ID stored in a layer")
+    a.add_argument("--gidmap", action="append", default=[], metavar="LIST",
+                   help="the same for groups")
+    a.add_argument("--squash-to-root", action="store_true",
+                   help="report every file as owned by 0:0")
+    a.add_argument("--squash-to-uid", metavar="UID",
+                   help="report every file as owned by UID (over --squash-to-root)")
+    a.add_argument("--squash-to-gid", metavar="GID",
+                   help="report every file's group as GID (over --squash-to-root)")
+    a.add_argument("--allow-other", dest="options", action="append_const", const="allow_other",
+                   help="let other users (root too) use the mount, = -o allow_other; for a "
+                   "non-root user, /etc/fuse.conf must have the line user_allow_other")
+    a.add_argument("--suid", dest="options", action="append_const", const="suid",
+                   help="honour setuid/setgid bits (= -o suid; root only)")
+    a.add_argument("--dev", dest="options", action="append_const", const="dev",
+                   help="allow device files to be opened (= -o dev; root only)")
+    v = p.add_argument_group(
+        "integrity", "Every block read from a layer with a trusted root is hashed and checked "
+        "against its Merkle tree (LAYER.verity by default, as written by 'erofs-fuse seal'); a "
+        "mismatch fails that read with EIO. LAYER is a 0-based index (bottom first) or the "
+        "layer's path as given in --layers.")
+    v.add_argument("--verity", action="append", default=[], metavar="LAYER=sha256:HEX",
+                   help="trusted fs-verity digest of a layer (as 'fsverity digest' prints it)")
+    v.add_argument("--verity-roots", action="append", default=[], metavar="FILE",
+                   help="file of 'sha256:HEX PATH' lines (the output of 'fsverity digest' or "
+                   "'erofs-fuse seal'), matched to layers by path")
+    v.add_argument("--dm-verity", action="append", default=[], metavar="LAYER=ROOT:BLOCKS",
+                   help="trusted dm-verity root hash with the layer's data block count")
+    v.add_argument("--verity-sidecar", action="append", default=[], metavar="LAYER=PATH",
+                   help="where the layer's hash tree is (default: LAYER.verity, LAYER.dmverity)")
+    v.add_argument("--trust-dmverity-sidecar", action="store_true",
+                   help="trust the root hash in containerd's LAYER.dmverity files")
+    v.add_argument("--require-verity", action="store_true",
+                   help="refuse to mount any layer without a trusted root")
+    o = p.add_argument_group(
+        "object stores", "Metadata-only files (trusted.overlay.metacopy, as mkcomposefs writes "
+        "them) take their bytes from the object their trusted.overlay.redirect names in a data "
+        "dir, as overlayfs data-only layers (lowerdir=...::DIR); without one their reads fail "
+        "with EIO. An object whose metacopy carries an fs-verity digest is verified per block.")
+    o.add_argument("--data-dir", dest="data_dirs", action="append", default=[], metavar="DIR",
+                   help="an object store (= -o datadir=DIR); repeatable, searched in order")
+    o.add_argument("--require-object-verity", action="store_true",
+                   help="refuse objects whose metacopy xattr carries no fs-verity digest")
+    p.add_argument("mountpoint", help="an empty directory")
+    return p
+
+
+def parse_args(argv: list[str]) -> MountConfig:
+    ns = build_parser().parse_args(argv)
+    try:
+        layers, listed_digests = expand_layers(ns.layers)  # @FILE items: .layers files
+    except LayersFileError as exc:
+        raise CliError(f"mount: --layers {exc}") from exc
+    if not layers:
+        raise CliError("mount: --layers names no layer")
+    if len(layers) > MAX_LAYERS:
+        raise CliError(f"mount: {len(layers)} layers; at most {MAX_LAYERS} are supported")
+    if ns.read_threads < 0:
+        raise CliError("mount: --threads must be 0 or more")
+    trust = parse_trust(layers, ns, listed=bool(listed_digests))
+    trust = with_listed_digests(trust, listed_digests)
+    return MountConfig(
+        trust=trust,
+        require_verity=ns.require_verity,
+        data_dirs=parse_data_dirs(ns),
+        require_object_verity=ns.require_object_verity,
+        layers=layers,
+        mountpoint=os.path.abspath(ns.mountpoint),
+        devices=parse_devices(ns.device, len(layers)),
+        foreground=ns.foreground,
+        debug=ns.debug,
+        options=check_privileged_options(parse_options(ns.options)),
+        fsname=ns.fsname,
+        log_file=parse_log_file(ns),
+        read_threads=ns.read_threads,
+        timeout=ns.timeout,
+        idmap=parse_idmap(ns),
+    )
+
+
+def parse_trust(layers: list[str], ns: argparse.Namespace, listed: bool) -> list[TrustSpec]:
+    """The trusted roots of the integrity options, one spec per layer; none (and no import of
+    the integrity code) without such options or digests ``listed`` in a .layers file."""
+    if not (listed or ns.verity or ns.verity_roots or ns.dm_verity or ns.verity_sidecar
+            or ns.trust_dmverity_sidecar):
+        return []
+    from ..verity.trust import TrustError, parse_trust_args
+
+    try:
+        return parse_trust_args(
+            layers, verity=ns.verity, verity_roots=ns.verity_roots, dm_verity=ns.dm_verity,
+            verity_sidecar=ns.verity_sidecar, trust_dmverity_sidecar=ns.trust_dmverity_sidecar)
+    except TrustError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def parse_devices(specs: list[str], nlayers: int) -> dict[int, list[str]]:
+    devices: dict[int, list[str]] = {}
+    for spec in specs:
+        index, sep, path = spec.partition(":")
+        if not sep or not index.isdigit() or not path:
+            raise CliError(f"mount: --device {spec}: expected LAYER_INDEX:PATH")
+        if int(index) >= nlayers:
+            raise CliError(f"mount: --device {spec}: there are only {nlayers} layers "
+                           f"(indexes 0..{nlayers - 1}, bottom first)")
+        devices.setdefault(int(index), []).append(path)
+    return devices
+
+
+def parse_log_file(ns: argparse.Namespace) -> str | None:
+    """--log FILE, else the last -o log=FILE; absolute, as the daemon runs in /."""
+    path: str | None = ns.log_file
+    for value in ns.options:
+        for opt in value.split(","):
+            name, eq, arg = opt.partition("=")
+            if name == LOG_OPTION:
+                if not eq or not arg:
+                    raise CliError(f"mount: -o {opt}: expected -o log=FILE")
+                path = path if ns.log_file else arg
+    return os.path.abspath(path) if path else None
+
+
+def parse_data_dirs(ns: argparse.Namespace) -> list[str]:
+    """--data-dir DIRs then -o datadir=DIR ones, absolute (the daemon runs in /); each must be
+    a directory."""
+    dirs: list[str] = list(ns.data_dirs)
+    for value in ns.options:
+        for opt in value.split(","):
+            name, eq, arg = opt.partition("=")
+            if name == DATADIR_OPTION:
+                if not eq or not arg:
+                    raise CliError(f"mount: -o {opt}: expected -o datadir=DIR")
+                dirs.append(arg)
+    for path in dirs:
+        if not os.path.isdir(path):
+            raise CliError(f"mount: data dir {path}: not a directory")
+    return [os.path.abspath(path) for path in dirs]
+
+
+def parse_options(values: list[str]) -> set[str]:
+    """The FUSE mount options: the defaults, changed by the -o lists (our own ones left out)."""
+    options = set(DEFAULT_OPTIONS)
+    for value in values:
+        for opt in filter(None, value.split(",")):
+            if opt.partition("=")[0] in (*OWN_OPTIONS, LOG_OPTION, DATADIR_OPTION):
+                continue
+            opt = _ALIASES.get(opt, opt)
+            refused = _REFUSED_OPTIONS.get(opt.partition("=")[0])
+            if refused:
+                raise CliError(f"mount: -o {opt}: {refused}")
+            if opt in _NEGATIONS:
+                options.discard(_NEGATIONS[opt])
+            options.add(opt)
+    return options
+
+
+def check_privileged_options(options: set[str]) -> set[str]:
+    """Refuse what fusermount3 would silently drop, or refuse only once forked, for a caller
+    that is not root."""
+    if os.geteuid() != 0:
+        for opt in ("suid", "dev"):
+            if opt in options:
+                raise CliError(f"mount: {opt}: only root can mount with {opt} (fusermount3 "
+                               "mounts nosuid,nodev for every other user)")
+        if "allow_other" in options and not user_allow_other():
+            raise CliError(f"mount: allow_other: only root may use it unless {FUSE_CONF} has "
+                           "the line user_allow_other")
+    return options
+
+
+def user_allow_other(path: str = FUSE_CONF) -> bool:
+    """Whether fusermount3 lets users mount with allow_other: a line ``user_allow_other`` in
+    /etc/fuse.conf (comments after ``#``, surrounding blanks ignored, as fusermount3 reads it)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return any(line.partition("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+def parse_idmap(ns: argparse.Namespace) -> IdMap:
+    """The id mapping asked for by --uidmap, --gidmap, --squash-* and their -o forms."""
+    uidmap: list[str] = list(ns.uidmap)
+    gidmap: list[str] = list(ns.gidmap)
+    squash_root: bool = ns.squash_to_root
+    squash: dict[str, str | None] = {"uid": ns.squash_to_uid, "gid": ns.squash_to_gid}
+    for value in ns.options:
+        for opt in filter(None, value.split(",")):
+            name, eq, arg = opt.partition("=")
+            if name not in OWN_OPTIONS:
+                continue
+            if (name == "squash_to_root") == bool(eq) or (eq and not arg):
+                form = name if name == "squash_to_root" else f"{name}=VALUE"
+                raise CliError(f"mount: -o {opt}: expected -o {form}")
+            if name == "uidmapping":
+                uidmap.append(arg)
+            elif name == "gidmapping":
+                gidmap.append(arg)
+            elif name == "squash_to_root":
+                squash_root = True
+            else:
+                squash[name.removeprefix("squash_to_")] = arg
+    try:
+        return IdMap.from_options(
+            uidmap, gidmap, squash_to_root=squash_root,
+            squash_to_uid=None if squash["uid"] is None else parse_id(squash["uid"], "uid"),
+            squash_to_gid=None if squash["gid"] is None else parse_id(squash["gid"], "gid"),
+            overflow=kernel_overflow_ids())
+    except IdMapError as exc:
+        raise CliError(f"mount: {exc}") from exc
+
+
+
+def main(argv: list[str]) -> int:
+    """``erofs-fuse mount ...``: 0 once mounted (or, in the foreground, once unmounted)."""
+    try:
+        return mount(parse_args(argv))
+    except CliError as exc:
+        print_error(str(exc))
+        return exc.code
+
+
+def umount_main(argv: list[str]) -> int:
+    """``erofs-fuse umount MOUNTPOINT``: fusermount3 -u; a lazy unmount if the daemon is dead."""
+    parser = _Parser(prog=f"{PROG} umount", description="Unmount an erofs-fuse mount.")
+    parser.add_argument("mountpoint")
+    try:
+        ns = parser.parse_args(argv)
+        path = mountpoint_path(ns.mountpoint)
+        if not mounted_fuse(path):
+            raise CliError(f"{ns.mountpoint}: not a FUSE mount", 1)
+        first = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True)
+        if first.returncode == 0:
+            return 0
+        if is_stale(path):
+            # the daemon died ("Transport endpoint is not connected"): detach the dead mount
+            lazy = ["umount", "-l", path] if os.geteuid() == 0 else ["fusermount3", "-u", "-z", path]
+            if subprocess.run(lazy, capture_output=True, text=True).returncode == 0:
+                return 0
+        why = first.stderr.strip().splitlines()
+        raise CliError(f"{ns.mountpoint}: {why[-1] if why else 'cannot unmount'}", 1)
+    except CliError as exc:
+        print_error(str(exc))
+        return exc.code
+    except OSError as exc:
+        print_error(f"umount: {exc.strerror or exc}")
+        return 1

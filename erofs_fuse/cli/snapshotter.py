@@ -1,0 +1,36 @@
+"""``erofs-fuse snapshotter``: its arguments; the service is ``erofs_fuse.snapshotter``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from ..console import PROG, CliError, print_error
+from ..snapshotter.server import DEFAULT_ADDRESS, DEFAULT_ROOT, serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} snapshotter",
+        description="Serve containerd's snapshots API (a [proxy_plugins] snapshotter) on a "
+        "unix socket: each committed layer is one sealed EROFS file, root filesystems are "
+        "served by erofs-fuse mounts. Runs in the foreground and logs to stderr.")
+    p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
+    p.add_argument("--address", default=DEFAULT_ADDRESS,
+                   help=f"unix socket to listen on (default {DEFAULT_ADDRESS})")
+    p.add_argument("--debug", action="store_true", help="log every call")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from . import mount  # before the fork server starts: each mount's worker starts warm
+
+        return serve(os.path.abspath(ns.root), os.path.abspath(ns.address), mount.main)
+    except CliError as exc:
+        print_error(str(exc))
+        return exc.code
