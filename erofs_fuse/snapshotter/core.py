@@ -7,14 +7,27 @@ Layout under the root::
                             source when it has no parent); a view's empty fs for no parent
     snapshots/<id>/work     the overlay workdir of an active snapshot with a parent
     snapshots/<id>/layer.erofs (+ .verity)   a committed snapshot: its one sealed layer
+    layers/sha256-<diff_id hex>.erofs (+ .verity)   a layer a client converted (erofs-fuse
+                            image pull/import), shared by every snapshot of that diff_id
     mounts/<id>             the erofs-fuse mount of the chain whose top is committed <id>
+    empty/                  the lowerdir of an unpack into a snapshot with no parent
 
 Mounts handed out (the nydus pattern of containerd.md §3): no parent: a bind of ``fs``; with a
 parent, active: an overlay with ``upperdir``/``workdir`` here and one ``lowerdir``, the chain's
 FUSE mount; a view with a parent: a read-only bind of the chain's mount.
 
-Layer files are per snapshot, not shared by chain id across namespaces: a second namespace's
-unpack makes its own files (simple, and removal needs no reference counts on files).
+Layers that containerd unpacks (walking differ, then Commit) are files per snapshot. Layers
+that a client converted itself come in through the remote-snapshot protocol (containerd-client.md
+§3.1): a Prepare carrying ``containerd.io/snapshot.ref`` (the chain id) and our labels naming
+the converted file, its diff_id and its fs-verity digest. We take the file into ``layers/``
+once per diff_id, record a committed snapshot and answer ALREADY_EXISTS; containerd then finds
+that snapshot with List. Every row that names a shared file counts as a user of it (the
+database is the reference count): removing the last one removes the file. A Prepare for a chain
+we already hold committed (another namespace, another image) is answered the same way, with no
+new file.
+
+Commit converts outside the lock, so a long conversion does not hold up other calls; the
+snapshot being committed is marked busy meanwhile (Remove refuses it, the sweep spares it).
 """
 
 from __future__ import annotations
@@ -27,12 +40,21 @@ import threading
 from dataclasses import dataclass
 
 from .mounts import ChainMounts, Forker
-from .store import (AlreadyExists, FailedPrecondition, InvalidArgument, Kind, NotFound,
-                    Snapshot, Store)
+from .store import (REF_LABEL, AlreadyExists, FailedPrecondition, InvalidArgument, Kind,
+                    NotFound, Snapshot, Store)
 
 log = logging.getLogger("erofs_fuse.snapshotter")
 
 LAYER = "layer.erofs"
+LAYERS = "layers"
+# Labels of a client's Prepare through containerd (only containerd.io/snapshot/* labels reach a
+# snapshotter): the converted and sealed layer file (its tree beside it, FILE.verity), the
+# diff_id it was checked against, and its fs-verity digest, the mount's trusted root.
+LAYER_LABEL = "containerd.io/snapshot/erofs-fuse.layer"
+DIFF_ID_LABEL = "containerd.io/snapshot/erofs-fuse.diff-id"
+VERITY_LABEL = "containerd.io/snapshot/erofs-fuse.verity"
+_PRIVATE_LABELS = (LAYER_LABEL,)  # a staging path: not kept on the snapshot
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -48,7 +70,12 @@ class Snapshotter:
     def __init__(self, root: str, forker: Forker) -> None:
         self.root = os.path.abspath(root)
         self.snapshots_dir = os.path.join(self.root, "snapshots")
-        os.makedirs(self.snapshots_dir, exist_ok=True)
+        self.layers_dir = os.path.join(self.root, LAYERS)
+        self.empty_dir = os.path.join(self.root, "empty")
+        for d in (self.snapshots_dir, self.layers_dir, self.empty_dir):
+            os.makedirs(d, exist_ok=True)
+        self.busy: set[int] = set()  # ids of snapshots being committed (outside the lock)
+        self.installing: set[str] = set()  # temporary files of layers being taken in
         self.store = Store(os.path.join(self.root, "metadata.db"))
         self.chains = ChainMounts(self.root, forker)
         self.lock = threading.RLock()
@@ -64,12 +91,15 @@ class Snapshotter:
     # operations ------------------------------------------------------------------------------
     def prepare(self, key: str, parent: str, labels: dict[str, str],
                 kind: Kind = Kind.ACTIVE) -> list[MountSpec]:
+        target = labels.get(REF_LABEL)
+        if target and kind == Kind.ACTIVE:
+            self._answer_remote(target, parent, labels)  # AlreadyExists when we have it
         with self.lock:
             snap = self.store.create(key, parent, kind, labels)
             try:
                 d = self.snapshot_dir(snap)
                 os.makedirs(os.path.join(d, "fs"), exist_ok=True)
-                if kind == Kind.ACTIVE and snap.parent_id is not None:
+                if _has_workdir(snap):
                     os.makedirs(os.path.join(d, "work"), exist_ok=True)
                 return self._mounts(snap)
             except BaseException:
@@ -84,39 +114,53 @@ class Snapshotter:
                 raise FailedPrecondition(f"snapshot {key} is committed: it has no mounts")
             return self._mounts(snap)
 
-    def commit(self, name: str, key: str, labels: dict[str, str]) -> Snapshot:
+    def commit(self, name: str, key: str, labels: dict[str, str], parent: str = "") -> Snapshot:
+        """Convert the active snapshot's directory to its sealed layer and record it committed
+        as ``name``; ``parent``: containerd 2.2's rebase (store.commit)."""
         from ..mkfs import ConvertOptions, convert_dir
 
         with self.lock:
             snap = self.store.get(key)
-            if snap.kind != Kind.ACTIVE:
+            if snap.kind != Kind.ACTIVE or snap.id in self.busy:
                 raise FailedPrecondition(f"snapshot {key} is not active")
             with contextlib.suppress(NotFound):
                 self.store.get(name)
                 raise AlreadyExists(f"snapshot {name} already exists")
+            self.busy.add(snap.id)
+        try:
             d = self.snapshot_dir(snap)
             layer = os.path.join(d, LAYER)
             result = convert_dir(os.path.join(d, "fs"), layer,
                                  ConvertOptions(seal=True, sync=True))
             assert result.verity_digest is not None
-            committed = self.store.commit(key, name, labels, os.path.relpath(layer, self.root),
-                                          result.verity_digest)
-            log.info("committed %s as %s: %s (%d bytes, %s)", key, name, layer,
-                     result.image_size, result.verity_digest)
-            for sub in ("fs", "work"):
-                shutil.rmtree(os.path.join(d, sub), ignore_errors=True)
-            if snap.parent_id is not None:
-                self._release_if_unused(snap.parent_id)
-            return committed
+            with self.lock:
+                committed = self.store.commit(key, name, labels, os.path.relpath(layer, self.root),
+                                              result.verity_digest, parent)
+                log.info("committed %s as %s: %s (%d bytes, %s)", key, name, layer,
+                         result.image_size, result.verity_digest)
+                for sub in ("fs", "work"):
+                    shutil.rmtree(os.path.join(d, sub), ignore_errors=True)
+                if snap.parent_id is not None:
+                    self._release_if_unused(snap.parent_id)
+                return committed
+        finally:
+            with self.lock:
+                self.busy.discard(snap.id)
 
     def remove(self, key: str) -> None:
         with self.lock:
+            with contextlib.suppress(NotFound):
+                if self.store.get(key).id in self.busy:
+                    raise FailedPrecondition(f"snapshot {key} is being committed")
             snap = self.store.remove(key)
             if snap.kind != Kind.COMMITTED and snap.parent_id is not None:
                 self._release_if_unused(snap.parent_id)
             if snap.kind == Kind.COMMITTED:
                 self.chains.release(snap.id)  # its own chain mount, if any user left one
             self._remove_files(snap)
+            if snap.layer is not None and self._shared(snap.layer) \
+                    and self.store.layer_users(snap.layer) == 0:
+                self._remove_layer(snap.layer)
             log.info("removed %s", key)
 
     def stat(self, key: str) -> Snapshot:
@@ -141,6 +185,8 @@ class Snapshotter:
         d = self.snapshot_dir(snap)
         if snap.kind == Kind.COMMITTED:
             size = inodes = 0
+            if snap.layer is not None and self._shared(snap.layer):
+                return size, inodes  # a shared file is no one snapshot's own
             for name in (LAYER, LAYER + ".verity"):
                 with contextlib.suppress(OSError):
                     size += os.lstat(os.path.join(d, name)).st_blocks * 512
@@ -156,6 +202,13 @@ class Snapshotter:
     def _mounts(self, snap: Snapshot) -> list[MountSpec]:
         d = self.snapshot_dir(snap)
         fs = os.path.join(d, "fs")
+        if _has_workdir(snap) and snap.parent_id is None:
+            # an unpack (containerd 2.2's parallel one, or CRI's) into a snapshot with no
+            # parent: the overlay form makes the applier write whiteouts as overlayfs's
+            # (char 0:0, opaque xattrs) straight into upperdir, where a bind would drop them
+            return [MountSpec("overlay", "overlay",
+                              (f"workdir={os.path.join(d, 'work')}", f"upperdir={fs}",
+                               f"lowerdir={self.empty_dir}"))]
         if snap.parent_id is None:
             mode = "rw" if snap.kind == Kind.ACTIVE else "ro"
             return [MountSpec("bind", fs, (mode, "rbind"))]
@@ -196,9 +249,11 @@ class Snapshotter:
                 log.info("removing %s: no snapshot owns it", path)
                 shutil.rmtree(path, ignore_errors=True)
                 continue
+            if snap.id in self.busy:
+                continue  # being committed: its files are in use
             if snap.kind != Kind.COMMITTED:  # a crash between the row and its directories
                 os.makedirs(os.path.join(path, "fs"), exist_ok=True)
-                if snap.kind == Kind.ACTIVE and snap.parent_id is not None:
+                if _has_workdir(snap):
                     os.makedirs(os.path.join(path, "work"), exist_ok=True)
             for entry in os.listdir(path):
                 stray = entry.endswith(".tmp") or entry.startswith(".erofs-spool-")
@@ -211,11 +266,115 @@ class Snapshotter:
                     else:
                         with contextlib.suppress(OSError):
                             os.unlink(p)
+        self._sweep_layers()
         needed = {s.parent_id for s in snaps.values()
                   if s.kind != Kind.COMMITTED and s.parent_id is not None}
         for top_id in self.chains.existing():
             if top_id not in needed:
                 self.chains.release(top_id)
+
+    # remote snapshots (layers a client converted) -------------------------------------------
+    def _answer_remote(self, target: str, parent: str, labels: dict[str, str]) -> None:
+        """Raise AlreadyExists if the chain ``target`` on ``parent`` is committed here, or can
+        be from the layer file our labels name; return to prepare as usual otherwise."""
+        with self.lock:
+            if self.store.committed_with_ref(target, parent) is not None:
+                raise AlreadyExists(f"target snapshot {target} already exists")
+        if DIFF_ID_LABEL not in labels:
+            return
+        layer, digest = self._shared_layer(labels)
+        kept = {k: v for k, v in labels.items() if k not in _PRIVATE_LABELS}
+        kept[VERITY_LABEL] = digest
+        with self.lock:
+            if self.store.committed_with_ref(target, parent) is None:
+                name = target
+                with contextlib.suppress(NotFound):
+                    self.store.get(name)  # taken: the same chain id on another parent
+                    name = f"{target}@{self.store.get(parent).id if parent else 0}"
+                self.store.add_committed(name, parent, kept, layer, digest)
+                log.info("committed %s (%s) from %s", name, labels[DIFF_ID_LABEL], layer)
+        raise AlreadyExists(f"target snapshot {target} already exists")
+
+    def _shared_layer(self, labels: dict[str, str]) -> tuple[str, str]:
+        """The shared layer file of the labels' diff_id (relative to the root) and its
+        fs-verity digest: the one we hold, else the labels' file taken in."""
+        diff_id = _sha256_label(labels, DIFF_ID_LABEL)
+        layer = os.path.join(LAYERS, f"sha256-{diff_id.removeprefix('sha256:')}.erofs")
+        with self.lock:
+            for snap in self.store.all():
+                if snap.layer == layer and snap.digest is not None:
+                    return layer, snap.digest
+        digest = _sha256_label(labels, VERITY_LABEL)
+        source = labels.get(LAYER_LABEL, "")
+        if not os.path.isabs(source) or not os.path.isfile(source) \
+                or not os.path.isfile(source + ".verity"):
+            raise InvalidArgument(f"{LAYER_LABEL}={source!r}: not a sealed layer file "
+                                  "(FILE and FILE.verity)")
+        self._take_in(source, os.path.join(self.root, layer))
+        return layer, digest
+
+    def _take_in(self, source: str, dest: str) -> None:
+        """Link (or, across file systems, copy) ``source`` and its tree to ``dest``: the tree
+        first, each under a temporary name renamed when complete and durable."""
+        for suffix in (".verity", ""):
+            tmp = f"{dest}{suffix}.{os.getpid()}-{threading.get_ident()}.tmp"
+            with self.lock:
+                self.installing.add(tmp)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                try:
+                    os.link(source + suffix, tmp)
+                except OSError:
+                    shutil.copyfile(source + suffix, tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, dest + suffix)
+            finally:
+                with self.lock:
+                    self.installing.discard(tmp)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    @staticmethod
+    def _shared(layer: str) -> bool:
+        return layer.startswith(LAYERS + os.sep)
+
+    def _remove_layer(self, layer: str) -> None:
+        for suffix in ("", ".verity"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.root, layer + suffix))
+        log.info("removed %s: no snapshot uses it", layer)
+
+    def _sweep_layers(self) -> None:
+        """Remove shared layer files no row names (a crash before the row, or after its
+        removal) and temporary files no take-in is writing."""
+        used = self.store.layers()
+        for name in os.listdir(self.layers_dir):
+            path = os.path.join(self.layers_dir, name)
+            rel = os.path.join(LAYERS, name.removesuffix(".verity"))
+            if path in self.installing or (rel in used and not name.endswith(".tmp")):
+                continue
+            log.info("removing %s: no snapshot uses it", path)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _has_workdir(snap: Snapshot) -> bool:
+    """An active snapshot is an overlay's upper layer (with a workdir) when it has a parent, or
+    when it is an unpack's (containerd names the chain it will become)."""
+    return snap.kind == Kind.ACTIVE and (snap.parent_id is not None or REF_LABEL in snap.labels)
+
+
+def _sha256_label(labels: dict[str, str], name: str) -> str:
+    value = labels.get(name, "")
+    hexpart = value.removeprefix("sha256:")
+    if not value.startswith("sha256:") or len(hexpart) != 64 or not set(hexpart) <= _HEX:
+        raise InvalidArgument(f"{name}={value!r}: expected sha256:<64 hex digits>")
+    return value
 
 
 def _du(path: str) -> tuple[int, int]:

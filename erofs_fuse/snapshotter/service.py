@@ -100,9 +100,7 @@ class Service(pb_grpc.SnapshotsServicer):
     def Commit(self, request: pb.CommitSnapshotRequest,
                context: grpc.ServicerContext) -> empty_pb2.Empty:
         log.debug("Commit %r as %r", request.key, request.name)
-        if request.parent:
-            raise InvalidArgument("Commit with a new parent (rebase) is not supported")
-        self.s.commit(request.name, request.key, dict(request.labels))
+        self.s.commit(request.name, request.key, dict(request.labels), request.parent)
         return empty_pb2.Empty()
 
     @_boundary

@@ -49,6 +49,8 @@ class InvalidArgument(StoreError):
 
 
 MAX_LABEL_BYTES = 4096  # key plus value, as containerd's proto says
+# the chain id containerd asks a remote snapshotter for (containerd-client.md §3.1)
+REF_LABEL = "containerd.io/snapshot.ref"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -176,15 +178,7 @@ class Store:
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
                 raise AlreadyExists(f"snapshot {key} already exists")
-            parent_id = None
-            if parent:
-                p = db.execute("SELECT id, kind FROM snapshots WHERE key = ?",
-                               (parent,)).fetchone()
-                if p is None:
-                    raise NotFound(f"parent snapshot {parent} does not exist")
-                if p[1] != Kind.COMMITTED:
-                    raise FailedPrecondition(f"parent snapshot {parent} is not committed")
-                parent_id = p[0]
+            parent_id = self._committed_id(db, parent) if parent else None
             cur = db.execute(
                 "INSERT INTO snapshots (key, parent_id, kind, labels, created_ns, updated_ns) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -194,23 +188,81 @@ class Store:
         return self.get_id(id_)
 
     def commit(self, key: str, name: str, labels: dict[str, str], layer: str,
-               digest: str) -> Snapshot:
-        """Turn active ``key`` into committed ``name``, keeping its id (and directory)."""
+               digest: str, parent: str = "") -> Snapshot:
+        """Turn active ``key`` into committed ``name``, keeping its id (and directory).
+
+        ``parent`` (containerd 2.2's rebase): an active snapshot prepared without a parent takes
+        this committed one as its parent now; one prepared with a parent must name that one."""
         check_labels(labels)
         now = time.time_ns()
         with self.transaction() as db:
-            row = db.execute("SELECT id, kind FROM snapshots WHERE key = ?", (key,)).fetchone()
+            row = db.execute("SELECT id, kind, parent_id FROM snapshots WHERE key = ?",
+                             (key,)).fetchone()
             if row is None:
                 raise NotFound(f"snapshot {key} does not exist")
             if row[1] != Kind.ACTIVE:
                 raise FailedPrecondition(f"snapshot {key} is not active")
             if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
                 raise AlreadyExists(f"snapshot {name} already exists")
+            parent_id = row[2]
+            if parent:
+                new_parent = self._committed_id(db, parent)
+                if parent_id is not None and parent_id != new_parent:
+                    raise InvalidArgument(f"snapshot {key}: cannot change its parent")
+                parent_id = new_parent
             db.execute("UPDATE snapshots SET key = ?, kind = ?, labels = ?, created_ns = ?, "
-                       "updated_ns = ?, layer = ?, digest = ? WHERE id = ?",
+                       "updated_ns = ?, layer = ?, digest = ?, parent_id = ? WHERE id = ?",
                        (name, int(Kind.COMMITTED), json.dumps(labels), now, now, layer, digest,
-                        row[0]))
+                        parent_id, row[0]))
         return self.get(name)
+
+    def add_committed(self, name: str, parent: str, labels: dict[str, str], layer: str,
+                      digest: str) -> Snapshot:
+        """A committed snapshot made from a layer file that exists already (the remote-snapshot
+        protocol: a client converted the layer, containerd never unpacks it)."""
+        check_labels(labels)
+        now = time.time_ns()
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
+                raise AlreadyExists(f"snapshot {name} already exists")
+            parent_id = self._committed_id(db, parent) if parent else None
+            db.execute(
+                "INSERT INTO snapshots (key, parent_id, kind, labels, created_ns, updated_ns, "
+                "layer, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, parent_id, int(Kind.COMMITTED), json.dumps(labels), now, now, layer,
+                 digest))
+        return self.get(name)
+
+    @staticmethod
+    def _committed_id(db: sqlite3.Connection, key: str) -> int:
+        p = db.execute("SELECT id, kind FROM snapshots WHERE key = ?", (key,)).fetchone()
+        if p is None:
+            raise NotFound(f"parent snapshot {key} does not exist")
+        if p[1] != Kind.COMMITTED:
+            raise FailedPrecondition(f"parent snapshot {key} is not committed")
+        assert isinstance(p[0], int)
+        return p[0]
+
+    def committed_with_ref(self, ref: str, parent: str) -> Snapshot | None:
+        """The committed snapshot labelled ``containerd.io/snapshot.ref`` = ``ref`` whose
+        parent is ``parent`` (a key, "" for none), as containerd looks it up after our
+        ALREADY_EXISTS; None if there is none."""
+        for snap in self.all():
+            if (snap.kind == Kind.COMMITTED and snap.parent == parent
+                    and snap.labels.get(REF_LABEL) == ref):
+                return snap
+        return None
+
+    def layer_users(self, layer: str) -> int:
+        """How many snapshots use the layer file ``layer`` (a path relative to the root)."""
+        (n,) = self.db.execute("SELECT count(*) FROM snapshots WHERE layer = ?",
+                               (layer,)).fetchone()
+        assert isinstance(n, int)
+        return n
+
+    def layers(self) -> set[str]:
+        return {r[0] for r in self.db.execute(
+            "SELECT DISTINCT layer FROM snapshots WHERE layer IS NOT NULL")}
 
     def remove(self, key: str) -> Snapshot:
         with self.transaction() as db:
