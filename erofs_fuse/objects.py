@@ -4,6 +4,8 @@ An object store ("data dir") is a directory like an overlayfs data-only lower la
 (``lowerdir=L1:L2::DATA1::DATA2``) or composefs's ``objects/`` directory: a metadata-only file
 whose ``trusted.overlay.redirect`` is ``/ab/cdef...`` takes its bytes from ``DATA/ab/cdef...``
 of the first data dir holding that object, while its attributes stay those of the layer.
+``object_name`` is the one spelling of that name from a digest (the writer's, ``mkfs/objects.py``);
+the reader follows whatever absolute redirect a file carries.
 
 Lookup is as safe as the kernel's ``LOOKUP_BENEATH | LOOKUP_NO_SYMLINKS``: each component is
 opened relative to the descriptor of its parent (the data dir's, opened once) with
@@ -49,6 +51,13 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # the object is not in this data dir: try the next one (ELOOP: a symlink, refused, as the
 # kernel's LOOKUP_NO_SYMLINKS refuses it)
 _NOT_HERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+
+
+def object_name(digest: bytes) -> str:
+    """The name of the object with this fs-verity digest in a store, relative to it:
+    ``ab/cdef...`` (the digest in hex, split after two digits: composefs's layout)."""
+    hexd = digest.hex()
+    return f"{hexd[:2]}/{hexd[2:]}"
 
 
 class FdBlob:

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import zstandard
 from helpers import require_tool
-from layertar import TarBuilder, check_image_views, gnu_tar_of
-from mounting import env
+from layertar import (TarBuilder, assert_same, check_image_views, gnu_tar_of, reader_view,
+                      reference_view)
+from mounting import env, fuse_mount
+
+from erofs_fuse.erofs.image import Image
 
 CLI = [sys.executable, "-m", "erofs_fuse"]
 
@@ -145,20 +148,65 @@ def test_seal_prints_what_seal_and_fsverity_print(tmp_path: Path) -> None:
     assert digest == line
 
 
-@pytest.mark.parametrize("args", [["--block-size", "3000"], ["--compress", "zip"],
-                                  ["--compress", "lz4hc,13"], ["--uuid", "nope"],
-                                  ["--tar-index", "--compress", "lz4"], ["--whiteouts", "x"]])
-def test_bad_options_are_one_line(tmp_path: Path, args: list[str]) -> None:
+@pytest.mark.parametrize("args, says", [
+    (["--block-size", "3000"], "block size 3000"), (["--compress", "zip"], "unknown compression"),
+    (["--compress", "lz4hc,13"], "lz4hc takes 1-12"), (["--compress", "lz4hc,0"], "lz4hc takes 1-12"),
+    (["--compress", "lz4hc,x"], "lz4hc takes 1-12"), (["--uuid", "nope"], "bad UUID"),
+    (["--compress", "lz4,5"], "lz4 takes no level"),
+    (["--tar-index", "--block-size", "4096"], "--tar-index writes 512-byte blocks"),
+    (["--tar-index", "--compress", "lz4"], "no data to compress"), (["--whiteouts", "x"], "x")])
+def test_bad_options_are_one_line(tmp_path: Path, args: list[str], says: str) -> None:
     (tmp_path / "in.tar").write_bytes(good_tar())
     proc = run("convert", *args, str(tmp_path / "in.tar"), str(tmp_path / "o.erofs"))
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert says in proc.stderr, proc.stderr
+    if args == ["--compress", "lz4,5"]:
+        assert "lz4hc takes" not in proc.stderr, proc.stderr  # it was "(lz4hc takes 1-12)"
     assert not (tmp_path / "o.erofs").exists()
+
+
+def test_tar_index_block_size_512_or_not_given(tmp_path: Path) -> None:
+    (tmp_path / "in.tar").write_bytes(good_tar())
+    for extra in ([], ["--block-size", "512"]):
+        out = tmp_path / "i.erofs"
+        proc = run("convert", "--tar-index", *extra, str(tmp_path / "in.tar"), str(out))
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        check_image_views(str(tmp_path / "in.tar"), str(out), tar_index=True)
+        with Image.open(str(out)) as image:
+            assert image.superblock.block_size == 512
+
+
+@pytest.mark.parametrize("block_size", [16384, 65536])
+def test_blocks_over_the_page_size_are_written_with_a_warning(tmp_path: Path,
+                                                              block_size: int) -> None:
+    """Written, readable by erofs-fuse, refused by this kernel: one warning line says so."""
+    assert os.sysconf("SC_PAGE_SIZE") < block_size, "the test assumes 4 KiB pages"
+    src = tmp_path / "in.tar"
+    src.write_bytes(good_tar())
+    out = tmp_path / "big.erofs"
+    proc = run("convert", "--block-size", str(block_size), str(src), str(out))
+    assert proc.returncode == 0, proc.stderr
+    line, = proc.stderr.splitlines()
+    assert line.startswith("erofs-fuse: warning: ") and f"{block_size}-byte blocks" in line
+    assert "kernel will not mount" in line and "erofs-fuse will" in line
+    assert_same(reference_view(str(src)), reader_view(str(out)), "our reader's view")
+    with fuse_mount([str(out)]) as fuse:
+        assert (Path(fuse.mountpoint) / "dir/file").read_bytes() == b"x" * 5000
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    kernel = subprocess.run(["mount", "-t", "erofs", "-o", "ro,loop", str(out), str(mnt)],
+                            capture_output=True, text=True)
+    if kernel.returncode == 0:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert kernel.returncode != 0, "this kernel mounts blocks larger than a page: the " \
+        "warning is wrong here"
+    small = run("convert", "--block-size", "4096", str(src), str(tmp_path / "small.erofs"))
+    assert small.returncode == 0 and small.stderr == ""
 
 
 def test_mtime_and_source_date_epoch_set_the_build_time(tmp_path: Path) -> None:
     (tmp_path / "in.tar").write_bytes(good_tar())
-    from erofs_fuse.erofs.image import Image
 
     out = str(tmp_path / "o.erofs")
     assert run("convert", "--mtime", "1600000000", str(tmp_path / "in.tar"), out).returncode == 0

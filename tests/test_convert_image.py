@@ -164,7 +164,7 @@ def test_merged_mount_equals_kernel_overlayfs(image: tuple[Layout, list[LayerBlo
 
 @pytest.mark.parametrize("options", [
     ["--tar-index"], ["--whiteouts", "oci"], ["--block-size", "1024"], ["--compress", "lz4"],
-    ["--compress", "lz4hc", "--compress-level", "9"],
+    ["--compress", "lz4hc,9"],
 ], ids=lambda o: "".join(o).lstrip("-"))
 def test_writer_options_give_the_same_tree(image: tuple[Layout, list[LayerBlob]],
                                            tmp_path: Path, options: list[str]) -> None:
@@ -272,7 +272,7 @@ def test_bad_input_is_one_line_and_exit_2(image: tuple[Layout, list[LayerBlob]],
         ([str(lay.root), str(out), "--platform", "linux"], "expected OS/ARCH[/VARIANT]"),
         ([str(lay.root), str(out), "-j", "0"], "-j must be 1 or more"),
         ([str(lay.root), str(out), "--block-size", "1000"], "block size 1000"),
-        ([str(lay.root), str(out), "--compress", "gzip"], "invalid choice"),
+        ([str(lay.root), str(out), "--compress", "gzip"], "unknown compression 'gzip'"),
         ([str(lay.root)], "the following arguments are required: outdir"),
     ]
     for args, match in cases:
@@ -281,6 +281,45 @@ def test_bad_input_is_one_line_and_exit_2(image: tuple[Layout, list[LayerBlob]],
     lay.blob_path(blobs[1].descriptor["digest"]).unlink()
     assert "is missing from" in one_line_error(convert(str(lay.root), str(out)))
     assert not out.exists() or os.listdir(out) == []
+
+
+@pytest.mark.parametrize("level", ["0", "-3", "13", "1000"])
+def test_compression_levels_are_checked_as_convert_checks_them(
+        image: tuple[Layout, list[LayerBlob]], tmp_path: Path, level: str) -> None:
+    """One spelling and one check with ``convert``: ``--compress lz4hc,LEVEL``, 1-12 (the old
+    ``--compress-level`` took any integer and exited 0)."""
+    lay, _ = image
+    out = tmp_path / "out"
+    line = one_line_error(convert(str(lay.root), str(out), "--compress", f"lz4hc,{level}"))
+    assert f"bad compression level {level} (lz4hc takes 1-12)" in line
+    line = one_line_error(convert(str(lay.root), str(out), "--compress", "lz4hc",
+                                  "--compress-level", level))
+    assert "unrecognized arguments: --compress-level" in line
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_writer_option_refusals_match_convert(image: tuple[Layout, list[LayerBlob]],
+                                              tmp_path: Path) -> None:
+    lay, _ = image
+    out = tmp_path / "out"
+    for args, says in [(["--compress", "lz4,5"], "lz4 takes no level"),
+                       (["--tar-index", "--block-size", "4096"], "--tar-index writes 512-byte")]:
+        line = one_line_error(convert(str(lay.root), str(out), *args))
+        assert line.startswith("erofs-fuse: convert-image: ") and says in line, line
+        assert "lz4hc takes" not in line
+
+
+def test_blocks_over_the_page_size_warn_once(image: tuple[Layout, list[LayerBlob]],
+                                             tmp_path: Path) -> None:
+    lay, blobs = image
+    proc = convert(str(lay.root), str(tmp_path / "out"), "-q", "--block-size", "16384")
+    assert proc.returncode == 0, proc.stderr
+    line, = proc.stderr.splitlines()  # one line, not one per layer
+    assert line.startswith("erofs-fuse: warning: 16384-byte blocks") and "erofs-fuse will" in line
+    listed = Path(proc.stdout.strip())
+    for blob in blobs:
+        with Image.open(str(listed.parent / layer_file(blob.diff_id))) as layer:
+            assert layer.superblock.block_size == 16384
 
 
 # integrity ------------------------------------------------------------------------------------

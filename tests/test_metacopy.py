@@ -24,7 +24,7 @@ import pytest
 from erofs_fuse.erofs.errors import ErofsError, MetacopyError
 from erofs_fuse.erofs.image import Image
 from erofs_fuse.erofs.metacopy import parse_metacopy, redirect_components
-from erofs_fuse.objects import ObjectStore
+from erofs_fuse.objects import ObjectStore, object_name
 from erofs_fuse.fuse.overlay import MergedTree, Node
 from erofs_fuse.verity.build import build_tree
 from erofs_fuse.verity.formats import HashParams
@@ -64,8 +64,12 @@ def metacopy_value(digest_hex: str | None, algo: int = 1) -> bytes:
     return bytes([0, 4 + len(digest), 0, algo]) + digest
 
 
+def name_of(digest_hex: str) -> str:
+    return object_name(bytes.fromhex(digest_hex))
+
+
 def redirect_of(digest_hex: str) -> str:
-    return f"/{digest_hex[:2]}/{digest_hex[2:]}"
+    return "/" + name_of(digest_hex)
 
 
 @dataclass
@@ -94,17 +98,17 @@ def build_stack(root: Path) -> Stack:
     digests = {name: fsverity_hex(content(name)) for name in OBJECTS}
     store, second = root / "objects", root / "objects2"
     for name, dig in digests.items():
-        dest = (second if name == "second" else store) / dig[:2] / dig[2:]
+        dest = (second if name == "second" else store) / name_of(dig)
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(content(name))
     # the fs-verity digest of the test data, checked against the real tool once
     out = subprocess.run(["fsverity", "digest", "--compact",
-                          str(store / digests["shared"][:2] / digests["shared"][2:])],
+                          str(store / name_of(digests["shared"]))],
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == digests["shared"]
     # a symlink inside the store, pointing at an object: refused (no symlinks are followed)
     (store / "ln").mkdir()
-    os.symlink(store / digests["small"][:2] / digests["small"][2:], store / "ln" / "small")
+    os.symlink(store / name_of(digests["small"]), store / "ln" / "small")
 
     def meta(layer: Path, rel: str, name: str, *, digest: bool = True,
              redirect: str | None = None, size: int | None = None) -> None:
@@ -131,10 +135,10 @@ def build_stack(root: Path) -> Stack:
     meta(top, "nodigest", "nodigest", digest=False)
     meta(top, "in-second", "second")
     meta(top, "bad/missing", "shared", redirect="/00/" + "0" * 62)
-    meta(top, "bad/dotdot", "shared", redirect="/../objects/" + digests["shared"][:2] + "/"
-         + digests["shared"][2:])
-    meta(top, "bad/inside-dotdot", "shared", redirect=f"/{digests['shared'][:2]}/../"
-         f"{digests['shared'][:2]}/{digests['shared'][2:]}")
+    meta(top, "bad/dotdot", "shared", redirect="/../objects" + redirect_of(digests["shared"]))
+    fan = name_of(digests["shared"]).split("/")[0]  # "/ab/../ab/cdef..."
+    meta(top, "bad/inside-dotdot", "shared",
+         redirect=f"/{fan}/.." + redirect_of(digests["shared"]))
     meta(top, "bad/escape", "shared", redirect="/../../../../etc/passwd")
     meta(top, "bad/symlink", "small", redirect="/ln/small")
     meta(top, "bad/wrong-size", "nodigest", digest=False, size=OBJECTS["nodigest"] + 1)
@@ -231,6 +235,13 @@ def test_parse_metacopy_forms() -> None:
             parse_metacopy(bad, None)
 
 
+def test_object_name_is_composefs_layout() -> None:
+    """Two hex digits, a slash, the rest: what mkcomposefs and ``convert --objects`` write."""
+    digest = bytes(range(0xA0, 0xC0))
+    assert object_name(digest) == "a0/" + digest.hex()[2:]
+    assert redirect_components(b"/" + object_name(digest).encode()) == ["a0", digest.hex()[2:]]
+
+
 def test_redirect_components() -> None:
     assert redirect_components(b"/ab/cdef") == ["ab", "cdef"]
     for bad in (None, b"ab/cdef", b"/ab//cd", b"/ab/", b"/../x", b"/ab/../ab/cd", b"/./ab",
@@ -321,7 +332,7 @@ def flip_bit(path: str, offset: int) -> None:
 
 
 def object_path(store: str, digest: str) -> str:
-    return os.path.join(store, digest[:2], digest[2:])
+    return os.path.join(store, name_of(digest))
 
 
 def test_tampered_object_fails_only_its_blocks(stack: Stack, own_store: str) -> None:

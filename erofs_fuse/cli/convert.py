@@ -8,14 +8,14 @@ cannot hold and was dropped) are one line each on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 import uuid as uuidlib
 
 from ..console import PROG, CliError, print_error
-
-COMPRESSORS = ("lz4", "lz4hc")
+from .writer_options import add_writer_options, block_size_warning, options_from_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,42 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "directory into an EROFS image.")
     p.add_argument("source", help="layer tar file, '-' for standard input, or a directory")
     p.add_argument("out", help="the EROFS image to write (replaced atomically)")
-    p.add_argument("--whiteouts", choices=("overlay", "oci"), default="overlay",
-                   help="overlay: OCI .wh.NAME become char 0:0 devices and .wh..wh..opq the "
-                        "trusted.overlay.opaque xattr (default); oci: keep them as files")
-    p.add_argument("--tar-index", action="store_true",
-                   help="metadata only, file data pointing into the uncompressed tar, which is "
-                        "appended to the image (512-byte blocks)")
-    p.add_argument("--compress", metavar="ALG[,LEVEL]",
-                   help="compress file data: lz4, or lz4hc with an optional level 1-12")
-    p.add_argument("--block-size", type=int, default=4096, metavar="BYTES",
-                   help="block size, a power of two from 512 to 65536 (default 4096)")
+    add_writer_options(
+        p, seal_help="also write OUT.verity and print the fs-verity digest (as 'seal' does)",
+        objects_help="metadata-only image: each regular file's bytes go to DIR/ab/cdef... "
+                     "(its fs-verity digest, composefs's layout), once per content; mount "
+                     "with --data-dir DIR")
     p.add_argument("--mtime", type=int, metavar="SECONDS",
                    help="build time (default: $SOURCE_DATE_EPOCH, else 0)")
     p.add_argument("--uuid", default="clear",
                    help="filesystem UUID: a UUID, 'clear' (zero, the default) or 'random'")
-    p.add_argument("--seal", action="store_true",
-                   help="also write OUT.verity and print the fs-verity digest (as 'seal' does)")
-    p.add_argument("--objects", metavar="DIR",
-                   help="metadata-only image: each regular file's bytes go to DIR/ab/cdef... "
-                        "(its fs-verity digest, composefs's layout), once per content; mount "
-                        "with --data-dir DIR")
     p.add_argument("--sync", action="store_true", help="fsync the image before renaming it")
     p.add_argument("-v", "--verbose", action="store_true", help="print a summary to stderr")
     return p
-
-
-def parse_compress(value: str | None) -> tuple[str | None, int | None]:
-    if not value:
-        return None, None
-    alg, _, level = value.partition(",")
-    if alg not in COMPRESSORS:
-        raise CliError(f"convert: unknown compression {alg!r} (choose from lz4, lz4hc)")
-    if not level:
-        return alg, None
-    if alg != "lz4hc" or not level.isdigit() or not 1 <= int(level) <= 12:
-        raise CliError(f"convert: bad compression level {level!r} (lz4hc takes 1-12)")
-    return alg, int(level)
 
 
 def parse_uuid(value: str) -> bytes:
@@ -91,14 +67,12 @@ def build_time(value: int | None) -> int:
 
 
 def convert_main(argv: list[str]) -> int:
-    from ..mkfs import ConvertOptions, MkfsError, convert_dir, convert_tar
+    from ..mkfs import MkfsError, convert_dir, convert_tar
 
     args = build_parser().parse_args(argv)
-    alg, level = parse_compress(args.compress)
-    options = ConvertOptions(block_size=args.block_size, whiteouts=args.whiteouts,
-                             tar_index=args.tar_index, compress=alg, compress_level=level,
-                             build_time=build_time(args.mtime), uuid=parse_uuid(args.uuid),
-                             seal=args.seal, sync=args.sync, objects=args.objects)
+    options = dataclasses.replace(options_from_args(args, "convert"),
+                                  build_time=build_time(args.mtime), uuid=parse_uuid(args.uuid),
+                                  sync=args.sync)
     start = time.monotonic()
     try:
         if args.source == "-":
@@ -112,7 +86,8 @@ def convert_main(argv: list[str]) -> int:
     except OSError as exc:
         where = exc.filename or args.out
         raise CliError(f"{where}: {exc.strerror or exc}") from exc
-    for warning in result.warnings:
+    too_big = block_size_warning(options)
+    for warning in (*result.warnings, *([too_big] if too_big else [])):
         print_error(f"warning: {warning}")
     if result.verity_digest:
         print(f"{result.verity_digest} {args.out}", flush=True)

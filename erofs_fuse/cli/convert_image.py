@@ -21,10 +21,11 @@ from types import FrameType
 from typing import NoReturn
 
 from ..console import PROG, CliError, print_error
-from ..mkfs import ConvertOptions, MkfsError
+from ..mkfs import MkfsError
 from ..oci.convert import Request, convert_image
 from ..oci.image import OciError, Platform, sanitize_name
 from ..oci.workers import EXIT_BAD_INPUT, EXIT_FAILURE, JobFailed
+from .writer_options import add_writer_options, block_size_warning, options_from_args
 
 
 class Interrupted(Exception):
@@ -59,21 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "org.opencontainers.image.ref.name (when the layout holds several)")
     p.add_argument("--name", help="NAME of NAME.layers (default: from the image's reference "
                    "name, else the layout's base name)")
-    p.add_argument("--block-size", type=int, default=4096, metavar="BYTES",
-                   help="EROFS block size (default %(default)s; 512 with --tar-index)")
-    p.add_argument("--compress", choices=("lz4", "lz4hc"), help="compress file data")
-    p.add_argument("--compress-level", type=int, metavar="N", help="lz4hc level")
-    p.add_argument("--tar-index", action="store_true",
-                   help="index the uncompressed tar, kept after the metadata in the same file")
-    p.add_argument("--whiteouts", choices=("overlay", "oci"), default="overlay",
-                   help="store OCI .wh. whiteouts as overlayfs char 0:0 devices and opaque "
-                   "xattrs (default; what the kernel's overlayfs reads) or as they are")
-    p.add_argument("--seal", action="store_true",
-                   help="write LAYER.verity and record each layer's fs-verity digest, which "
-                   "mount --layers @FILE then trusts")
-    p.add_argument("--objects", metavar="DIR",
-                   help="one object store for every layer: metadata-only layer files, file "
-                        "bytes in DIR by fs-verity digest (see convert --objects)")
+    add_writer_options(
+        p, seal_help="write LAYER.verity and record each layer's fs-verity digest, which "
+                     "mount --layers @FILE then trusts",
+        objects_help="one object store for every layer: metadata-only layer files, file "
+                     "bytes in DIR by fs-verity digest (see convert --objects)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -82,16 +73,10 @@ def parse_args(argv: list[str]) -> Request:
     ns = build_parser().parse_args(argv)
     if ns.jobs < 1:
         raise CliError("convert-image: -j must be 1 or more")
-    if ns.compress_level is not None and ns.compress != "lz4hc":
-        raise CliError("convert-image: --compress-level needs --compress lz4hc")
-    options = ConvertOptions(block_size=ns.block_size, whiteouts=ns.whiteouts,
-                             tar_index=ns.tar_index, compress=ns.compress,
-                             compress_level=ns.compress_level, seal=ns.seal,
-                             objects=os.path.abspath(ns.objects) if ns.objects else None)
+    options = options_from_args(ns, "convert-image")
     try:
-        options.check()
         platform = Platform.parse(ns.platform) if ns.platform is not None else None
-    except (MkfsError, OciError) as exc:
+    except OciError as exc:
         raise CliError(f"convert-image: {exc}") from exc
     return Request(ns.image, ns.outdir, ns.jobs, platform, ns.ref,
                    sanitize_name(ns.name) if ns.name is not None else None, options, ns.quiet)
@@ -106,7 +91,11 @@ def main(argv: list[str]) -> int:
     failures), 128+N (signal N)."""
     old = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        path = convert_image(parse_args(argv))
+        request = parse_args(argv)
+        path = convert_image(request)
+        too_big = block_size_warning(request.options)
+        if too_big:
+            print_error(f"warning: {too_big}")
         print(path)
         return 0
     except CliError as exc:

@@ -27,13 +27,15 @@ from .tar import (BLOCKDEV, CHARDEV, DIRECTORY, FIFO, HARDLINK, REGULAR, SYMLINK
 from .tree import Node, Tree
 
 BLOCK_SIZES = tuple(1 << b for b in range(9, 17))
+DEFAULT_BLOCK_SIZE = 4096
 TAR_INDEX_BLOCK_SIZE = 512  # tar data sits at 512-byte offsets
+LZ4HC_LEVELS = range(1, 13)  # LZ4HC_CLEVEL_MIN..LZ4HC_CLEVEL_MAX of liblz4
 Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    block_size: int = 4096
+    block_size: int | None = None       # None: 4096, or 512 with tar_index (``image_block_size``)
     whiteouts: str = "overlay"          # "overlay" or "oci"
     tar_index: bool = False
     compress: str | None = None         # None, "lz4", "lz4hc"
@@ -45,13 +47,30 @@ class ConvertOptions:
     sync: bool = False                  # fsync the image before renaming it into place
     objects: str | None = None          # an object store: file bytes there, metadata here
 
+    @property
+    def image_block_size(self) -> int:
+        """The block size the image is written with."""
+        if self.block_size is not None:
+            return self.block_size
+        return TAR_INDEX_BLOCK_SIZE if self.tar_index else DEFAULT_BLOCK_SIZE
+
     def check(self) -> None:
-        if self.block_size not in BLOCK_SIZES:
+        """``MkfsError`` naming the first option that cannot be written."""
+        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise MkfsError(f"block size {self.block_size} is not a power of two in 512..65536")
+        if self.tar_index and self.image_block_size != TAR_INDEX_BLOCK_SIZE:
+            # file data points into the appended tar, whose members start at 512-byte offsets
+            raise MkfsError(f"--tar-index writes 512-byte blocks (tar's data is 512-aligned), "
+                            f"not {self.block_size}")
         if self.whiteouts not in ("overlay", "oci"):
             raise MkfsError(f"unknown whiteout form {self.whiteouts!r}")
         if self.compress not in (None, "lz4", "lz4hc"):
             raise MkfsError(f"unknown compression {self.compress!r}")
+        if self.compress_level is not None and self.compress != "lz4hc":
+            raise MkfsError(f"{self.compress or 'no compression'} takes no level "
+                            "(only lz4hc does: 1-12)")
+        if self.compress_level is not None and self.compress_level not in LZ4HC_LEVELS:
+            raise MkfsError(f"bad compression level {self.compress_level} (lz4hc takes 1-12)")
         if self.tar_index and self.compress:
             raise MkfsError("a tar index holds no data to compress")
         if self.objects and (self.tar_index or self.compress):
@@ -150,7 +169,7 @@ class _TarConversion:
         self.options = options
         self.raw_start = _position(raw)  # where the tar starts, for copying it (tar index)
         self.stream = InputStream(raw, progress=progress)
-        self.bs = TAR_INDEX_BLOCK_SIZE if options.tar_index else options.block_size
+        self.bs = options.image_block_size
         devices = 1 if options.tar_index else 0
         self.image = ImageFile(output.fd, output.spool.fileno(), self.bs,
                                first_data_block(self.bs, devices))

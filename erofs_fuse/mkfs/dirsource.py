@@ -38,8 +38,8 @@ def convert_dir(source: str, out: str, options: ConvertOptions) -> ConvertResult
     if not stat.S_ISDIR(st.st_mode):
         raise MkfsError(f"{source}: not a directory")
     with _output(out) as output:
-        image = ImageFile(output.fd, output.spool.fileno(), options.block_size,
-                          first_data_block(options.block_size, 0))
+        bs = options.image_block_size
+        image = ImageFile(output.fd, output.spool.fileno(), bs, first_data_block(bs, 0))
         walker = _Walker(image, options)
         root = walker.node(source, st)
         walker.fill(source, root)
@@ -50,7 +50,7 @@ def convert_dir(source: str, out: str, options: ConvertOptions) -> ConvertResult
         summary = MetadataWriter(image, info).write(root)
         digest = _seal(output.tmp, out) if options.seal else None
         output.commit(options.sync)
-        return ConvertResult(out, None, summary.image_blocks * options.block_size,
+        return ConvertResult(out, None, summary.image_blocks * bs,
                              summary.inodes, digest, image.stats.data_bytes, image.stats.files,
                              tuple(walker.warnings), *store_counts(walker.store))
 

@@ -1,9 +1,9 @@
 """A composefs-style object store: file contents named by their fs-verity digest.
 
 With ``--objects DIR`` a regular file's bytes go to ``DIR/ab/cdef...`` (the SHA-256 fs-verity
-digest in hex, split after two digits, composefs's layout), once per distinct content, and the
-image keeps only its metadata: the inode (size, a hole where data would be) with
-``trusted.overlay.metacopy`` (version 0, length, flags, algorithm 1 = SHA-256, digest: the
+digest in hex, split after two digits, composefs's layout: ``objects.object_name``), once per
+distinct content, and the image keeps only its metadata: the inode (size, a hole where data
+would be) with ``trusted.overlay.metacopy`` (version 0, length, flags, algorithm 1 = SHA-256, digest: the
 form the kernel's overlayfs checks with ``verity=``) and ``trusted.overlay.redirect=/ab/cdef...``,
 as mkcomposefs writes them. The digest is computed while the bytes stream into a temporary file
 in DIR, which is renamed to its name, or dropped when that object already exists.
@@ -16,6 +16,7 @@ import os
 import tempfile
 from typing import Iterable
 
+from ..objects import object_name
 from ..verity.build import tree_from_leaves
 from ..verity.formats import HashParams
 from .errors import BadInputError
@@ -33,8 +34,9 @@ def metacopy_value(digest: bytes) -> bytes:
 
 
 def redirect_value(digest: bytes) -> bytes:
-    hexd = digest.hex()
-    return f"/{hexd[:2]}/{hexd[2:]}".encode()
+    """The ``trusted.overlay.redirect`` value naming the object: an absolute path from the
+    store's root."""
+    return ("/" + object_name(digest)).encode()
 
 
 class ObjectWriter:
@@ -83,10 +85,8 @@ class ObjectWriter:
         return b"".join(hashes)
 
     def _commit(self, tmp: str, digest: bytes, size: int) -> None:
-        hexd = digest.hex()
-        subdir = os.path.join(self.root, hexd[:2])
-        os.makedirs(subdir, exist_ok=True)
-        final = os.path.join(subdir, hexd[2:])
+        final = os.path.join(self.root, object_name(digest))
+        os.makedirs(os.path.dirname(final), exist_ok=True)
         os.chmod(tmp, 0o644)
         try:
             os.link(tmp, final)  # never replaces: an object with this name has these bytes
