@@ -97,6 +97,9 @@ def test_import(stack: Stack, image_archive: Path) -> None:
                               text=True)
         assert proc.returncode == 0, f"fsck.erofs rejects {d}: {proc.stdout}{proc.stderr}"
     assert stack.chain_mounts() == []  # import done: nothing mounted
+    # the sign that containerd reaches the snapshotter, once
+    assert stack.snapshotter_log().count("INFO erofs_fuse.snapshotter: containerd connected: "
+                                         "first call ") == 1, stack.snapshotter_log()
 
 
 def test_snapshots_ls(stack: Stack) -> None:
@@ -674,8 +677,11 @@ def test_mount_daemons_titled_and_lock_free(direct_stack: tuple[Any, Stack]) -> 
     assert chain_daemon(mountpoint) == daemon  # adopted
 
 
-def test_root_not_a_directory(scratch: Path) -> None:
+def test_root_or_address_not_a_directory(scratch: Path) -> None:
     root = scratch / "file"
     root.write_text("x")
     code, err = run_snapshotter(root, scratch / "s.sock")
     assert code == 2 and err == f"erofs-fuse: --root {root}: not a directory\n", (code, err)
+    code, err = run_snapshotter(scratch / "root", root / "s.sock")
+    assert code == 2 and err == f"erofs-fuse: --address {root}/s.sock: {root} is not a " \
+        "directory\n", (code, err)

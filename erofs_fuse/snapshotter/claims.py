@@ -29,7 +29,10 @@ def lock_root(root: str) -> int:
     forker: a flock belongs to the open file, so a mount daemon that inherited it would hold
     the root locked after the snapshotter stopped, and refuse its restart."""
     path = os.path.join(root, LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise CliError(f"--root {root}: cannot open its lock file: {exc.strerror or exc}")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -38,7 +38,13 @@ def serve(root: str, address: str, mount_main: MountMain) -> int:
     from .mounts import Forker
 
     os.makedirs(root, mode=0o700, exist_ok=True)
-    os.makedirs(os.path.dirname(address), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(address), exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CliError(f"--address {address}: {os.path.dirname(address)} is not a "
+                       "directory") from None
+    except OSError as exc:
+        raise CliError(f"--address {address}: {exc.strerror or exc}") from None
     clear_stale_socket(address)  # before the forker: a refusal leaves nothing to stop
     forker = Forker(mount_main)  # first: no thread may exist when it forks
     with contextlib.ExitStack() as stack:
