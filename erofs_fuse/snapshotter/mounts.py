@@ -1,14 +1,14 @@
 """FUSE mounts of committed layer chains, started from a fork server.
 
 Why a fork server: a new mount must not pay an interpreter start (``erofs-fuse mount`` takes
-about 0.6 s, most of it imports). The command line imports ``erofs_fuse.cli.mount`` and the snapshotter
-forks one
-child, the *forker*, before it starts any thread (grpc's included: forking a process that runs
-threads is unsafe). For each mount the forker forks a worker that runs that module's ``main(argv)``
-(handed in as ``mount_main``: nothing here imports the command line),
+about 0.6 s, most of it imports). The command line imports ``erofs_fuse.cli.mount`` and the
+snapshotter forks one child, the *forker*, before it starts any thread (grpc's included: forking
+a process that runs threads is unsafe). For each mount the forker forks a worker that runs that
+module's ``main(argv)`` (handed in as ``mount_main``: nothing here imports the command line),
 which double-forks the daemon and returns once the kernel's INIT has been served, as on the
 command line. The daemons are nobody's children: they outlive a snapshotter restart, so running
-containers keep their root filesystems.
+containers keep their root filesystems. Each worker, and so its daemon, takes the process title
+``erofs-fuse mount <id> <mountpoint>``: never the snapshotter's command line.
 
 One mount per distinct chain: a chain is fixed by its top committed snapshot (parents never
 change), so the mountpoint is ``<root>/mounts/<id of the top>``. Its users are the active
