@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
     p.add_argument("--address", default=DEFAULT_ADDRESS,
                    help=f"unix socket to listen on (default {DEFAULT_ADDRESS})")
-    p.add_argument("--debug", action="store_true", help="log every call")
+    p.add_argument("--debug", action="store_true",
+                   help="log every call: method, key, parent, outcome and time")
     return p
 
 
