@@ -685,3 +685,24 @@ def test_root_or_address_not_a_directory(scratch: Path) -> None:
     code, err = run_snapshotter(scratch / "root", root / "s.sock")
     assert code == 2 and err == f"erofs-fuse: --address {root}/s.sock: {root} is not a " \
         "directory\n", (code, err)
+
+
+def test_process_title_without_room_or_environment() -> None:
+    """With an empty environment setproctitle changes nothing; the title is then written
+    another way (cut to the argv area if need be) and never leaves the old command line."""
+    title = "erofs-fuse mount 12 /var/lib/erofs-fuse/snapshotter/mounts/12"
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from erofs_fuse.snapshotter.proctitle import set_title\n"
+            f"set_title({title!r})\n"
+            "print(open('/proc/self/cmdline', 'rb').read().rstrip(b'\\0').decode())\n")
+    script = Path(tempfile.mkdtemp(prefix="efs-title-")) / "t.py"
+    try:
+        script.write_text(code)
+        for environment in ({}, {"A": "1"}, env()):
+            shown = subprocess.run([sys.executable, str(script)], capture_output=True,
+                                   text=True, env=environment, check=True).stdout.strip()
+            assert title.startswith(shown) and len(shown) >= len("erofs-fuse mount 12 /v"), \
+                (environment, shown)
+            assert "\0" not in shown and str(script) not in shown
+    finally:
+        shutil.rmtree(script.parent)

@@ -28,9 +28,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import setproctitle
-
 from ..fuse.mountinfo import mounted_fuse
+from .proctitle import set_title
 
 log = logging.getLogger("erofs_fuse.snapshotter")
 
@@ -102,7 +101,7 @@ def _serve_forks(sock: socket.socket, mount_main: MountMain) -> None:
                 # The daemon (forked by mount_main) keeps this title. Without it, it shows the
                 # snapshotter's command line, and `pkill -f 'erofs-fuse snapshotter'` would kill
                 # the root filesystems of running containers with the snapshotter.
-                setproctitle.setproctitle(request["title"])
+                set_title(request["title"])
                 code = mount_main(request["argv"])
             finally:
                 os._exit(code)
