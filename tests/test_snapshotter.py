@@ -19,18 +19,19 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
 from ctrstack import NS, SNAPSHOTTER, Stack, containerd_stack, mounts_under, unmount_all, wait_for
 from helpers import ROOT
 from layertar import extracted
-from mounting import kernel_overlay
+from mounting import env, kernel_overlay
 from ocilayout import (
     LayerBlob,
     Layout,
@@ -96,6 +97,9 @@ def test_import(stack: Stack, image_archive: Path) -> None:
                               text=True)
         assert proc.returncode == 0, f"fsck.erofs rejects {d}: {proc.stdout}{proc.stderr}"
     assert stack.chain_mounts() == []  # import done: nothing mounted
+    # the sign that containerd reaches the snapshotter, once
+    assert stack.snapshotter_log().count("INFO erofs_fuse.snapshotter: containerd connected: "
+                                         "first call ") == 1, stack.snapshotter_log()
 
 
 def test_snapshots_ls(stack: Stack) -> None:
@@ -313,7 +317,7 @@ def test_killed_during_import(stack: Stack) -> None:
     try:
         def committing_second_layer() -> bool:
             log = stack.log.read_bytes()[start:]
-            return log.count(b"DEBUG erofs_fuse.snapshotter: Commit ") >= 2 or \
+            return log.count(b"DEBUG erofs_fuse.snapshotter: -> Commit ") >= 2 or \
                 importer.poll() is not None
         wait_for(committing_second_layer, 60, "the second layer's Commit")
         stack.stop_snapshotter(signal.SIGKILL)
@@ -389,7 +393,8 @@ def test_remove_image_leaves_nothing(stack: Stack) -> None:
 # the API alone, through a gRPC client, on a snapshotter of its own (containerd's GC would
 # remove snapshots it does not know) -------------------------------------------------------------
 @pytest.fixture
-def direct() -> Iterator[tuple[object, Path]]:
+def direct_stack() -> Iterator[tuple[object, Stack]]:
+    """A snapshotter of its own (no containerd) and a gRPC stub talking to it."""
     import grpc
 
     from erofs_fuse.snapshotter.api import snapshots_pb2_grpc
@@ -400,7 +405,7 @@ def direct() -> Iterator[tuple[object, Path]]:
     try:
         s.start_snapshotter()
         channel = grpc.insecure_channel(f"unix://{tmp}/snapshotter.sock")
-        yield snapshots_pb2_grpc.SnapshotsStub(channel), s.root
+        yield snapshots_pb2_grpc.SnapshotsStub(channel), s
     finally:
         try:
             if channel is not None:
@@ -409,6 +414,11 @@ def direct() -> Iterator[tuple[object, Path]]:
         finally:
             unmount_all(str(tmp))
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def direct(direct_stack: tuple[object, Stack]) -> tuple[object, Path]:
+    return direct_stack[0], direct_stack[1].root
 
 
 def test_api_errors_and_labels(direct: tuple[object, Path]) -> None:
@@ -485,3 +495,214 @@ def test_api_errors_and_labels(direct: tuple[object, Path]) -> None:
     stub.Remove(pb.RemoveSnapshotRequest(key="ns/2/sha256:x"))
     stub.Cleanup(pb.CleanupRequest())
     assert listed() == [] and os.listdir(root / "snapshots") == []
+
+
+def test_every_call_logged_and_the_first_at_info(direct_stack: tuple[Any, Stack]) -> None:
+    """--debug logs every RPC once it ends (method, key, parent, outcome), from one wrapper;
+    the first call after start is logged at INFO, the sign that containerd reaches us."""
+    import grpc
+
+    from erofs_fuse.snapshotter.api import snapshots_pb2 as pb
+
+    stub, s = direct_stack
+    with pytest.raises(grpc.RpcError):
+        stub.Stat(pb.StatSnapshotRequest(key="ns/1/missing"))
+    stub.Prepare(pb.PrepareSnapshotRequest(key="ns/1/a"))
+    stub.Mounts(pb.MountsRequest(key="ns/1/a"))
+    stub.Update(pb.UpdateSnapshotRequest(
+        info=pb.Info(name="ns/1/a", labels={"x": "1"})))
+    list(stub.List(pb.ListSnapshotsRequest()))
+    stub.Usage(pb.UsageRequest(key="ns/1/a"))
+    stub.Remove(pb.RemoveSnapshotRequest(key="ns/1/a"))
+    stub.Cleanup(pb.CleanupRequest())
+    log = s.snapshotter_log()
+    assert log.count("INFO erofs_fuse.snapshotter: containerd connected: first call Stat") \
+        == 1, log
+    done = [line.split("snapshotter: <- ", 1)[1] for line in log.splitlines()
+            if "erofs_fuse.snapshotter: <- " in line]
+    assert [line.split(" ")[0].rstrip(":") for line in done] == \
+        ["Stat", "Prepare", "Mounts", "Update", "List", "Usage", "Remove", "Cleanup"], log
+    assert done[0].startswith("Stat key='ns/1/missing': NOT_FOUND"), done
+    assert done[1].startswith("Prepare key='ns/1/a': ok, mounts bind"), done
+    assert done[3].startswith("Update name='ns/1/a': ok"), done
+    assert done[4].startswith("List: ok, 1 infos in 1 replies"), done
+    assert done[6].startswith("Remove key='ns/1/a': ok"), done
+
+
+def run_snapshotter(root: Path, address: Path, timeout: float = 30) -> tuple[int | None, str]:
+    """(exit status, stderr) of a snapshotter expected to refuse to start; None if it was
+    still running after ``timeout`` (then it is stopped)."""
+    proc = subprocess.Popen([sys.executable, "-m", "erofs_fuse", "snapshotter", "--root",
+                             str(root), "--address", str(address)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env())
+    try:
+        _, err = proc.communicate(timeout=timeout)
+        return proc.returncode, err
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        return None, err
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    tmp = Path(tempfile.mkdtemp(prefix="efs-snapa-", dir="/tmp"))
+    try:
+        yield tmp
+    finally:
+        unmount_all(str(tmp))
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def listener(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen()
+    return sock
+
+
+def answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+def test_address_that_is_not_ours_is_refused(scratch: Path) -> None:
+    """--address naming a regular file or a symlink: refused (exit 2), left alone; naming a
+    socket that a server answers on: refused (exit 1), the server still reachable."""
+    target = scratch / "precious"
+    target.write_text("keep me\n")
+    link = scratch / "link.sock"
+    link.symlink_to(target)
+    for path in (target, link):
+        code, err = run_snapshotter(scratch / "root", path)
+        assert code == 2 and err == f"erofs-fuse: --address {path}: exists and is not a " \
+            "socket\n", (code, err)
+        assert target.read_text() == "keep me\n" and link.is_symlink()
+    live = scratch / "live.sock"
+    with listener(live):
+        code, err = run_snapshotter(scratch / "root", live)
+        assert code == 1 and err == f"erofs-fuse: --address {live}: a server is listening " \
+            "on it already\n", (code, err)
+        assert answers(live)
+
+
+def test_stale_socket_taken_and_a_successors_kept(scratch: Path) -> None:
+    """A stale socket (nobody listens) is replaced; at stop the snapshotter removes its socket
+    only if it is still the one it bound, not one bound there since."""
+    s = Stack(scratch, scratch / "snapshotter", "", scratch / "snapshotter.log")
+    sock = scratch / "snapshotter.sock"
+    listener(sock).close()  # the path stays: a killed server's socket
+    assert sock.exists() and not answers(sock)
+    with open(s.log, "ab") as log:
+        s.snapshotter = subprocess.Popen(
+            [sys.executable, "-m", "erofs_fuse", "snapshotter", "--root", str(s.root),
+             "--address", str(sock)], stdout=log, stderr=subprocess.STDOUT, env=env())
+    try:
+        wait_for(lambda: answers(sock) or s.snapshotter.poll() is not None, 30,
+                 "the snapshotter")
+        assert s.snapshotter.poll() is None, s.snapshotter_log()
+        sock.unlink()  # a successor (given the same address) binds its own socket there
+        with listener(sock):
+            ino = sock.stat().st_ino
+            s.stop_snapshotter()
+            assert sock.exists() and sock.stat().st_ino == ino and answers(sock), \
+                s.snapshotter_log()
+    finally:
+        s.stop_snapshotter()
+
+
+def chain_daemon(mountpoint: str) -> int:
+    """The pid of the mount daemon of ``mountpoint``: the process holding its --log file."""
+    log = mountpoint + ".log"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == log:
+                        return int(pid)
+    raise AssertionError(f"no process holds {log}")
+
+
+def test_one_snapshotter_per_root(direct_stack: tuple[Any, Stack]) -> None:
+    """A second snapshotter on the same root is refused, naming the first one's pid, before
+    it touches anything (here: an in-flight temporary layer file the first one owns)."""
+    from erofs_fuse.snapshotter.api import snapshots_pb2 as pb
+
+    stub, s = direct_stack
+    assert s.snapshotter is not None
+    stub.Prepare(pb.PrepareSnapshotRequest(key="ns/1/a"))
+    (snap_dir,) = (s.root / "snapshots").iterdir()
+    in_flight = snap_dir / "layer.erofs.tmp"
+    in_flight.write_bytes(b"being written")
+    code, err = run_snapshotter(s.root, s.tmp / "second.sock")
+    assert code == 1 and err == f"erofs-fuse: --root {s.root}: in use by another snapshotter " \
+        f"(pid {s.snapshotter.pid})\n", (code, err)
+    assert in_flight.read_bytes() == b"being written"
+    assert not (s.tmp / "second.sock").exists()
+
+
+def test_mount_daemons_titled_and_lock_free(direct_stack: tuple[Any, Stack]) -> None:
+    """The mount daemons carry their own process title, so `pkill -f 'erofs-fuse
+    snapshotter'` spares them, and do not hold the root's lock: the snapshotter restarts
+    beside them."""
+    from erofs_fuse.snapshotter.api import snapshots_pb2 as pb
+
+    stub, s = direct_stack
+    assert s.snapshotter is not None
+    fs = Path(stub.Prepare(pb.PrepareSnapshotRequest(key="ns/1/a")).mounts[0].source)
+    (fs / "f").write_text("f\n")
+    stub.Commit(pb.CommitSnapshotRequest(key="ns/1/a", name="ns/1/c"))
+    stub.Prepare(pb.PrepareSnapshotRequest(key="ns/2/b", parent="ns/1/c"))
+    (mountpoint,) = [m for m in mounts_under(str(s.root / "mounts"))]
+    daemon = chain_daemon(mountpoint)
+    cmdline = Path(f"/proc/{daemon}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+    title = f"erofs-fuse mount {Path(mountpoint).name} {mountpoint}"
+    assert cmdline == title.encode()
+    ps = subprocess.run(["ps", "-o", "args=", "-p", str(daemon)], capture_output=True,
+                        text=True).stdout
+    assert ps.strip() == title, ps
+    pattern = f"erofs_fuse snapshotter --root {s.root}"  # the tests run python -m erofs_fuse
+    matched = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    assert str(daemon) not in matched.split() and str(s.snapshotter.pid) in matched.split()
+    # the daemon outlives the snapshotter without holding the root's lock
+    s.stop_snapshotter()
+    s.start_snapshotter()
+    info = stub.Stat(pb.StatSnapshotRequest(key="ns/2/b"), wait_for_ready=True, timeout=30).info
+    assert info.parent == "ns/1/c"
+    assert chain_daemon(mountpoint) == daemon  # adopted
+
+
+def test_root_or_address_not_a_directory(scratch: Path) -> None:
+    root = scratch / "file"
+    root.write_text("x")
+    code, err = run_snapshotter(root, scratch / "s.sock")
+    assert code == 2 and err == f"erofs-fuse: --root {root}: not a directory\n", (code, err)
+    code, err = run_snapshotter(scratch / "root", root / "s.sock")
+    assert code == 2 and err == f"erofs-fuse: --address {root}/s.sock: {root} is not a " \
+        "directory\n", (code, err)
+
+
+def test_process_title_without_room_or_environment() -> None:
+    """With an empty environment setproctitle changes nothing; the title is then written
+    another way (cut to the argv area if need be) and never leaves the old command line."""
+    title = "erofs-fuse mount 12 /var/lib/erofs-fuse/snapshotter/mounts/12"
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from erofs_fuse.snapshotter.proctitle import set_title\n"
+            f"set_title({title!r})\n"
+            "print(open('/proc/self/cmdline', 'rb').read().rstrip(b'\\0').decode())\n")
+    script = Path(tempfile.mkdtemp(prefix="efs-title-")) / "t.py"
+    try:
+        script.write_text(code)
+        for environment in ({}, {"A": "1"}, env()):
+            shown = subprocess.run([sys.executable, str(script)], capture_output=True,
+                                   text=True, env=environment, check=True).stdout.strip()
+            assert title.startswith(shown) and len(shown) >= len("erofs-fuse mount 12 /v"), \
+                (environment, shown)
+            assert "\0" not in shown and str(script) not in shown
+    finally:
+        shutil.rmtree(script.parent)

@@ -19,8 +19,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
     p.add_argument("--address", default=DEFAULT_ADDRESS,
                    help=f"unix socket to listen on (default {DEFAULT_ADDRESS})")
-    p.add_argument("--debug", action="store_true", help="log every call")
+    p.add_argument("--debug", action="store_true",
+                   help="log every call: method, key, parent, outcome and time")
     return p
+
+
+def state_dir(root: str) -> str:
+    """``root``, made if missing; refused in one line if it cannot be a directory."""
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CliError(f"--root {root}: not a directory") from None
+    except OSError as exc:
+        raise CliError(f"--root {root}: {exc.strerror or exc}") from None
+    return root
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +42,8 @@ def main(argv: list[str]) -> int:
     try:
         from . import mount  # before the fork server starts: each mount's worker starts warm
 
-        return serve(os.path.abspath(ns.root), os.path.abspath(ns.address), mount.main)
+        root = state_dir(os.path.abspath(ns.root))
+        return serve(root, os.path.abspath(ns.address), mount.main)
     except CliError as exc:
         print_error(str(exc))
         return exc.code

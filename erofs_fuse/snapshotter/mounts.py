@@ -1,14 +1,14 @@
 """FUSE mounts of committed layer chains, started from a fork server.
 
 Why a fork server: a new mount must not pay an interpreter start (``erofs-fuse mount`` takes
-about 0.6 s, most of it imports). The command line imports ``erofs_fuse.cli.mount`` and the snapshotter
-forks one
-child, the *forker*, before it starts any thread (grpc's included: forking a process that runs
-threads is unsafe). For each mount the forker forks a worker that runs that module's ``main(argv)``
-(handed in as ``mount_main``: nothing here imports the command line),
+about 0.6 s, most of it imports). The command line imports ``erofs_fuse.cli.mount`` and the
+snapshotter forks one child, the *forker*, before it starts any thread (grpc's included: forking
+a process that runs threads is unsafe). For each mount the forker forks a worker that runs that
+module's ``main(argv)`` (handed in as ``mount_main``: nothing here imports the command line),
 which double-forks the daemon and returns once the kernel's INIT has been served, as on the
 command line. The daemons are nobody's children: they outlive a snapshotter restart, so running
-containers keep their root filesystems.
+containers keep their root filesystems. Each worker, and so its daemon, takes the process title
+``erofs-fuse mount <id> <mountpoint>``: never the snapshotter's command line.
 
 One mount per distinct chain: a chain is fixed by its top committed snapshot (parents never
 change), so the mountpoint is ``<root>/mounts/<id of the top>``. Its users are the active
@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..fuse.mountinfo import mounted_fuse
+from .proctitle import set_title
 
 log = logging.getLogger("erofs_fuse.snapshotter")
 
@@ -40,7 +41,8 @@ class MountError(Exception):
 
 
 class Forker:
-    """The fork server: ``mount(argv)`` runs ``erofs-fuse mount ARGV`` in a forked worker."""
+    """The fork server: ``mount(argv, title)`` runs ``erofs-fuse mount ARGV`` in a forked
+    worker whose process title (``ps``, /proc/PID/cmdline, ``pkill -f``) is ``title``."""
 
     def __init__(self, mount_main: MountMain) -> None:
         # mount_main's module is imported already, before the fork: each worker starts warm
@@ -60,9 +62,10 @@ class Forker:
         self.reader = ours.makefile("rb")
         self.lock = threading.Lock()
 
-    def mount(self, argv: Sequence[str]) -> None:
+    def mount(self, argv: Sequence[str], title: str) -> None:
+        request = {"argv": list(argv), "title": title}
         with self.lock:
-            self.sock.sendall(json.dumps(list(argv)).encode() + b"\n")
+            self.sock.sendall(json.dumps(request).encode() + b"\n")
             line = self.reader.readline()
         if not line:
             raise MountError("the mount fork server is gone")
@@ -78,13 +81,14 @@ class Forker:
 
 
 def _serve_forks(sock: socket.socket, mount_main: MountMain) -> None:
-    """The forker's loop: one JSON argv per line in, one JSON ``{code, error}`` per line out."""
+    """The forker's loop: one JSON ``{argv, title}`` per line in, one JSON ``{code, error}``
+    per line out."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C of a foreground snapshotter: it stops us
     reader = sock.makefile("rb")
     for line in reader:
-        argv = json.loads(line)
+        request = json.loads(line)
         err = os.memfd_create("erofs-fuse-mount-stderr")
         pid = os.fork()
         if pid == 0:
@@ -94,7 +98,11 @@ def _serve_forks(sock: socket.socket, mount_main: MountMain) -> None:
                 sock.close()
                 os.dup2(err, 2)
                 os.close(err)
-                code = mount_main(argv)
+                # The daemon (forked by mount_main) keeps this title. Without it, it shows the
+                # snapshotter's command line, and `pkill -f 'erofs-fuse snapshotter'` would kill
+                # the root filesystems of running containers with the snapshotter.
+                set_title(request["title"])
+                code = mount_main(request["argv"])
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
@@ -167,7 +175,7 @@ class ChainMounts:
             argv += ["--verity", f"{index}={digest}"]
         argv.append(path)
         start = time.monotonic()
-        self.forker.mount(argv)
+        self.forker.mount(argv, f"erofs-fuse mount {top_id} {path}")
         log.info("mounted chain %d (%d layers) at %s in %.0f ms", top_id, len(layers), path,
                  (time.monotonic() - start) * 1000)
         return path

@@ -2,10 +2,12 @@
 arguments ``erofs_fuse.cli.snapshotter`` parses).
 
 Order: the command line configures logging (stderr, for systemd's journal) and imports the
-mount code; here we fork the mount forker (before any thread exists), open the store and sweep what a
-crash left, then serve gRPC on the unix socket until SIGTERM or SIGINT, which stop the server
-(in-flight calls get a grace period), the forker and the store. The FUSE mounts of running
-containers are left in place: they are independent daemons, and the next start adopts them.
+mount code; here we refuse an address that is not ours to take (``claims.py``), fork the mount
+forker (before any thread exists), lock the root, open the store and sweep what a crash left,
+then serve gRPC on the unix socket until SIGTERM or SIGINT, which stop the server (in-flight
+calls get a grace period), remove the socket if it is still ours, and close the store, the lock
+and the forker. The FUSE mounts of running containers are left in place: they are independent
+daemons, and the next start adopts them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import threading
 from concurrent import futures
 
 from ..console import CliError
+from .claims import (clear_stale_socket, lock_root, publish_socket, release_socket,
+                     staging_path)
 from .mounts import MountMain
 
 log = logging.getLogger("erofs_fuse.snapshotter")
@@ -34,9 +38,18 @@ def serve(root: str, address: str, mount_main: MountMain) -> int:
     from .mounts import Forker
 
     os.makedirs(root, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(address), exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CliError(f"--address {address}: {os.path.dirname(address)} is not a "
+                       "directory") from None
+    except OSError as exc:
+        raise CliError(f"--address {address}: {exc.strerror or exc}") from None
+    clear_stale_socket(address)  # before the forker: a refusal leaves nothing to stop
     forker = Forker(mount_main)  # first: no thread may exist when it forks
     with contextlib.ExitStack() as stack:
         stack.callback(forker.close)
+        stack.callback(os.close, lock_root(root))  # after the fork, before the sweep
         import grpc
 
         from .api import snapshots_pb2_grpc as pb_grpc
@@ -45,16 +58,16 @@ def serve(root: str, address: str, mount_main: MountMain) -> int:
 
         snapshotter = Snapshotter(root, forker)
         stack.callback(snapshotter.close)
-        os.makedirs(os.path.dirname(address), exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(address)  # a socket left by a killed predecessor
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
                              options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                       ("grpc.max_send_message_length", MAX_MESSAGE)])
         pb_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]
             Service(snapshotter), server)
-        if server.add_insecure_port(f"unix://{address}") == 0:
-            raise CliError(f"{address}: cannot listen", 1)
+        staged = staging_path(address)
+        if server.add_insecure_port(f"unix://{staged}") == 0:
+            raise CliError(f"--address {address}: cannot listen", 1)
+        ours = publish_socket(staged, address)
+        stack.callback(release_socket, address, ours)  # runs after the server's stop
         stop = threading.Event()
 
         def on_signal(signum: int, _frame: object) -> None:
@@ -68,7 +81,5 @@ def serve(root: str, address: str, mount_main: MountMain) -> int:
         log.info("serving containerd snapshots on %s, root %s", address, root)
         while not stop.wait(3600):
             pass
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(address)
     log.info("stopped")
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -38,26 +40,69 @@ T = TypeVar("T")
 
 
 def _boundary(method: Callable[..., T]) -> Callable[..., T]:
-    """Every RPC: store errors become their status code; anything else is logged, UNKNOWN."""
+    """Every RPC: logged (its start and its outcome, at debug level; the first call after
+    start at info), store errors become their status code, anything else is logged, UNKNOWN."""
 
     @functools.wraps(method)
     def wrapper(self: Service, request: Any, context: grpc.ServicerContext) -> T:
         name = method.__name__
+        self.note_call(name)
+        args = _request_args(request)
+        log.debug("-> %s%s", name, args)
+        start = time.monotonic()
         try:
-            return method(self, request, context)
+            result = method(self, request, context)
+            if isinstance(result, Iterator):  # List: its replies are made already
+                replies = list(result)
+                log.debug("<- %s%s: ok, %d infos in %d replies (%.0f ms)", name, args,
+                          sum(len(r.info) for r in replies), len(replies), _ms(start))
+                return iter(replies)  # type: ignore[return-value]
+            log.debug("<- %s%s: ok%s (%.0f ms)", name, args, _reply_summary(result), _ms(start))
+            return result
         except StoreError as exc:
             code = _CODES.get(type(exc), grpc.StatusCode.UNKNOWN)
-            log.info("%s: %s (%s)", name, exc, code.name)
+            # at info even without --debug: containerd acts on these codes (errdefs)
+            log.info("<- %s%s: %s %s (%.0f ms)", name, args, code.name, exc, _ms(start))
             context.abort(code, str(exc))
         except (MountError, MkfsError) as exc:
-            log.error("%s: %s", name, exc)
+            log.error("%s%s: %s", name, args, exc)
             context.abort(grpc.StatusCode.UNKNOWN, str(exc))
         except Exception as exc:
-            log.exception("%s failed", name)
+            log.exception("%s%s failed", name, args)
             context.abort(grpc.StatusCode.UNKNOWN, f"{name}: {exc}")
         raise AssertionError("abort returned")
 
     return wrapper
+
+
+_LOGGED_FIELDS = ("key", "name", "parent", "filters")  # what identifies a call's subject
+
+
+def _request_args(request: Any) -> str:
+    """`` key='…' parent='…'``: the request's fields that name snapshots (Update's are in
+    its ``info``, with its field mask), not labels or mounts."""
+    parts = []
+    for field in _LOGGED_FIELDS:
+        value = getattr(request, field, None)
+        if value:
+            parts.append(f"{field}={list(value) if field == 'filters' else value!r}")
+    if isinstance(request, pb.UpdateSnapshotRequest):
+        parts.append(f"name={request.info.name!r}")
+        if request.update_mask.paths:
+            parts.append(f"paths={list(request.update_mask.paths)}")
+    return "".join(" " + part for part in parts)
+
+
+def _reply_summary(reply: object) -> str:
+    """``, mounts overlay`` for replies that hand out mounts; nothing for the others."""
+    mounts = getattr(reply, "mounts", None)
+    if mounts is None:
+        return ""
+    return ", mounts " + (",".join(m.type for m in mounts) or "none")
+
+
+def _ms(start: float) -> float:
+    return (time.monotonic() - start) * 1000
 
 
 def _mount_pb(specs: list[MountSpec]) -> list[mount_pb2.Mount]:
@@ -76,18 +121,29 @@ def info_pb(snap: Snapshot) -> pb.Info:
 class Service(pb_grpc.SnapshotsServicer):
     def __init__(self, snapshotter: Snapshotter) -> None:
         self.s = snapshotter
+        self.called = False
+        self.called_lock = threading.Lock()
+
+    def note_call(self, method: str) -> None:
+        """Log the first call after start: the one sign that containerd's proxy plugin reaches
+        this socket (containerd connects lazily: ``ctr plugins ls`` says ``ok`` either way)."""
+        if self.called:
+            return
+        with self.called_lock:
+            if self.called:
+                return
+            self.called = True
+        log.info("containerd connected: first call %s", method)
 
     @_boundary
     def Prepare(self, request: pb.PrepareSnapshotRequest,
                 context: grpc.ServicerContext) -> pb.PrepareSnapshotResponse:
-        log.debug("Prepare %r parent %r", request.key, request.parent)
         specs = self.s.prepare(request.key, request.parent, dict(request.labels))
         return pb.PrepareSnapshotResponse(mounts=_mount_pb(specs))
 
     @_boundary
     def View(self, request: pb.ViewSnapshotRequest,
              context: grpc.ServicerContext) -> pb.ViewSnapshotResponse:
-        log.debug("View %r parent %r", request.key, request.parent)
         specs = self.s.prepare(request.key, request.parent, dict(request.labels), Kind.VIEW)
         return pb.ViewSnapshotResponse(mounts=_mount_pb(specs))
 
@@ -99,7 +155,6 @@ class Service(pb_grpc.SnapshotsServicer):
     @_boundary
     def Commit(self, request: pb.CommitSnapshotRequest,
                context: grpc.ServicerContext) -> empty_pb2.Empty:
-        log.debug("Commit %r as %r", request.key, request.name)
         self.s.commit(request.name, request.key, dict(request.labels), request.parent)
         return empty_pb2.Empty()
 
