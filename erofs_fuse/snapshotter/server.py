@@ -39,7 +39,7 @@ def serve(root: str, address: str, mount_main: MountMain) -> int:
         stack.callback(forker.close)
         import grpc
 
-        from .api import snapshots_pb2_grpc as pb_grpc
+        from ..containerd.api import snapshots_pb2_grpc as pb_grpc
         from .core import Snapshotter
         from .service import Service
 
