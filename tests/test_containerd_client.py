@@ -14,8 +14,8 @@ import io
 import json
 import socket
 import subprocess
-import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -115,6 +115,22 @@ def test_write_blob_and_read_back(stack: Stack, client: Client) -> None:
     assert digest(big) in content_digests(stack)
     client.images.delete("test/keep-blobs:1", sync=True)
     assert digest(big) not in content_digests(stack)
+
+
+def test_parallel_writes_share_one_client(stack: Stack, client: Client) -> None:
+    """Layers are converted at once: their blobs are written from several threads through one
+    client (one channel), each on a stream of its own."""
+    blobs = [bytes([k]) * (CHUNK + 1000 * k) for k in range(6)]
+    with client.lease() as leased:
+        def write(data: bytes) -> bool:
+            return leased.content.write_blob(f"layer-{digest(data)}", io.BytesIO(data),
+                                             digest(data), len(data))
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(write, blobs))
+        for data in blobs:
+            assert leased.content.read(digest(data)) == data
+    collect_garbage(client)
+    assert not {digest(b) for b in blobs} & content_digests(stack)
 
 
 def test_namespace_header(stack: Stack, client: Client) -> None:

@@ -121,17 +121,18 @@ class Client:
         r = self.call(self._ch.version.Version, empty_pb2.Empty(), "version")
         return r.version, r.revision
 
-    def call(self, method: Any, request: Any, what: str, *,
+    def call(self, method: Any, request: Any, what: str, subject: str = "", *,
              timeout: float | None = None) -> Any:
-        """One unary call with our headers and deadline; gRPC errors become ContainerdError."""
+        """One unary call with our headers and deadline; gRPC errors become ContainerdError
+        (``what``: the call, e.g. ``get image``; ``subject``: the name it was about)."""
         try:
             return method(request, metadata=self.metadata,
                           timeout=timeout if timeout is not None else self.timeout)
         except grpc.RpcError as exc:
-            raise self.error(exc, what) from None
+            raise self.error(exc, what, subject) from None
 
-    def error(self, exc: grpc.RpcError, what: str) -> ContainerdError:
-        return error_from_rpc(exc, self.address, what)
+    def error(self, exc: grpc.RpcError, what: str, subject: str = "") -> ContainerdError:
+        return error_from_rpc(exc, self.address, what, subject)
 
     def close(self) -> None:
         if self._owner:

@@ -34,7 +34,7 @@ class Content:
     def info(self, digest: str) -> ContentInfo:
         """The blob ``digest`` (NotFound if this namespace does not have it)."""
         r = self._c.call(self._c.stubs.content.Info, pb.InfoRequest(digest=digest),
-                         f"content info {digest}")
+                         "get blob info", digest)
         return ContentInfo.from_pb(r.info)
 
     def update_labels(self, digest: str, labels: Mapping[str, str | None]) -> ContentInfo:
@@ -45,7 +45,7 @@ class Content:
         mask = field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels])
         r = self._c.call(self._c.stubs.content.Update,
                          pb.UpdateRequest(info=info, update_mask=mask),
-                         f"update labels of {digest}")
+                         "label blob", digest)
         return ContentInfo.from_pb(r.info)
 
     def read(self, digest: str, offset: int = 0, size: int = 0) -> bytes:
@@ -60,14 +60,14 @@ class Content:
             for r in call:  # r.offset is not to be trusted in 1.6 (starts at 0): not used
                 yield r.data
         except grpc.RpcError as exc:
-            raise self._c.error(exc, f"content read {digest}") from None
+            raise self._c.error(exc, "read blob", digest) from None
         finally:
             call.cancel()
 
     def abort(self, ref: str) -> None:
         """Drop the unfinished ingest ``ref`` (NotFound if there is none)."""
         self._c.call(self._c.stubs.content.Abort, pb.AbortRequest(ref=ref),
-                     f"content abort {ref}")
+                     "abort ingest", ref)
 
     def write_blob(self, ref: str, data: bytes | IO[bytes], expected: str, size: int,
                    labels: Mapping[str, str] | None = None) -> bool:
@@ -77,9 +77,8 @@ class Content:
         True if written, False if this namespace had the blob already (its labels are then
         set with ``update_labels``). containerd refuses a size or digest that differs
         (FailedPrecondition); the ingest is then aborted, so nothing is left behind."""
-        what = f"content write {expected} ({ref})"
         labels = dict(labels or {})
-        stream = _WriteStream(self._c, what)
+        stream = _WriteStream(self._c, expected)
         try:
             try:
                 done = self._write(stream, ref, data, expected, size, labels)
@@ -107,19 +106,19 @@ class Content:
                 r = stream.exchange(pb.WriteContentRequest(action=pb.WRITE, offset=offset,
                                                            data=chunk))
                 if r.offset != offset + len(chunk):
-                    raise ContainerdError(f"containerd: {stream.what}: wrote {len(chunk)} "
+                    raise ContainerdError(f"containerd write blob {expected}: wrote {len(chunk)} "
                                           f"bytes at {offset}, containerd holds {r.offset}")
                 offset = r.offset
                 if offset > size:
                     break
         if offset != size:
             longer = "more than " if offset > size else ""
-            raise ContainerdError(f"containerd: {stream.what}: the data is {longer}{offset} "
+            raise ContainerdError(f"containerd write blob {expected}: the data is {longer}{offset} "
                                   f"bytes long, expected {size}")
         r = stream.exchange(pb.WriteContentRequest(action=pb.COMMIT, total=size, offset=offset,
                                                    expected=expected, labels=labels))
         if r.digest and r.digest != expected:
-            raise ContainerdError(f"containerd: {stream.what}: committed as {r.digest}")
+            raise ContainerdError(f"containerd write blob {expected}: committed as {r.digest}")
         return True
 
 
@@ -129,9 +128,9 @@ class _WriteStream:
 
     _END: Any = None
 
-    def __init__(self, client: Client, what: str) -> None:
+    def __init__(self, client: Client, digest: str) -> None:
         self._c = client
-        self.what = what
+        self.digest = digest
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._call = client.stubs.content.Write(self._requests(), metadata=client.metadata)
 
@@ -144,9 +143,9 @@ class _WriteStream:
         try:
             return next(self._call)
         except grpc.RpcError as exc:
-            raise self._c.error(exc, self.what) from None
+            raise self._c.error(exc, "write blob", self.digest) from None
         except StopIteration:
-            raise ContainerdError(f"containerd: {self.what}: the stream ended early") from None
+            raise ContainerdError(f"containerd write blob {self.digest}: the stream ended early") from None
 
     def close(self) -> None:
         """Half-close and read to the end: after a COMMIT, containerd sends its last response

@@ -54,20 +54,24 @@ _BY_CODE: dict[Any, type[ContainerdError]] = {
 }
 
 
-def error_from_rpc(exc: grpc.RpcError, address: str, what: str) -> ContainerdError:
-    """The ContainerdError for a failed call ``what`` (e.g. ``content write sha256:…``) to the
-    containerd listening on ``address``."""
+def error_from_rpc(exc: grpc.RpcError, address: str, what: str,
+                   subject: str = "") -> ContainerdError:
+    """The ContainerdError for a failed call ``what`` (e.g. ``get image``) on ``subject``
+    (its name or digest) to the containerd listening on ``address``. containerd's message
+    mostly names the subject already (``image "x": not found``): it is not repeated then."""
     code = exc.code() if isinstance(exc, grpc.Call) else None
     details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+    if subject and subject not in details:
+        what = f"{what} {subject}"
     cls = _BY_CODE.get(code, ContainerdError)
     if cls is Unavailable:
         reason = "timed out" if code == grpc.StatusCode.DEADLINE_EXCEEDED else _short(details)
-        return Unavailable(f"containerd at {address} is unavailable ({reason}); is it running "
-                           f"and is this its socket? ({what})", code)
-    return cls(f"containerd: {what}: {details}", code)
+        return Unavailable(f"cannot reach containerd at {address} ({what}): {reason}; is "
+                           f"containerd running, and is that its socket?", code)
+    return cls(f"containerd {what}: {details}", code)
 
 
 def _short(details: str) -> str:
     """grpc's connection failures carry a long chain ('failed to connect to all addresses;
     last error: UNKNOWN: unix:/x: No such file or directory'): keep the last reason."""
-    return details.rsplit(": ", 1)[-1].strip() or details
+    return (details.rsplit(": ", 1)[-1].strip() or details).lower()

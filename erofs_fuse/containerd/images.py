@@ -23,7 +23,7 @@ class Images:
 
     def get(self, name: str) -> ImageRecord:
         r = self._c.call(self._c.stubs.images.Get, pb.GetImageRequest(name=name),
-                         f"image {name}")
+                         "get image", name)
         return ImageRecord.from_pb(r.image)
 
     def create(self, name: str, target: Descriptor,
@@ -31,7 +31,7 @@ class Images:
         """A new record (AlreadyExists if the name is taken)."""
         image = pb.Image(name=name, target=target.to_pb(), labels=dict(labels or {}))
         r = self._c.call(self._c.stubs.images.Create, pb.CreateImageRequest(image=image),
-                         f"create image {name}")
+                         "create image", name)
         return ImageRecord.from_pb(r.image)
 
     def update(self, name: str, target: Descriptor,
@@ -43,7 +43,7 @@ class Images:
             paths=["target", *(f"labels.{k}" for k in (labels or {}))])
         r = self._c.call(self._c.stubs.images.Update,
                          pb.UpdateImageRequest(image=image, update_mask=mask),
-                         f"update image {name}")
+                         "update image", name)
         return ImageRecord.from_pb(r.image)
 
     def put(self, name: str, target: Descriptor,
@@ -57,4 +57,4 @@ class Images:
     def delete(self, name: str, *, sync: bool = False) -> None:
         """Delete the record; ``sync`` waits for the garbage collection this starts."""
         self._c.call(self._c.stubs.images.Delete, pb.DeleteImageRequest(name=name, sync=sync),
-                     f"delete image {name}")
+                     "delete image", name)

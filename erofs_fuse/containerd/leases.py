@@ -30,13 +30,13 @@ class Leases:
         lease_id = lease_id or new_lease_id()
         r = self._c.call(self._c.stubs.leases.Create,
                          pb.CreateRequest(id=lease_id, labels=all_labels),
-                         f"create lease {lease_id}")
+                         "create lease", lease_id)
         return Lease.from_pb(r.lease)
 
     def delete(self, lease_id: str, *, sync: bool = False) -> None:
         """Delete a lease; ``sync`` waits for the garbage collection this starts."""
         self._c.call(self._c.stubs.leases.Delete, pb.DeleteRequest(id=lease_id, sync=sync),
-                     f"delete lease {lease_id}")
+                     "delete lease", lease_id)
 
     def list(self, *filters: str) -> list[Lease]:
         r = self._c.call(self._c.stubs.leases.List, pb.ListRequest(filters=list(filters)),

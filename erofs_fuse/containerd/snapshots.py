@@ -53,23 +53,25 @@ class Snapshots:
         ``containerd.io/snapshot/`` (and ``containerd.io/snapshot.ref``) reach the snapshotter."""
         r = self._c.call(self._c.stubs.snapshots.Prepare, pb.PrepareSnapshotRequest(
             snapshotter=self.snapshotter, key=key, parent=parent, labels=dict(labels or {})),
-            f"prepare snapshot {key!r} in {self.snapshotter}")
+            f"prepare {self.snapshotter} snapshot", key)
         return [Mount.from_pb(m) for m in r.mounts]
 
     def mounts(self, key: str) -> list[Mount]:
         r = self._c.call(self._c.stubs.snapshots.Mounts, pb.MountsRequest(
-            snapshotter=self.snapshotter, key=key), f"mounts of snapshot {key!r}")
+            snapshotter=self.snapshotter, key=key),
+            f"get mounts of {self.snapshotter} snapshot", key)
         return [Mount.from_pb(m) for m in r.mounts]
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         """Commit active snapshot ``key`` as ``name`` (a chain id, for a layer)."""
         self._c.call(self._c.stubs.snapshots.Commit, pb.CommitSnapshotRequest(
             snapshotter=self.snapshotter, name=name, key=key, labels=dict(labels or {})),
-            f"commit snapshot {key!r} as {name!r} in {self.snapshotter}")
+            f"commit {self.snapshotter} snapshot", f"{key} as {name}")
 
     def stat(self, key: str) -> SnapshotInfo:
         r = self._c.call(self._c.stubs.snapshots.Stat, pb.StatSnapshotRequest(
-            snapshotter=self.snapshotter, key=key), f"snapshot {key!r} in {self.snapshotter}")
+            snapshotter=self.snapshotter, key=key),
+            f"stat {self.snapshotter} snapshot", key)
         return SnapshotInfo.from_pb(r.info)
 
     def exists(self, key: str) -> bool:
@@ -82,7 +84,7 @@ class Snapshots:
     def remove(self, key: str) -> None:
         self._c.call(self._c.stubs.snapshots.Remove, pb.RemoveSnapshotRequest(
             snapshotter=self.snapshotter, key=key),
-            f"remove snapshot {key!r} from {self.snapshotter}")
+            f"remove {self.snapshotter} snapshot", key)
 
     def list(self, *filters: str) -> list[SnapshotInfo]:
         call = self._c.stubs.snapshots.List(pb.ListSnapshotsRequest(
@@ -91,7 +93,7 @@ class Snapshots:
         try:
             return [SnapshotInfo.from_pb(i) for r in call for i in r.info]
         except grpc.RpcError as exc:
-            raise self._c.error(exc, f"list snapshots of {self.snapshotter}") from None
+            raise self._c.error(exc, f"list {self.snapshotter} snapshots") from None
 
     def prepare_remote(self, chain_id: str, parent: str = "",
                        labels: Mapping[str, str] | None = None) -> RemotePrepare:
@@ -112,7 +114,7 @@ class Snapshots:
                     return RemotePrepare(chain_id, True)
                 continue  # the key itself was taken: a new one
             return RemotePrepare(chain_id, False, key, tuple(mounts))
-        raise AlreadyExists(f"containerd: prepare snapshot {chain_id} in {self.snapshotter}: "
+        raise AlreadyExists(f"containerd prepare {self.snapshotter} snapshot {chain_id}: "
                             f"{PREPARE_TRIES} keys taken, chain id not found")
 
 
