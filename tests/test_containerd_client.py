@@ -29,6 +29,7 @@ from erofs_fuse.containerd import (
     ContainerdError,
     Descriptor,
     FailedPrecondition,
+    Mount,
     NotFound,
     Unavailable,
     index_gc_labels,
@@ -36,6 +37,8 @@ from erofs_fuse.containerd import (
     snapshot_gc_label,
 )
 from erofs_fuse.containerd.content import CHUNK
+from erofs_fuse.oci.image import chain_ids
+from ocilayout import Layout, busybox_entries, file
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -296,3 +299,60 @@ def test_version_and_bad_namespace(stack: Stack, client: Client) -> None:
     assert version.startswith("1.")
     with pytest.raises(ContainerdError, match="namespace"):
         Client(stack.address, "bad namespace")
+
+
+def test_registered_image_runs_without_unpack(stack: Stack, client: Client,
+                                              tmp_path: Path) -> None:
+    """The sequence ``image import`` will follow: config and manifest into the content store
+    (no layer blob), each layer's snapshot through containerd with ``containerd.io/snapshot.ref``
+    bottom up, the config's snapshot GC label, the image record, all under one lease. Our
+    snapshotter does not hold the layers beforehand, so each Prepare gives an active snapshot
+    that the test fills with ``tar -x`` and commits as the chain id. ``ctr run`` then finds the
+    image unpacked: with no layer blob in the store, any unpack would fail."""
+    layout = Layout(tmp_path / "layout")
+    layers = [layout.layer(busybox_entries(), compression=None),
+              layout.layer([file("msg", "registered by the client\n")], compression=None)]
+    manifest_desc = layout.image(layers)
+    manifest = layout.blob_path(manifest_desc["digest"]).read_bytes()
+    config_desc = json.loads(manifest)["config"]
+    config = layout.blob_path(config_desc["digest"]).read_bytes()
+    chains = chain_ids([layer.diff_id for layer in layers])
+    name = "example.com/test/registered:1"
+    with client.lease() as leased:
+        cs = leased.content
+        cs.write_blob(f"config-{config_desc['digest']}", config, config_desc["digest"],
+                      len(config))
+        cs.write_blob(f"manifest-{manifest_desc['digest']}", manifest, manifest_desc["digest"],
+                      len(manifest), manifest_gc_labels(config_desc["digest"]))
+        sn = leased.snapshots(SNAPSHOTTER)
+        for k, (layer, chain) in enumerate(zip(layers, chains)):
+            got = sn.prepare_remote(chain, chains[k - 1] if k else "")
+            assert not got.committed
+            fill(got.mounts, layer.tar, tmp_path / f"m{k}")
+            sn.commit(chain, got.key)
+        cs.update_labels(config_desc["digest"], snapshot_gc_label(SNAPSHOTTER, chains[-1]))
+        leased.images.put(name, Descriptor(manifest_desc["mediaType"], manifest_desc["digest"],
+                                           manifest_desc["size"]))
+    collect_garbage(client)  # the image record keeps config, manifest and the whole chain
+    assert set(chains) <= set(ctr(stack, "snapshots", "--snapshotter", SNAPSHOTTER, "ls",
+                                  ).split())
+    out = ctr(stack, "run", "--rm", "--snapshotter", SNAPSHOTTER, name, "t-registered",
+              "/bin/busybox", "cat", "/msg")
+    assert out == "registered by the client\n"
+    assert layers[0].descriptor["digest"] not in content_digests(stack)  # never unpacked
+    client.images.delete(name, sync=True)
+    assert not set(chains) & set(ctr(stack, "snapshots", "--snapshotter", SNAPSHOTTER, "ls",
+                                     ).split())
+
+
+def fill(mounts: tuple[Mount, ...], tar: bytes, target: Path) -> None:
+    """Extract a layer tar into an active snapshot, through its mounts."""
+    assert len(mounts) == 1, mounts
+    target.mkdir()
+    m = mounts[0]
+    subprocess.run(["mount", "-t", m.type, "-o", ",".join(m.options), m.source, str(target)],
+                   check=True)
+    try:
+        subprocess.run(["tar", "-x", "-C", str(target)], input=tar, check=True)
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
