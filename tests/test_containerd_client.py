@@ -258,6 +258,8 @@ def test_snapshots_through_containerd(stack: Stack, client: Client) -> None:
         assert sn.stat(bottom).kind == "committed"
         # now present: no Prepare at all; a Prepare naming it as target is AlreadyExists
         assert sn.prepare_remote(bottom).committed
+        # the same answered by Prepare: containerd's ALREADY_EXISTS, then a Stat that finds it
+        assert sn.prepare_remote(bottom, stat_first=False).committed
         with pytest.raises(AlreadyExists, match="already exists"):
             sn.prepare("another-key", labels={"containerd.io/snapshot.ref": bottom})
         second = sn.prepare_remote(top, parent=bottom)

@@ -145,7 +145,8 @@ class _WriteStream:
         except grpc.RpcError as exc:
             raise self._c.error(exc, "write blob", self.digest) from None
         except StopIteration:
-            raise ContainerdError(f"containerd write blob {self.digest}: the stream ended early") from None
+            raise ContainerdError(f"containerd write blob {self.digest}: the stream ended "
+                                  f"early") from None
 
     def close(self) -> None:
         """Half-close and read to the end: after a COMMIT, containerd sends its last response

@@ -96,13 +96,15 @@ class Snapshots:
             raise self._c.error(exc, f"list {self.snapshotter} snapshots") from None
 
     def prepare_remote(self, chain_id: str, parent: str = "",
-                       labels: Mapping[str, str] | None = None) -> RemotePrepare:
+                       labels: Mapping[str, str] | None = None, *,
+                       stat_first: bool = True) -> RemotePrepare:
         """One layer of the remote-snapshot sequence: ``chain_id`` on top of the chain
         ``parent`` (the previous layer's chain id, "" for the bottom layer), telling the
         snapshotter the target through ``containerd.io/snapshot.ref``; ``labels`` (keys
         ``containerd.io/snapshot/…``) go along to it. Layers must go bottom up: the parent must
-        exist. See RemotePrepare for the outcome."""
-        if self.exists(chain_id):
+        exist. See RemotePrepare for the outcome. ``stat_first=False`` skips the first Stat,
+        as containerd 2.x does: a chain id containerd knows is then answered by Prepare."""
+        if stat_first and self.exists(chain_id):
             return RemotePrepare(chain_id, True)
         all_labels = {**(labels or {}), SNAPSHOT_REF: chain_id}
         for _ in range(PREPARE_TRIES):
