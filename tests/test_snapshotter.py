@@ -397,7 +397,7 @@ def direct_stack() -> Iterator[tuple[object, Stack]]:
     """A snapshotter of its own (no containerd) and a gRPC stub talking to it."""
     import grpc
 
-    from erofs_fuse.snapshotter.api import snapshots_pb2_grpc
+    from erofs_fuse.containerd.api import snapshots_pb2_grpc
 
     tmp = Path(tempfile.mkdtemp(prefix="efs-snapd-", dir="/tmp"))
     s = Stack(tmp, tmp / "snapshotter", "", tmp / "snapshotter.log")
@@ -425,7 +425,7 @@ def test_api_errors_and_labels(direct: tuple[object, Path]) -> None:
     import grpc
     from google.protobuf import field_mask_pb2
 
-    from erofs_fuse.snapshotter.api import snapshots_pb2 as pb
+    from erofs_fuse.containerd.api import snapshots_pb2 as pb
 
     stub, root = direct
 

@@ -52,7 +52,7 @@ def serve(root: str, address: str, mount_main: MountMain) -> int:
         stack.callback(os.close, lock_root(root))  # after the fork, before the sweep
         import grpc
 
-        from .api import snapshots_pb2_grpc as pb_grpc
+        from ..containerd.api import snapshots_pb2_grpc as pb_grpc
         from .core import Snapshotter
         from .service import Service
 

@@ -3,10 +3,10 @@
 import grpc
 import warnings
 
-from erofs_fuse.snapshotter.api import snapshots_pb2 as erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2
+from erofs_fuse.containerd.api import snapshots_pb2 as erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in erofs_fuse/snapshotter/api/snapshots_pb2_grpc.py depends on'
+        + ' but the generated code in erofs_fuse/containerd/api/snapshots_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,52 +37,52 @@ class SnapshotsStub:
         """
         self.Prepare = channel.unary_unary(
                 '/containerd.services.snapshots.v1.Snapshots/Prepare',
-                request_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.PrepareSnapshotRequest.SerializeToString,
-                response_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.PrepareSnapshotResponse.FromString,
+                request_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.PrepareSnapshotRequest.SerializeToString,
+                response_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.PrepareSnapshotResponse.FromString,
                 _registered_method=True)
         self.View = channel.unary_unary(
                 '/containerd.services.snapshots.v1.Snapshots/View',
-                request_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.ViewSnapshotRequest.SerializeToString,
-                response_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.ViewSnapshotResponse.FromString,
+                request_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.ViewSnapshotRequest.SerializeToString,
+                response_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.ViewSnapshotResponse.FromString,
                 _registered_method=True)
         self.Mounts = channel.unary_unary(
                 '/containerd.services.snapshots.v1.Snapshots/Mounts',
-                request_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.MountsRequest.SerializeToString,
-                response_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.MountsResponse.FromString,
+                request_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.MountsRequest.SerializeToString,
+                response_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.MountsResponse.FromString,
                 _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/containerd.services.snapshots.v1.Snapshots/Commit',
-                request_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.CommitSnapshotRequest.SerializeToString,
+                request_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.CommitSnapshotRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
         self.Remove = channel.unary_unary(
                 '/containerd.services.snapshots.v1.Snapshots/Remove',
-                request_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.RemoveSnapshotRequest.SerializeToString,
+                request_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.RemoveSnapshotRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
         self.Stat = channel.unary_unary(
                 '/containerd.services.snapshots.v1.Snapshots/Stat',
-                request_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.StatSnapshotRequest.SerializeToString,
-                response_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.StatSnapshotResponse.FromString,
+                request_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.StatSnapshotRequest.SerializeToString,
+                response_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.StatSnapshotResponse.FromString,
                 _registered_method=True)
         self.Update = channel.unary_unary(
                 '/containerd.services.snapshots.v1.Snapshots/Update',
-                request_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.UpdateSnapshotRequest.SerializeToString,
-                response_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.UpdateSnapshotResponse.FromString,
+                request_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.UpdateSnapshotRequest.SerializeToString,
+                response_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.UpdateSnapshotResponse.FromString,
                 _registered_method=True)
         self.List = channel.unary_stream(
                 '/containerd.services.snapshots.v1.Snapshots/List',
-                request_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.ListSnapshotsRequest.SerializeToString,
-                response_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.ListSnapshotsResponse.FromString,
+                request_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.ListSnapshotsResponse.FromString,
                 _registered_method=True)
         self.Usage = channel.unary_unary(
                 '/containerd.services.snapshots.v1.Snapshots/Usage',
-                request_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.UsageRequest.SerializeToString,
-                response_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.UsageResponse.FromString,
+                request_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.UsageRequest.SerializeToString,
+                response_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.UsageResponse.FromString,
                 _registered_method=True)
         self.Cleanup = channel.unary_unary(
                 '/containerd.services.snapshots.v1.Snapshots/Cleanup',
-                request_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.CleanupRequest.SerializeToString,
+                request_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.CleanupRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
 
@@ -155,52 +155,52 @@ def add_SnapshotsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prepare': grpc.unary_unary_rpc_method_handler(
                     servicer.Prepare,
-                    request_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.PrepareSnapshotRequest.FromString,
-                    response_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.PrepareSnapshotResponse.SerializeToString,
+                    request_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.PrepareSnapshotRequest.FromString,
+                    response_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.PrepareSnapshotResponse.SerializeToString,
             ),
             'View': grpc.unary_unary_rpc_method_handler(
                     servicer.View,
-                    request_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.ViewSnapshotRequest.FromString,
-                    response_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.ViewSnapshotResponse.SerializeToString,
+                    request_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.ViewSnapshotRequest.FromString,
+                    response_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.ViewSnapshotResponse.SerializeToString,
             ),
             'Mounts': grpc.unary_unary_rpc_method_handler(
                     servicer.Mounts,
-                    request_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.MountsRequest.FromString,
-                    response_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.MountsResponse.SerializeToString,
+                    request_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.MountsRequest.FromString,
+                    response_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.MountsResponse.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
-                    request_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.CommitSnapshotRequest.FromString,
+                    request_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.CommitSnapshotRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'Remove': grpc.unary_unary_rpc_method_handler(
                     servicer.Remove,
-                    request_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.RemoveSnapshotRequest.FromString,
+                    request_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.RemoveSnapshotRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'Stat': grpc.unary_unary_rpc_method_handler(
                     servicer.Stat,
-                    request_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.StatSnapshotRequest.FromString,
-                    response_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.StatSnapshotResponse.SerializeToString,
+                    request_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.StatSnapshotRequest.FromString,
+                    response_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.StatSnapshotResponse.SerializeToString,
             ),
             'Update': grpc.unary_unary_rpc_method_handler(
                     servicer.Update,
-                    request_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.UpdateSnapshotRequest.FromString,
-                    response_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.UpdateSnapshotResponse.SerializeToString,
+                    request_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.UpdateSnapshotRequest.FromString,
+                    response_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.UpdateSnapshotResponse.SerializeToString,
             ),
             'List': grpc.unary_stream_rpc_method_handler(
                     servicer.List,
-                    request_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.ListSnapshotsRequest.FromString,
-                    response_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.ListSnapshotsResponse.SerializeToString,
+                    request_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.ListSnapshotsResponse.SerializeToString,
             ),
             'Usage': grpc.unary_unary_rpc_method_handler(
                     servicer.Usage,
-                    request_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.UsageRequest.FromString,
-                    response_serializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.UsageResponse.SerializeToString,
+                    request_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.UsageRequest.FromString,
+                    response_serializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.UsageResponse.SerializeToString,
             ),
             'Cleanup': grpc.unary_unary_rpc_method_handler(
                     servicer.Cleanup,
-                    request_deserializer=erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.CleanupRequest.FromString,
+                    request_deserializer=erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.CleanupRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
@@ -229,8 +229,8 @@ class Snapshots:
             request,
             target,
             '/containerd.services.snapshots.v1.Snapshots/Prepare',
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.PrepareSnapshotRequest.SerializeToString,
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.PrepareSnapshotResponse.FromString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.PrepareSnapshotRequest.SerializeToString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.PrepareSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -256,8 +256,8 @@ class Snapshots:
             request,
             target,
             '/containerd.services.snapshots.v1.Snapshots/View',
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.ViewSnapshotRequest.SerializeToString,
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.ViewSnapshotResponse.FromString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.ViewSnapshotRequest.SerializeToString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.ViewSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -283,8 +283,8 @@ class Snapshots:
             request,
             target,
             '/containerd.services.snapshots.v1.Snapshots/Mounts',
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.MountsRequest.SerializeToString,
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.MountsResponse.FromString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.MountsRequest.SerializeToString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.MountsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -310,7 +310,7 @@ class Snapshots:
             request,
             target,
             '/containerd.services.snapshots.v1.Snapshots/Commit',
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.CommitSnapshotRequest.SerializeToString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.CommitSnapshotRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
@@ -337,7 +337,7 @@ class Snapshots:
             request,
             target,
             '/containerd.services.snapshots.v1.Snapshots/Remove',
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.RemoveSnapshotRequest.SerializeToString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.RemoveSnapshotRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
@@ -364,8 +364,8 @@ class Snapshots:
             request,
             target,
             '/containerd.services.snapshots.v1.Snapshots/Stat',
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.StatSnapshotRequest.SerializeToString,
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.StatSnapshotResponse.FromString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.StatSnapshotRequest.SerializeToString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.StatSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -391,8 +391,8 @@ class Snapshots:
             request,
             target,
             '/containerd.services.snapshots.v1.Snapshots/Update',
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.UpdateSnapshotRequest.SerializeToString,
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.UpdateSnapshotResponse.FromString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.UpdateSnapshotRequest.SerializeToString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.UpdateSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -418,8 +418,8 @@ class Snapshots:
             request,
             target,
             '/containerd.services.snapshots.v1.Snapshots/List',
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.ListSnapshotsRequest.SerializeToString,
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.ListSnapshotsResponse.FromString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.ListSnapshotsRequest.SerializeToString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.ListSnapshotsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -445,8 +445,8 @@ class Snapshots:
             request,
             target,
             '/containerd.services.snapshots.v1.Snapshots/Usage',
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.UsageRequest.SerializeToString,
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.UsageResponse.FromString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.UsageRequest.SerializeToString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.UsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -472,7 +472,7 @@ class Snapshots:
             request,
             target,
             '/containerd.services.snapshots.v1.Snapshots/Cleanup',
-            erofs__fuse_dot_snapshotter_dot_api_dot_snapshots__pb2.CleanupRequest.SerializeToString,
+            erofs__fuse_dot_containerd_dot_api_dot_snapshots__pb2.CleanupRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,46 @@
+"""The labels containerd gives meaning to: garbage-collection roots and references, lease
+expiry, and the remote-snapshot target (shared/docs/containerd-client.md, 1.5 to 1.7 and 3.1).
+
+containerd's GC keeps an object when something refers to it: an image record keeps its target
+blob, a blob keeps the blobs named by its ``containerd.io/gc.ref.content.*`` labels (index →
+manifests, manifest → config and layers) and the snapshot named by
+``containerd.io/gc.ref.snapshot.<snapshotter>`` (config → the image's top chain id), and a
+lease keeps everything made under it until it is deleted or expires.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+GC_ROOT = "containerd.io/gc.root"
+GC_EXPIRE = "containerd.io/gc.expire"
+GC_REF_CONTENT = "containerd.io/gc.ref.content"
+GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot"
+SNAPSHOT_REF = "containerd.io/snapshot.ref"  # Prepare's target: the remote-snapshot protocol
+UNCOMPRESSED = "containerd.io/uncompressed"  # on a layer blob: its diff_id
+MAX_LABEL = 4096  # containerd refuses a label whose key plus value is longer
+
+
+def expire_at(ttl: timedelta, now: datetime | None = None) -> str:
+    """The ``containerd.io/gc.expire`` value (RFC 3339, UTC) ``ttl`` from now."""
+    when = (now or datetime.now(timezone.utc)) + ttl
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def manifest_gc_labels(config: str, layers: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """Labels for a manifest blob that keep its config and the layer blobs that were stored
+    (as containerd's ``images.ChildGCLabels``: ``…content.config``, ``…content.l.<i>``)."""
+    out = {f"{GC_REF_CONTENT}.config": config}
+    out.update((f"{GC_REF_CONTENT}.l.{i}", digest) for i, digest in enumerate(layers))
+    return out
+
+
+def index_gc_labels(manifests: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Labels for an index blob that keep its manifests (``…content.m.<i>``)."""
+    return {f"{GC_REF_CONTENT}.m.{i}": digest for i, digest in enumerate(manifests)}
+
+
+def snapshot_gc_label(snapshotter: str, chain_id: str) -> dict[str, str]:
+    """The label for an image's config blob that keeps its snapshot chain: the top chain id in
+    ``snapshotter`` (the snapshot's name as clients see it)."""
+    return {f"{GC_REF_SNAPSHOT}.{snapshotter}": chain_id}
