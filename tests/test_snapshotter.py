@@ -502,7 +502,7 @@ def test_every_call_logged_and_the_first_at_info(direct_stack: tuple[Any, Stack]
     the first call after start is logged at INFO, the sign that containerd reaches us."""
     import grpc
 
-    from erofs_fuse.snapshotter.api import snapshots_pb2 as pb
+    from erofs_fuse.containerd.api import snapshots_pb2 as pb
 
     stub, s = direct_stack
     with pytest.raises(grpc.RpcError):
@@ -631,7 +631,7 @@ def chain_daemon(mountpoint: str) -> int:
 def test_one_snapshotter_per_root(direct_stack: tuple[Any, Stack]) -> None:
     """A second snapshotter on the same root is refused, naming the first one's pid, before
     it touches anything (here: an in-flight temporary layer file the first one owns)."""
-    from erofs_fuse.snapshotter.api import snapshots_pb2 as pb
+    from erofs_fuse.containerd.api import snapshots_pb2 as pb
 
     stub, s = direct_stack
     assert s.snapshotter is not None
@@ -650,7 +650,7 @@ def test_mount_daemons_titled_and_lock_free(direct_stack: tuple[Any, Stack]) -> 
     """The mount daemons carry their own process title, so `pkill -f 'erofs-fuse
     snapshotter'` spares them, and do not hold the root's lock: the snapshotter restarts
     beside them."""
-    from erofs_fuse.snapshotter.api import snapshots_pb2 as pb
+    from erofs_fuse.containerd.api import snapshots_pb2 as pb
 
     stub, s = direct_stack
     assert s.snapshotter is not None

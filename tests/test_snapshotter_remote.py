@@ -25,8 +25,8 @@ import pytest
 
 from ctrstack import Stack, mounts_under, unmount_all
 from erofs_fuse.mkfs import ConvertOptions, convert_tar
-from erofs_fuse.snapshotter.api import snapshots_pb2 as pb
-from erofs_fuse.snapshotter.api import snapshots_pb2_grpc
+from erofs_fuse.containerd.api import snapshots_pb2 as pb
+from erofs_fuse.containerd.api import snapshots_pb2_grpc
 from erofs_fuse.snapshotter.core import DIFF_ID_LABEL, LAYER_LABEL, VERITY_LABEL
 from ocilayout import Entry, directory, file, many_files_tar, tar_bytes, whiteout
 
