@@ -90,12 +90,12 @@ def htpasswd(path: Path, user: str, password: str) -> Path:
 
 
 def push(layout: Path, tag: str, dest: str, *, creds: str | None = None,
-         all_images: bool = False) -> None:
+         all_images: bool = False, docker: bool = False) -> None:
     """``skopeo copy`` of the image tagged ``tag`` in ``layout`` to ``docker://dest``, its
-    manifests kept byte for byte."""
+    manifests kept byte for byte, or with ``docker`` converted to Docker's schema 2."""
     skopeo = require_tool("skopeo")
-    cmd = [skopeo, "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
-           "--preserve-digests"]
+    cmd = [skopeo, "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"]
+    cmd += ["--format", "v2s2"] if docker else ["--preserve-digests"]
     if creds:
         cmd += ["--dest-creds", creds]
     if all_images:
@@ -120,13 +120,17 @@ class FaultProxy:
     through the announced body), "short" (announce and send half the body), "eof" (send half
     the body without a length, then close), "500", "429"
     (with Retry-After: 30), "400", "ignore-range" (forward without Range: the registry answers
-    200), "bad-range" (a 206 with another Content-Range), "huge" (a 5 MiB body)."""
+    200), "bad-range" (a 206 with another Content-Range), "huge" (a 5 MiB body), "stall"
+    (wait before answering), "stall-body" (headers, then wait and close), "redirect" (a 307 to
+    the same path on ``redirect_to``)."""
 
     upstream: str
     faults: list[str] = field(default_factory=list)
     match: str = "/blobs/"
     bearer: str | None = None  # a token to require (its endpoint is /token)
     token_user: tuple[str, str] | None = None  # Basic credentials /token insists on
+    redirect_to: str = ""  # host:port a "redirect" fault sends the client to
+    stall: float = 2.0  # seconds a "stall" or "stall-body" fault waits
     seen: list[Seen] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -180,6 +184,10 @@ class FaultProxy:
             return self._reply(req, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {
                 "WWW-Authenticate": f'Bearer realm="{realm}",service="test-proxy"{scope}'})
         fault = self._take(req.path)
+        if fault == "stall":
+            time.sleep(self.stall)
+        if fault == "redirect":
+            return self._reply(req, 307, b"", {"Location": f"http://{self.redirect_to}{req.path}"})
         if fault in ("500", "429", "400"):
             extra = {"Retry-After": "30"} if fault == "429" else {}
             return self._reply(req, int(fault), b"{}", extra)
@@ -218,6 +226,16 @@ class FaultProxy:
             return
         if fault == "short":
             body = body[:len(body) // 2]
+        if fault == "stall-body" and req.command == "GET":  # headers, then nothing
+            req.send_response(status)
+            for k, v in out.items():
+                req.send_header(k, v)
+            req.send_header("Content-Length", str(len(body)))
+            req.end_headers()
+            req.wfile.flush()
+            time.sleep(self.stall)
+            req.close_connection = True
+            return
         if fault == "eof" and req.command == "GET":  # no length: the body ends at the close
             req.send_response(status)
             for k, v in out.items():

@@ -5,6 +5,7 @@ refusing replies, and asking for Bearer tokens."""
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import io
 import json
@@ -20,12 +21,12 @@ from typing import Any, Iterator
 import pytest
 
 from erofs_fuse.oci.image import Descriptor, Platform, host_platform
-from erofs_fuse.registry import (AuthError, BadResponse, DigestMismatch, DockerConfig,
-                                 IncompleteBody, NotFound, Reference, RegistryClient,
-                                 RegistryError, RetryPolicy, Unreachable)
+from erofs_fuse.registry import (AuthError, BadResponse, Credentials, DigestMismatch,
+                                 DockerConfig, IncompleteBody, NotFound, Reference,
+                                 RegistryClient, RegistryError, RetryPolicy, Unreachable)
 from erofs_fuse.registry import client as client_module
-from erofs_fuse.registry.auth import parse_challenges
-from ocilayout import Layout, directory, file, ref
+from erofs_fuse.registry.auth import may_send_credentials, parse_challenges
+from ocilayout import DOCKER_CONFIG, DOCKER_LIST, DOCKER_MANIFEST, Layout, directory, file, ref
 from registry_server import FaultProxy, Registry, htpasswd, push
 
 FAST = RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.05, max_retry_after=0.2,
@@ -63,6 +64,8 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
     try:
         push(layout.root, "one", f"{registry.host}/test/app:v1")
         push(layout.root, "multi", f"{registry.host}/test/multi:v1", all_images=True)
+        push(layout.root, "multi", f"{registry.host}/test/docker:v1", all_images=True,
+             docker=True)
         yield Pushed(registry, amd, index, arm, _blob(layout, big.descriptor),
                      big.descriptor["digest"], layout)
     finally:
@@ -133,6 +136,33 @@ def test_parse_challenges() -> None:
     assert parse_challenges("") == [] and parse_challenges("=== garbage") == []
 
 
+def test_docker_config_lookup(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    hub = base64.b64encode(b"hubuser:pa:ss").decode()
+    path.write_text(json.dumps({"credsStore": "desktop", "auths": {
+        "https://index.docker.io/v1/": {"auth": hub},
+        "reg.example:5000": {"username": "u", "password": "p"},
+        "token.example": {"identitytoken": "x"},
+        "bad.example": {"auth": "not base64!"}}}))
+    config = DockerConfig(str(path))
+    assert config("docker.io") == Credentials("hubuser", "pa:ss")
+    assert config("reg.example:5000") == Credentials("u", "p")
+    assert config("reg.example") is None and config("token.example") is None
+    assert "pa:ss" not in repr(config("docker.io"))
+    with pytest.raises(AuthError, match="bad.example"):
+        config("bad.example")
+    assert pickle.loads(pickle.dumps(config))("docker.io") == Credentials("hubuser", "pa:ss")
+    assert DockerConfig(str(tmp_path / "missing.json"))("docker.io") is None
+    path.write_text("{")
+    with pytest.raises(AuthError, match="not valid JSON"):
+        config("docker.io")
+    # credentials travel only over HTTPS or to this machine
+    assert may_send_credentials("https", "reg.example")
+    assert may_send_credentials("http", "127.0.0.1:5000")
+    assert may_send_credentials("http", "[::1]:5000")
+    assert not may_send_credentials("http", "reg.example:5000")
+
+
 # pulling ----------------------------------------------------------------------------------
 def test_pull_by_tag_and_by_digest(pushed: Pushed) -> None:
     with _client() as client:
@@ -163,6 +193,19 @@ def test_index_resolves_to_one_platform(pushed: Pushed) -> None:
         assert arm.platform == Platform("linux", "arm64", "v8") and len(arm.layers) == 1
         with pytest.raises(NotFound, match="no image for linux/s390x"):
             client.resolve(name, Platform.parse("linux/s390x"))
+
+
+def test_docker_schema2(pushed: Pushed) -> None:
+    name = f"{pushed.registry.host}/test/docker:v1"
+    with _client() as client:
+        image = client.resolve(name, Platform.parse("linux/arm64"))
+        assert image.index is not None
+        assert image.index.descriptor.media_type == DOCKER_LIST
+        assert image.manifest.descriptor.media_type == DOCKER_MANIFEST
+        assert image.config.descriptor.media_type == DOCKER_CONFIG
+        assert image.platform == Platform("linux", "arm64", "v8")
+        with client.open_blob(image.reference, image.layers[0]) as blob:
+            assert gzip.decompress(b"".join(blob.chunks()))[:5] == b"etc/\0"
 
 
 def test_blob_streams_verified(pushed: Pushed) -> None:
@@ -257,6 +300,41 @@ def test_server_errors_retried_then_bounded(pushed: Pushed, proxy: FaultProxy) -
         with pytest.raises(BadResponse, match="400"):
             client.open_blob(_via(proxy), desc)
         assert len(proxy.paths("/blobs/")) == 1
+
+
+def test_stalls_are_bounded(pushed: Pushed, proxy: FaultProxy) -> None:
+    desc = Descriptor("application/octet-stream", pushed.big_digest, len(pushed.big))
+    quick = RetryPolicy(attempts=3, backoff=0.01, timeout=0.3, deadline=5)
+    proxy.stall = 1.0
+    with RegistryClient(credentials=None, retry=quick) as client:
+        proxy.faults = ["stall"]  # no answer in time: tried again
+        with client.open_blob(_via(proxy), desc) as blob:
+            blob.finish()
+        proxy.faults = ["stall-body"]  # the body stops coming: refused, not waited for
+        start = time.monotonic()
+        with pytest.raises(IncompleteBody, match="ReadTimeout"):
+            with client.open_blob(_via(proxy), desc) as blob:
+                blob.finish()
+        assert time.monotonic() - start < 1
+        proxy.match = "/manifests/"  # a small reply that stops coming is fetched again
+        proxy.faults = ["stall-body"]
+        assert client.resolve(_via(proxy)).manifest_digest == pushed.manifest["digest"]
+
+
+def test_redirect_keeps_credentials_home(pushed: Pushed, proxy: FaultProxy) -> None:
+    storage = FaultProxy(pushed.registry.host)  # another origin, like a blob store
+    try:
+        proxy.bearer, proxy.redirect_to, proxy.faults = "tok", storage.host, ["redirect"]
+        with _client() as client:
+            image = client.resolve(_via(proxy))
+            with client.open_blob(image.reference, image.layers[1]) as blob:
+                blob.finish()
+        assert any("/blobs/" in s.path and s.headers.get("Authorization") == "Bearer tok"
+                   for s in proxy.seen)
+        assert storage.paths("/blobs/")
+        assert not any("Authorization" in s.headers for s in storage.seen)
+    finally:
+        storage.stop()
 
 
 def test_registry_down_fails_fast() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -141,15 +142,10 @@ class RegistryClient:
         digest, or by its tag: then named by its own hash)."""
         name = descriptor.digest if descriptor is not None else ref.reference
         what = f"{ref.host}/{ref.repository}: manifest {name}"
-        response = self.session.send(
-            "GET", ref.host, ref.api_host, f"/v2/{ref.repository}/manifests/{name}",
-            scope=_pull(ref), headers={"Accept": ACCEPT_MANIFESTS}, what=what)
-        try:
-            data = read_limited(response, MAX_MANIFEST_BYTES, self.session.retry.deadline, what)
-        finally:
-            response.close()
-        content_type = response.headers.get("Content-Type", "").partition(";")[0].strip()
-        sent_digest = response.headers.get("Docker-Content-Digest", "")
+        data, headers = self._fetch_small(ref, f"/v2/{ref.repository}/manifests/{name}",
+                                          {"Accept": ACCEPT_MANIFESTS}, MAX_MANIFEST_BYTES, what)
+        content_type = headers.get("Content-Type", "").partition(";")[0].strip()
+        sent_digest = headers.get("Docker-Content-Digest", "")
         actual = "sha256:" + hashlib.sha256(data).hexdigest()
         expected = descriptor.digest if descriptor is not None else ref.digest
         if expected is not None and actual != expected:
@@ -184,13 +180,36 @@ class RegistryClient:
         if descriptor.size > MAX_CONFIG_BYTES:
             raise BadResponse(f"{ref}: config {descriptor.digest} is {descriptor.size} bytes, "
                               f"more than the {MAX_CONFIG_BYTES} accepted")
-        with self.open_blob(ref, descriptor, name="config") as blob:
-            data = b"".join(blob.chunks())
+        what = f"{ref.host}/{ref.repository}: config {descriptor.digest}"
+        data, _ = self._fetch_small(ref, f"/v2/{ref.repository}/blobs/{_sha256(descriptor)}",
+                                    {}, MAX_CONFIG_BYTES, what)
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if len(data) != descriptor.size or actual != descriptor.digest:
+            raise DigestMismatch(f"{what}: {len(data)} bytes hashing to {actual}, its "
+                                 f"descriptor says {descriptor.size} bytes")
         try:
             content = parse_json(data, f"{ref}: config {descriptor.digest[:19]}")
         except OciError as exc:
             raise BadResponse(str(exc)) from None
         return Document(descriptor, data, content)
+
+    def _fetch_small(self, ref: Reference, path: str, headers: dict[str, str], limit: int,
+                     what: str) -> tuple[bytes, httpx.Headers]:
+        """A whole small reply (at most ``limit`` bytes) and its headers; a body that breaks
+        off is fetched again, like a connection error."""
+        retry = self.session.retry
+        for tries in range(1, retry.attempts + 1):
+            response = self.session.send("GET", ref.host, ref.api_host, path, scope=_pull(ref),
+                                         headers=headers, what=what)
+            try:
+                return read_limited(response, limit, retry.deadline, what), response.headers
+            except IncompleteBody:
+                if tries >= retry.attempts:
+                    raise
+            finally:
+                response.close()
+            time.sleep(retry.wait(tries, None))
+        raise AssertionError("unreachable")
 
     # blobs ----------------------------------------------------------------------------------
     def open_blob(self, ref: Reference, descriptor: Descriptor, *, name: str = "blob",
@@ -230,23 +249,28 @@ class RegistryClient:
             except IncompleteBody:
                 if tries >= self.session.retry.attempts:
                     raise
-                continue
+                data = b""
             finally:
                 response.close()
-            if len(data) != length:
-                if tries >= self.session.retry.attempts:
-                    raise IncompleteBody(f"{what}: {len(data)} bytes instead of {length}")
-                continue
-            return data
+            if len(data) == length:
+                return data
+            if tries >= self.session.retry.attempts:
+                raise IncompleteBody(f"{what}: {len(data)} bytes instead of {length}")
+            time.sleep(self.session.retry.wait(tries, None))
         raise AssertionError("unreachable")
 
     def _get_blob(self, ref: Reference, descriptor: Descriptor, what: str,
                   headers: dict[str, str]) -> httpx.Response:
-        if not _DIGEST.fullmatch(descriptor.digest):
-            raise BadResponse(f"{what}: digest is not sha256")
         return self.session.send("GET", ref.host, ref.api_host,
-                                 f"/v2/{ref.repository}/blobs/{descriptor.digest}",
+                                 f"/v2/{ref.repository}/blobs/{_sha256(descriptor)}",
                                  scope=_pull(ref), headers=headers, what=what)
+
+
+def _sha256(descriptor: Descriptor) -> str:
+    """The descriptor's digest, which goes into a URL path: only ``sha256:<64 hex>``."""
+    if not _DIGEST.fullmatch(descriptor.digest):
+        raise BadResponse(f"digest {descriptor.digest[:80]!r} is not sha256:<64 hex>")
+    return descriptor.digest
 
 
 def _pull(ref: Reference) -> str:
