@@ -337,6 +337,14 @@ def test_redirect_keeps_credentials_home(pushed: Pushed, proxy: FaultProxy) -> N
         storage.stop()
 
 
+def test_https_to_plain_http_registry(pushed: Pushed) -> None:
+    start = time.monotonic()
+    with RegistryClient(plain_http=False, credentials=None) as client:
+        with pytest.raises(Unreachable, match="TLS failed .* needs plain_http"):
+            client.resolve(f"{pushed.registry.host}/test/app:v1")
+    assert time.monotonic() - start < 1  # not retried
+
+
 def test_registry_down_fails_fast() -> None:
     import socket
     with socket.socket() as s:  # a port nobody listens on

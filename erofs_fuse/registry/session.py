@@ -18,6 +18,7 @@ import email.utils
 import json
 import os
 import random
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 class _HostAuth:
     lock: threading.Lock = field(default_factory=threading.Lock)
     bearer: Challenge | None = None
-    basic: bool = False
+    basic: str | None = None  # the Authorization value, once the host asked for Basic
     tokens: dict[str, Token] = field(default_factory=dict)
 
 
@@ -170,6 +171,9 @@ class Session:
         except httpx.TooManyRedirects:
             raise BadResponse(f"{what}: more than {MAX_REDIRECTS} redirects") from None
         except httpx.TransportError as exc:
+            if _is_tls_failure(exc):  # a certificate or a plain-HTTP server: trying again
+                raise Unreachable(f"{what}: {url}: TLS failed ({_describe(exc)}); a registry "
+                                  "that speaks plain HTTP needs plain_http") from None
             if tries >= self.retry.attempts:
                 raise Unreachable(f"{what}: {url}: {_describe(exc)} ({tries} tries)") from None
             time.sleep(self.retry.wait(tries, None))
@@ -203,11 +207,7 @@ class Session:
             bearer, basic = state.bearer, state.basic
         if bearer is not None:  # a new scope (or an expired token): ask before being told
             return {"Authorization": f"Bearer {self._fetch_token(host, bearer, scope, what)}"}
-        if basic:
-            creds = self._credentials(host)
-            if creds is not None:
-                return {"Authorization": creds.basic()}
-        return {}
+        return {"Authorization": basic} if basic else {}
 
     def _authenticate(self, host: str, api_host: str, scope: str, header: str,
                       what: str) -> None:
@@ -216,7 +216,7 @@ class Session:
         state = self._host(host)
         if "bearer" in challenges and challenges["bearer"].realm:
             with state.lock:
-                state.bearer, state.basic = challenges["bearer"], False
+                state.bearer, state.basic = challenges["bearer"], None
                 state.tokens.pop(scope, None)
             return  # _authorization fetches the token
         if "basic" in challenges:
@@ -229,7 +229,10 @@ class Session:
                 raise AuthError(f"{what}: {host} asks for a password over plain HTTP; "
                                 "refused (only over HTTPS or to this machine)")
             with state.lock:
-                state.basic = True
+                if state.basic == creds.basic():  # these very credentials were refused
+                    raise AuthError(f"{what}: {host} refused the password of "
+                                    f"{creds.username!r} (401)")
+                state.basic = creds.basic()
             return
         raise AuthError(f"{what}: {host} refused access (401) and offers no usable "
                         f"authentication ({header[:100]!r})")
@@ -316,6 +319,17 @@ def iter_body(response: httpx.Response, what: str) -> Iterator[bytes]:
         yield from response.iter_raw(CHUNK)
     except httpx.TransportError as exc:
         raise IncompleteBody(f"{what}: reply broke off: {_describe(exc)}") from None
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx wraps httpcore's error, which wraps the ssl module's
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _describe(exc: httpx.TransportError) -> str:
