@@ -290,7 +290,11 @@ def test_sealed_layers_are_trusted_by_the_mount(image: tuple[Layout, list[LayerB
     out = tmp_path / "out"
     plain = converted(str(lay.root), str(out), "--name", "plain")
     inodes = {p.name: p.stat().st_ino for p in out.glob("*.erofs")}
-    sealed = converted(str(lay.root), str(out), "--seal", "--name", "sealed")  # present: sealed
+    # present but converted unsealed: no digest was recorded, so they are converted again
+    sealed = converted(str(lay.root), str(out), "--seal", "--name", "sealed")
+    assert not set(inodes.items()) & {(p.name, p.stat().st_ino) for p in out.glob("*.erofs")}
+    inodes = {p.name: p.stat().st_ino for p in out.glob("*.erofs")}
+    sealed = converted(str(lay.root), str(out), "--seal", "--name", "sealed")  # proven: sealed
     assert {p.name: p.stat().st_ino for p in out.glob("*.erofs")} == inodes
     fresh = converted(str(lay.root), str(tmp_path / "fresh"), "--seal")  # converted and sealed
     fsverity = require_tool("fsverity")
@@ -313,6 +317,28 @@ def test_sealed_layers_are_trusted_by_the_mount(image: tuple[Layout, list[LayerB
     sealed.write_text(json.dumps(doc))
     line = one_line_error(run_mount("--layers", "@" + str(sealed), str(tmp_path)))
     assert "(layer 1): fs-verity digest mismatch" in line
+
+
+def test_a_changed_layer_file_is_converted_again_not_sealed(
+        image: tuple[Layout, list[LayerBlob]], tmp_path: Path) -> None:
+    lay, blobs = image
+    out = tmp_path / "out"
+    converted(str(lay.root), str(out), "--seal", "--name", "first")
+    app = out / layer_file(blobs[2].diff_id)
+    data = app.read_bytes()
+    assert data.count(b"run one") == 1
+    app.write_bytes(data.replace(b"run one", b"run evil"[:7]))
+    proc = convert(str(lay.root), str(out), "--seal")
+    assert proc.returncode == 0, proc.stderr
+    assert "changed since it was converted" in proc.stderr and "converting it again" in proc.stderr
+    listed = Path(proc.stdout.strip())
+    assert b"run one" in app.read_bytes()
+    with fuse_mount(["@" + str(listed)], "--require-verity") as m:
+        assert (Path(m.mountpoint) / "app" / "main").read_text() == "run one\n"
+    # the same for a layer file without a record (made by another run, unsealed)
+    (out / (app.name + ".digest")).unlink()
+    proc = convert(str(lay.root), str(out), "--seal")
+    assert proc.returncode == 0 and "without a recorded digest" in proc.stderr, proc.stderr
 
 
 # mount --layers @FILE -------------------------------------------------------------------------

@@ -74,7 +74,7 @@ class ProgressView:
         self._done[job.key] = job.work
         self._finished += 1
         took = time.monotonic() - began
-        if job.convert:
+        if job.convert or result.reconverted:
             self.note(f"{self.label(job)}: converted {_size(job.work)} -> "
                       f"{_size(result.image_size)} in {took:.1f} s")
         else:
