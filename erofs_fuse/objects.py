@@ -117,12 +117,6 @@ class ObjectStore:
         self.dirs = list(dirs)
         self.require_verity = require_verity
         self._fds: list[int] = []
-        try:
-            for path in self.dirs:
-                self._fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-        except BaseException:
-            self.close()
-            raise
         self._lock = threading.Lock()
         # (redirect, digest) -> open object; weighed by its tree's bytes (plus one block)
         self._open: LRUCache[tuple[bytes, bytes | None], Blob] = LRUCache(
@@ -132,6 +126,14 @@ class ObjectStore:
         # error); the same file is refused again without being hashed again
         self._failed: LRUCache[tuple[bytes, bytes | None],
                                tuple[tuple[int, ...], ErofsError]] = LRUCache(maxsize=1024)
+        # last: a data dir that cannot be opened closes the ones before it (close() needs
+        # everything above)
+        try:
+            for path in self.dirs:
+                self._fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         for fd in self._fds:

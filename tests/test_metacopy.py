@@ -503,6 +503,19 @@ def test_cat(stack: Stack) -> None:
     assert proc.returncode == 2 and b"no fs-verity digest" in proc.stderr
 
 
+def test_cat_and_extract_with_a_bad_data_dir(stack: Stack, tmp_path: Path) -> None:
+    top = stack.layers[2]
+    for bad, why in ((str(tmp_path / "missing"), "No such file or directory"),
+                     (stack.layers[0], "Not a directory")):
+        for args in (("cat", "--data-dir", bad, top, "usr/shared-top"),
+                     ("extract", "--data-dir", bad, top, str(tmp_path / "out"))):
+            proc = cli(*args)
+            err = proc.stderr.decode()
+            assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+            assert err.startswith(f"erofs-fuse: {args[0]}: data dir {bad}: {why}"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_extract(stack: Stack, tmp_path: Path) -> None:
     top = stack.layers[2]
     proc = cli("extract", top, str(tmp_path / "a"))
