@@ -242,7 +242,7 @@ class ObjectStore:
 def _verified(blob: FdBlob, meta: Metacopy) -> Blob:
     """``blob`` behind a ``VerifiedBlob`` whose tree is built now and checked against the
     metacopy digest (``IntegrityError`` when the object does not give it)."""
-    from .verity.blob import MerkleTree, VerifiedBlob
+    from .verity.blob import IntegrityError, MerkleTree, VerifiedBlob
     from .verity.build import build_tree
     from .verity.formats import HashParams
     from .verity.trust import FsVerityDigest
@@ -250,9 +250,14 @@ def _verified(blob: FdBlob, meta: Metacopy) -> Blob:
     assert meta.alg is not None and meta.digest is not None
     params = HashParams.fsverity(meta.alg)
     built = build_tree(blob.read, blob.size, params)
-    tree = MerkleTree(params, blob.size, _MemoryBlob(built.tree, blob.name + " (tree)"), 0,
-                      FsVerityDigest(meta.alg, meta.digest))
-    verified = VerifiedBlob(blob, tree, name=blob.name,
+    want = FsVerityDigest(meta.alg, meta.digest)
+    if built.fsverity_digest != meta.digest:
+        # checked here, not by the tree's anchor, whose words are a layer's and its sidecar's
+        raise IntegrityError(
+            f"fs-verity digest mismatch: object {want} ({blob.size} bytes) gives "
+            f"{meta.alg}:{built.fsverity_digest.hex()} (object changed?)", image=blob.name)
+    tree = MerkleTree(params, blob.size, _MemoryBlob(built.tree, blob.name + " (tree)"), 0, want)
+    verified = VerifiedBlob(blob, tree, name=blob.name, kind=f"object {want}",
                             cache_bytes=16 * params.hash_block_size)
     verified.cost = len(built.tree) + 16 * params.hash_block_size  # type: ignore[attr-defined]
     return verified

@@ -349,8 +349,10 @@ def test_object_tampered_before_first_open_is_refused(stack: Stack, own_store: s
     flip_bit(object_path(own_store, stack.digests["big"]), 64 * BS + 5)
     with merged(stack, own_store) as tree:
         node = node_at(tree, "usr/big")
-        with pytest.raises(ErofsError, match="digest mismatch"):
+        with pytest.raises(ErofsError, match="digest mismatch") as info:
             tree.read(node, 0, BS)  # no trusted tree: not one block of it is served
+        assert f"object sha256:{stack.digests['big']}" in str(info.value)
+        assert "layer" not in str(info.value).split("(the object of")[0], info.value
         assert tree.read(node_at(tree, "usr/shared-top"), 0, 10) == content("shared")[:10]
         with pytest.raises(ErofsError, match="digest mismatch"):
             tree.read(node, BS, BS)  # refused again (without hashing it again)
@@ -470,6 +472,9 @@ def test_mount_tampered_object_per_block(stack: Stack, own_store: str) -> None:
         assert any("data block 5" in line for line in failures)
         assert all("data block 2" in line or "data block 5" in line for line in failures)
         assert all(obj in line and stack.layers[2] in line for line in failures)
+        # an object, named by its digest, not a "layer"
+        assert all(f"of this object sha256:{stack.digests['shared']})" in line
+                   and "layer)" not in line for line in failures), failures
 
 
 def test_mount_require_object_verity(stack: Stack) -> None:
