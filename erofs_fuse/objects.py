@@ -242,10 +242,10 @@ class ObjectStore:
 def _verified(blob: FdBlob, meta: Metacopy) -> Blob:
     """``blob`` behind a ``VerifiedBlob`` whose tree is built now and checked against the
     metacopy digest (``IntegrityError`` when the object does not give it)."""
-    from .verity.blob import IntegrityError, MerkleTree, VerifiedBlob
+    from .verity.blob import MerkleTree, VerifiedBlob
     from .verity.build import build_tree
     from .verity.formats import HashParams
-    from .verity.trust import FsVerityDigest
+    from .verity.trust import FsVerityDigest, IntegrityError
 
     assert meta.alg is not None and meta.digest is not None
     params = HashParams.fsverity(meta.alg)
