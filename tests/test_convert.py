@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import subprocess
 import sys
+import time
 import tarfile
 from pathlib import Path
 
@@ -231,3 +233,31 @@ def test_malformed_capabilities_and_acls_are_dropped_with_a_warning(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr
     assert "not a valid capability set" in proc.stderr and "not a valid POSIX ACL" in proc.stderr
     check_image_views(str(tmp_path / "in.tar"), str(tmp_path / "o.erofs"))
+
+
+def test_sigterm_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """SIGTERM while the tar is still arriving: exit 128+15, one line, nothing left (as for
+    SIGINT); the stdin pipe is held open so that the conversion is under way."""
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    data = good_tar()
+    proc = subprocess.Popen([*CLI, "convert", "-", str(outdir / "layer.erofs")],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(data[:1024])
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not os.listdir(outdir):  # the writer's temporary file: it is converting
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        err = proc.stderr.read().decode()
+        assert len(err.splitlines()) == 1 and "terminated" in err, err
+        assert os.listdir(outdir) == []
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stderr.close()

@@ -9,13 +9,26 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import uuid as uuidlib
+from types import FrameType
+from typing import NoReturn
 
 from ..console import PROG, CliError, print_error
 
 COMPRESSORS = ("lz4", "lz4hc")
+
+
+class Terminated(BaseException):
+    """SIGTERM while converting. A BaseException, as KeyboardInterrupt is for SIGINT: it runs
+    the writer's clean-up on its way out and no ``except Exception`` stops it."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up must not be interrupted
+    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,6 +113,7 @@ def convert_main(argv: list[str]) -> int:
                              build_time=build_time(args.mtime), uuid=parse_uuid(args.uuid),
                              seal=args.seal, sync=args.sync, objects=args.objects)
     start = time.monotonic()
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.source == "-":
             result = convert_tar(sys.stdin.buffer, args.out, options)
@@ -107,11 +121,16 @@ def convert_main(argv: list[str]) -> int:
             result = convert_dir(args.source, args.out, options)
         else:
             result = convert_tar(args.source, args.out, options)
+    except Terminated:  # the writer has removed its temporary file on the way out
+        print_error("convert: terminated (SIGTERM); no partial image is left")
+        return 128 + signal.SIGTERM
     except MkfsError as exc:
         raise CliError(f"{args.source}: {exc}") from exc
     except OSError as exc:
         where = exc.filename or args.out
         raise CliError(f"{where}: {exc.strerror or exc}") from exc
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
     for warning in result.warnings:
         print_error(f"warning: {warning}")
     if result.verity_digest:
