@@ -261,3 +261,44 @@ def test_sigterm_leaves_no_temporary_file(tmp_path: Path) -> None:
         proc.wait()
         proc.stdin.close()
         proc.stderr.close()
+
+
+def one_line(proc: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("erofs-fuse: "), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_out_that_is_the_input_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "x.tar"
+    src.write_bytes(good_tar())
+    one_line(run("convert", str(src), str(src)), "is the input", str(src))
+    (tmp_path / "link.tar").symlink_to(src)
+    os.link(src, tmp_path / "hard.tar")
+    for out in ("link.tar", "hard.tar"):
+        one_line(run("convert", str(src), str(tmp_path / out)), "is the input")
+    with open(src, "rb") as f:
+        proc = subprocess.run([*CLI, "convert", "-", str(src)], stdin=f, capture_output=True,
+                              text=True, env=env())
+    one_line(proc, "is the input (standard input)")
+    assert src.read_bytes() == good_tar()
+
+
+def test_empty_input_is_not_a_tar(tmp_path: Path) -> None:
+    assert_refused(tmp_path, b"", "does not look like a tar archive")
+    assert_refused(tmp_path, gzip.compress(b""), "does not look like a tar archive")
+    out = tmp_path / "out" / "layer.erofs"
+    one_line(run("convert", "-", str(out), stdin=b""), "does not look like a tar archive")
+    assert not out.exists()
+    # an archive of no member (end-of-archive blocks only) is a tar, as for GNU tar
+    assert run("convert", "-", str(out), stdin=bytes(10240)).returncode == 0
+
+
+def test_out_that_is_a_directory_is_named(tmp_path: Path) -> None:
+    src = tmp_path / "x.tar"
+    src.write_bytes(good_tar())
+    (tmp_path / "d").mkdir()
+    one_line(run("convert", str(src), str(tmp_path / "d")), f"{tmp_path / 'd'}: is a directory")
+    assert os.listdir(tmp_path / "d") == [] and sorted(os.listdir(tmp_path)) == ["d", "x.tar"]

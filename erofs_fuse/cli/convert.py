@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import stat
 import sys
 import time
 import uuid as uuidlib
@@ -103,6 +104,24 @@ def build_time(value: int | None) -> int:
         raise CliError(f"convert: SOURCE_DATE_EPOCH={env!r} is not a number") from None
 
 
+def check_output(source: str, out: str) -> None:
+    """Refuse an OUT that is SOURCE (or standard input's file: the image would replace its
+    input) or a directory (the rename would fail naming our temporary file)."""
+    try:
+        out_st = os.stat(out)
+    except OSError:
+        return  # no OUT yet, or none we can see: the conversion says what is wrong
+    try:
+        src_st = os.fstat(sys.stdin.fileno()) if source == "-" else os.stat(source)
+    except (OSError, ValueError):
+        src_st = None
+    if src_st is not None and (out_st.st_dev, out_st.st_ino) == (src_st.st_dev, src_st.st_ino):
+        what = "standard input" if source == "-" else source
+        raise CliError(f"convert: {out}: is the input ({what}); refusing to overwrite it")
+    if stat.S_ISDIR(out_st.st_mode):
+        raise CliError(f"convert: {out}: is a directory")
+
+
 def convert_main(argv: list[str]) -> int:
     from ..mkfs import ConvertOptions, MkfsError, convert_dir, convert_tar
 
@@ -112,6 +131,7 @@ def convert_main(argv: list[str]) -> int:
                              tar_index=args.tar_index, compress=alg, compress_level=level,
                              build_time=build_time(args.mtime), uuid=parse_uuid(args.uuid),
                              seal=args.seal, sync=args.sync, objects=args.objects)
+    check_output(args.source, args.out)
     start = time.monotonic()
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
