@@ -283,6 +283,21 @@ def test_bad_input_is_one_line_and_exit_2(image: tuple[Layout, list[LayerBlob]],
     assert not out.exists() or os.listdir(out) == []
 
 
+def test_ref_by_full_name_among_images_sharing_a_tag(tmp_path: Path) -> None:
+    lay = Layout(tmp_path / "saved")
+    entries = []
+    for full, tag in (("docker.io/library/debian:12", "debian"),
+                      ("docker.io/library/alpine:12", "alpine")):
+        entries.append({**lay.image([base_layer(lay), *app_layers(lay, tag)]),
+                        "annotations": {"io.containerd.image.name": full,
+                                        "org.opencontainers.image.ref.name": "12"}})
+    lay.write_index(entries)
+    line = one_line_error(convert(str(lay.root), str(tmp_path / "out"), "--ref", "12"))
+    assert "ambiguous" in line and "debian:12" in line and "alpine:12" in line
+    listed = converted(str(lay.root), str(tmp_path / "out"), "--ref", "alpine:12")
+    assert listed.name == "docker.io_library_alpine_12.layers"
+
+
 # integrity ------------------------------------------------------------------------------------
 def test_sealed_layers_are_trusted_by_the_mount(image: tuple[Layout, list[LayerBlob]],
                                                 tmp_path: Path) -> None:
