@@ -283,6 +283,27 @@ def test_bad_input_is_one_line_and_exit_2(image: tuple[Layout, list[LayerBlob]],
     assert not out.exists() or os.listdir(out) == []
 
 
+def test_bad_outdir_is_one_line_and_exit_2(image: tuple[Layout, list[LayerBlob]],
+                                          tmp_path: Path) -> None:
+    lay, _ = image
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert one_line_error(convert(str(lay.root), str(afile))).endswith(f"{afile}: not a directory")
+    assert "afile/sub: not a directory" in one_line_error(convert(str(lay.root), f"{afile}/sub"))
+    assert "/proc/nope: No such file" in one_line_error(convert(str(lay.root), "/proc/nope"))
+    if os.geteuid() != 0:
+        pytest.skip("a read-only tmpfs needs root")
+    rofs = tmp_path / "rofs"
+    rofs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(rofs)], check=True)
+    try:
+        line = one_line_error(convert(str(lay.root), str(rofs)))
+        assert line.endswith(f"{rofs}: cannot write there: Read-only file system"), line
+        assert ".tmp" not in line
+    finally:
+        subprocess.run(["umount", str(rofs)], check=True)
+
+
 def test_ref_by_full_name_among_images_sharing_a_tag(tmp_path: Path) -> None:
     lay = Layout(tmp_path / "saved")
     entries = []
