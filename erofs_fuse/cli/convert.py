@@ -141,9 +141,10 @@ def convert_main(argv: list[str]) -> int:
             result = convert_dir(args.source, args.out, options)
         else:
             result = convert_tar(args.source, args.out, options)
-    except Terminated:  # the writer has removed its temporary file on the way out
-        print_error("convert: terminated (SIGTERM); no partial image is left")
-        return 128 + signal.SIGTERM
+    except (Terminated, KeyboardInterrupt) as exc:  # the writer removed its temporary file
+        sig = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        print_error(f"convert: interrupted ({sig.name}); no partial image is left")
+        return 128 + sig
     except MkfsError as exc:
         raise CliError(f"{args.source}: {exc}") from exc
     except OSError as exc:
