@@ -126,12 +126,6 @@ class ObjectStore:
         self.dirs = list(dirs)
         self.require_verity = require_verity
         self._fds: list[int] = []
-        try:
-            for path in self.dirs:
-                self._fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-        except BaseException:
-            self.close()
-            raise
         self._lock = threading.Lock()
         # (redirect, digest) -> open object; weighed by its tree's bytes (plus one block)
         self._open: LRUCache[tuple[bytes, bytes | None], Blob] = LRUCache(
@@ -141,6 +135,14 @@ class ObjectStore:
         # error); the same file is refused again without being hashed again
         self._failed: LRUCache[tuple[bytes, bytes | None],
                                tuple[tuple[int, ...], ErofsError]] = LRUCache(maxsize=1024)
+        # last: a data dir that cannot be opened closes the ones before it (close() needs
+        # everything above)
+        try:
+            for path in self.dirs:
+                self._fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         for fd in self._fds:
@@ -252,14 +254,19 @@ def _verified(blob: FdBlob, meta: Metacopy) -> Blob:
     from .verity.blob import MerkleTree, VerifiedBlob
     from .verity.build import build_tree
     from .verity.formats import HashParams
-    from .verity.trust import FsVerityDigest
+    from .verity.trust import FsVerityDigest, IntegrityError
 
     assert meta.alg is not None and meta.digest is not None
     params = HashParams.fsverity(meta.alg)
     built = build_tree(blob.read, blob.size, params)
-    tree = MerkleTree(params, blob.size, _MemoryBlob(built.tree, blob.name + " (tree)"), 0,
-                      FsVerityDigest(meta.alg, meta.digest))
-    verified = VerifiedBlob(blob, tree, name=blob.name,
+    want = FsVerityDigest(meta.alg, meta.digest)
+    if built.fsverity_digest != meta.digest:
+        # checked here, not by the tree's anchor, whose words are a layer's and its sidecar's
+        raise IntegrityError(
+            f"fs-verity digest mismatch: object {want} ({blob.size} bytes) gives "
+            f"{meta.alg}:{built.fsverity_digest.hex()} (object changed?)", image=blob.name)
+    tree = MerkleTree(params, blob.size, _MemoryBlob(built.tree, blob.name + " (tree)"), 0, want)
+    verified = VerifiedBlob(blob, tree, name=blob.name, kind=f"object {want}",
                             cache_bytes=16 * params.hash_block_size)
     verified.cost = len(built.tree) + 16 * params.hash_block_size  # type: ignore[attr-defined]
     return verified

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import subprocess
 import sys
+import time
 import tarfile
 from pathlib import Path
 
@@ -279,3 +281,73 @@ def test_malformed_capabilities_and_acls_are_dropped_with_a_warning(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr
     assert "not a valid capability set" in proc.stderr and "not a valid POSIX ACL" in proc.stderr
     check_image_views(str(tmp_path / "in.tar"), str(tmp_path / "o.erofs"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_leaves_no_temporary_file(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM or SIGINT while the tar is still arriving: exit 128+N, one line, nothing left;
+    the stdin pipe is held open so that the conversion is under way."""
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    data = good_tar()
+    proc = subprocess.Popen([*CLI, "convert", "-", str(outdir / "layer.erofs")],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(data[:1024])
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not os.listdir(outdir):  # the writer's temporary file: it is converting
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        assert proc.wait(30) == 128 + sig
+        err = proc.stderr.read().decode()
+        assert len(err.splitlines()) == 1 and f"interrupted ({sig.name})" in err, err
+        assert os.listdir(outdir) == []
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stderr.close()
+
+
+def one_line(proc: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("erofs-fuse: "), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_out_that_is_the_input_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "x.tar"
+    src.write_bytes(good_tar())
+    one_line(run("convert", str(src), str(src)), "is the input", str(src))
+    (tmp_path / "link.tar").symlink_to(src)
+    os.link(src, tmp_path / "hard.tar")
+    for out in ("link.tar", "hard.tar"):
+        one_line(run("convert", str(src), str(tmp_path / out)), "is the input")
+    with open(src, "rb") as f:
+        proc = subprocess.run([*CLI, "convert", "-", str(src)], stdin=f, capture_output=True,
+                              text=True, env=env())
+    one_line(proc, "is the input (standard input)")
+    assert src.read_bytes() == good_tar()
+
+
+def test_empty_input_is_not_a_tar(tmp_path: Path) -> None:
+    assert_refused(tmp_path, b"", "does not look like a tar archive")
+    assert_refused(tmp_path, gzip.compress(b""), "does not look like a tar archive")
+    out = tmp_path / "out" / "layer.erofs"
+    one_line(run("convert", "-", str(out), stdin=b""), "does not look like a tar archive")
+    assert not out.exists()
+    # an archive of no member (end-of-archive blocks only) is a tar, as for GNU tar
+    assert run("convert", "-", str(out), stdin=bytes(10240)).returncode == 0
+
+
+def test_out_that_is_a_directory_is_named(tmp_path: Path) -> None:
+    src = tmp_path / "x.tar"
+    src.write_bytes(good_tar())
+    (tmp_path / "d").mkdir()
+    one_line(run("convert", str(src), str(tmp_path / "d")), f"{tmp_path / 'd'}: is a directory")
+    assert os.listdir(tmp_path / "d") == [] and sorted(os.listdir(tmp_path)) == ["d", "x.tar"]

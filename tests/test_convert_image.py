@@ -322,6 +322,42 @@ def test_blocks_over_the_page_size_warn_once(image: tuple[Layout, list[LayerBlob
             assert layer.superblock.block_size == 16384
 
 
+def test_bad_outdir_is_one_line_and_exit_2(image: tuple[Layout, list[LayerBlob]],
+                                          tmp_path: Path) -> None:
+    lay, _ = image
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert one_line_error(convert(str(lay.root), str(afile))).endswith(f"{afile}: not a directory")
+    assert "afile/sub: not a directory" in one_line_error(convert(str(lay.root), f"{afile}/sub"))
+    assert "/proc/nope: No such file" in one_line_error(convert(str(lay.root), "/proc/nope"))
+    if os.geteuid() != 0:
+        pytest.skip("a read-only tmpfs needs root")
+    rofs = tmp_path / "rofs"
+    rofs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(rofs)], check=True)
+    try:
+        line = one_line_error(convert(str(lay.root), str(rofs)))
+        assert line.endswith(f"{rofs}: cannot write there: Read-only file system"), line
+        assert ".tmp" not in line
+    finally:
+        subprocess.run(["umount", str(rofs)], check=True)
+
+
+def test_ref_by_full_name_among_images_sharing_a_tag(tmp_path: Path) -> None:
+    lay = Layout(tmp_path / "saved")
+    entries = []
+    for full, tag in (("docker.io/library/debian:12", "debian"),
+                      ("docker.io/library/alpine:12", "alpine")):
+        entries.append({**lay.image([base_layer(lay), *app_layers(lay, tag)]),
+                        "annotations": {"io.containerd.image.name": full,
+                                        "org.opencontainers.image.ref.name": "12"}})
+    lay.write_index(entries)
+    line = one_line_error(convert(str(lay.root), str(tmp_path / "out"), "--ref", "12"))
+    assert "ambiguous" in line and "debian:12" in line and "alpine:12" in line
+    listed = converted(str(lay.root), str(tmp_path / "out"), "--ref", "alpine:12")
+    assert listed.name == "docker.io_library_alpine_12.layers"
+
+
 # integrity ------------------------------------------------------------------------------------
 def test_sealed_layers_are_trusted_by_the_mount(image: tuple[Layout, list[LayerBlob]],
                                                 tmp_path: Path) -> None:
@@ -329,7 +365,11 @@ def test_sealed_layers_are_trusted_by_the_mount(image: tuple[Layout, list[LayerB
     out = tmp_path / "out"
     plain = converted(str(lay.root), str(out), "--name", "plain")
     inodes = {p.name: p.stat().st_ino for p in out.glob("*.erofs")}
-    sealed = converted(str(lay.root), str(out), "--seal", "--name", "sealed")  # present: sealed
+    # present but converted unsealed: no digest was recorded, so they are converted again
+    sealed = converted(str(lay.root), str(out), "--seal", "--name", "sealed")
+    assert not set(inodes.items()) & {(p.name, p.stat().st_ino) for p in out.glob("*.erofs")}
+    inodes = {p.name: p.stat().st_ino for p in out.glob("*.erofs")}
+    sealed = converted(str(lay.root), str(out), "--seal", "--name", "sealed")  # proven: sealed
     assert {p.name: p.stat().st_ino for p in out.glob("*.erofs")} == inodes
     fresh = converted(str(lay.root), str(tmp_path / "fresh"), "--seal")  # converted and sealed
     fsverity = require_tool("fsverity")
@@ -352,6 +392,28 @@ def test_sealed_layers_are_trusted_by_the_mount(image: tuple[Layout, list[LayerB
     sealed.write_text(json.dumps(doc))
     line = one_line_error(run_mount("--layers", "@" + str(sealed), str(tmp_path)))
     assert "(layer 1): fs-verity digest mismatch" in line
+
+
+def test_a_changed_layer_file_is_converted_again_not_sealed(
+        image: tuple[Layout, list[LayerBlob]], tmp_path: Path) -> None:
+    lay, blobs = image
+    out = tmp_path / "out"
+    converted(str(lay.root), str(out), "--seal", "--name", "first")
+    app = out / layer_file(blobs[2].diff_id)
+    data = app.read_bytes()
+    assert data.count(b"run one") == 1
+    app.write_bytes(data.replace(b"run one", b"run evil"[:7]))
+    proc = convert(str(lay.root), str(out), "--seal")
+    assert proc.returncode == 0, proc.stderr
+    assert "changed since it was converted" in proc.stderr and "converting it again" in proc.stderr
+    listed = Path(proc.stdout.strip())
+    assert b"run one" in app.read_bytes()
+    with fuse_mount(["@" + str(listed)], "--require-verity") as m:
+        assert (Path(m.mountpoint) / "app" / "main").read_text() == "run one\n"
+    # the same for a layer file without a record (made by another run, unsealed)
+    (out / (app.name + ".digest")).unlink()
+    proc = convert(str(lay.root), str(out), "--seal")
+    assert proc.returncode == 0 and "without a recorded digest" in proc.stderr, proc.stderr
 
 
 # mount --layers @FILE -------------------------------------------------------------------------

@@ -283,3 +283,46 @@ def test_layer_changed_while_mounted_is_caught_on_the_next_read(tmp_path: Path) 
         assert read_errno(os.path.join(m.mountpoint, "usr/lib/big.bin")) == errno.EIO
         assert read_errno(os.path.join(m.mountpoint, "etc/app/new")) == 0
         assert "hash mismatch" in m.log_text()
+
+
+HELPER_CMD = [*MOUNT_CMD[:2], "import sys; from erofs_fuse.cli import main; "
+              "sys.exit(main(sys.argv[1:]))"]
+
+
+def test_integrity_options_have_o_forms_for_fstab(tmp_path: Path) -> None:
+    """mount(8) and fstab lines pass -o only: -o require_verity and the other integrity
+    options, in `mount -o` and in the helper form `erofs-fuse SOURCE MOUNTPOINT -o ...`."""
+    from erofs_fuse.cli.mount import parse_args
+    from erofs_fuse.console import CliError
+
+    paths, roots = seal(tmp_path, [LOWER_LZ4])
+    unsealed = tmp_path / UPPER
+    shutil.copyfile(corpus(UPPER), unsealed)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    both = f"{paths[0]},{unsealed}"
+    for cmd in ([*MOUNT_CMD, "--layers", both, "-o", f"verity_roots={roots},require_verity",
+                 str(mnt)],
+                [*HELPER_CMD, both, str(mnt), "-o", f"noauto,verity_roots={roots},require_verity"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env())
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "verity is required" in proc.stderr
+    # the sealed layer alone, trusted through -o verity_roots=: mounted and verified
+    proc = subprocess.run([*HELPER_CMD, paths[0], str(mnt), "-o",
+                           f"verity_roots={roots},require_verity,require_object_verity"],
+                          capture_output=True, text=True, env=env())
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert os.listdir(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+    cfg = parse_args(["--layers", paths[0], "-o", f"require_object_verity,verity={paths[0]}="
+                      + open(roots).read().split()[0], "-o", "trust_dmverity_sidecar",
+                      str(mnt)])
+    assert cfg.require_object_verity and cfg.trust and not cfg.require_verity
+    assert not any("verity" in opt for opt in cfg.options)  # none is given to FUSE
+    for bad, match in (("require_verity=1", "takes no value"),
+                       ("verity_roots", "expected -o verity_roots=FILE"),
+                       ("dm_verity=", "expected -o dm_verity=LAYER=ROOT:BLOCKS")):
+        with pytest.raises(CliError, match=match):
+            parse_args(["--layers", paths[0], "-o", bad, str(mnt)])

@@ -360,8 +360,10 @@ def test_object_tampered_before_first_open_is_refused(stack: Stack, own_store: s
     flip_bit(object_path(own_store, stack.digests["big"]), 64 * BS + 5)
     with merged(stack, own_store) as tree:
         node = node_at(tree, "usr/big")
-        with pytest.raises(ErofsError, match="digest mismatch"):
+        with pytest.raises(ErofsError, match="digest mismatch") as info:
             tree.read(node, 0, BS)  # no trusted tree: not one block of it is served
+        assert f"object sha256:{stack.digests['big']}" in str(info.value)
+        assert "layer" not in str(info.value).split("(the object of")[0], info.value
         assert tree.read(node_at(tree, "usr/shared-top"), 0, 10) == content("shared")[:10]
         with pytest.raises(ErofsError, match="digest mismatch"):
             tree.read(node, BS, BS)  # refused again (without hashing it again)
@@ -481,6 +483,9 @@ def test_mount_tampered_object_per_block(stack: Stack, own_store: str) -> None:
         assert any("data block 5" in line for line in failures)
         assert all("data block 2" in line or "data block 5" in line for line in failures)
         assert all(obj in line and stack.layers[2] in line for line in failures)
+        # an object, named by its digest, not a "layer"
+        assert all(f"of this object sha256:{stack.digests['shared']})" in line
+                   and "layer)" not in line for line in failures), failures
 
 
 def test_mount_require_object_verity(stack: Stack) -> None:
@@ -512,6 +517,19 @@ def test_cat(stack: Stack) -> None:
     assert len(proc.stderr.decode().strip().splitlines()) == 1
     proc = cli("cat", "--data-dir", stack.objects, "--require-object-verity", top, "nodigest")
     assert proc.returncode == 2 and b"no fs-verity digest" in proc.stderr
+
+
+def test_cat_and_extract_with_a_bad_data_dir(stack: Stack, tmp_path: Path) -> None:
+    top = stack.layers[2]
+    for bad, why in ((str(tmp_path / "missing"), "No such file or directory"),
+                     (stack.layers[0], "Not a directory")):
+        for args in (("cat", "--data-dir", bad, top, "usr/shared-top"),
+                     ("extract", "--data-dir", bad, top, str(tmp_path / "out"))):
+            proc = cli(*args)
+            err = proc.stderr.decode()
+            assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+            assert err.startswith(f"erofs-fuse: {args[0]}: data dir {bad}: {why}"), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_extract(stack: Stack, tmp_path: Path) -> None:

@@ -185,6 +185,27 @@ def test_ref_selects_among_images(tmp_path: Path) -> None:
     refused(lay.root, "no image named 'three' (names: one, two)", ref="three")
 
 
+def test_ref_picks_among_docker_save_images_sharing_a_tag(tmp_path: Path) -> None:
+    """docker save of debian:12 and alpine:12: both entries have ref.name "12"."""
+    lay = Layout(tmp_path / "saved")
+
+    def named(full: str, n: str) -> dict[str, Any]:
+        return {**lay.image([lay.layer([file("n", n)])]),
+                "annotations": {"io.containerd.image.name": full,
+                                "org.opencontainers.image.ref.name": "12"}}
+
+    lay.write_index([named("docker.io/library/debian:12", "d"),
+                     named("docker.io/library/alpine:12", "a")])
+    for ref_ in ("docker.io/library/alpine:12", "alpine:12", "library/alpine:12"):
+        image = resolve_image(str(lay.root), ref=ref_)
+        assert image.name == "docker.io_library_alpine_12", ref_
+    assert resolve_image(str(lay.root), ref="debian:12").name == "docker.io_library_debian_12"
+    refused(lay.root, "--ref 12 is ambiguous, it names docker.io/library/alpine:12, "
+            "docker.io/library/debian:12: give the full name", ref="12")
+    refused(lay.root, "no image named 'debian:11' (names: docker.io/library/alpine:12, "
+            "docker.io/library/debian:12)", ref="debian:11")
+
+
 def test_image_names_are_safe_file_names() -> None:
     assert image_name("/x/app.tar", {}) == "app"
     assert image_name("/x/layout/", {}) == "layout"

@@ -10,12 +10,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
+import stat
 import sys
 import time
 import uuid as uuidlib
+from types import FrameType
+from typing import NoReturn
 
 from ..console import PROG, CliError, print_error
 from .writer_options import add_writer_options, block_size_warning, options_from_args
+
+
+class Terminated(BaseException):
+    """SIGTERM while converting. A BaseException, as KeyboardInterrupt is for SIGINT: it runs
+    the writer's clean-up on its way out and no ``except Exception`` stops it."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up must not be interrupted
+    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +80,24 @@ def build_time(value: int | None) -> int:
         raise CliError(f"convert: SOURCE_DATE_EPOCH={env!r} is not a number") from None
 
 
+def check_output(source: str, out: str) -> None:
+    """Refuse an OUT that is SOURCE (or standard input's file: the image would replace its
+    input) or a directory (the rename would fail naming our temporary file)."""
+    try:
+        out_st = os.stat(out)
+    except OSError:
+        return  # no OUT yet, or none we can see: the conversion says what is wrong
+    try:
+        src_st = os.fstat(sys.stdin.fileno()) if source == "-" else os.stat(source)
+    except (OSError, ValueError):
+        src_st = None
+    if src_st is not None and (out_st.st_dev, out_st.st_ino) == (src_st.st_dev, src_st.st_ino):
+        what = "standard input" if source == "-" else source
+        raise CliError(f"convert: {out}: is the input ({what}); refusing to overwrite it")
+    if stat.S_ISDIR(out_st.st_mode):
+        raise CliError(f"convert: {out}: is a directory")
+
+
 def convert_main(argv: list[str]) -> int:
     from ..mkfs import MkfsError, convert_dir, convert_tar
 
@@ -73,7 +105,9 @@ def convert_main(argv: list[str]) -> int:
     options = dataclasses.replace(options_from_args(args, "convert"),
                                   build_time=build_time(args.mtime), uuid=parse_uuid(args.uuid),
                                   sync=args.sync)
+    check_output(args.source, args.out)
     start = time.monotonic()
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.source == "-":
             result = convert_tar(sys.stdin.buffer, args.out, options)
@@ -81,11 +115,17 @@ def convert_main(argv: list[str]) -> int:
             result = convert_dir(args.source, args.out, options)
         else:
             result = convert_tar(args.source, args.out, options)
+    except (Terminated, KeyboardInterrupt) as exc:  # the writer removed its temporary file
+        sig = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        print_error(f"convert: interrupted ({sig.name}); no partial image is left")
+        return 128 + sig
     except MkfsError as exc:
         raise CliError(f"{args.source}: {exc}") from exc
     except OSError as exc:
         where = exc.filename or args.out
         raise CliError(f"{where}: {exc.strerror or exc}") from exc
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
     too_big = block_size_warning(options)
     for warning in (*result.warnings, *([too_big] if too_big else [])):
         print_error(f"warning: {warning}")

@@ -116,7 +116,7 @@ def _objects(args: argparse.Namespace) -> ObjectStore | None:
     try:
         return ObjectStore(args.data_dir or [], require_verity=args.require_object_verity)
     except OSError as exc:
-        raise CliError(f"data dir {exc.filename}: {exc.strerror}") from exc
+        raise CliError(f"{args.command}: data dir {exc.filename}: {exc.strerror}") from exc
 
 
 def cmd_cat(args: argparse.Namespace) -> int:

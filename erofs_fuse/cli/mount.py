@@ -34,6 +34,11 @@ _ALIASES = {"allow_suid": "suid", "allow_dev": "dev"}
 OWN_OPTIONS = ("uidmapping", "gidmapping", "squash_to_uid", "squash_to_gid", "squash_to_root")
 LOG_OPTION = "log"  # -o log=FILE: --log for mount(8) and fstab lines
 DATADIR_OPTION = "datadir"  # -o datadir=DIR: --data-dir for mount(8) and fstab lines
+# -o forms of the integrity options (for mount(8) and fstab lines): -o NAME is --NAME with
+# dashes, the same attribute of the parsed arguments; flags take no value, the others one each
+INTEGRITY_FLAGS = ("require_verity", "require_object_verity", "trust_dmverity_sidecar")
+INTEGRITY_VALUES = {"verity": "LAYER=sha256:HEX", "verity_roots": "FILE",
+                    "dm_verity": "LAYER=ROOT:BLOCKS", "verity_sidecar": "LAYER=PATH"}
 FUSE_CONF = "/etc/fuse.conf"  # fusermount3's: user_allow_other, mount_max
 _REFUSED_OPTIONS = {
     "rw": "the tree is read-only",
@@ -108,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         "integrity", "Every block read from a layer with a trusted root is hashed and checked "
         "against its Merkle tree (LAYER.verity by default, as written by 'erofs-fuse seal'); a "
         "mismatch fails that read with EIO. LAYER is a 0-based index (bottom first) or the "
-        "layer's path as given in --layers.")
+        "layer's path as given in --layers. Each option is also accepted as -o with "
+        "underscores, for mount(8) and fstab lines: -o verity=LAYER=sha256:HEX, "
+        "verity_roots=FILE, dm_verity=..., verity_sidecar=..., trust_dmverity_sidecar, "
+        "require_verity (and require_object_verity).")
     v.add_argument("--verity", action="append", default=[], metavar="LAYER=sha256:HEX",
                    help="trusted fs-verity digest of a layer (as 'fsverity digest' prints it)")
     v.add_argument("--verity-roots", action="append", default=[], metavar="FILE",
@@ -136,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> MountConfig:
-    ns = build_parser().parse_args(argv)
+    ns = apply_integrity_options(build_parser().parse_args(argv))
     try:
         layers, listed_digests = expand_layers(ns.layers)  # @FILE items: .layers files
     except LayersFileError as exc:
@@ -166,6 +174,23 @@ def parse_args(argv: list[str]) -> MountConfig:
         timeout=ns.timeout,
         idmap=parse_idmap(ns),
     )
+
+
+def apply_integrity_options(ns: argparse.Namespace) -> argparse.Namespace:
+    """Fold the -o forms of the integrity options into their long forms (after them, in the
+    order written): an fstab line must be able to require verity as the command line can."""
+    for value in ns.options:
+        for opt in value.split(","):
+            name, eq, arg = opt.partition("=")
+            if name in INTEGRITY_FLAGS:
+                if eq:
+                    raise CliError(f"mount: -o {opt}: {name} takes no value")
+                setattr(ns, name, True)
+            elif name in INTEGRITY_VALUES:
+                if not eq or not arg:
+                    raise CliError(f"mount: -o {opt}: expected -o {name}={INTEGRITY_VALUES[name]}")
+                getattr(ns, name).append(arg)
+    return ns
 
 
 def parse_trust(layers: list[str], ns: argparse.Namespace, listed: bool) -> list[TrustSpec]:
@@ -232,7 +257,8 @@ def parse_options(values: list[str]) -> set[str]:
     options = set(DEFAULT_OPTIONS)
     for value in values:
         for opt in filter(None, value.split(",")):
-            if opt.partition("=")[0] in (*OWN_OPTIONS, LOG_OPTION, DATADIR_OPTION):
+            if opt.partition("=")[0] in (*OWN_OPTIONS, LOG_OPTION, DATADIR_OPTION,
+                                         *INTEGRITY_FLAGS, *INTEGRITY_VALUES):
                 continue
             opt = _ALIASES.get(opt, opt)
             refused = _REFUSED_OPTIONS.get(opt.partition("=")[0])

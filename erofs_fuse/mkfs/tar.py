@@ -230,6 +230,8 @@ class TarReader:
             self.finish_data()
             offset = self.stream.pos
             header = self.stream.read(BLOCK)
+            if not header and offset == 0:  # GNU tar refuses it too (exit 2)
+                raise BadInputError("empty input: this does not look like a tar archive")
             if not header:
                 return  # end of stream without end-of-archive blocks: accepted, as GNU tar does
             if len(header) != BLOCK:

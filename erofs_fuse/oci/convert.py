@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import TextIO
 
 from ..mkfs import ConvertOptions
-from .image import Platform, resolve_image
+from .image import OciError, Platform, resolve_image
 from .layers_file import SUFFIX, LayersFile, ListedLayer, write_layers_file
 from .progress import ProgressView
 from .workers import output_name, plan, run_jobs
@@ -29,11 +30,33 @@ class Request:
 
 
 
+class OutdirError(OciError):
+    """OUTDIR cannot be made or written: bad input as much as the image (exit 2), and said of
+    OUTDIR itself rather than of a layer's temporary file."""
+
+
+def make_outdir(path: str) -> None:
+    """Create OUTDIR if missing and prove it writable (a file made and removed) before any
+    worker starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutdirError(f"{path}: not a directory") from None
+    except OSError as exc:
+        raise OutdirError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=path)
+    except OSError as exc:
+        raise OutdirError(f"{path}: cannot write there: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def convert_image(req: Request, stderr: TextIO | None = None) -> str:
     """Convert and write the ``.layers`` file; its path. Progress goes to ``stderr``
     (default: sys.stderr)."""
     image = resolve_image(req.image, req.platform, req.ref)
-    os.makedirs(req.outdir, exist_ok=True)
+    make_outdir(req.outdir)
     jobs = plan(image, req.outdir, req.options)
     view = ProgressView(stderr or sys.stderr, len(image.layers), jobs, quiet=req.quiet)
     present = len({layer.diff_id for layer in image.layers}) - sum(j.convert for j in jobs)

@@ -245,16 +245,49 @@ def resolve_image(source: str, platform: Platform | None = None,
     index = parse_json(layout.read_file("index.json", MAX_JSON_BYTES), f"{source}: index.json")
     tops = _index_entries(index, f"{source}: index.json")
     if ref is not None:
-        named = [d for d in tops if d.annotations.get(REF_NAME) == ref]
-        if not named:
-            refs = sorted({d.annotations[REF_NAME] for d in tops if REF_NAME in d.annotations})
-            raise OciError(f"{source}: no image named {ref!r} (names: {', '.join(refs) or '-'})")
-        tops = named
+        tops = _named(tops, ref, source)
     candidates: list[_Candidate] = []
     for k, top in enumerate(tops):
         _collect(layout, top, top, f"{source}: index.json manifests[{k}]", 0, candidates)
     chosen = choose(candidates, platform, source)
     return _read_image(layout, chosen, platform)
+
+
+def _named(tops: list[Descriptor], ref: str, source: str) -> list[Descriptor]:
+    """The index.json entries ``ref`` names: by full reference (containerd's annotation, which
+    docker save writes; ``debian:12`` is ``docker.io/library/debian:12``), else by OCI ref
+    name. Several images answering the name is refused: a tag such as ``12`` may be debian's
+    and alpine's alike."""
+    full = [d for d in tops if d.annotations.get(CONTAINERD_NAME) is not None and
+            normalized_reference(d.annotations[CONTAINERD_NAME]) == normalized_reference(ref)]
+    named = full or [d for d in tops if d.annotations.get(REF_NAME) == ref]
+    if not named:
+        names = sorted({_shown_name(d) for d in tops} - {"-"})
+        raise OciError(f"{source}: no image named {ref!r} (names: {', '.join(names) or '-'})")
+    if len({d.digest for d in named}) > 1:
+        raise OciError(f"{source}: --ref {ref} is ambiguous, it names "
+                       f"{', '.join(sorted({_shown_name(d) for d in named}))}: give the full "
+                       "name")
+    return named
+
+
+def _shown_name(desc: Descriptor) -> str:
+    return desc.annotations.get(CONTAINERD_NAME) or desc.annotations.get(REF_NAME) or "-"
+
+
+def normalized_reference(name: str) -> str:
+    """``name`` as docker and containerd complete it: ``debian`` is
+    ``docker.io/library/debian:latest``, ``me/app:1`` is ``docker.io/me/app:1``."""
+    first, slash, rest = name.partition("/")
+    if not slash or not ("." in first or ":" in first or first == "localhost"):
+        name = "docker.io/" + name
+    domain, _, path = name.partition("/")
+    if domain == "docker.io" and "/" not in path:
+        name = f"docker.io/library/{path}"
+    last = name.rpartition("/")[2]
+    if ":" not in last and "@" not in last:
+        name += ":latest"
+    return name
 
 
 def _index_entries(index: Mapping[str, Any], where: str) -> list[Descriptor]:
@@ -303,8 +336,8 @@ def choose(candidates: list[_Candidate], wanted: Platform | None, source: str) -
             raise OciError(f"{source}: several manifests match {want} ({', '.join(platforms)}): "
                            "choose one with --platform")
         raise OciError(f"{source}: several images for {want} (names: "
-                       f"{', '.join(sorted(c.ref_name or '-' for c in matched))}): choose one "
-                       "with --ref")
+                       f"{', '.join(sorted(_shown_name(c.top) for c in matched))}): choose "
+                       "one with --ref")
     bare = [c for c in unique.values() if c.manifest.platform is None]
     if len(bare) == 1:
         return bare[0]

@@ -74,8 +74,9 @@ class ProgressView:
         self._done[job.key] = job.work
         self._finished += 1
         took = time.monotonic() - began
-        if job.convert:
-            self.note(f"{self.label(job)}: converted {_size(job.work)} -> "
+        if job.convert or result.reconverted:
+            read = job.layer.size if result.reconverted else job.work  # the blob, not the file
+            self.note(f"{self.label(job)}: converted {_size(read)} -> "
                       f"{_size(result.image_size)} in {took:.1f} s")
         else:
             self.note(f"{self.label(job)}: present, sealed in {took:.1f} s")

@@ -35,6 +35,7 @@ from typing import Any, NoReturn, Protocol
 from ..mkfs import ConvertOptions, MkfsError, convert_tar
 from .image import Layer, OciError, ResolvedImage, open_blob
 from ..verity.sealing import SealError, seal
+from .digest_record import recorded_digest, remove_record, write_record
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -59,7 +60,8 @@ class JobFailed(Exception):
 @dataclass(frozen=True)
 class Job:
     """One output file: converting ``layer`` (the first of ``indexes``, layers with the same
-    diff_id) into ``out``; or, with ``convert`` false, sealing the existing ``out``."""
+    diff_id) into ``out``; or, with ``convert`` false, sealing the existing ``out`` once it is
+    proven to be the file a sealed conversion recorded (else converting it again)."""
 
     key: int
     indexes: tuple[int, ...]
@@ -76,6 +78,7 @@ class JobResult:
     image_size: int
     verity: str | None
     warnings: tuple[str, ...] = ()
+    reconverted: bool = False  # present, not proven to be what its name says: converted again
 
 
 def output_name(diff_id: str) -> str:
@@ -84,7 +87,8 @@ def output_name(diff_id: str) -> str:
 
 def plan(image: ResolvedImage, outdir: str, options: ConvertOptions) -> list[Job]:
     """A job per distinct diff_id whose file is missing (or, sealing, present: its digest is
-    needed); layers whose file exists are left out when not sealing."""
+    needed, once the file is proven unchanged); layers whose file exists are left out when
+    not sealing."""
     by_diff: dict[str, list[Layer]] = {}
     for layer in image.layers:
         by_diff.setdefault(layer.diff_id, []).append(layer)
@@ -157,10 +161,15 @@ class _Reporter:
             self._last = now
             self._conn.send(("progress", done))
 
+    def note(self, line: str) -> None:
+        self._conn.send(("note", line))
+
 
 def run_job(job: Job, report: _Reporter) -> JobResult:
     if not job.convert:
-        return _seal_existing(job.out, report)
+        proven = _seal_if_proven(job, report)
+        if proven is not None:
+            return proven
     directory, base = os.path.split(job.out)
     tmp = os.path.join(directory, f".{base}.{job.token}.tmp")
     options = dataclasses.replace(job.options, expected_diff_id=job.layer.diff_id, sync=True)
@@ -168,28 +177,49 @@ def run_job(job: Job, report: _Reporter) -> JobResult:
         result = convert_tar(io.BufferedReader(blob, READ_CHUNK), tmp, options)
         blob.finish()  # the blob's own digest, before anything gets a final name
     if not _publish(tmp, job.out, options.seal):
-        return _seal_existing(job.out, report) if options.seal else \
-            JobResult(os.path.getsize(job.out), None)
-    return JobResult(result.image_size, result.verity_digest, result.warnings)
+        return JobResult(os.path.getsize(job.out), None)
+    if result.verity_digest is not None:
+        write_record(job.out, job.layer.diff_id, result.verity_digest)
+    return JobResult(result.image_size, result.verity_digest, result.warnings,
+                     reconverted=not job.convert)
 
 
 def _publish(tmp: str, out: str, sealed: bool) -> bool:
     """Give ``tmp`` (and its sidecar) the final name; False if another run made ``out``
-    meanwhile (ours is dropped: the existing file is never replaced under a reader)."""
+    meanwhile and we are not sealing (ours is dropped: an unsealed file is never replaced
+    under a reader). A sealed file replaces whatever is there, atomically: ours is the one
+    whose digest we know (a reader of the old file keeps reading the old file)."""
+    if sealed:
+        remove_record(out)  # the old file's, if any: never paired with our file
+        os.replace(tmp, out)
+        os.replace(tmp + ".verity", out + ".verity")
+        return True
     try:
         os.link(tmp, out)
     except FileExistsError:
         remove_quietly(tmp)
-        remove_quietly(tmp + ".verity")
         return False
     os.unlink(tmp)
-    if sealed:
-        os.replace(tmp + ".verity", out + ".verity")
     return True
 
 
-def _seal_existing(path: str, report: _Reporter) -> JobResult:
-    result = seal(path, progress=report)
+def _seal_if_proven(job: Job, report: _Reporter) -> JobResult | None:
+    """Seal the existing ``job.out`` when its fs-verity digest is the one recorded when it
+    was converted (oci/digest_record.py); None, after a note saying why, when it is not
+    proven, and the layer is to be converted again."""
+    recorded = recorded_digest(job.out, job.layer.diff_id)
+    if recorded is None:
+        report.note("present without a recorded digest: converting it again to seal it")
+        return None
+    directory, base = os.path.split(job.out)
+    sidecar = os.path.join(directory, f".{base}.{job.token}.verity")
+    result = seal(job.out, sidecar, progress=report)
+    if result.digest != recorded:
+        remove_quietly(sidecar)
+        report.note(f"present but changed since it was converted (fs-verity digest "
+                    f"{result.digest}, recorded {recorded}): converting it again")
+        return None
+    os.replace(sidecar, job.out + ".verity")
     return JobResult(result.data_size, result.digest)
 
 
@@ -215,6 +245,7 @@ class Observer(Protocol):
     def label(self, job: Job) -> str: ...
     def started(self, job: Job) -> None: ...
     def progress(self, job: Job, done: int) -> None: ...
+    def note(self, line: str) -> None: ...
     def finished(self, job: Job, result: JobResult) -> None: ...
     def tick(self) -> None: ...
 
@@ -288,6 +319,8 @@ def _receive(conn: Connection, running: dict[Connection, _Running],
         return
     if message[0] == "progress":
         view.progress(run.job, message[1])
+    elif message[0] == "note":
+        view.note(f"{view.label(run.job)}: {message[1]}")
     elif message[0] == "done":
         results[run.job.key] = message[1]
         view.finished(run.job, message[1])

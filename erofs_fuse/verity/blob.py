@@ -53,8 +53,9 @@ class VerifiedBlob:
     """
 
     def __init__(self, inner: Blob, tree: MerkleTree, *, name: str | None = None,
-                 cache_bytes: int = DEFAULT_TREE_CACHE_BYTES) -> None:
+                 cache_bytes: int = DEFAULT_TREE_CACHE_BYTES, kind: str = "layer") -> None:
         self.name = name if name is not None else inner.name
+        self.kind = kind  # what the blob is, in messages: "layer", "object sha256:HEX"
         self.failures = 0
         self._inner = inner
         self._tree = tree
@@ -169,7 +170,7 @@ class VerifiedBlob:
         raise IntegrityError(
             f"{what}: hash mismatch, expected {expected[:DIGEST_PREFIX_HEX // 2].hex()}..., "
             f"got {actual[:DIGEST_PREFIX_HEX // 2].hex()}... (verification failure {count} "
-            "of this layer)", image=self.name, offset=offset)
+            f"of this {self.kind})", image=self.name, offset=offset)
 
     # data -------------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
