@@ -1,6 +1,6 @@
-"""The converter under mutated layer tars: the worker of ``scripts/fuzz.py --mode convert``.
+"""The converter under mutated layer tars: the worker of ``scripts/fuzz --mode convert``.
 
-Each mutant (``fuzz_tar.TarCorpus``) is converted in every mode (``MODES``), each conversion in
+Each mutant (``tar_mutants.TarCorpus``) is converted in every mode (``MODES``), each conversion in
 a forked child with a deadline (``--timeout``; faulthandler dumps the child's stack before it is
 ended) and a memory limit (``--memory`` MiB of address space, ``RLIMIT_AS``). The child also
 reads the image it wrote back with our reader (``Image.open``, walk, read every file, readlink,
@@ -45,12 +45,12 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Callable, TypeVar
-
-from fuzz_tar import Mutant, TarCorpus
+from typing import BinaryIO, Callable, TypeVar, cast
 
 from erofs_fuse.erofs.image import Image, Inode
 from erofs_fuse.mkfs import ConvertOptions, MkfsError, convert_tar
+
+from devtools.fuzz.tar_mutants import Mutant, TarCorpus
 
 MODES = {
     "full": ConvertOptions(),
@@ -196,9 +196,9 @@ class _TwoLineError(MkfsError):
         return "two\nlines"
 
 
-def _faulty_convert(fault: str) -> Callable[[str | _Unseekable, str, ConvertOptions], object]:
+def _faulty_convert(fault: str) -> Callable[[str | BinaryIO, str, ConvertOptions], object]:
     """``convert_tar`` with a fault injected: proves that the harness sees each kind of bug."""
-    def convert(source: str | _Unseekable, out: str, options: ConvertOptions) -> object:
+    def convert(source: str | BinaryIO, out: str, options: ConvertOptions) -> object:
         if fault == "crash":
             raise IndexError("injected fault")
         if fault == "exit":
@@ -225,10 +225,11 @@ def _convert_and_read(tar: str, outdir: str, options: ConvertOptions, stream: bo
                       fault: str | None = None) -> dict[str, object]:
     out = os.path.join(outdir, IMAGE)
     result: dict[str, object] = {}
-    convert: Callable[[str | _Unseekable, str, ConvertOptions], object] = \
+    convert: Callable[[str | BinaryIO, str, ConvertOptions], object] = \
         _faulty_convert(fault) if fault else convert_tar
     try:
-        source = _Unseekable(tar) if stream else tar
+        # a raw stream, which convert_tar reads as it would a pipe's
+        source = cast(BinaryIO, _Unseekable(tar)) if stream else tar
         converted = convert(source, out, options)
         result.update(status="ok", warnings=len(getattr(converted, "warnings", ())))
     except MkfsError as exc:
@@ -442,7 +443,7 @@ def run_mutant(m: Mutant, index: int, args: argparse.Namespace, workdir: str) ->
 
 
 def worker(args: argparse.Namespace) -> int:
-    """Reads mutant indexes on stdin, answers one JSON line each (as fuzz.py's workers do)."""
+    """Reads mutant indexes on stdin, answers one JSON line each (as the other modes' workers do)."""
     corpus = TarCorpus(args.tars)
     workdir = args.workdir
     if args.kernel_every and os.geteuid() != 0:
