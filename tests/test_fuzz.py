@@ -114,8 +114,8 @@ def test_stress_short_run(tmp_path: Path) -> None:
 
 # the converter under mutated tars (scripts/fuzz --mode convert) ---------------------------------
 def load_fuzz_tar() -> ModuleType:
-    """devtools/fuzz/tar_mutants.py (the mutations; it imports the seed tars of tar_seeds.py)."""
-    return importlib.import_module("devtools.fuzz.tar_mutants")
+    """devtools/fuzz/tar_corpus.py (the mutants; it imports the seed tars of tar_seeds.py)."""
+    return importlib.import_module("devtools.fuzz.tar_corpus")
 
 
 def test_tar_mutants_are_a_function_of_seed_and_index() -> None:
