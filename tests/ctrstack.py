@@ -193,3 +193,28 @@ def containerd_stack(*, debug: bool = True) -> Iterator[Stack]:
         finally:
             unmount_all(str(tmp))
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def direct_snapshotter(prefix: str = "efs-snapd-") -> Iterator[tuple[object, Stack]]:
+    """A snapshotter of its own (no containerd: its GC would remove snapshots it does not
+    know) and a gRPC stub of the snapshots API talking to it."""
+    import grpc
+
+    from erofs_fuse.containerd.api import snapshots_pb2_grpc
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    s = Stack(tmp, tmp / "snapshotter", "", tmp / "snapshotter.log")
+    channel = None
+    try:
+        s.start_snapshotter()
+        channel = grpc.insecure_channel(f"unix://{tmp}/snapshotter.sock")
+        yield snapshots_pb2_grpc.SnapshotsStub(channel), s
+    finally:
+        try:
+            if channel is not None:
+                channel.close()
+            s.stop_snapshotter()
+        finally:
+            unmount_all(str(tmp))
+            shutil.rmtree(tmp, ignore_errors=True)

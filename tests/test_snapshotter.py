@@ -28,7 +28,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from ctrstack import NS, SNAPSHOTTER, Stack, containerd_stack, mounts_under, unmount_all, wait_for
+from ctrstack import (NS, SNAPSHOTTER, Stack, containerd_stack, direct_snapshotter, mounts_under,
+                      unmount_all, wait_for)
 from helpers import ROOT
 from layertar import extracted
 from mounting import env, kernel_overlay
@@ -394,25 +395,8 @@ def test_remove_image_leaves_nothing(stack: Stack) -> None:
 @pytest.fixture
 def direct_stack() -> Iterator[tuple[object, Stack]]:
     """A snapshotter of its own (no containerd) and a gRPC stub talking to it."""
-    import grpc
-
-    from erofs_fuse.containerd.api import snapshots_pb2_grpc
-
-    tmp = Path(tempfile.mkdtemp(prefix="efs-snapd-", dir="/tmp"))
-    s = Stack(tmp, tmp / "snapshotter", "", tmp / "snapshotter.log")
-    channel = None
-    try:
-        s.start_snapshotter()
-        channel = grpc.insecure_channel(f"unix://{tmp}/snapshotter.sock")
-        yield snapshots_pb2_grpc.SnapshotsStub(channel), s
-    finally:
-        try:
-            if channel is not None:
-                channel.close()
-            s.stop_snapshotter()
-        finally:
-            unmount_all(str(tmp))
-            shutil.rmtree(tmp, ignore_errors=True)
+    with direct_snapshotter() as pair:
+        yield pair
 
 
 @pytest.fixture

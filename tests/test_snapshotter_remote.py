@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,10 +24,9 @@ from typing import Any
 import grpc
 import pytest
 
-from ctrstack import Stack, mounts_under, unmount_all
+from ctrstack import direct_snapshotter, mounts_under
 from erofs_fuse.mkfs import ConvertOptions, convert_tar
 from erofs_fuse.containerd.api import snapshots_pb2 as pb
-from erofs_fuse.containerd.api import snapshots_pb2_grpc
 from erofs_fuse.snapshotter.core import DIFF_ID_LABEL, LAYER_LABEL, VERITY_LABEL
 from ocilayout import Entry, directory, file, many_files_tar, tar_bytes, whiteout
 
@@ -38,21 +36,8 @@ ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS
 
 @pytest.fixture
 def api() -> Iterator[tuple[Any, Path]]:
-    tmp = Path(tempfile.mkdtemp(prefix="efs-remote-", dir="/tmp"))
-    s = Stack(tmp, tmp / "snapshotter", "", tmp / "snapshotter.log")
-    channel = None
-    try:
-        s.start_snapshotter()
-        channel = grpc.insecure_channel(f"unix://{tmp}/snapshotter.sock")
-        yield snapshots_pb2_grpc.SnapshotsStub(channel), tmp
-    finally:
-        try:
-            if channel is not None:
-                channel.close()
-            s.stop_snapshotter()
-        finally:
-            unmount_all(str(tmp))
-            shutil.rmtree(tmp, ignore_errors=True)
+    with direct_snapshotter("efs-remote-") as (stub, stack):
+        yield stub, stack.tmp
 
 
 def sealed_layer(tmp: Path, name: str, entries: list[Entry]) -> dict[str, str]:
