@@ -1055,7 +1055,8 @@ def selected(args: argparse.Namespace) -> Iterator[int]:
     yield from range(args.start, args.start + args.count, args.every)
 
 
-# Seconds between progress lines: a README run takes 10-15 minutes, and was silent throughout.
+# Seconds between progress lines: a run as docs/hostile-input.md gives it takes 10-15 minutes,
+# and was silent throughout.
 PROGRESS_EVERY = 10.0
 
 

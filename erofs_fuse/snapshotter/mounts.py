@@ -1,8 +1,8 @@
 """FUSE mounts of committed layer chains, started from a fork server.
 
 Why a fork server: a new mount must not pay an interpreter start (``erofs-fuse mount`` takes
-about 0.6 s, most of it imports). The command line imports ``erofs_fuse.cli.mount`` and the
-snapshotter forks one child, the *forker*, before it starts any thread (grpc's included: forking
+0.2 s or more, most of it imports; docs/snapshotter.md has the measurement). The command line
+imports ``erofs_fuse.cli.mount`` and the snapshotter forks one child, the *forker*, before it starts any thread (grpc's included: forking
 a process that runs threads is unsafe). For each mount the forker forks a worker that runs that
 module's ``main(argv)`` (handed in as ``mount_main``: nothing here imports the command line),
 which double-forks the daemon and returns once the kernel's INIT has been served, as on the
