@@ -1,4 +1,5 @@
-"""Layer tars for the writer's tests, and the reference view of one: what GNU tar extracts.
+"""Layer tars for the writer's tests (``TarBuilder``: ``devtools/tars.py``, shared with the
+fuzzer), and the reference view of one: what GNU tar extracts.
 
 ``reference_view`` extracts with GNU tar exactly as the differ issue says
 (``tar --xattrs --xattrs-include='*' --numeric-owner -xpf``), then turns OCI whiteouts into
@@ -10,7 +11,6 @@ permission bits, owner and mtime of the ``.wh.`` entry; ``trusted.overlay.opaque
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import stat
@@ -22,36 +22,8 @@ from typing import Iterator
 from helpers import kernel_erofs, require_tool
 from treeview import TreeView, view_of_dir, view_of_image
 
+from devtools.tars import TarBuilder  # noqa: F401 - the tests' tar builder, shared
 from erofs_fuse.erofs.image import Image
-
-
-class TarBuilder:
-    """A tar written entry by entry with Python's tarfile (any dialect, any odd field)."""
-
-    def __init__(self, fmt: int = tarfile.PAX_FORMAT) -> None:
-        self.buf = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=fmt,
-                                encoding="utf-8", errors="surrogateescape")
-
-    def add(self, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", *,
-            mode: int = 0o644, uid: int = 0, gid: int = 0, mtime: float = 1_600_000_000,
-            linkname: str = "", devmajor: int = 0, devminor: int = 0,
-            pax: dict[str, str] | None = None) -> None:
-        info = tarfile.TarInfo(name)
-        info.type = kind
-        info.mode = mode
-        info.uid, info.gid = uid, gid
-        info.mtime = mtime
-        info.linkname = linkname
-        info.devmajor, info.devminor = devmajor, devminor
-        info.size = len(data) if kind in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0
-        if pax:
-            info.pax_headers = dict(pax)
-        self.tar.addfile(info, io.BytesIO(data) if info.size else None)
-
-    def bytes(self) -> bytes:
-        self.tar.close()
-        return self.buf.getvalue()
 
 
 def gnu_tar_of(src: str, out: str, *options: str) -> None:

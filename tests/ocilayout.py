@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import zstandard
 
+from devtools.tars import ustar_header
+
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -120,20 +122,13 @@ def _add(tar: tarfile.TarFile, e: Entry) -> None:
 
 def many_files_tar(count: int, size: int = 64) -> bytes:
     """A tar of ``count`` small files under ``many/`` (headers packed directly: fast)."""
-    parts = [_header("many", tarfile.DIRTYPE, 0)]
+    parts = [ustar_header("many", tarfile.DIRTYPE, 0, MTIME)]
     pad = bytes(-size % 512)
     for k in range(count):
-        parts.append(_header(f"many/{k // 1000}/f{k}", tarfile.REGTYPE, size))
+        parts.append(ustar_header(f"many/{k // 1000}/f{k}", tarfile.REGTYPE, size, MTIME))
         parts.append(f"{k:0{size}d}".encode()[:size] + pad)
     parts.append(bytes(1024))
     return b"".join(parts)
-
-
-def _header(name: str, kind: bytes, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.type, info.size, info.mtime = kind, size, MTIME
-    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
-    return info.tobuf(tarfile.USTAR_FORMAT)
 
 
 def compress(data: bytes, compression: str | None) -> bytes:

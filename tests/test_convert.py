@@ -247,7 +247,7 @@ def test_tar_index_from_stdin_appends_the_uncompressed_tar(tmp_path: Path, wrap:
     check_image_views(str(tmp_path / "in.tar"), str(out), tar_index=True)
 
 
-# found by scripts/fuzz.py --mode convert --------------------------------------------------
+# found by scripts/fuzz --mode convert -----------------------------------------------------
 def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", linkname: str = "",
             pax: dict[str, str] | None = None) -> bytes:
     b = TarBuilder()

@@ -1,4 +1,4 @@
-"""Short, seeded runs of the robustness harnesses: scripts/fuzz.py (library, mount and convert
+"""Short, seeded runs of the robustness harnesses: scripts/fuzz (library, mount and convert
 modes) and scripts/stress. Any crash, hang or checksum error fails the test (in convert mode
 also a MemoryError, an unreadable image, a multi-line error or a leftover file); the injected
 faults prove that the fuzzer would see each if there were one. The long runs are in the note.
@@ -7,9 +7,7 @@ faults prove that the fuzzer would see each if there were one. The long runs are
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +16,7 @@ from types import ModuleType
 from mounting import env, require_fuse
 
 ROOT = Path(__file__).resolve().parent.parent
-FUZZ = ROOT / "scripts" / "fuzz.py"
+FUZZ = ROOT / "scripts" / "fuzz"
 STRESS = ROOT / "scripts" / "stress"
 
 
@@ -26,7 +24,7 @@ def fuzz(tmp_path: Path, *args: str, timeout: float = 240) -> dict[str, object]:
     out = tmp_path / "summary.json"
     proc = subprocess.run([sys.executable, str(FUZZ), "--json", str(out), *args],
                           capture_output=True, text=True, env=env(), timeout=timeout)
-    assert out.exists(), f"fuzz.py wrote no summary ({proc.returncode}): {proc.stderr[-2000:]}"
+    assert out.exists(), f"scripts/fuzz wrote no summary ({proc.returncode}): {proc.stderr[-2000:]}"
     summary: dict[str, object] = json.loads(out.read_text())
     summary["returncode"] = proc.returncode
     return summary
@@ -41,20 +39,9 @@ def assert_clean(summary: dict[str, object], count: int) -> None:
 
 
 def load_fuzz() -> ModuleType:
-    """scripts/fuzz.py as a module (it sets EROFS_FUSE_STRICT for its own processes: undone)."""
-    spec = importlib.util.spec_from_file_location("fuzz_script", FUZZ)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.get("EROFS_FUSE_STRICT")
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            os.environ.pop("EROFS_FUSE_STRICT", None)
-        else:
-            os.environ["EROFS_FUSE_STRICT"] = saved
-    return module
+    """The image mutations of scripts/fuzz (importing them sets no EROFS_FUSE_STRICT: the entry
+    point does, for its own processes)."""
+    return importlib.import_module("devtools.fuzz.image_mutants")
 
 
 def test_mutants_are_a_function_of_seed_and_index() -> None:
@@ -125,15 +112,10 @@ def test_stress_short_run(tmp_path: Path) -> None:
     assert report["rss_mb"]["max"] < 256, report
 
 
-# the converter under mutated tars (scripts/fuzz.py --mode convert) ------------------------------
+# the converter under mutated tars (scripts/fuzz --mode convert) ---------------------------------
 def load_fuzz_tar() -> ModuleType:
-    """scripts/fuzz_tar.py (the mutations; it imports the seed tars of fuzz_tar_seeds.py)."""
-    scripts = str(ROOT / "scripts")
-    sys.path.insert(0, scripts)
-    try:
-        return importlib.import_module("fuzz_tar")
-    finally:
-        sys.path.remove(scripts)
+    """devtools/fuzz/tar_corpus.py (the mutants; it imports the seed tars of tar_seeds.py)."""
+    return importlib.import_module("devtools.fuzz.tar_corpus")
 
 
 def test_tar_mutants_are_a_function_of_seed_and_index() -> None:

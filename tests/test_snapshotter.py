@@ -346,9 +346,8 @@ def test_debian_rootfs_demo(stack: Stack) -> None:
     (debootstrap minbase; apt-get install hello, apt-get clean: whiteouts; docs deleted and
     /usr/share/locale, a directory, replaced by a file): imported, run, and its whole root
     filesystem compared with the kernel's overlayfs. The archive is built once and cached
-    (scripts/snapshotter_images.py; the first build runs rootfs-demo if its trees are gone)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from snapshotter_images import oci_archive
+    (devtools/images.py; the first build runs rootfs-demo if its trees are gone)."""
+    from devtools.images import oci_archive
 
     tar, layer_tars = oci_archive("demo")
     stack.ctr("images", "import", "--snapshotter", SNAPSHOTTER, "--index-name", DEBIAN_IMAGE,

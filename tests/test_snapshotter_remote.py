@@ -13,9 +13,11 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,3 +222,31 @@ def test_many_files_layer_round_trip(api: tuple[Any, Path]) -> None:
     name = remote_prepare(stub, "ns/1/extract sha256:m", "", "sha256:m", labels)
     v = stub.View(pb.ViewSnapshotRequest(key="ns/2/view", parent=name))
     assert sum(len(files) for _, _, files in os.walk(v.mounts[0].source)) == 500
+
+
+def children_of(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def test_a_dead_fork_server_is_replaced(api: tuple[Any, Path]) -> None:
+    stub, tmp = api
+    root = tmp / "snapshotter"
+    snapshotter = int((root / "lock").read_text().split()[0])
+    forker, = children_of(snapshotter)
+    name = remote_prepare(stub, "ns/1/extract sha256:f", "", "sha256:f",
+                          sealed_layer(tmp, "l", [file("a", "from the layer\n")]))
+    os.kill(forker, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{forker}") and open(f"/proc/{forker}/stat").read().split()[2] \
+            != "Z" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # the next chain mount needs a forker: a new one is started, the mount is made
+    v = stub.View(pb.ViewSnapshotRequest(key="ns/2/view", parent=name))
+    assert (Path(v.mounts[0].source) / "a").read_text() == "from the layer\n"
+    assert forker not in children_of(snapshotter)
+    log = (tmp / "snapshotter.log").read_text()
+    assert f"the mount fork server (pid {forker}) is gone; starting another" in log

@@ -158,7 +158,9 @@ def convert_tar(source: str | BinaryIO, out: str, options: ConvertOptions,
         else:
             raw = source
         output = stack.enter_context(_output(out))
-        return _TarConversion(raw, output, options, progress).run()
+        conversion = _TarConversion(raw, output, options, progress)
+        stack.callback(conversion.stream.close)  # first out: no read-ahead past a failure
+        return conversion.run()
 
 
 class _TarConversion:
@@ -169,6 +171,13 @@ class _TarConversion:
         self.options = options
         self.raw_start = _position(raw)  # where the tar starts, for copying it (tar index)
         self.stream = InputStream(raw, progress=progress)
+        try:
+            self._setup(output, options)
+        except BaseException:
+            self.stream.close()
+            raise
+
+    def _setup(self, output: _Output, options: ConvertOptions) -> None:
         self.bs = options.image_block_size
         devices = 1 if options.tar_index else 0
         self.image = ImageFile(output.fd, output.spool.fileno(), self.bs,

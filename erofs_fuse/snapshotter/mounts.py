@@ -7,7 +7,9 @@ a process that runs threads is unsafe). For each mount the forker forks a worker
 module's ``main(argv)`` (handed in as ``mount_main``: nothing here imports the command line),
 which double-forks the daemon and returns once the kernel's INIT has been served, as on the
 command line. The daemons are nobody's children: they outlive a snapshotter restart, so running
-containers keep their root filesystems. Each worker, and so its daemon, takes the process title
+containers keep their root filesystems. A forker that dies (killed, out of memory) is replaced
+at the next mount by a fresh interpreter running the same loop: forking the snapshotter again
+is no longer safe once its threads run. Each worker, and so its daemon, takes the process title
 ``erofs-fuse mount <id> <mountpoint>``: never the snapshotter's command line.
 
 One mount per distinct chain: a chain is fixed by its top committed snapshot (parents never
@@ -24,6 +26,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,41 +49,80 @@ class Forker:
 
     def __init__(self, mount_main: MountMain) -> None:
         # mount_main's module is imported already, before the fork: each worker starts warm
+        self.mount_main = mount_main
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen[bytes] | None = None  # a replacement forker
         ours, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:
             ours.close()
             code = 1
             try:
-                _serve_forks(theirs, mount_main)
+                serve_forks(theirs, mount_main)
                 code = 0
             finally:
                 os._exit(code)
         theirs.close()
+        self._attach(pid, ours)
+
+    def _attach(self, pid: int, sock: socket.socket) -> None:
         self.pid = pid
-        self.sock = ours
-        self.reader = ours.makefile("rb")
-        self.lock = threading.Lock()
+        self.sock = sock
+        self.reader = sock.makefile("rb")
 
     def mount(self, argv: Sequence[str], title: str) -> None:
-        request = {"argv": list(argv), "title": title}
+        request = json.dumps({"argv": list(argv), "title": title}).encode() + b"\n"
         with self.lock:
-            self.sock.sendall(json.dumps(request).encode() + b"\n")
-            line = self.reader.readline()
-        if not line:
+            line = self._exchange(request)
+            if line is None:
+                log.warning("the mount fork server (pid %d) is gone; starting another", self.pid)
+                self._replace()
+                line = self._exchange(request)
+        if line is None:
             raise MountError("the mount fork server is gone")
         reply = json.loads(line)
         if reply["code"] != 0:
             raise MountError(reply["error"] or f"erofs-fuse mount exited with {reply['code']}")
 
-    def close(self) -> None:
+    def _exchange(self, request: bytes) -> bytes | None:
+        """The forker's reply line; None if it is gone."""
+        try:
+            self.sock.sendall(request)
+            line = self.reader.readline()
+        except OSError:
+            return None
+        return line or None
+
+    def _replace(self) -> None:
+        """Start a new forker in a fresh interpreter (this process runs threads now: forking
+        it is unsafe) that imports ``mount_main`` by name: one interpreter start, once."""
+        self._close_current()
+        ours, theirs = socket.socketpair()
+        main = self.mount_main
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _REPLACEMENT, main.__module__, main.__name__,
+             str(theirs.fileno())], pass_fds=(theirs.fileno(),))
+        theirs.close()
+        self._attach(self.proc.pid, ours)
+
+    def _close_current(self) -> None:
         self.reader.close()
         self.sock.close()  # the forker reads EOF and exits
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
 
+    def close(self) -> None:
+        self._close_current()
 
-def _serve_forks(sock: socket.socket, mount_main: MountMain) -> None:
+
+# The replacement forker's program: serve_forks with the mount entry point named in argv.
+_REPLACEMENT = ("import importlib, socket, sys\n"
+                "from erofs_fuse.snapshotter.mounts import serve_forks\n"
+                "main = getattr(importlib.import_module(sys.argv[1]), sys.argv[2])\n"
+                "serve_forks(socket.socket(fileno=int(sys.argv[3])), main)\n")
+
+
+def serve_forks(sock: socket.socket, mount_main: MountMain) -> None:
     """The forker's loop: one JSON ``{argv, title}`` per line in, one JSON ``{code, error}``
     per line out."""
     import signal

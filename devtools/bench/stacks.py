@@ -13,8 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ROOT / "scripts"
+from devtools import ROOT
 
 
 def env() -> dict[str, str]:
@@ -204,7 +203,7 @@ class ErofsFuseStack(Stack):
             check([sys.executable, "-m", "erofs_fuse", "mount", *self.args(mnt)], env=env())
             self._mounts.append(mnt)
             return
-        cmd = [sys.executable, str(SCRIPTS / "bench_cprofile.py"), self.profile,
+        cmd = [sys.executable, "-m", "devtools.bench.profiled_mount", self.profile,
                "--foreground", *self.args(mnt)]
         self._proc = subprocess.Popen(cmd, env=env(), stderr=subprocess.DEVNULL)
         self._mounts.append(mnt)

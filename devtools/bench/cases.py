@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench_convert_inputs import ImageInput, LayerInput
-from bench_proc import TIME
+from devtools.bench.inputs import ImageInput, LayerInput
+from devtools.bench.proc import TIME
 
 CLI = [sys.executable, "-m", "erofs_fuse"]
 EXTRACT_PLUS_OLD = "tar -xzf + mkfs.erofs 1.5"  # derived: the sum of the two rows' medians

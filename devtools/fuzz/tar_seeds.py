@@ -1,4 +1,4 @@
-"""Seed layer tars for ``scripts/fuzz.py --mode convert``, and the tar headers they are made of.
+"""Seed layer tars for ``scripts/fuzz --mode convert`` (their headers: ``devtools/tars.py``).
 
 Built in-process, deterministically: with Python's ``tarfile`` (ustar, GNU, PAX: long names,
 PAX records, devices, hard and symbolic links, whiteouts) and, where ``tarfile`` writes nothing
@@ -11,81 +11,12 @@ Unmutated, every seed converts in every mode without a warning (``tests/test_fuz
 from __future__ import annotations
 
 import base64
-import io
 import random
 import tarfile
 from typing import Callable
 
-BLOCK = 512
-GNU_MAGIC = b"ustar  \0"
-USTAR_MAGIC = b"ustar\x0000"
-MTIME = 1_600_000_000
-
-
-# writing headers ------------------------------------------------------------------------------
-def octal(value: int, width: int) -> bytes:
-    """A NUL-terminated octal field, or GNU base-256 when the value does not fit."""
-    if 0 <= value < 8 ** (width - 1):
-        return b"%0*o\0" % (width - 1, value)
-    return base256(value, width)
-
-
-def base256(value: int, width: int) -> bytes:
-    if value < 0:
-        return (value & ((1 << (8 * width)) - 1)).to_bytes(width, "big")
-    return b"\x80" + (value & ((1 << (8 * (width - 1))) - 1)).to_bytes(width - 1, "big")
-
-
-def fix_checksum(block: bytearray, at: int = 0) -> None:
-    block[at + 148 : at + 156] = b" " * 8
-    block[at + 148 : at + 156] = b"%06o\0 " % sum(block[at : at + BLOCK])
-
-
-def header(name: bytes, kind: bytes, size: int = 0, *, mode: int = 0o644, uid: int = 0,
-           gid: int = 0, mtime: int = MTIME, linkname: bytes = b"", magic: bytes = USTAR_MAGIC,
-           devmajor: int = 0, devminor: int = 0, extra: dict[int, bytes] | None = None) -> bytearray:
-    h = bytearray(BLOCK)
-    h[0 : len(name[:100])] = name[:100]
-    h[100:108] = octal(mode, 8)
-    h[108:116] = octal(uid, 8)
-    h[116:124] = octal(gid, 8)
-    h[124:136] = octal(size, 12)
-    h[136:148] = octal(mtime, 12)
-    h[156:157] = kind
-    h[157 : 157 + len(linkname[:100])] = linkname[:100]
-    h[257:265] = magic.ljust(8, b"\0")
-    if magic:
-        h[329:337] = octal(devmajor, 8)
-        h[337:345] = octal(devminor, 8)
-    for at, raw in (extra or {}).items():
-        h[at : at + len(raw)] = raw
-    fix_checksum(h)
-    return h
-
-
-def padded(data: bytes) -> bytes:
-    return data + bytes(-len(data) % BLOCK)
-
-
-def pax_record(key: bytes, value: bytes) -> bytes:
-    body = b" " + key + b"=" + value + b"\n"
-    n = len(body) + 1
-    while len(str(n).encode()) + len(body) != n:
-        n += 1
-    return str(n).encode() + body
-
-
-def pax_member(records: list[tuple[bytes, bytes]], kind: bytes = b"x",
-               name: bytes = b"PaxHeaders/entry") -> bytes:
-    data = b"".join(pax_record(k, v) for k, v in records)
-    return bytes(header(name, kind, len(data))) + padded(data)
-
-
-def member(name: bytes, kind: bytes = b"0", data: bytes = b"", **kw: object) -> bytes:
-    return bytes(header(name, kind, len(data), **kw)) + padded(data)  # type: ignore[arg-type]
-
-
-END = bytes(2 * BLOCK)
+from devtools.tars import (BLOCK, END, GNU_MAGIC, TarBuilder, fix_checksum, header, member, octal,
+                           padded, pax_member)
 
 
 def _data(n: int, salt: int) -> bytes:
@@ -98,32 +29,7 @@ def _data(n: int, salt: int) -> bytes:
 
 
 # seeds made with tarfile ----------------------------------------------------------------------
-class _Tar:
-    def __init__(self, fmt: int) -> None:
-        self.buf = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=fmt, encoding="utf-8",
-                                errors="surrogateescape")
-
-    def add(self, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", *,
-            mode: int = 0o644, uid: int = 0, gid: int = 0, mtime: float = MTIME,
-            linkname: str = "", dev: tuple[int, int] = (0, 0),
-            pax: dict[str, str] | None = None) -> None:
-        info = tarfile.TarInfo(name)
-        info.type = kind
-        info.mode, info.uid, info.gid, info.mtime = mode, uid, gid, mtime
-        info.linkname = linkname
-        info.devmajor, info.devminor = dev
-        info.size = len(data) if kind in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0
-        if pax:
-            info.pax_headers = dict(pax)
-        self.tar.addfile(info, io.BytesIO(data) if info.size else None)
-
-    def bytes(self) -> bytes:
-        self.tar.close()
-        return self.buf.getvalue()
-
-
-def _common(t: _Tar, long_ok: bool) -> None:
+def _common(t: TarBuilder, long_ok: bool) -> None:
     t.add("./", tarfile.DIRTYPE, mode=0o755)
     t.add("etc", tarfile.DIRTYPE, mode=0o755)
     t.add("etc/hostname", data=b"fuzz\n")
@@ -131,8 +37,8 @@ def _common(t: _Tar, long_ok: bool) -> None:
         t.add(f"data/f{n}", data=_data(n, k), mode=0o600 if k % 2 else 0o755, uid=k, gid=2 * k)
     t.add("data/link", tarfile.SYMTYPE, linkname="f4096", mode=0o777)
     t.add("data/hard", tarfile.LNKTYPE, linkname="data/f1")
-    t.add("dev/null", tarfile.CHRTYPE, mode=0o666, dev=(1, 3))
-    t.add("dev/sda1", tarfile.BLKTYPE, mode=0o660, dev=(8, 1))
+    t.add("dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3)
+    t.add("dev/sda1", tarfile.BLKTYPE, mode=0o660, devmajor=8, devminor=1)
     t.add("run/fifo", tarfile.FIFOTYPE, mode=0o600)
     t.add("opt/sticky", tarfile.DIRTYPE, mode=0o1777)
     t.add("usr/bin/suid", data=b"#!/bin/sh\n", mode=0o4755)
@@ -144,7 +50,7 @@ def _common(t: _Tar, long_ok: bool) -> None:
 
 
 def seed_pax() -> bytes:
-    t = _Tar(tarfile.PAX_FORMAT)
+    t = TarBuilder(tarfile.PAX_FORMAT)
     _common(t, True)
     t.add("pax/frac", data=b"x", mtime=1_600_000_000.25,
           pax={"mtime": "1600000000.123456789", "uid": "3000000", "gid": "4000000"})
@@ -160,7 +66,7 @@ def seed_pax() -> bytes:
 
 
 def seed_gnu() -> bytes:
-    t = _Tar(tarfile.GNU_FORMAT)
+    t = TarBuilder(tarfile.GNU_FORMAT)
     _common(t, True)
     t.add("gnu/bigids", data=b"ids\n", uid=1 << 24, gid=(1 << 31) + 5)
     t.add("gnu/negative", data=b"-\n", mtime=-(1 << 33))
@@ -173,15 +79,15 @@ def seed_gnu() -> bytes:
 
 
 def seed_ustar() -> bytes:
-    t = _Tar(tarfile.USTAR_FORMAT)
+    t = TarBuilder(tarfile.USTAR_FORMAT)
     _common(t, False)
     t.add("p" * 120 + "/" + "q" * 90, data=b"split by the prefix field\n")
-    t.add("ustar/dev", tarfile.CHRTYPE, dev=(4095, 1048575))
+    t.add("ustar/dev", tarfile.CHRTYPE, devmajor=4095, devminor=1048575)
     return t.bytes()
 
 
 def seed_whiteouts() -> bytes:
-    t = _Tar(tarfile.PAX_FORMAT)
+    t = TarBuilder(tarfile.PAX_FORMAT)
     t.add("a", tarfile.DIRTYPE, mode=0o750, uid=1)
     t.add("a/.wh.b", mode=0)
     t.add("a/.wh..wh..opq")
@@ -202,7 +108,7 @@ def seed_whiteouts() -> bytes:
 
 
 def seed_compressible() -> bytes:
-    t = _Tar(tarfile.PAX_FORMAT)
+    t = TarBuilder(tarfile.PAX_FORMAT)
     for k in range(4):
         t.add(f"lib/text{k}", data=_data(20000 + 7000 * k, 2 * k))
     t.add("lib/random", data=_data(20000, 1))

@@ -117,7 +117,7 @@ def chart(results: Results, stacks: list[str], workloads: list[tuple[str, str]],
     nrows = -(-len(shown) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows + 1.0),
                              squeeze=False)
-    colors = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]
+    colors = plt.get_cmap("tab10").colors
     for ax, (wl, unit) in zip(axes.flat, shown):
         xs, meds, lo, hi, cols = [], [], [], [], []
         for k, s in enumerate(stacks):

@@ -1,6 +1,6 @@
-"""The converter under mutated layer tars: the worker of ``scripts/fuzz.py --mode convert``.
+"""The converter under mutated layer tars: the worker of ``scripts/fuzz --mode convert``.
 
-Each mutant (``fuzz_tar.TarCorpus``) is converted in every mode (``MODES``), each conversion in
+Each mutant (``tar_corpus.TarCorpus``) is converted in every mode (``MODES``), each conversion in
 a forked child with a deadline (``--timeout``; faulthandler dumps the child's stack before it is
 ended) and a memory limit (``--memory`` MiB of address space, ``RLIMIT_AS``). The child also
 reads the image it wrote back with our reader (``Image.open``, walk, read every file, readlink,
@@ -40,17 +40,17 @@ import resource
 import select
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
 import traceback
-from typing import Callable, TypeVar
+from typing import BinaryIO, Callable, cast
 
-from fuzz_tar import Mutant, TarCorpus
-
-from erofs_fuse.erofs.image import Image, Inode
+from erofs_fuse.erofs.image import Image
 from erofs_fuse.mkfs import ConvertOptions, MkfsError, convert_tar
+
+from devtools.fuzz.tar_corpus import Mutant, TarCorpus
+from devtools.fuzz.tree_views import KernelError, dir_view, reader_view, view_diff
 
 MODES = {
     "full": ConvertOptions(),
@@ -63,114 +63,7 @@ SAME_VIEW = ("full", "tar-index", "lz4")  # one tree, whatever the data layout
 SEVERITY = ["crash", "hang", "memory", "bad-image", "differs", "leftover", "bad-message",
             "refused", "ok"]
 BUG_STATUSES = frozenset(SEVERITY[:-2])
-FILE_CAP = 1 << 20  # bytes of a file hashed from its start (then its last 4 KiB)
-ENTRY_CAP = 5000
 IMAGE = "layer.erofs"
-T = TypeVar("T")
-
-
-# one view of a tree, the same from our reader and from a kernel mount -------------------------
-def _line(mode: int, uid: int, gid: int, mtime_ns: int, nlink: int, size: int, body: str,
-          xattrs: list[tuple[bytes, bytes]]) -> str:
-    xs = ",".join(f"{n.decode(errors='backslashreplace')}={hashlib.sha256(v).hexdigest()[:12]}"
-                  for n, v in sorted(xattrs))
-    links = "" if stat.S_ISDIR(mode) else f" nlink={nlink}"
-    return f"{mode:o} {uid}:{gid} {mtime_ns}{links} {body} [{xs}]"
-
-
-def _digest(read: Callable[[int, int], bytes], size: int) -> str:
-    h = hashlib.sha256()
-    pos = 0
-    want = min(size, FILE_CAP)
-    while pos < want:
-        chunk = read(pos, min(1 << 18, want - pos))
-        if not chunk:
-            break
-        h.update(chunk)
-        pos += len(chunk)
-    if size > FILE_CAP:
-        h.update(read(size - 4096, 4096))
-    return f"{pos}/{size}:{h.hexdigest()[:16]}"
-
-
-def _body(mode: int, size: int, read: Callable[[int, int], bytes] | None, target: bytes | None,
-          rdev: int) -> str:
-    if stat.S_ISREG(mode):
-        assert read is not None
-        return "file " + _digest(read, size)
-    if stat.S_ISLNK(mode):
-        return f"-> {target!r}"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return f"rdev={os.major(rdev)}:{os.minor(rdev)}"
-    return f"size={size}" if not stat.S_ISDIR(mode) else "dir"
-
-
-def reader_view(path: str) -> dict[str, str]:
-    """Our reader's view of the image at ``path`` (a tar-index image holds its tar)."""
-    def line(node: Inode) -> str:
-        read = node.read if node.is_reg else None
-        target = node.readlink() if node.is_symlink else None
-        return _line(node.mode, node.uid, node.gid, node.mtime_ns, node.nlink, node.size,
-                     _body(node.mode, node.size, read, target, node.rdev), node.xattrs())
-
-    with Image.open(path) as image:
-        view = {".": line(image.root)}
-        for k, (raw, node) in enumerate(image.walk()):
-            if k >= ENTRY_CAP:
-                break
-            view[raw.decode(errors="surrogateescape")] = line(node)
-    return view
-
-
-class KernelError(Exception):
-    """An operation on the kernel's mount failed: what, where, and the errno's text."""
-
-
-def _op(what: str, path: str, fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except OSError as exc:
-        raise KernelError(f"{what} {path!r}: {exc.strerror}") from exc
-
-
-def dir_view(root: str) -> dict[str, str]:
-    """The same view of a mounted tree (``KernelError`` names the operation that failed)."""
-    view: dict[str, str] = {}
-    todo = [""]
-    while todo and len(view) <= ENTRY_CAP:
-        rel = todo.pop()
-        full = os.path.join(root, rel) if rel else root
-        st = _op("lstat", rel, lambda: os.lstat(full))
-        if stat.S_ISREG(st.st_mode):
-            fd = _op("open", rel, lambda: os.open(full, os.O_RDONLY | os.O_NOFOLLOW))
-            try:
-                body = _body(st.st_mode, st.st_size,
-                             lambda off, n: _op("read", rel, lambda: os.pread(fd, n, off)),
-                             None, st.st_rdev)
-            finally:
-                os.close(fd)
-        else:
-            target = _op("readlink", rel, lambda: os.readlink(os.fsencode(full))) \
-                if stat.S_ISLNK(st.st_mode) else None
-            body = _body(st.st_mode, st.st_size, None, target, st.st_rdev)
-        names = _op("listxattr", rel, lambda: os.listxattr(full, follow_symlinks=False))
-        xattrs = [(n.encode(errors="surrogateescape"),
-                   _op(f"getxattr {n}", rel, lambda n=n: os.getxattr(full, n, follow_symlinks=False)))  # type: ignore[misc]
-                  for n in names]
-        view[rel or "."] = _line(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_nlink,
-                                 st.st_size, body, xattrs)
-        if stat.S_ISDIR(st.st_mode):
-            todo += [os.path.join(rel, n) if rel else n
-                     for n in _op("listdir", rel, lambda: os.listdir(full))]
-    return view
-
-
-def view_diff(a: dict[str, str], b: dict[str, str], limit: int = 6) -> list[str]:
-    out = []
-    for path in sorted(set(a) | set(b)):
-        if a.get(path) != b.get(path):
-            out.append(f"{path!r}: {a.get(path)} != {b.get(path)}")
-    return out[:limit]
 
 
 # one conversion in a child ----------------------------------------------------------------------
@@ -196,9 +89,9 @@ class _TwoLineError(MkfsError):
         return "two\nlines"
 
 
-def _faulty_convert(fault: str) -> Callable[[str | _Unseekable, str, ConvertOptions], object]:
+def _faulty_convert(fault: str) -> Callable[[str | BinaryIO, str, ConvertOptions], object]:
     """``convert_tar`` with a fault injected: proves that the harness sees each kind of bug."""
-    def convert(source: str | _Unseekable, out: str, options: ConvertOptions) -> object:
+    def convert(source: str | BinaryIO, out: str, options: ConvertOptions) -> object:
         if fault == "crash":
             raise IndexError("injected fault")
         if fault == "exit":
@@ -225,10 +118,11 @@ def _convert_and_read(tar: str, outdir: str, options: ConvertOptions, stream: bo
                       fault: str | None = None) -> dict[str, object]:
     out = os.path.join(outdir, IMAGE)
     result: dict[str, object] = {}
-    convert: Callable[[str | _Unseekable, str, ConvertOptions], object] = \
+    convert: Callable[[str | BinaryIO, str, ConvertOptions], object] = \
         _faulty_convert(fault) if fault else convert_tar
     try:
-        source = _Unseekable(tar) if stream else tar
+        # a raw stream, which convert_tar reads as it would a pipe's
+        source = cast(BinaryIO, _Unseekable(tar)) if stream else tar
         converted = convert(source, out, options)
         result.update(status="ok", warnings=len(getattr(converted, "warnings", ())))
     except MkfsError as exc:
@@ -442,7 +336,7 @@ def run_mutant(m: Mutant, index: int, args: argparse.Namespace, workdir: str) ->
 
 
 def worker(args: argparse.Namespace) -> int:
-    """Reads mutant indexes on stdin, answers one JSON line each (as fuzz.py's workers do)."""
+    """Reads mutant indexes on stdin, answers one JSON line each (as the other modes' workers do)."""
     corpus = TarCorpus(args.tars)
     workdir = args.workdir
     if args.kernel_every and os.geteuid() != 0:

@@ -1,106 +1,25 @@
-"""Structure-aware mutations of layer tars, for ``scripts/fuzz.py --mode convert``.
+"""Structure-aware mutations of layer tars, for ``scripts/fuzz --mode convert``.
 
 A mutant is a function of ``(seed, index)`` only, made from one of the seed tars of
-``fuzz_tar_seeds.py``. The mutations know the tar's layout (found by scanning the current
+``tar_seeds.py``. The mutations know the tar's layout (found by scanning the current
 bytes, header by header, as the reader will): numeric header fields (octal, GNU base-256,
 negative, unterminated, garbage), the size field with and without the data to match, type
 flags, magic, names, checksums (usually recomputed, so that mutants reach the checks behind
 them), PAX records (lengths, keys, values, many xattrs near the inline limits; the header's size
 rewritten or left stale), sparse maps (old GNU entries, extension flags, real sizes; PAX maps),
 whole members duplicated, dropped, swapped, end blocks removed or put early, truncation at
-header, data and record boundaries; then, for a share of the mutants, a gzip or zstd wrapping
-(multi-member too) whose compressed bytes are mutated in turn (flips, truncation, header flags,
-trailer).
+header, data and record boundaries (``tar_corpus.py`` then wraps a share of the mutants in
+gzip or zstd, multi-member too, and mutates the compressed bytes in turn: flips, truncation,
+header flags, trailer).
 """
 
 from __future__ import annotations
 
-import gzip
 import random
-from dataclasses import dataclass
 
-import zstandard
-from fuzz_tar_seeds import (BLOCK, END, GNU_MAGIC, SEEDS, USTAR_MAGIC, base256, fix_checksum,
-                            octal, padded, pax_member, pax_record)
-
-
-# the layout of a tar, as the reader walks it ----------------------------------------------------
-@dataclass
-class Entry:
-    pos: int            # of the header
-    kind: bytes
-    blocks: int         # header blocks (1, more with GNU sparse extension blocks)
-    data: int           # bytes of data that follow (unpadded)
-
-    @property
-    def data_pos(self) -> int:
-        return self.pos + BLOCK * self.blocks
-
-    @property
-    def end(self) -> int:
-        return self.data_pos + self.data + (-self.data % BLOCK)
-
-
-def _num(raw: bytes) -> int | None:
-    if raw and raw[0] & 0x80:
-        return int.from_bytes(raw[1:], "big") if raw[0] == 0x80 else None
-    text = raw.replace(b"\0", b" ").strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        return None
-
-
-def pax_records(data: bytes) -> list[tuple[bytes, bytes]]:
-    """The records of a PAX body, leniently (stops at the first one that does not parse)."""
-    out, pos = [], 0
-    while pos < len(data):
-        sp = data.find(b" ", pos, pos + 24)
-        try:
-            n = int(data[pos:sp])
-        except ValueError:
-            break
-        if sp < 0 or n <= 0 or pos + n > len(data):
-            break
-        key, _, value = data[sp + 1 : pos + n - 1].partition(b"=")
-        out.append((key, value))
-        pos += n
-    return out
-
-
-def scan(data: bytes | bytearray) -> tuple[list[Entry], int]:
-    """The entries of a tar (records included) and where its end blocks start (or its end)."""
-    entries: list[Entry] = []
-    pos = 0
-    pax_size: int | None = None
-    while pos + BLOCK <= len(data):
-        h = bytes(data[pos : pos + BLOCK])
-        if h == bytes(BLOCK):
-            return entries, pos
-        size = _num(h[124:136])
-        if size is None or size < 0:
-            break
-        kind = h[156:157]
-        blocks = 1
-        if kind == b"S":
-            ext = h[482]
-            while ext and pos + BLOCK * (blocks + 1) <= len(data):
-                ext = data[pos + BLOCK * blocks + 504]
-                blocks += 1
-        if kind in (b"x", b"X"):
-            start = pos + BLOCK
-            for key, value in pax_records(bytes(data[start : start + min(size, 1 << 20)])):
-                if key == b"size" and value.isdigit():
-                    pax_size = int(value)
-        elif kind not in (b"g", b"L", b"K"):
-            if pax_size is not None:
-                size, pax_size = pax_size, None
-            if kind in (b"3", b"4", b"6"):
-                size = 0
-        e = Entry(pos, kind, blocks, size)
-        entries.append(e)
-        pos = e.end
-    return entries, min(pos, len(data))
+from devtools.fuzz.tar_layout import Entry, field_number, pax_records, scan
+from devtools.tars import (BLOCK, END, GNU_MAGIC, USTAR_MAGIC, base256, fix_checksum, octal, padded,
+                           pax_member, pax_record)
 
 
 # mutations --------------------------------------------------------------------------------------
@@ -201,7 +120,7 @@ class Mutator:
         name = name or self.rnd.choice(sorted(table))
         at, width = table[name]
         p = e.pos + at
-        orig = _num(bytes(self.out[p : p + width]))
+        orig = field_number(bytes(self.out[p : p + width]))
         self.out[p : p + width] = self.numeric_value(orig, width)
         self.notes.append(f"{name}@{e.pos}={bytes(self.out[p:p + width])!r}")
         self.reseal(e)
@@ -265,7 +184,7 @@ class Mutator:
             return
         fix_checksum(self.out, e.pos)
         p = e.pos + 148
-        good = _num(bytes(self.out[p : p + 8])) or 0
+        good = field_number(bytes(self.out[p : p + 8])) or 0
         value = self.rnd.choice([b"%06o\0 " % (good + 1), b"%06o\0 " % (good - 1), b" " * 8,
                                  bytes(8), b"garbage!", b"%07o\0" % good, b"%o" % good,
                                  b"\x80" + good.to_bytes(7, "big")])
@@ -341,7 +260,7 @@ class Mutator:
                 self.out[flag] = r.choice([0, 1, 0xFF])
             elif op == "realsize":
                 p = e.pos + 483
-                self.out[p : p + 12] = self.numeric_value(_num(bytes(self.out[p : p + 12])), 12)
+                self.out[p : p + 12] = self.numeric_value(field_number(bytes(self.out[p : p + 12])), 12)
             else:
                 i = r.randrange(slots)
                 p = at + 24 * i
@@ -353,7 +272,7 @@ class Mutator:
                 else:
                     w = r.choice([0, 12])
                     self.out[p + w : p + w + 12] = self.numeric_value(
-                        _num(bytes(self.out[p + w : p + w + 12])), 12)
+                        field_number(bytes(self.out[p + w : p + w + 12])), 12)
             self.notes.append(f"old sparse {op}@{e.pos} block {block}")
             self.reseal(e)
             return
@@ -484,69 +403,3 @@ def mutate_tar(data: bytes, rnd: random.Random) -> tuple[bytes, str, str]:
         getattr(m, "data_bytes" if k == "data" else k)()
     name = ("stack:" + "+".join(kinds)) if kind == "stack" else kind
     return bytes(m.out), name, "; ".join(m.notes)[:300]
-
-
-# compressed wrappings ---------------------------------------------------------------------------
-def wrap(data: bytes, rnd: random.Random) -> tuple[bytes, str]:
-    """Maybe compress (gzip or zstd, one or more members) and maybe damage the result."""
-    how = rnd.choice(["plain"] * 5 + ["gzip", "gzip", "gzip-multi", "zstd", "zstd", "zstd-multi"])
-    if how == "plain":
-        return data, how
-    cut = rnd.randrange(len(data) + 1) if data else 0
-    parts = [data[:cut], data[cut:]] if how.endswith("multi") else [data]
-    if how.startswith("gzip"):
-        out = bytearray(b"".join(gzip.compress(p, compresslevel=1, mtime=0) for p in parts))
-    else:
-        cctx = zstandard.ZstdCompressor(level=1)
-        out = bytearray(b"".join(cctx.compress(p) for p in parts))
-    if rnd.random() < 0.5:
-        return bytes(out), how
-    op = rnd.choice(["flip", "flip", "truncate", "header", "trailer", "append", "bytes"])
-    if op == "flip":
-        for _ in range(rnd.randint(1, 4)):
-            p = rnd.randrange(len(out))
-            out[p] ^= 1 << rnd.randrange(8)
-    elif op == "truncate":
-        del out[rnd.randrange(len(out)) :]
-    elif op == "header":
-        p = rnd.randrange(min(len(out), 18 if how.startswith("gzip") else 14))
-        out[p] = rnd.choice([0, 0xFF, out[p] ^ 0x04, out[p] ^ 0x08, out[p] ^ 0x10, out[p] + 1 & 0xFF])
-    elif op == "trailer":
-        p = len(out) - rnd.randrange(1, min(len(out), 9))
-        out[p] ^= 1 << rnd.randrange(8)
-    elif op == "append":
-        out += rnd.choice([b"\x1f\x8b", b"\x1f\x8b\x08\x00" + bytes(6), b"\x28\xb5\x2f\xfd",
-                           b"junk", bytes(100), bytes(out[: len(out) // 2])])
-    else:
-        p = rnd.randrange(len(out))
-        n = rnd.choice([1, 4, 16, 64])
-        out[p : p + n] = bytes([rnd.choice([0, 0xFF, rnd.getrandbits(8)])]) * n
-    return bytes(out), f"{how}+{op}"
-
-
-class TarCorpus:
-    """The seed tars, built once; ``mutant`` is a pure function of ``(seed, index)``."""
-
-    def __init__(self, names: list[str] | None = None) -> None:
-        self.names = names or list(SEEDS)
-        self.data = {n: SEEDS[n]() for n in self.names}
-
-    def mutant(self, seed: int, index: int) -> Mutant:
-        rnd = random.Random(f"convert:{seed}:{index}")
-        name = rnd.choice(self.names)
-        data, kind, notes = mutate_tar(self.data[name], rnd)
-        data, wrapping = wrap(data, rnd)
-        return Mutant(name, kind, notes, wrapping, data)
-
-
-@dataclass(frozen=True)
-class Mutant:
-    seed_tar: str       # the seed it was made from
-    kind: str           # the mutation: "pax", "stack:size+truncate", ...
-    notes: str          # what exactly was changed, where
-    wrapping: str       # "plain", "gzip", "zstd-multi+flip", ...
-    data: bytes
-
-    @property
-    def suffix(self) -> str:
-        return {"p": ".tar", "g": ".tar.gz", "z": ".tar.zst"}[self.wrapping[0]]

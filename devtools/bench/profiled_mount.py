@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run ``erofs-fuse mount --foreground ...`` under cProfile; write the stats when it returns.
 
-Usage: bench_cprofile.py STATS_FILE MOUNT_ARGS...   (used by ``scripts/bench --profile``)
+Usage: python3 -m devtools.bench.profiled_mount STATS_FILE MOUNT_ARGS...   (used by ``scripts/bench --profile``)
 The FUSE handlers run in the main thread (trio), so the one profiler sees every request.
 """
 

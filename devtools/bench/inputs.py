@@ -38,12 +38,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from bench_layers import ROOTFS_DEMO_BASE, log, run
-from bench_stacks import ROOT
+from devtools import ROOT
+from devtools.bench.layers import ROOTFS_DEMO_BASE, log, run
+from devtools.tars import ustar_header
 
 sys.path.insert(0, str(ROOT / "tests"))
-from ocilayout import OCI_LAYER, LayerBlob, Layout  # noqa: E402
-from ocilayout import _header as tar_header  # noqa: E402  (a ustar header, fixed mtime)
+from ocilayout import MTIME, OCI_LAYER, LayerBlob, Layout  # noqa: E402
 
 FILES_PER_DIR = 100
 SMALL_MIN, SMALL_MAX, LARGE_MIN = 16, 8192, 16384
@@ -210,12 +210,12 @@ def write_synthetic(out: Path, spec: Synthetic) -> None:
         written = 0
         for k, size in enumerate(file_sizes(spec)):
             if k % (FILES_PER_DIR * 100) == 0:
-                written += put(tar_header(f"d{k // 10000:02d}/", tarfile.DIRTYPE, 0))
+                written += put(ustar_header(f"d{k // 10000:02d}/", tarfile.DIRTYPE, 0, MTIME))
             if k % FILES_PER_DIR == 0:
-                written += put(tar_header(f"d{k // 10000:02d}/{k // 100 % 100:02d}/",
-                                       tarfile.DIRTYPE, 0))
-            written += put(tar_header(f"d{k // 10000:02d}/{k // 100 % 100:02d}/f{k:06d}",
-                                   tarfile.REGTYPE, size))
+                written += put(ustar_header(f"d{k // 10000:02d}/{k // 100 % 100:02d}/",
+                                         tarfile.DIRTYPE, 0, MTIME))
+            written += put(ustar_header(f"d{k // 10000:02d}/{k // 100 % 100:02d}/f{k:06d}",
+                                     tarfile.REGTYPE, size, MTIME))
             start = rnd.randrange(len(pool) - min(size, len(pool) - 1))
             data = (pool[start:start + size] if size <= len(pool)
                     else (pool * -(-size // len(pool)))[:size])

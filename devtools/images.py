@@ -2,7 +2,7 @@
 
 * ``demo``: the layers of ``scripts/rootfs-demo`` (debootstrap minbase; ``apt-get install
   hello``; deletions and replacements), the layer tars of ``scripts/bench-convert``
-  (``bench_convert_inputs.debian_layers``). The slow test of ``tests/test_snapshotter.py``
+  (``devtools.bench.inputs.debian_layers``). The slow test of ``tests/test_snapshotter.py``
   runs it.
 * ``python``: the layers of ``scripts/bench`` (``bench_layers.build``: python3, perl and
   ca-certificates installed in layer 1), turned into layer tars the same way: overlay-form
@@ -19,9 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-import bench_convert_inputs as inputs
-import bench_layers
-from bench_stacks import ROOT
+from devtools import ROOT
+from devtools.bench import inputs
+from devtools.bench import layers as bench_layers
 
 sys.path.insert(0, str(ROOT / "tests"))
 from ocilayout import archive  # noqa: E402

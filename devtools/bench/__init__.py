@@ -1,0 +1,1 @@
+"""What ``scripts/bench``, ``bench-convert`` and ``bench-snapshotter`` are made of."""
