@@ -8,7 +8,8 @@ import sys
 
 # what a mutant's status may be that is a bug (convert mode has more than crashes and hangs)
 BUG_STATUSES = ("crash", "hang", "memory", "bad-image", "differs", "leftover", "bad-message")
-# Seconds between progress lines: a README run takes 10-15 minutes, and was silent throughout.
+# Seconds between progress lines: a run as docs/hostile-input.md gives it takes 10-15 minutes,
+# and was silent throughout.
 PROGRESS_EVERY = 10.0
 
 

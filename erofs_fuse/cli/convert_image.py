@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the manifest to take from a multi-platform image (default: this "
                    "machine's, linux/<GOARCH>)")
     p.add_argument("--ref", metavar="NAME",
-                   help="the image in index.json annotated with this "
-                   "org.opencontainers.image.ref.name (when the layout holds several)")
+                   help="the image in index.json with this full name (io.containerd.image.name, as "
+                   "docker save writes it; debian:12 = docker.io/library/debian:12) or this "
+                   "org.opencontainers.image.ref.name; a name that picks several images is "
+                   "refused")
     p.add_argument("--name", help="NAME of NAME.layers (default: from the image's reference "
                    "name, else the layout's base name)")
     add_writer_options(

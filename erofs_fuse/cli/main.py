@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Read EROFS images and mount stacks of EROFS layers through FUSE.",
         epilog=f"{PROG} L1,L2,... MOUNTPOINT [-o OPTIONS] is the mount helper form, which "
-        "'mount -t fuse.erofs-fuse' and fstab lines of that type use (see README.md).",
+        "'mount -t fuse.erofs-fuse' and fstab lines of that type use (see docs/rootless.md).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, _, help_) in DISPATCHED.items():
@@ -342,7 +342,7 @@ def mount_helper_args(argv: Sequence[str]) -> list[str] | None:
     options = [opt for value in option_lists for opt in value.split(",")]
     # Refused before anything is mounted when mount(8) runs us as its helper. Through
     # mount.fuse3, which has mounted already (the mountpoint is then its /dev/fd/N) and dropped
-    # every capability, the refusal leaves that mount behind: README, mount(8) and fstab.
+    # every capability, the refusal leaves that mount behind: docs/rootless.md, mount(8) and fstab.
     if "drop_privileges" in options or mountpoint.startswith("/dev/fd/"):
         raise CliError(_DROP_PRIVILEGES)
     if "-f" in flags:

@@ -1,12 +1,12 @@
 """FUSE mounts of committed layer chains, started from a fork server.
 
 Why a fork server: a new mount must not pay an interpreter start (``erofs-fuse mount`` takes
-about 0.6 s, most of it imports). The command line imports ``erofs_fuse.cli.mount`` and the
-snapshotter forks one child, the *forker*, before it starts any thread (grpc's included: forking
-a process that runs threads is unsafe). For each mount the forker forks a worker that runs that
-module's ``main(argv)`` (handed in as ``mount_main``: nothing here imports the command line),
-which double-forks the daemon and returns once the kernel's INIT has been served, as on the
-command line. The daemons are nobody's children: they outlive a snapshotter restart, so running
+0.2 s or more, most of it imports; docs/snapshotter.md has the measurement). The command line
+imports ``erofs_fuse.cli.mount`` and the snapshotter forks one child, the *forker*, before it
+starts any thread (grpc's included: forking a process that runs threads is unsafe). For each
+mount the forker forks a worker that runs that module's ``main(argv)`` (handed in as
+``mount_main``: nothing here imports the command line), which double-forks the daemon and
+returns once the kernel's INIT has been served, as on the command line. The daemons are nobody's children: they outlive a snapshotter restart, so running
 containers keep their root filesystems. A forker that dies (killed, out of memory) is replaced
 at the next mount by a fresh interpreter running the same loop: forking the snapshotter again
 is no longer safe once its threads run. Each worker, and so its daemon, takes the process title
