@@ -14,6 +14,7 @@ The tests run in order on one containerd: import, pull, a second namespace, bad 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import tarfile
@@ -25,8 +26,8 @@ import pytest
 
 from ctrstack import SNAPSHOTTER, Stack, containerd_stack, wait_for
 from mounting import env
-from ocilayout import (LayerBlob, Layout, archive, busybox_entries, directory, file, ref,
-                       sha256)
+from ocilayout import (LayerBlob, Layout, archive, busybox_entries, directory, file,
+                       many_files_tar, ref, sha256)
 from registry_server import Registry, push
 from rootfs import assert_rootfs_is_kernel_overlay, tree_layers
 
@@ -42,12 +43,16 @@ class Env:
     tree: list[LayerBlob]  # base, top
     staging: Path
 
-    def image(self, *args: str, ns: str = "default") -> subprocess.CompletedProcess[str]:
+    def command(self, *args: str, ns: str = "default", staging: str = "") -> list[str]:
         """``erofs-fuse image ARGS`` on this containerd, staging under the stack."""
         action, rest = args[0], args[1:]
-        cmd = [sys.executable, "-m", "erofs_fuse", "image", action, "-a", self.stack.address,
-               "-n", ns, "--staging", str(self.staging), *rest]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=120)
+        return [sys.executable, "-m", "erofs_fuse", "image", action, "-a", self.stack.address,
+                "-n", ns, "--staging", staging or str(self.staging), *rest]
+
+    def image(self, *args: str, ns: str = "default",
+              staging: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(*args, ns=ns, staging=staging), capture_output=True,
+                              text=True, env=env(), timeout=120)
 
     def ctr(self, *args: str, ns: str = "default", check: bool = True) -> str:
         proc = subprocess.run(["ctr", "-a", self.stack.address, "-n", ns, *args],
@@ -150,9 +155,10 @@ def test_pull_shares_the_base_layer(env_: Env) -> None:
     assert out == "from the registry\n"
     assert_rootfs_is_kernel_overlay(e.stack, name, layer_tars(e, layers, "app"),
                                     "/bin/busybox", "sleep", "600")
-    # another namespace: the snapshotter holds every layer already
+    # another namespace: the snapshotter holds every layer already, nothing is converted (a
+    # staging directory that cannot be made is never needed)
     files = e.layer_files()
-    assert_registered(e, e.image("pull", name, ns=OTHER_NS), name)
+    assert_registered(e, e.image("pull", name, ns=OTHER_NS, staging="/proc/no/staging"), name)
     assert e.layer_files() == files
     out = e.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, name, "t-other",
                 "/bin/busybox", "cat", "/pulled/msg", ns=OTHER_NS)
@@ -230,6 +236,37 @@ def test_bad_input_leaves_nothing(env_: Env, case: str) -> None:
     assert {ns: e.snapshots(ns) for ns in ("default", OTHER_NS)} == before
     assert e.snapshots(snapshotter="overlayfs") == []
     wait_for(lambda: e.layer_files() == files, 10, "the layer files to be as before")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_leaves_nothing(env_: Env, sig: signal.Signals) -> None:
+    """Ctrl-C or SIGTERM while the layers are converted: the workers are cancelled, and
+    nothing is registered or left behind; the exit status is 128 + the signal."""
+    e = env_
+    layers = [e.layout.layer(busybox_entries()),
+              e.layout.layer(many_files_tar(40000, 16) + f"{sig}".encode().ljust(512, b"\0"))]
+    tar = image_archive(e, f"big-{sig}", layers, f"example.com/big/interrupted:{int(sig)}")
+    before = e.snapshots()
+    proc = subprocess.Popen(e.command("import", str(tar)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        def converting() -> bool:
+            return any(run.is_dir() and any(run.iterdir()) for run in e.staging.iterdir()) \
+                if e.staging.exists() else False
+        wait_for(converting, 30, "the conversion to start")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, (out, err)
+    assert len(err.splitlines()) == 1 and "interrupted" in err, err
+    assert out == ""
+    assert "interrupted" not in e.ctr("images", "ls", "-q")
+    assert "erofs-fuse-" not in e.ctr("leases", "ls")
+    assert list(e.staging.iterdir()) == []
+    assert e.snapshots() == before
 
 
 def test_containerd_logs_its_own_unpacks(env_: Env) -> None:
