@@ -191,8 +191,8 @@ def tampered_archive(e: Env) -> Path:
     return tar
 
 
-BAD = ["unknown-tag", "corrupt-blob", "wrong-diff-id", "no-containerd", "not-our-snapshotter",
-       "no-name"]
+BAD = ["unknown-tag", "corrupt-blob", "wrong-diff-id", "no-containerd", "no-snapshotter",
+       "unknown-snapshotter", "not-our-snapshotter", "no-name"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -218,6 +218,15 @@ def test_bad_input_leaves_nothing(env_: Env, case: str) -> None:
         args = ("import", "-a", str(e.stack.tmp / "nothing.sock"),
                 str(image_archive(e, "nocd", fresh_layers(e, "nocd"), "example.com/bad/x:1")))
         expect = "nothing.sock"
+    elif case == "no-snapshotter":
+        e.stack.stop_snapshotter()
+        args = ("import", str(image_archive(e, "nosn", fresh_layers(e, "nosn"),
+                                            "example.com/bad/nosn:1")))
+        expect = "cannot reach its snapshotter 'erofs-fuse'"
+    elif case == "unknown-snapshotter":
+        args = ("import", "--snapshotter", "nosuch",
+                str(image_archive(e, "nosuch", fresh_layers(e, "nosuch"), "example.com/bad/n:1")))
+        expect = "nosuch"
     elif case == "not-our-snapshotter":
         args = ("import", "--snapshotter", "overlayfs",
                 str(image_archive(e, "ovl", fresh_layers(e, "ovl"), "example.com/bad/ovl:1")))
@@ -225,7 +234,12 @@ def test_bad_input_leaves_nothing(env_: Env, case: str) -> None:
     else:
         args = ("import", str(image_archive(e, "noname", fresh_layers(e, "noname"), "v1")))
         expect = "--name"
-    proc = e.image(*args)
+    try:
+        proc = e.image(*args)
+    finally:
+        if e.stack.snapshotter is None:
+            e.stack.start_snapshotter()
+            e.stack.wait_reachable()
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and expect in lines[0], proc.stderr

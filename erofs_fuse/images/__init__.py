@@ -12,12 +12,12 @@ Modules: ``source`` (an archive, layout or registry image resolved to manifest, 
 layers), ``register`` (the containerd sequence, under one lease).
 """
 
-from .register import (DEFAULT_STAGING, NotOurSnapshotter, Registered, Settings, Target,
-                       import_image, pull_image, register)
+from .register import (DEFAULT_STAGING, NotOurSnapshotter, Registered, Settings,
+                       SnapshotterUnavailable, Target, import_image, pull_image, register)
 from .source import NameMissing, SourceImage, from_archive, from_registry
 
 __all__ = [
     "DEFAULT_STAGING", "NameMissing", "NotOurSnapshotter", "Registered", "Settings",
-    "SourceImage", "Target", "from_archive", "from_registry", "import_image", "pull_image",
+    "SnapshotterUnavailable", "SourceImage", "Target", "from_archive", "from_registry", "import_image", "pull_image",
     "register",
 ]

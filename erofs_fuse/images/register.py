@@ -37,7 +37,7 @@ from typing import Callable, Iterator, TextIO
 import grpc
 
 from ..containerd import (DIFF_ID_LABEL, LAYER_LABEL, VERITY_LABEL, Client, ContainerdError,
-                          Descriptor, manifest_gc_labels, snapshot_gc_label)
+                          Descriptor, Unavailable, manifest_gc_labels, snapshot_gc_label)
 from ..containerd.snapshots import Snapshots
 from ..mkfs import ConvertOptions
 from ..oci.image import Layer, Platform
@@ -52,6 +52,10 @@ LEASE_TTL = timedelta(hours=24)  # should we die: containerd drops the lease's o
 
 class NotOurSnapshotter(Exception):
     """The snapshotter prepared an active snapshot instead of taking our layer in."""
+
+
+class SnapshotterUnavailable(ContainerdError):
+    """containerd answers, but the snapshotter behind it does not."""
 
 
 @dataclass(frozen=True)
@@ -106,13 +110,28 @@ def register(resolve: Callable[[], SourceImage], target: Target, settings: Setti
         lease = client.leases.create(ttl=LEASE_TTL)
         ok = False
         try:
-            result = _register(client.with_lease(lease.id), source, target, settings, out)
+            try:
+                result = _register(client.with_lease(lease.id), source, target, settings, out)
+            except Unavailable as exc:
+                raise _which_unavailable(client, target, exc) from None
             ok = True
         finally:
             with _signals_held(), contextlib.suppress(ContainerdError):
                 # after a failure, wait for the collection: nothing is left when we return
                 client.leases.delete(lease.id, sync=not ok)
         return result
+
+
+def _which_unavailable(client: Client, target: Target, exc: Unavailable) -> ContainerdError:
+    """containerd passes on the snapshotter's UNAVAILABLE (a proxy plugin whose socket is
+    dead) as its own: name the snapshotter if containerd itself still answers."""
+    try:
+        client.version()
+    except ContainerdError:
+        return exc
+    return SnapshotterUnavailable(
+        f"containerd at {client.address} cannot reach its snapshotter {target.snapshotter!r}: "
+        f"is 'erofs-fuse snapshotter' running on the socket of that proxy plugin?", exc.code)
 
 
 def _register(client: Client, source: SourceImage, target: Target, settings: Settings,
