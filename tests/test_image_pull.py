@@ -135,8 +135,14 @@ def test_import_runs_without_unpack(env_: Env) -> None:
     assert len(e.layer_files()) == 4, e.layer_files()  # two layers and their trees
     assert_rootfs_is_kernel_overlay(e.stack, TREE, layer_tars(e, e.tree, "tree"),
                                     "/bin/busybox", "sleep", "600")
-    # importing again converts nothing and changes nothing
-    assert_registered(e, e.image("import", str(tar)), TREE)
+    # importing again converts nothing (no staging directory needed) and changes nothing;
+    # nor does the layout directory itself under another name
+    assert_registered(e, e.image("import", str(tar), staging="/proc/no/staging"), TREE)
+    renamed = "example.com/pulltest/renamed:1"
+    assert_registered(e, e.image("import", "--name", renamed, str(e.layout.root),
+                                 staging="/proc/no/staging"), renamed)
+    assert sorted(e.ctr("images", "ls", "-q").split()) == sorted([TREE, renamed])
+    e.ctr("images", "rm", renamed)
     assert len(e.layer_files()) == 4
 
 
