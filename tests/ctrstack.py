@@ -31,6 +31,9 @@ root = "{tmp}/containerd/root"
 state = "{tmp}/containerd/state"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
+[debug]
+  level = "debug"
+
 [grpc]
   address = "{tmp}/containerd.sock"
 
@@ -64,6 +67,11 @@ class Stack:
                 f"ctr {' '.join(args)} failed ({proc.returncode}): {proc.stderr}\n"
                 f"--- snapshotter log ---\n{self.snapshotter_log()}")
         return proc.stdout
+
+    @property
+    def containerd_log(self) -> Path:
+        """containerd's output, at debug level (``diff applied``: a layer it unpacked)."""
+        return self.tmp / "containerd.log"
 
     def snapshotter_log(self) -> str:
         try:
@@ -173,7 +181,7 @@ def containerd_stack(*, debug: bool = True) -> Iterator[Stack]:
     try:
         (tmp / "config.toml").write_text(CONFIG.format(tmp=tmp, name=SNAPSHOTTER))
         s.start_snapshotter()
-        with open(tmp / "containerd.log", "wb") as log:
+        with open(s.containerd_log, "wb") as log:
             containerd = subprocess.Popen(
                 ["containerd", "--config", str(tmp / "config.toml")],
                 stdout=log, stderr=subprocess.STDOUT)

@@ -41,6 +41,8 @@ DISPATCHED = {
                       "convert an OCI image's layers to EROFS files and a .layers list"),
     "convert": ("erofs_fuse.cli.convert", "convert_main",
                 "convert a layer tar or a directory into an EROFS image"),
+    "image": ("erofs_fuse.cli.image", "main",
+              "pull or import an OCI image into containerd, every layer converted at once"),
     "snapshotter": ("erofs_fuse.cli.snapshotter", "main",
                     "serve containerd's snapshots API (a proxy snapshotter) on a unix socket"),
 }

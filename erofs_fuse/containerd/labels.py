@@ -20,6 +20,12 @@ SNAPSHOT_REF = "containerd.io/snapshot.ref"  # Prepare's target: the remote-snap
 UNCOMPRESSED = "containerd.io/uncompressed"  # on a layer blob: its diff_id
 MAX_LABEL = 4096  # containerd refuses a label whose key plus value is longer
 
+# Ours, on a remote-snapshot Prepare (erofs-fuse image pull/import): the converted layer the
+# snapshotter takes in. Only ``containerd.io/snapshot/`` labels reach a snapshotter.
+LAYER_LABEL = "containerd.io/snapshot/erofs-fuse.layer"  # absolute path of FILE (+ FILE.verity)
+DIFF_ID_LABEL = "containerd.io/snapshot/erofs-fuse.diff-id"  # sha256:<the layer's diff_id>
+VERITY_LABEL = "containerd.io/snapshot/erofs-fuse.verity"  # sha256:<FILE's fs-verity digest>
+
 
 def expire_at(ttl: timedelta, now: datetime | None = None) -> str:
     """The ``containerd.io/gc.expire`` value (RFC 3339, UTC) ``ttl`` from now."""

@@ -26,14 +26,15 @@ import os
 import platform as _platform
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
-from .layout import BlobLocation, BlobStream, Layout, OciError, open_layout, parse_json
+from .layout import (BlobLocation, BlobStream, CheckedStream, Layout, OciError, open_layout,
+                     parse_json)
 
 __all__ = [
-    "BlobLocation", "BlobStream", "Descriptor", "Layer", "OciError", "Platform",
-    "ResolvedImage", "chain_ids", "host_platform", "image_name", "open_blob", "resolve_image",
-    "sanitize_name",
+    "BlobLocation", "BlobStream", "CheckedStream", "Descriptor", "Layer", "OciError",
+    "Platform", "RemoteBlob", "ResolvedImage", "chain_ids", "config_diff_ids", "host_platform",
+    "image_name", "open_blob", "resolve_image", "sanitize_name",
 ]
 
 INDEX_TYPES = frozenset({
@@ -190,6 +191,13 @@ def parse_descriptor(value: object, where: str) -> Descriptor:
 
 
 # the image ------------------------------------------------------------------------------------
+class RemoteBlob(Protocol):
+    """A layer blob elsewhere (a registry's, ``registry.RemoteLayer``): picklable, so a worker
+    process opens its own stream."""
+
+    def open(self, name: str, on_read: Callable[[int], None] | None) -> CheckedStream: ...
+
+
 @dataclass(frozen=True)
 class Layer:
     """One layer, ``index`` 0 at the bottom, with the uncompressed tar's ``diff_id``."""
@@ -200,7 +208,7 @@ class Layer:
     size: int
     diff_id: str
     chain_id: str
-    location: BlobLocation
+    location: BlobLocation | RemoteBlob
 
     @property
     def compression(self) -> str | None:
@@ -216,6 +224,9 @@ class ResolvedImage:
     config_digest: str
     platform: Platform | None  # the manifest's, from its index entry or else its config
     layers: tuple[Layer, ...]
+    manifest: Descriptor | None = None
+    config: Descriptor | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)  # its index.json entry's
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -367,7 +378,7 @@ def _read_image(layout: Layout, chosen: _Candidate, wanted: Platform | None) -> 
     cwhere = f"{source}: config {cdesc.digest[:19]}"
     config = parse_json(layout.read_blob(cdesc.digest, cdesc.size, MAX_JSON_BYTES,
                                          f"{where}: config"), cwhere)
-    diff_ids = _diff_ids(config, len(blobs), cwhere)
+    diff_ids = config_diff_ids(config, len(blobs), cwhere)
     found = _platform_of_config(config, cwhere)
     if wanted is not None and mdesc.platform is None and found is not None and \
             not wanted.matches(found):
@@ -377,10 +388,11 @@ def _read_image(layout: Layout, chosen: _Candidate, wanted: Platform | None) -> 
               layout.locate(d.digest, d.size, f"{where}: layer {k}"))
         for k, (d, diff_id, chain) in enumerate(zip(blobs, diff_ids, chain_ids(diff_ids))))
     return ResolvedImage(source, image_name(source, chosen.top.annotations), chosen.ref_name,
-                         mdesc.digest, cdesc.digest, mdesc.platform or found, layers)
+                         mdesc.digest, cdesc.digest, mdesc.platform or found, layers, mdesc,
+                         cdesc, chosen.top.annotations)
 
 
-def _diff_ids(config: Mapping[str, Any], nlayers: int, where: str) -> list[str]:
+def config_diff_ids(config: Mapping[str, Any], nlayers: int, where: str) -> list[str]:
     rootfs = _obj(config.get("rootfs"), f"{where}: rootfs")
     if rootfs.get("type") != "layers":
         raise OciError(f"{where}: rootfs type {rootfs.get('type')!r} is not 'layers'")
@@ -421,6 +433,9 @@ def sanitize_name(text: str) -> str:
     return name or "image"
 
 
-def open_blob(layer: Layer, on_read: Callable[[int], None] | None = None) -> BlobStream:
+def open_blob(layer: Layer, on_read: Callable[[int], None] | None = None) -> CheckedStream:
     """The layer's blob as a stream, checked against its digest by ``finish()``."""
-    return BlobStream(layer.location, layer.digest, f"layer {layer.index}", on_read)
+    name = f"layer {layer.index}"
+    if isinstance(layer.location, BlobLocation):
+        return BlobStream(layer.location, layer.digest, name, on_read)
+    return layer.location.open(name, on_read)

@@ -239,7 +239,16 @@ def open_layout(source: str) -> Layout:
     return layout
 
 
-class BlobStream(io.RawIOBase):
+class CheckedStream(io.RawIOBase):
+    """A blob read as a stream and checked against its digest: ``finish()`` reads what the
+    consumer left and raises (an ``OciError``) if the whole does not hash to the digest. A
+    layer blob in a layout or archive (``BlobStream``), or in a registry."""
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+class BlobStream(CheckedStream):
     """A (layer) blob as a stream, hashed as it is read; ``on_read(n)`` hears the bytes read
     so far (and may raise to stop the reader). ``finish()`` reads what the consumer left (tar
     padding, a compressed stream's trailer) and checks the digest; ``name`` is for messages."""

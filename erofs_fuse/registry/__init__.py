@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from .auth import Credentials, CredentialSource, DockerConfig
 from .blobs import BlobReader
-from .client import Document, RegistryClient, Resolved
+from .client import Document, RegistryClient, RemoteLayer, Resolved
 from .errors import (AuthError, BadResponse, DigestMismatch, IncompleteBody, NotFound,
                      RegistryError, Unreachable)
 from .reference import Reference, is_loopback
@@ -51,5 +51,5 @@ from .session import RetryPolicy
 __all__ = [
     "AuthError", "BadResponse", "BlobReader", "CredentialSource", "Credentials",
     "DigestMismatch", "DockerConfig", "Document", "IncompleteBody", "NotFound", "Reference",
-    "RegistryClient", "RegistryError", "Resolved", "RetryPolicy", "Unreachable", "is_loopback",
+    "RegistryClient", "RegistryError", "RemoteLayer", "Resolved", "RetryPolicy", "Unreachable", "is_loopback",
 ]

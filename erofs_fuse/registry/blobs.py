@@ -12,19 +12,18 @@ compressed stream's trailer) calls ``finish()``.
 from __future__ import annotations
 
 import hashlib
-import io
 from typing import Any, Callable, Iterator
 
 import httpx
 
-from ..oci.image import Descriptor
+from ..oci.image import CheckedStream, Descriptor
 from .errors import DigestMismatch, IncompleteBody
 from .session import iter_body
 
 __all__ = ["BlobReader"]
 
 
-class BlobReader(io.RawIOBase):
+class BlobReader(CheckedStream):
     """The body of ``response`` as the blob ``descriptor``; ``on_read(n)`` hears the bytes
     received so far (and may raise to stop); ``name`` is for messages."""
 

@@ -31,7 +31,7 @@ from .errors import BadResponse, DigestMismatch, IncompleteBody, NotFound, Regis
 from .reference import Reference
 from .session import RetryPolicy, Session, read_limited
 
-__all__ = ["Document", "RegistryClient", "Resolved"]
+__all__ = ["Document", "RegistryClient", "RemoteLayer", "Resolved"]
 
 MAX_MANIFEST_BYTES = 4 << 20  # containerd's limit; registries SHOULD accept at least 4 MB
 MAX_CONFIG_BYTES = 8 << 20
@@ -310,6 +310,20 @@ def _entries(index: Document, where: str) -> list[Descriptor]:
         raise
     except OciError as exc:
         raise BadResponse(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class RemoteLayer:
+    """A layer blob in a registry, as ``oci.image.Layer.location``: it pickles to the client's
+    settings, the reference and the descriptor, and a worker process opens its own stream."""
+
+    client: RegistryClient
+    reference: Reference
+    descriptor: Descriptor
+
+    def open(self, name: str, on_read: Callable[[int], None] | None) -> BlobReader:
+        return self.client.open_blob(self.reference, self.descriptor, name=name,
+                                     on_read=on_read)
 
 
 def _choose(entries: list[Descriptor], wanted: Platform | None, where: str) -> Descriptor:

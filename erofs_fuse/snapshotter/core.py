@@ -39,6 +39,9 @@ import shutil
 import threading
 from dataclasses import dataclass
 
+from ..containerd.labels import DIFF_ID_LABEL as DIFF_ID_LABEL  # declared there, for clients
+from ..containerd.labels import LAYER_LABEL as LAYER_LABEL
+from ..containerd.labels import VERITY_LABEL as VERITY_LABEL
 from .mounts import ChainMounts, Forker
 from .store import (REF_LABEL, AlreadyExists, FailedPrecondition, InvalidArgument, Kind,
                     NotFound, Snapshot, Store)
@@ -50,9 +53,6 @@ LAYERS = "layers"
 # Labels of a client's Prepare through containerd (only containerd.io/snapshot/* labels reach a
 # snapshotter): the converted and sealed layer file (its tree beside it, FILE.verity), the
 # diff_id it was checked against, and its fs-verity digest, the mount's trusted root.
-LAYER_LABEL = "containerd.io/snapshot/erofs-fuse.layer"
-DIFF_ID_LABEL = "containerd.io/snapshot/erofs-fuse.diff-id"
-VERITY_LABEL = "containerd.io/snapshot/erofs-fuse.verity"
 _PRIVATE_LABELS = (LAYER_LABEL,)  # a staging path: not kept on the snapshot
 _HEX = frozenset("0123456789abcdef")
 

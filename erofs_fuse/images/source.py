@@ -1,0 +1,95 @@
+"""Where an image comes from: an OCI archive or layout (``oci.image``) or a registry
+(``registry``), resolved to one platform's manifest. Both give a ``SourceImage``: the manifest and
+config exactly as they were (they go into containerd's content store), the layers with their
+diff_ids and chain ids and where each blob is streamed from, and the name to register."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..oci.image import (CONTAINERD_NAME, LAYER_MEDIA_TYPES, MAX_JSON_BYTES, REF_NAME, Layer,
+                         OciError, Platform, ResolvedImage, chain_ids, config_diff_ids,
+                         resolve_image)
+from ..oci.layout import open_layout
+from ..registry import Reference, RegistryClient, RegistryError, RemoteLayer
+
+
+class NameMissing(OciError):
+    """An archive whose index names no full reference, and no ``--name``."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """A manifest or config blob as containerd stores it."""
+
+    media_type: str
+    digest: str
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    name: str  # the image record's name
+    manifest: Document
+    config: Document
+    image: ResolvedImage  # layers bottom to top: diff_id, chain_id, blob location
+
+
+def from_archive(path: str, platform: Platform | None, name: str | None) -> SourceImage:
+    """The image in the OCI archive or layout ``path``, named ``name``, else by its index
+    entry's ``io.containerd.image.name``, else by its ``org.opencontainers.image.ref.name``
+    when that is a full reference (not a tag alone)."""
+    image = resolve_image(path, platform)
+    assert image.manifest is not None and image.config is not None
+    layout = open_layout(path)
+    mdesc, cdesc = image.manifest, image.config
+    manifest = layout.read_blob(mdesc.digest, mdesc.size, MAX_JSON_BYTES,
+                                f"{path}: manifest {mdesc.digest[:19]}")
+    config = layout.read_blob(cdesc.digest, cdesc.size, MAX_JSON_BYTES,
+                              f"{path}: config {cdesc.digest[:19]}")
+    chosen = name or archive_name(image)
+    if not chosen:
+        raise NameMissing(f"{path}: the image has no full reference name "
+                          f"({CONTAINERD_NAME} or {REF_NAME}): give one with --name")
+    return SourceImage(chosen, Document(mdesc.media_type, mdesc.digest, manifest),
+                       Document(cdesc.media_type, cdesc.digest, config), image)
+
+
+def archive_name(image: ResolvedImage) -> str | None:
+    """containerd's annotation as written; else the OCI ref name if it is a full reference
+    (``docker.io/library/x:1``, ``host:5000/a/b:t``), normalized as a pull would name it."""
+    given = image.annotations.get(CONTAINERD_NAME)
+    if given:
+        return given
+    ref_name = image.annotations.get(REF_NAME, "")
+    if "/" not in ref_name:  # a tag alone ("latest", "v1"), as skopeo and buildkit write
+        return None
+    try:
+        return str(Reference.parse(ref_name))
+    except RegistryError:
+        return None
+
+
+def from_registry(client: RegistryClient, text: str,
+                  platform: Platform | None) -> SourceImage:
+    """The image ``text`` names in its registry; named by the reference, normalized
+    (``busybox`` is ``docker.io/library/busybox:latest``)."""
+    ref = Reference.parse(text)
+    got = client.resolve(ref, platform)
+    where = f"{ref}: config {got.config.descriptor.digest[:19]}"
+    diff_ids = config_diff_ids(got.config.content, len(got.layers), where)
+    layers = []
+    for k, (desc, diff_id, chain) in enumerate(zip(got.layers, diff_ids, chain_ids(diff_ids))):
+        if desc.media_type not in LAYER_MEDIA_TYPES:
+            raise OciError(f"{ref}: layer {k}: unsupported media type {desc.media_type!r}")
+        layers.append(Layer(k, desc.media_type, desc.digest, desc.size, diff_id, chain,
+                            RemoteLayer(client, got.pinned, desc)))
+    mdesc, cdesc = got.manifest.descriptor, got.config.descriptor
+    image = ResolvedImage(str(ref), str(ref), None, mdesc.digest, cdesc.digest, got.platform,
+                          tuple(layers), mdesc, cdesc)
+    return SourceImage(str(ref), Document(mdesc.media_type, mdesc.digest, got.manifest.data),
+                       Document(cdesc.media_type, cdesc.digest, got.config.data), image)
