@@ -10,6 +10,7 @@ import threading
 import zlib
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import pytest
 
@@ -101,3 +102,22 @@ def test_stream_reads_and_hashes_every_byte() -> None:
     finally:
         stream.close()
     assert read_ahead_threads() == []
+
+
+def test_read_ahead_thread_takes_no_signal() -> None:
+    """A worker blocks SIGTERM while it reports its result: the read-ahead thread must block it
+    too, or the kernel hands it the signal and the handler runs anyway."""
+    import signal
+
+    blocked: list[set[signal.Signals]] = []
+
+    def probe() -> Iterator[bytes]:
+        blocked.append(signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+        yield b"x" * 10
+
+    ahead = source._ReadAhead(probe())
+    try:
+        assert ahead.next() == b"x" * 10 and ahead.next() == b""
+    finally:
+        ahead.close()
+    assert {signal.SIGTERM, signal.SIGINT} <= blocked[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import signal
 import threading
 import zlib
 from types import ModuleType
@@ -256,6 +257,10 @@ class _ReadAhead:
         self._thread.start()
 
     def _run(self, chunks: Iterator[bytes]) -> None:
+        # Signals are the main thread's: a process-directed one (a worker's SIGTERM, which it
+        # blocks while it reports) must never be taken by this thread, whose Python handler
+        # would then run in the main thread whatever the main thread's mask
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             for chunk in chunks:
                 if not self._put(chunk):
