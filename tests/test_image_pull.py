@@ -289,6 +289,30 @@ def test_interrupted_leaves_nothing(env_: Env, sig: signal.Signals) -> None:
     assert e.snapshots() == before
 
 
+def test_killed_run_is_cleaned_by_the_next(env_: Env) -> None:
+    """SIGKILL of ``image import`` while it converts leaves its lease and staging directory;
+    the next run removes both (their owner is dead) and registers the image."""
+    e = env_
+    layers = [e.layout.layer(busybox_entries()),
+              e.layout.layer(many_files_tar(40000, 16) + b"killed".ljust(512, b"\0"))]
+    name = "example.com/big/killed:1"
+    tar = image_archive(e, "killed", layers, name)
+    proc = subprocess.Popen(e.command("import", str(tar)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env())
+    try:
+        def converting() -> bool:
+            return any(run.is_dir() and any(run.iterdir()) for run in e.staging.iterdir()) \
+                if e.staging.exists() else False
+        wait_for(converting, 30, "the conversion to start")
+    finally:
+        proc.kill()
+        proc.wait()
+    # its workers die with it or finish their layer; either way the lease and the directory stay
+    assert "erofs-fuse-" in e.ctr("leases", "ls")
+    assert [p.name for p in e.staging.iterdir()]
+    assert_registered(e, e.image("import", str(tar)), name)
+
+
 def test_containerd_logs_its_own_unpacks(env_: Env) -> None:
     """The control for assert_no_unpack: ``ctr images import`` unpacks through containerd's
     differ, and its debug log says so."""

@@ -48,6 +48,10 @@ from .source import SourceImage, from_archive, from_registry
 
 DEFAULT_STAGING = "/var/lib/erofs-fuse/staging"
 LEASE_TTL = timedelta(hours=24)  # should we die: containerd drops the lease's objects then
+# Who holds a lease or a staging directory: "<boot id>:<pid>". A run killed outright (SIGKILL,
+# power loss) cleans up nothing; the next run removes what a dead owner left.
+OWNER_LABEL = "erofs-fuse/owner"
+_RUN_PREFIX = "run-"
 
 
 class NotOurSnapshotter(Exception):
@@ -106,8 +110,9 @@ def register(resolve: Callable[[], SourceImage], target: Target, settings: Setti
     out = stderr or sys.stderr
     with Client(target.address, target.namespace) as client:
         client.version()
+        _sweep_dead_runs(client, settings.staging)
         source = resolve()
-        lease = client.leases.create(ttl=LEASE_TTL)
+        lease = client.leases.create(ttl=LEASE_TTL, labels={OWNER_LABEL: _owner()})
         ok = False
         try:
             try:
@@ -184,7 +189,8 @@ def _convert_and_prepare(sn: Snapshots, source: SourceImage, todo: tuple[Layer, 
     """Convert ``todo`` into a fresh staging directory, then register each layer, bottom up;
     the staging directory is removed whatever happens (the snapshotter has its own links)."""
     os.makedirs(settings.staging, mode=0o700, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix="run-", dir=settings.staging)
+    staging = tempfile.mkdtemp(prefix=f"{_RUN_PREFIX}{_owner().replace(':', '-')}-",
+                               dir=settings.staging)
     try:
         jobs = plan(dataclasses.replace(source.image, layers=todo), staging,
                     ConvertOptions(seal=True))
@@ -233,3 +239,50 @@ def _signals_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# what a killed run left -------------------------------------------------------------------------
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown-boot"
+
+
+def _owner() -> str:
+    return f"{_boot_id()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str) -> bool:
+    """Whether the run that wrote ``owner`` may still be running (unknown forms count as
+    alive: never remove what might be someone's)."""
+    boot, _, pid = owner.rpartition(":")
+    if not pid.isdigit() or not boot:
+        return True
+    if boot != _boot_id():
+        return False  # a run before the last boot
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_dead_runs(client: Client, staging: str) -> None:
+    """Remove the leases (and so, at the next collection, what they held) and the staging
+    directories of runs that died without cleaning up."""
+    with contextlib.suppress(ContainerdError):
+        for lease in client.leases.list(f'labels."{OWNER_LABEL}"'):
+            if not _owner_alive(lease.labels.get(OWNER_LABEL, "")):
+                client.leases.delete(lease.id)
+    with contextlib.suppress(OSError):
+        for name in os.listdir(staging):
+            if not name.startswith(_RUN_PREFIX):
+                continue
+            owner = name[len(_RUN_PREFIX):].rsplit("-", 1)[0]  # <boot>-<pid>, then mkdtemp's
+            boot, _, pid = owner.rpartition("-")
+            if boot and not _owner_alive(f"{boot}:{pid}"):
+                shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
