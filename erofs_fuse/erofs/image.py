@@ -3,6 +3,9 @@
 ``Image.open(path)`` validates the superblock and the special inodes; everything else is parsed
 lazily and cached in bounded LRU caches. All bytes come from ``Blob`` objects (``read(offset,
 length)``), so a verifying blob can be slipped underneath without this module knowing.
+
+The facade is past the house's ~450 lines on purpose: its caches and the lock that guards them
+are shared by every lookup it offers; the parsing itself lives in the modules beside it.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ and checked (§11.5) once, when the mapper is built.
 Sequential reads ask ``extents(pos, end)``: ``LclusterMapper`` walks its index forward from where
 the last extent's end was found, the same answers as ``map`` at each extent's end, without
 locating every position again.
+
+One module past the house's ~450 lines on purpose: the three mappers share the map header's
+parse and the extent type, and each is the spec's rules for one index format, kept together.
 """
 
 from __future__ import annotations

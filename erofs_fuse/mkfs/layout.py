@@ -12,6 +12,9 @@ Rules the kernel imposes (``erofs-writer.md`` 1.2, 2, 3, 9) are kept here:
   superblock's epoch to the nanosecond (older kernels ignore a compact inode's own mtime);
 * directory entries sorted bytewise, ``.`` and ``..`` included, names never across blocks;
 * xattr entries unique and sorted, under the short name prefixes only.
+
+One module past the house's ~450 lines on purpose: planning and packing share the plan records
+and the placement rules above, and split apart each half would restate them.
 """
 
 from __future__ import annotations
