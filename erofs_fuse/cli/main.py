@@ -41,6 +41,8 @@ DISPATCHED = {
                       "convert an OCI image's layers to EROFS files and a .layers list"),
     "convert": ("erofs_fuse.cli.convert", "convert_main",
                 "convert a layer tar or a directory into an EROFS image"),
+    "push": ("erofs_fuse.cli.push", "main",
+             "push an image to a registry as native EROFS layers with their Merkle trees"),
     "snapshotter": ("erofs_fuse.cli.snapshotter", "main",
                     "serve containerd's snapshots API (a proxy snapshotter) on a unix socket"),
 }

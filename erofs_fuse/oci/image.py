@@ -216,6 +216,7 @@ class ResolvedImage:
     config_digest: str
     platform: Platform | None  # the manifest's, from its index entry or else its config
     layers: tuple[Layer, ...]
+    config: Mapping[str, Any] = field(default_factory=dict)  # the image config, parsed
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -377,7 +378,7 @@ def _read_image(layout: Layout, chosen: _Candidate, wanted: Platform | None) -> 
               layout.locate(d.digest, d.size, f"{where}: layer {k}"))
         for k, (d, diff_id, chain) in enumerate(zip(blobs, diff_ids, chain_ids(diff_ids))))
     return ResolvedImage(source, image_name(source, chosen.top.annotations), chosen.ref_name,
-                         mdesc.digest, cdesc.digest, mdesc.platform or found, layers)
+                         mdesc.digest, cdesc.digest, mdesc.platform or found, layers, config)
 
 
 def _diff_ids(config: Mapping[str, Any], nlayers: int, where: str) -> list[str]:

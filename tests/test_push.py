@@ -1,0 +1,239 @@
+"""``erofs-fuse push`` against Debian's docker-registry: native EROFS layer blobs with their
+Merkle trees, checked with skopeo, our registry client, ``fsverity digest`` and a local
+``convert --seal`` of the same tars; blobs already there are not sent again (counted through
+the fault proxy); the trees survive ``docker-registry garbage-collect``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from erofs_fuse.oci.image import Descriptor
+from erofs_fuse.registry import Reference, RegistryClient, RetryPolicy
+from erofs_fuse.registry.push import ANNOTATIONS, LAYER_MEDIA_TYPE, TREE_MEDIA_TYPE, \
+    TREES_ARTIFACT_TYPE
+from helpers import require_tool
+from mounting import env
+from ocilayout import LayerBlob, archive
+from registry_server import FaultProxy, Registry
+from test_convert_image import make_image, one_line_error
+
+CLI = [sys.executable, "-m", "erofs_fuse"]
+FAST = RetryPolicy(attempts=2, backoff=0.01, max_backoff=0.05, timeout=5, deadline=10)
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env(),
+                          timeout=300)
+
+
+def push(*args: str) -> str:
+    proc = run("push", "--plain-http", "-q", "-j", "2", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    return proc.stdout
+
+
+@dataclass(frozen=True)
+class Pushed:
+    registry: Registry
+    root: Path
+    image: Path  # the OCI archive
+    layers: list[LayerBlob]
+    ref: str
+    stdout: str
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
+    root = tmp_path_factory.mktemp("push")
+    lay, layers = make_image(root / "layout")
+    image = archive(lay.root, root / "image.tar")
+    registry = Registry(root / "server")
+    try:
+        ref = f"{registry.host}/test/app:v1"
+        yield Pushed(registry, root, image, layers, ref, push(str(image), ref))
+    finally:
+        registry.stop()
+
+
+def _client() -> RegistryClient:
+    return RegistryClient(credentials=None, retry=FAST)
+
+
+def _raw_manifest(ref: str, tag: str | None = None) -> bytes:
+    skopeo = require_tool("skopeo")
+    where = ref if tag is None else ref.rpartition(":")[0] + ":" + tag
+    proc = subprocess.run([skopeo, "inspect", "--raw", "--tls-verify=false",
+                           f"docker://{where}"], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _blob(ref: str, desc: dict[str, Any]) -> bytes:
+    with _client() as client, client.open_blob(
+            Reference.parse(ref), Descriptor(desc["mediaType"], desc["digest"],
+                                             desc["size"])) as blob:
+        return b"".join(blob.chunks())
+
+
+def test_prints_the_pinned_reference_of_the_manifest(pushed: Pushed) -> None:
+    raw = _raw_manifest(pushed.ref)
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert pushed.stdout == f"{pushed.ref}@{digest}\n"
+    with _client() as client:
+        resolved = client.resolve(Reference.parse(pushed.stdout.strip()))
+    assert resolved.manifest.data == raw
+    assert [d.media_type for d in resolved.layers] == [LAYER_MEDIA_TYPE] * 3
+
+
+def test_layers_are_the_sealed_local_conversions(pushed: Pushed, tmp_path: Path) -> None:
+    manifest = json.loads(_raw_manifest(pushed.ref))
+    assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    fsverity = require_tool("fsverity")
+    for k, (desc, layer) in enumerate(zip(manifest["layers"], pushed.layers)):
+        tar = tmp_path / f"{k}.tar"
+        tar.write_bytes(layer.tar)
+        local = tmp_path / f"{k}.erofs"
+        proc = run("convert", "--seal", str(tar), str(local))
+        assert proc.returncode == 0, proc.stderr
+        fetched = tmp_path / f"{k}.fetched"
+        fetched.write_bytes(_blob(pushed.ref, desc))
+        assert fetched.read_bytes() == local.read_bytes()
+        notes = desc["annotations"]
+        assert desc["mediaType"] == LAYER_MEDIA_TYPE
+        out = subprocess.run([fsverity, "digest", str(fetched)], capture_output=True,
+                             text=True, check=True).stdout
+        assert out.split()[0] == notes[ANNOTATIONS.verity]
+        assert notes[ANNOTATIONS.diff_id] == layer.diff_id
+        tree_desc = {"mediaType": TREE_MEDIA_TYPE, "digest": notes[ANNOTATIONS.tree],
+                     "size": int(notes[ANNOTATIONS.tree_size])}
+        tree = _blob(pushed.ref, tree_desc)
+        assert tree == Path(str(local) + ".verity").read_bytes()
+        assert int(notes[ANNOTATIONS.tree_offset]) == 4096  # a veritysetup superblock first
+
+
+def test_config_names_the_erofs_blobs_as_diff_ids(pushed: Pushed) -> None:
+    with _client() as client:
+        resolved = client.resolve(Reference.parse(pushed.ref))
+    config = resolved.config.content
+    assert config["rootfs"]["diff_ids"] == [d.digest for d in resolved.layers]
+    assert config["architecture"] == "amd64" and config["os"] == "linux"
+
+
+def test_trees_are_an_artifact_under_the_referrers_tag(pushed: Pushed) -> None:
+    raw = _raw_manifest(pushed.ref)
+    manifest = json.loads(raw)
+    tag = "sha256-" + hashlib.sha256(raw).hexdigest()
+    index = json.loads(_raw_manifest(pushed.ref, tag))
+    [entry] = index["manifests"]
+    assert entry["artifactType"] == TREES_ARTIFACT_TYPE
+    artifact = json.loads(_raw_manifest(pushed.ref.rpartition(":")[0] + "@" + entry["digest"]))
+    assert artifact["subject"]["digest"] == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert [t["digest"] for t in artifact["layers"]] == \
+        [d["annotations"][ANNOTATIONS.tree] for d in manifest["layers"]]
+    assert _raw_manifest(pushed.ref, tag + ".verity") == \
+        json.dumps(artifact, separators=(",", ":")).encode()
+
+
+def test_a_second_push_sends_no_blob(pushed: Pushed) -> None:
+    proxy = FaultProxy(pushed.registry.host, match="/nothing/")
+    try:
+        out = push(str(pushed.image), f"{proxy.host}/test/app:v1")
+    finally:
+        proxy.stop()
+    assert out.partition("@")[2] == pushed.stdout.partition("@")[2]
+    methods = [(s.method, s.path.partition("?")[0]) for s in proxy.seen]
+    assert not [m for m in methods if "/blobs/uploads/" in m[1]], methods
+    heads = [p for m, p in methods if m == "HEAD" and "/blobs/" in p]
+    assert len(heads) == 3 + 3 + 2  # layers, trees, config and the empty config
+
+
+def test_a_failed_upload_starts_a_new_session(pushed: Pushed) -> None:
+    """The first blob's PUT answered 500: that session is cancelled, not sent into again; a
+    new one carries the blob, and the push ends with the same manifest."""
+    proxy = FaultProxy(pushed.registry.host, match="/blobs/uploads/", faults=["pass", "500"])
+    try:
+        out = push(str(pushed.image), f"{proxy.host}/other/app:v2", "-j", "1")
+    finally:
+        proxy.stop()
+    assert out.partition("@")[2] == pushed.stdout.partition("@")[2]
+    methods = [s.method for s in proxy.seen if "/blobs/uploads/" in s.path]
+    assert methods[:6] == ["POST", "PUT", "DELETE", "POST", "PUT", "POST"], methods
+    assert methods.count("POST") == 8 + 1  # every blob (a new repository), one restart
+
+
+def _on_disk(root: Path, digest: str) -> bool:
+    hexa = digest.removeprefix("sha256:")
+    return (root / "server" / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256" /
+            hexa[:2] / hexa / "data").is_file()
+
+
+@pytest.mark.parametrize("untagged", [False, True])
+def test_push_from_layers_file_and_trees_survive_gc(pushed: Pushed, tmp_path: Path,
+                                                    untagged: bool) -> None:
+    proc = run("convert-image", "-q", "--seal", str(pushed.image), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    layers_file = proc.stdout.strip()
+    registry = Registry(tmp_path / "server")
+    try:
+        ref = f"{registry.host}/test/fromfile:v1"
+        out = push(layers_file, ref)
+        assert out.partition("@")[2] == pushed.stdout.partition("@")[2]
+        manifest = json.loads(_raw_manifest(ref))
+    finally:
+        registry.stop()
+    # a stray blob nothing references: proof that the collector did run
+    stray = registry_blob(tmp_path / "server", b"garbage")
+    config = str(tmp_path / "server" / "config.yml")
+    cmd = [require_tool("docker-registry"), "garbage-collect", config]
+    if untagged:
+        cmd.append("--delete-untagged")
+    gc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert gc.returncode == 0, gc.stderr
+    assert not _on_disk(tmp_path, stray)
+    for desc in manifest["layers"]:
+        assert _on_disk(tmp_path, desc["digest"])
+        assert _on_disk(tmp_path, desc["annotations"][ANNOTATIONS.tree])
+
+
+def registry_blob(server: Path, data: bytes) -> str:
+    """Put a blob straight into a stopped registry's storage, linked from no manifest."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    hexa = digest.removeprefix("sha256:")
+    path = server / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256" / hexa[:2] / hexa
+    path.mkdir(parents=True)
+    (path / "data").write_bytes(data)
+    return digest
+
+
+def test_a_changed_layer_file_is_refused(pushed: Pushed, tmp_path: Path) -> None:
+    proc = run("convert-image", "-q", "--seal", str(pushed.image), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(Path(proc.stdout.strip()).read_text())
+    victim = tmp_path / "out" / doc["layers"][1]["path"]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))
+    bad = run("push", "-q", proc.stdout.strip(), f"{pushed.registry.host}/test/bad:v1")
+    assert "changed since it was converted" in one_line_error(bad)
+
+
+@pytest.mark.parametrize("source, ref, message", [
+    ("missing.tar", "{host}/test/x:v1", "missing.tar"),
+    ("{image}", "{host}/Bad Name", "image reference"),
+    ("{image}", "{host}/test/x@sha256:" + "a" * 64, "not a digest"),
+    ("{image}", "127.0.0.1:1/test/x:v1", "127.0.0.1:1"),
+])
+def test_bad_input_is_one_line_and_exit_2(pushed: Pushed, source: str, ref: str,
+                                          message: str) -> None:
+    proc = run("push", "-q", source.format(image=pushed.image),
+               ref.format(host=pushed.registry.host))
+    assert message in one_line_error(proc)
