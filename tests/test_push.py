@@ -5,10 +5,15 @@ the fault proxy); the trees survive ``docker-registry garbage-collect``."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,7 +28,7 @@ from helpers import require_tool
 from mounting import env
 from ocilayout import LayerBlob, archive
 from registry_server import FaultProxy, Registry
-from test_convert_image import make_image, one_line_error
+from test_convert_image import make_image, one_line_error, read_all
 
 CLI = [sys.executable, "-m", "erofs_fuse"]
 FAST = RetryPolicy(attempts=2, backoff=0.01, max_backoff=0.05, timeout=5, deadline=10)
@@ -237,3 +242,49 @@ def test_bad_input_is_one_line_and_exit_2(pushed: Pushed, source: str, ref: str,
     proc = run("push", "-q", source.format(image=pushed.image),
                ref.format(host=pushed.registry.host))
     assert message in one_line_error(proc)
+
+
+def test_bearer_token_is_asked_for_pull_and_push(pushed: Pushed) -> None:
+    proxy = FaultProxy(pushed.registry.host, bearer="push-token", match="/nothing/")
+    try:
+        out = push(str(pushed.image), f"{proxy.host}/test/app:v1")
+    finally:
+        proxy.stop()
+    assert out.partition("@")[2] == pushed.stdout.partition("@")[2]
+    scopes = {s.path.partition("scope=")[2] for s in proxy.seen if s.path.startswith("/token")}
+    assert scopes == {"repository%3Atest%2Fapp%3Apull%2Cpush"}, scopes
+    unauthorized = [s for s in proxy.seen if not s.path.startswith("/token")
+                    and s.headers.get("Authorization") != "Bearer push-token"]
+    assert 1 <= len(unauthorized) <= 2  # the first (one per -j 2 thread): challenged
+
+
+def test_cross_repository_mount(pushed: Pushed) -> None:
+    manifest = json.loads(_raw_manifest(pushed.ref))
+    digest = manifest["layers"][0]["digest"]
+    target = Reference.parse(f"{pushed.registry.host}/test/mounted:v1")
+    with _client() as client:
+        assert not client.blob_exists(target, digest)
+        assert client.mount_blob(target, digest, "test/app")
+        assert client.blob_exists(target, digest)
+        assert not client.mount_blob(target, "sha256:" + "0" * 64, "test/app")
+
+
+def test_progress_on_a_terminal(pushed: Pushed) -> None:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    try:
+        proc = subprocess.Popen([*CLI, "push", "-j", "1", str(pushed.image),
+                                 f"{pushed.registry.host}/test/tty:v1"],
+                                stdout=subprocess.PIPE, stderr=slave, env=env())
+        os.close(slave)
+        slave = -1
+        shown = read_all(master, proc)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 0, shown
+    assert proc.stdout is not None
+    assert proc.stdout.read().decode().partition("@")[2] == pushed.stdout.partition("@")[2]
+    assert "\x1b[" in shown and "converted" in shown and "Traceback" not in shown
+    assert "[####################] sent" in shown and "tree: pushed" in shown

@@ -222,6 +222,11 @@ class RegistryClient:
         """Upload a blob whose bytes ``opener`` gives anew for each try (``upload.py``)."""
         upload.push_blob(self.session, ref, digest, size, opener, name=name)
 
+    def mount_blob(self, ref: Reference, digest: str, source_repository: str) -> bool:
+        """Link a blob of another repository of the same registry into ``ref``'s; False
+        when the registry cannot (then the blob must be uploaded)."""
+        return upload.mount_blob(self.session, ref, digest, source_repository)
+
     def push_manifest(self, ref: Reference, reference: str, data: bytes,
                       media_type: str) -> str:
         """PUT these exact manifest bytes under a tag or digest; their digest."""

@@ -41,17 +41,16 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, TextIO
+from typing import Any, Mapping, TextIO
 
 from ..mkfs import ConvertOptions
 from ..oci.image import Platform, resolve_image
 from ..oci.layers_file import load_layers_file
 from ..oci.layout import OciError, open_layout, parse_json
-from ..oci.progress import ProgressView
+from ..oci.progress import ProgressView, TransferView
 from ..oci.workers import output_name, plan, run_jobs
 from ..verity.formats import VERITY_MAGIC, hash_area_offset, parse_verity_superblock
 from ..verity.sealing import seal
@@ -140,7 +139,7 @@ def push(req: PushRequest, stderr: TextIO | None = None) -> str:
         else:
             layers, config = _from_image(req, tmp, out)
         with RegistryClient(plain_http=True if req.plain_http else None) as client:
-            return _publish(client, ref, layers, config, req.jobs, _Notes(out, req.quiet))
+            return _publish(client, ref, layers, config, req.jobs, out, req.quiet)
 
 
 # sources ------------------------------------------------------------------------------------------
@@ -256,50 +255,57 @@ def referrers_tag(manifest: bytes) -> str:
 
 
 # publishing -----------------------------------------------------------------------------------------
-class _Notes:
-    def __init__(self, out: TextIO, quiet: bool) -> None:
-        self.out, self.quiet = out, quiet
-        self.lock = threading.Lock()
-
-    def __call__(self, line: str) -> None:
-        if not self.quiet:
-            with self.lock:
-                print(line, file=self.out, flush=True)
+@dataclass(frozen=True)
+class _Blob:
+    label: str
+    size: int
+    path: str | None  # a file, or else
+    data: bytes = b""
 
 
 def _publish(client: RegistryClient, ref: Reference, layers: list[Sealed],
-             config: Mapping[str, Any], jobs: int, note: Callable[[str], None]) -> str:
+             config: Mapping[str, Any], jobs: int, out: TextIO, quiet: bool) -> str:
     cbytes = config_bytes(config, layers)
     manifest = manifest_bytes(cbytes, layers)
     trees = trees_bytes(layers, manifest)
-    blobs: dict[str, tuple[str, int, Callable[[], Iterator[bytes]]]] = {}
+    blobs: dict[str, _Blob] = {}
     for k, layer in enumerate(layers):
         label = f"layer {k + 1}/{len(layers)} {layer.diff_id[:19]}"
-        blobs.setdefault(layer.digest, (label, layer.size, file_chunks(layer.path)))
-        blobs.setdefault(layer.tree_digest, (label + " tree", layer.tree_size,
-                                             file_chunks(layer.tree_path)))
+        blobs.setdefault(layer.digest, _Blob(label, layer.size, layer.path))
+        blobs.setdefault(layer.tree_digest, _Blob(label + " tree", layer.tree_size,
+                                                  layer.tree_path))
     for name, data in (("config", cbytes), ("empty config", EMPTY)):
-        blobs.setdefault(_desc("", data)["digest"], (name, len(data), bytes_chunks(data)))
+        blobs.setdefault(_desc("", data)["digest"], _Blob(name, len(data), None, data))
+    view = TransferView(out, sum(b.size for b in blobs.values()), quiet=quiet)
 
     def send(digest: str) -> None:
-        label, size, opener = blobs[digest]
+        blob = blobs[digest]
         if client.blob_exists(ref, digest):
-            note(f"{label}: present")
+            view.finished(digest, f"{blob.label}: present", blob.size)
             return
         began = time.monotonic()
-        client.push_blob(ref, digest, size, opener, name=label)
-        note(f"{label}: pushed {_size(size)} in {time.monotonic() - began:.1f} s")
+        view.started(digest, blob.label, blob.size)
+        opener = (file_chunks(blob.path, lambda n: view.progress(digest, n))
+                  if blob.path is not None else bytes_chunks(blob.data))
+        client.push_blob(ref, digest, blob.size, opener, name=blob.label)
+        view.finished(digest, f"{blob.label}: pushed {_size(blob.size)} in "
+                      f"{time.monotonic() - began:.1f} s")
 
-    with ThreadPoolExecutor(max_workers=max(1, min(jobs, 8))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, 8)))
+    try:
         for _ in pool.map(send, list(blobs)):
             pass
+    finally:
+        # on a failure or Ctrl-C: nothing more starts; uploads under way end (or fail)
+        pool.shutdown(wait=True, cancel_futures=True)
+        view.close()
     tag = referrers_tag(manifest)
     trees_digest = client.push_manifest(ref, tag + TREES_TAG_SUFFIX, trees, MANIFEST_TYPE)
     index = _referrers_index(client, ref, tag, {
         **_desc(MANIFEST_TYPE, trees), "artifactType": TREES_ARTIFACT_TYPE})
     client.push_manifest(ref, tag, index, INDEX_TYPE)
     digest = client.push_manifest(ref, ref.tag or "latest", manifest, MANIFEST_TYPE)
-    note(f"pushed {ref} (trees {trees_digest[:19]} under tag {tag[:19]}...)")
+    view.note(f"pushed {ref}; Merkle trees: {trees_digest[:19]}, tag {tag}{TREES_TAG_SUFFIX}")
     return str(ref.with_digest(digest))
 
 

@@ -218,9 +218,11 @@ class Session:
         """The Authorization header for a request, from what the registry asked before."""
         state = self._host(host)
         with state.lock:
-            token = state.tokens.get(scope)
-            if token is not None and token.expires_at > time.monotonic():
-                return {"Authorization": f"Bearer {token.value}"}
+            # a push's token (pull,push) serves its reads too: no second token for them
+            for held in (scope, scope + ",push") if scope.endswith(":pull") else (scope,):
+                token = state.tokens.get(held)
+                if token is not None and token.expires_at > time.monotonic():
+                    return {"Authorization": f"Bearer {token.value}"}
             bearer, basic = state.bearer, state.basic
         if bearer is not None:  # a new scope (or an expired token): ask before being told
             return {"Authorization": f"Bearer {self._fetch_token(host, bearer, scope, what)}"}
