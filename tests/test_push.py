@@ -184,7 +184,9 @@ def _on_disk(root: Path, digest: str) -> bool:
 @pytest.mark.parametrize("untagged", [False, True])
 def test_push_from_layers_file_and_trees_survive_gc(pushed: Pushed, tmp_path: Path,
                                                     untagged: bool) -> None:
-    proc = run("convert-image", "-q", "--seal", str(pushed.image), str(tmp_path / "out"))
+    # sealed or not: an unsealed layer is sealed by the push
+    seal = ["--seal"] if untagged else []
+    proc = run("convert-image", "-q", *seal, str(pushed.image), str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     layers_file = proc.stdout.strip()
     registry = Registry(tmp_path / "server")
@@ -288,3 +290,18 @@ def test_progress_on_a_terminal(pushed: Pushed) -> None:
     assert proc.stdout.read().decode().partition("@")[2] == pushed.stdout.partition("@")[2]
     assert "\x1b[" in shown and "converted" in shown and "Traceback" not in shown
     assert "[####################] sent" in shown and "tree: pushed" in shown
+
+
+def test_bad_layers_files_are_one_line_and_exit_2(pushed: Pushed, tmp_path: Path) -> None:
+    target = f"{pushed.registry.host}/test/bad:v1"
+    garbled = tmp_path / "garbled.layers"
+    garbled.write_text("{not json")
+    assert "not a layers file" in one_line_error(run("push", "-q", str(garbled), target))
+    proc = run("convert-image", "-q", str(pushed.image), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    listed = Path(proc.stdout.strip())
+    doc = json.loads(listed.read_text())
+    doc["image"] = str(tmp_path / "gone.tar")  # the image it came from, needed for its config
+    listed.write_text(json.dumps(doc))
+    assert "its image's config is needed" in one_line_error(run("push", "-q", str(listed),
+                                                                target))
