@@ -10,10 +10,12 @@ import hashlib
 import json
 import os
 import pty
+import signal
 import struct
 import subprocess
 import sys
 import termios
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +23,7 @@ from typing import Any, Iterator
 import pytest
 
 from erofs_fuse.oci.image import Descriptor
-from erofs_fuse.registry import Reference, RegistryClient, RetryPolicy
+from erofs_fuse.registry import NotFound, Reference, RegistryClient, RetryPolicy
 from erofs_fuse.registry.push import ANNOTATIONS, LAYER_MEDIA_TYPE, TREE_MEDIA_TYPE, \
     TREES_ARTIFACT_TYPE
 from helpers import require_tool
@@ -305,3 +307,24 @@ def test_bad_layers_files_are_one_line_and_exit_2(pushed: Pushed, tmp_path: Path
     listed.write_text(json.dumps(doc))
     assert "its image's config is needed" in one_line_error(run("push", "-q", str(listed),
                                                                 target))
+
+
+def test_interrupted_push_leaves_no_tag(pushed: Pushed) -> None:
+    proxy = FaultProxy(pushed.registry.host, match="/blobs/uploads/", faults=["stall"] * 8,
+                       stall=3.0)
+    try:
+        proc = subprocess.Popen([*CLI, "push", "-q", "-j", "2", str(pushed.image),
+                                 f"{proxy.host}/test/interrupted:v1"], env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not proxy.paths("/blobs/uploads/") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proxy.stop()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert out == "" and err.count("\n") == 1 and "interrupted" in err, err
+    with _client() as client, pytest.raises(NotFound):
+        client.fetch_manifest(Reference.parse(f"{pushed.registry.host}/test/interrupted:v1"))

@@ -36,11 +36,13 @@ and manifests no tag reaches: garbage.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -255,6 +257,10 @@ def referrers_tag(manifest: bytes) -> str:
 
 
 # publishing -----------------------------------------------------------------------------------------
+class _Stopped(Exception):
+    """An upload abandoned because another failed or the push was interrupted."""
+
+
 @dataclass(frozen=True)
 class _Blob:
     label: str
@@ -277,6 +283,12 @@ def _publish(client: RegistryClient, ref: Reference, layers: list[Sealed],
     for name, data in (("config", cbytes), ("empty config", EMPTY)):
         blobs.setdefault(_desc("", data)["digest"], _Blob(name, len(data), None, data))
     view = TransferView(out, sum(b.size for b in blobs.values()), quiet=quiet)
+    stop = threading.Event()
+
+    def sent(digest: str, done: int) -> None:
+        if stop.is_set():  # raised inside the request's body: the upload is abandoned
+            raise _Stopped()
+        view.progress(digest, done)
 
     def send(digest: str) -> None:
         blob = blobs[digest]
@@ -285,7 +297,7 @@ def _publish(client: RegistryClient, ref: Reference, layers: list[Sealed],
             return
         began = time.monotonic()
         view.started(digest, blob.label, blob.size)
-        opener = (file_chunks(blob.path, lambda n: view.progress(digest, n))
+        opener = (file_chunks(blob.path, functools.partial(sent, digest))
                   if blob.path is not None else bytes_chunks(blob.data))
         client.push_blob(ref, digest, blob.size, opener, name=blob.label)
         view.finished(digest, f"{blob.label}: pushed {_size(blob.size)} in "
@@ -296,7 +308,9 @@ def _publish(client: RegistryClient, ref: Reference, layers: list[Sealed],
         for _ in pool.map(send, list(blobs)):
             pass
     finally:
-        # on a failure or Ctrl-C: nothing more starts; uploads under way end (or fail)
+        # on a failure or Ctrl-C: nothing more starts, uploads under way stop at their next
+        # chunk (what they sent is an unfinished session, which the registry purges)
+        stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
         view.close()
     tag = referrers_tag(manifest)
