@@ -328,3 +328,23 @@ def test_interrupted_push_leaves_no_tag(pushed: Pushed) -> None:
     assert out == "" and err.count("\n") == 1 and "interrupted" in err, err
     with _client() as client, pytest.raises(NotFound):
         client.fetch_manifest(Reference.parse(f"{pushed.registry.host}/test/interrupted:v1"))
+
+
+def test_skopeo_copies_the_pushed_image_unchanged(pushed: Pushed, tmp_path: Path) -> None:
+    """Other tools take the EROFS layers as they are: skopeo copies the image into a layout
+    with its manifest's digest kept (it would refuse to, rather than change it)."""
+    proc = subprocess.run([require_tool("skopeo"), "--insecure-policy", "copy", "--quiet",
+                           "--src-tls-verify=false", "--preserve-digests",
+                           f"docker://{pushed.ref}", f"oci:{tmp_path / 'copy'}:t"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((tmp_path / "copy" / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == pushed.stdout.strip().partition("@")[2]
+
+
+def test_metadata_only_layers_are_refused(pushed: Pushed, tmp_path: Path) -> None:
+    proc = run("convert-image", "-q", "--objects", str(tmp_path / "objects"),
+               str(pushed.image), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    bad = run("push", "-q", proc.stdout.strip(), f"{pushed.registry.host}/test/meta:v1")
+    assert "metadata-only" in one_line_error(bad)

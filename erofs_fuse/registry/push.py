@@ -36,6 +36,7 @@ and manifests no tag reaches: garbage.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -48,6 +49,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, TextIO
 
+from ..erofs.errors import ErofsError
+from ..erofs.image import Image
 from ..mkfs import ConvertOptions
 from ..oci.image import Platform, resolve_image
 from ..oci.layers_file import load_layers_file
@@ -175,17 +178,41 @@ def _from_layers_file(path: str, tmp: str, out: TextIO, quiet: bool
     config = _config_of(listed.image, listed.config, path)
     layers = []
     for k, layer in enumerate(listed.layers):
+        where = f"{path}: layer {k} ({layer.path})"
+        _refuse_metadata_only(layer.path, where)
         sidecar = os.path.join(tmp, f"{k}.verity")
+        before = _identity(layer.path)
         result = seal(layer.path, sidecar)
         if layer.verity is not None and result.digest != layer.verity:
-            raise PushError(f"{path}: layer {k} ({layer.path}) has fs-verity digest "
-                            f"{result.digest}, the file lists {layer.verity}: changed since "
-                            "it was converted")
-        layers.append(_sealed(layer.path, sidecar, result.digest, layer.diff_id))
+            raise PushError(f"{where}: has fs-verity digest {result.digest}, the file lists "
+                            f"{layer.verity}: changed since it was converted")
+        sealed = _sealed(layer.path, sidecar, result.digest, layer.diff_id)
+        if _identity(layer.path) != before:  # the tree and the digest would not pair
+            raise PushError(f"{where}: changed while it was being read")
+        layers.append(sealed)
         if not quiet:
             print(f"layer {k + 1}/{len(listed.layers)} {layer.diff_id[:19]}: sealed",
                   file=out, flush=True)
     return layers, config
+
+
+def _identity(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _refuse_metadata_only(path: str, where: str) -> None:
+    """A layer written with ``--objects`` keeps its files' bytes in an object store: pushed
+    alone it would be an image without file contents."""
+    try:
+        with contextlib.closing(Image.open(path)) as image:
+            for name, inode in image.walk():
+                if inode.is_reg and inode.is_metacopy:
+                    raise PushError(f"{where}: metadata-only ({name.decode(errors='replace')} "
+                                    "has its bytes in an object store): convert without "
+                                    "--objects to push it")
+    except ErofsError as exc:
+        raise PushError(f"{where}: {exc}") from None
 
 
 def _config_of(image: str, digest: str, where: str) -> Mapping[str, Any]:
