@@ -348,3 +348,27 @@ def test_metadata_only_layers_are_refused(pushed: Pushed, tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr
     bad = run("push", "-q", proc.stdout.strip(), f"{pushed.registry.host}/test/meta:v1")
     assert "metadata-only" in one_line_error(bad)
+
+
+def test_compressed_push_with_blobs_mounted_from_another_repository(
+        pushed: Pushed, tmp_path: Path) -> None:
+    """--compress gives the layers a local ``convert --seal --compress`` gives; the trees
+    and config already pushed to test/lz4 are linked, not sent, with --mount-from."""
+    target = f"{pushed.registry.host}/test/lz4:v1"
+    first = push("--compress", "lz4hc,9", str(pushed.image), target)
+    manifest = json.loads(_raw_manifest(target))
+    tar = tmp_path / "0.tar"
+    tar.write_bytes(pushed.layers[0].tar)
+    proc = run("convert", "--seal", "--compress", "lz4hc,9", str(tar), str(tmp_path / "0.erofs"))
+    assert proc.returncode == 0, proc.stderr
+    assert _blob(target, manifest["layers"][0]) == (tmp_path / "0.erofs").read_bytes()
+    assert manifest["layers"] != json.loads(_raw_manifest(pushed.ref))["layers"]
+    proxy = FaultProxy(pushed.registry.host, match="/nothing/")
+    try:
+        again = push("--compress", "lz4hc,9", "--mount-from", "test/lz4", str(pushed.image),
+                     f"{proxy.host}/test/lz4-mounted:v1")
+    finally:
+        proxy.stop()
+    assert again.partition("@")[2] == first.partition("@")[2]
+    uploads = [s for s in proxy.seen if "/blobs/uploads/" in s.path]
+    assert uploads and all("mount=" in s.path for s in uploads)  # only mounts, no PUT

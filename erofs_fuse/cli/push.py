@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the manifest to take from a multi-platform image")
     p.add_argument("--ref-name", metavar="NAME",
                    help="the image of the layout to push, by its name in index.json")
+    p.add_argument("--mount-from", action="append", default=[], metavar="REPOSITORY",
+                   help="a repository of the same registry that may hold some of the blobs: "
+                   "they are linked from there rather than sent (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -81,7 +84,7 @@ def main(argv: list[str]) -> int:
         except (MkfsError, OciError) as exc:
             raise CliError(f"push: {exc}") from exc
         print(push(PushRequest(ns.source, ns.ref, ns.plain_http, ns.jobs, options, ns.quiet,
-                               platform, ns.ref_name)))
+                               platform, ns.ref_name, tuple(ns.mount_from))))
         return 0
     except CliError as exc:
         print_error(str(exc))

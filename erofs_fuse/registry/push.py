@@ -29,7 +29,8 @@ also has a tag of its own, ``sha256-<image hex>.verity`` (cosign's ``.sig`` conv
 survives ``garbage-collect`` with or without ``--delete-untagged``. Trust does not depend on
 any of this: the image manifest's annotations name each tree by digest.
 
-Order: blobs (each looked for first, HEAD, and sent only when missing), the trees' artifact
+Order: blobs (each looked for first, HEAD, then linked from the ``--mount-from``
+repositories when the registry has it there, and sent only when missing), the trees' artifact
 and its tag, and the image manifest last, under REF's tag. A push cut short leaves only blobs
 and manifests no tag reaches: garbage.
 """
@@ -100,6 +101,7 @@ class PushRequest:
     quiet: bool
     platform: Platform | None = None
     ref_name: str | None = None
+    mount_from: tuple[str, ...] = ()  # repositories of the same registry to link blobs from
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,8 @@ def push(req: PushRequest, stderr: TextIO | None = None) -> str:
         else:
             layers, config = _from_image(req, tmp, out)
         with RegistryClient(plain_http=True if req.plain_http else None) as client:
-            return _publish(client, ref, layers, config, req.jobs, out, req.quiet)
+            return _publish(client, ref, layers, config, req.jobs, out, req.quiet,
+                            req.mount_from)
 
 
 # sources ------------------------------------------------------------------------------------------
@@ -297,7 +300,8 @@ class _Blob:
 
 
 def _publish(client: RegistryClient, ref: Reference, layers: list[Sealed],
-             config: Mapping[str, Any], jobs: int, out: TextIO, quiet: bool) -> str:
+             config: Mapping[str, Any], jobs: int, out: TextIO, quiet: bool,
+             mount_from: tuple[str, ...] = ()) -> str:
     cbytes = config_bytes(config, layers)
     manifest = manifest_bytes(cbytes, layers)
     trees = trees_bytes(layers, manifest)
@@ -322,6 +326,10 @@ def _publish(client: RegistryClient, ref: Reference, layers: list[Sealed],
         if client.blob_exists(ref, digest):
             view.finished(digest, f"{blob.label}: present", blob.size)
             return
+        for repository in mount_from:
+            if client.mount_blob(ref, digest, repository):
+                view.finished(digest, f"{blob.label}: mounted from {repository}", blob.size)
+                return
         began = time.monotonic()
         view.started(digest, blob.label, blob.size)
         opener = (file_chunks(blob.path, functools.partial(sent, digest))

@@ -29,7 +29,7 @@ import httpx
 
 from .errors import (BadResponse, DigestMismatch, IncompleteBody, NotFound, RegistryError,
                      Unreachable)
-from .reference import Reference
+from .reference import Reference, is_repository_name
 from .session import Session
 
 __all__ = ["blob_exists", "bytes_chunks", "file_chunks", "mount_blob", "push_blob",
@@ -67,6 +67,8 @@ def mount_blob(session: Session, ref: Reference, digest: str, source_repo: str) 
     ``ref``'s repository; False when it cannot (it then opens an upload session, which is
     cancelled)."""
     what = f"{ref.host}/{ref.repository}: mount {digest} from {source_repo}"
+    if not is_repository_name(source_repo):
+        raise BadResponse(f"{what}: {source_repo!r} is not a repository name")
     path = (f"/v2/{ref.repository}/blobs/uploads/?mount={_checked(digest)}"
             f"&from={source_repo}")
     try:
