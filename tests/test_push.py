@@ -372,3 +372,16 @@ def test_compressed_push_with_blobs_mounted_from_another_repository(
     assert again.partition("@")[2] == first.partition("@")[2]
     uploads = [s for s in proxy.seen if "/blobs/uploads/" in s.path]
     assert uploads and all("mount=" in s.path for s in uploads)  # only mounts, no PUT
+
+
+def test_refused_credentials_are_one_line_and_exit_2(pushed: Pushed, tmp_path: Path) -> None:
+    proxy = FaultProxy(pushed.registry.host, bearer="t", token_user=("user", "secret"),
+                       match="/nothing/")
+    try:
+        proc = subprocess.run([*CLI, "push", "-q", str(pushed.image),
+                               f"{proxy.host}/test/app:v1"], capture_output=True, text=True,
+                              env={**env(), "DOCKER_CONFIG": str(tmp_path)}, timeout=120)
+    finally:
+        proxy.stop()
+    assert "refused anonymous access" in one_line_error(proc)
+    assert not [s for s in proxy.seen if s.method in ("POST", "PUT")]
