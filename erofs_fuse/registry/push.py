@@ -150,7 +150,7 @@ def push(req: PushRequest, stderr: TextIO | None = None) -> str:
                             req.mount_from)
 
 
-# sources ----------------------------------------------------------------------------------------
+# sources --------------------------------------------------------------------------------------
 def _from_image(req: PushRequest, tmp: str, out: TextIO
                 ) -> tuple[list[Sealed], Mapping[str, Any]]:
     image = resolve_image(req.source, req.platform, req.ref_name)
@@ -251,7 +251,7 @@ def _file_digest(path: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
-# documents ----------------------------------------------------------------------------------------
+# documents ------------------------------------------------------------------------------------
 def _json(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -286,7 +286,7 @@ def referrers_tag(manifest: bytes) -> str:
     return "sha256-" + hashlib.sha256(manifest).hexdigest()
 
 
-# publishing ----------------------------------------------------------------------------------------
+# publishing -----------------------------------------------------------------------------------
 class _Stopped(Exception):
     """An upload abandoned because another failed or the push was interrupted."""
 
