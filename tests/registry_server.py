@@ -47,7 +47,7 @@ auth:
 class Registry:
     def __init__(self, root: Path, htpasswd: Path | None = None) -> None:
         binary = require_tool("docker-registry")
-        (root / "data").mkdir(parents=True)
+        (root / "data").mkdir(parents=True, exist_ok=True)  # a restart keeps its blobs
         config = CONFIG.format(root=root / "data")
         if htpasswd is not None:
             config += AUTH.format(path=htpasswd)
@@ -146,6 +146,19 @@ class FaultProxy:
             def do_HEAD(self) -> None:
                 proxy.handle(self)
 
+            # pushes pass through too (counted; faults apply to them as to the others)
+            def do_POST(self) -> None:
+                proxy.handle(self)
+
+            def do_PUT(self) -> None:
+                proxy.handle(self)
+
+            def do_PATCH(self) -> None:
+                proxy.handle(self)
+
+            def do_DELETE(self) -> None:
+                proxy.handle(self)
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -171,6 +184,8 @@ class FaultProxy:
 
     def handle(self, req: BaseHTTPRequestHandler) -> None:
         headers = {k: v for k, v in req.headers.items()}
+        length = int(headers.get("Content-Length") or 0)
+        sent = req.rfile.read(length) if length else None  # read before any early reply
         with self.lock:
             self.seen.append(Seen(req.command, req.path, headers))
         if req.path.startswith("/token"):
@@ -200,7 +215,7 @@ class FaultProxy:
             forward = {k: v for k, v in forward.items() if k.lower() != "range"}
         conn = http.client.HTTPConnection(self.upstream, timeout=30)
         try:
-            conn.request(req.command, req.path, headers=forward)
+            conn.request(req.command, req.path, body=sent, headers=forward)
             resp = conn.getresponse()
             body = resp.read()
             status, out = resp.status, {k: v for k, v in resp.getheaders()
@@ -208,6 +223,8 @@ class FaultProxy:
                                                              "content-length")}
         finally:
             conn.close()
+        if "Location" in out:  # an upload's next step comes back through the proxy
+            out["Location"] = out["Location"].replace(f"//{self.upstream}/", f"//{self.host}/")
         if fault == "flip" and body:
             flipped = bytearray(body)
             flipped[len(body) // 2] ^= 0x40

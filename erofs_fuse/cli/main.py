@@ -43,6 +43,8 @@ DISPATCHED = {
                 "convert a layer tar or a directory into an EROFS image"),
     "image": ("erofs_fuse.cli.image", "main",
               "pull or import an OCI image into containerd, every layer converted at once"),
+    "push": ("erofs_fuse.cli.push", "main",
+             "push an image to a registry as native EROFS layers with their Merkle trees"),
     "snapshotter": ("erofs_fuse.cli.snapshotter", "main",
                     "serve containerd's snapshots API (a proxy snapshotter) on a unix socket"),
 }

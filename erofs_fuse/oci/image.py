@@ -227,6 +227,7 @@ class ResolvedImage:
     manifest: Descriptor | None = None
     config: Descriptor | None = None
     annotations: Mapping[str, str] = field(default_factory=dict)  # its index.json entry's
+    config_content: Mapping[str, Any] = field(default_factory=dict)  # the config, parsed
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -389,7 +390,7 @@ def _read_image(layout: Layout, chosen: _Candidate, wanted: Platform | None) -> 
         for k, (d, diff_id, chain) in enumerate(zip(blobs, diff_ids, chain_ids(diff_ids))))
     return ResolvedImage(source, image_name(source, chosen.top.annotations), chosen.ref_name,
                          mdesc.digest, cdesc.digest, mdesc.platform or found, layers, mdesc,
-                         cdesc, chosen.top.annotations)
+                         cdesc, chosen.top.annotations, config)
 
 
 def config_diff_ids(config: Mapping[str, Any], nlayers: int, where: str) -> list[str]:

@@ -88,6 +88,36 @@ def write_layers_file(path: str, content: LayersFile) -> None:
     write_atomic(path, content.dumps().encode("utf-8"))
 
 
+def load_layers_file(path: str) -> LayersFile:
+    """Everything ``path`` says (``push`` needs the digests, not only the paths); each
+    layer's ``path`` resolved against the file's directory."""
+    doc = _read_doc(path)
+    base = os.path.dirname(path)
+
+    def text(obj: dict[str, Any], key: str, where: str, *, optional: bool = False) -> Any:
+        value = obj.get(key)
+        if (value is None and optional) or isinstance(value, str):
+            return value
+        raise LayersFileError(f"{where}: {key!r} is not a string")
+
+    layers = []
+    for k, entry in enumerate(doc["layers"]):
+        where = f"{path}: layer {k}"
+        if not isinstance(entry, dict):
+            raise LayersFileError(f"{where}: not a JSON object")
+        size = entry.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise LayersFileError(f"{where}: 'size' is not a byte count")
+        layers.append(ListedLayer(
+            os.path.join(base, _mount_layer(entry, "", where).path),
+            text(entry, "diff_id", where), text(entry, "chain_id", where),
+            text(entry, "digest", where), size, text(entry, "verity", where, optional=True)))
+    return LayersFile(text(doc, "image", path), text(doc, "name", path),
+                      text(doc, "ref", path, optional=True), text(doc, "manifest", path),
+                      text(doc, "config", path), text(doc, "platform", path, optional=True),
+                      tuple(layers))
+
+
 @dataclass(frozen=True)
 class MountLayer:
     """What a mount takes from a listed layer: its path (resolved) and trusted digest."""
@@ -98,6 +128,14 @@ class MountLayer:
 
 def read_layers_file(path: str) -> list[MountLayer]:
     """The layers of ``path``, bottom to top, with paths resolved against its directory."""
+    doc = _read_doc(path)
+    base = os.path.dirname(path)
+    return [_mount_layer(entry, base, f"{path}: layer {k}")
+            for k, entry in enumerate(doc["layers"])]
+
+
+def _read_doc(path: str) -> dict[str, Any]:
+    """The JSON object of a layers file, its format checked and ``layers`` a list."""
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)
@@ -115,8 +153,7 @@ def read_layers_file(path: str) -> list[MountLayer]:
     entries = doc.get("layers")
     if not isinstance(entries, list):
         raise LayersFileError(f"{path}: 'layers' is not a list")
-    base = os.path.dirname(path)
-    return [_mount_layer(entry, base, f"{path}: layer {k}") for k, entry in enumerate(entries)]
+    return doc
 
 
 def _mount_layer(entry: object, base: str, where: str) -> MountLayer:

@@ -1,4 +1,5 @@
-"""Progress of ``convert-image`` on stderr, per layer file and in total.
+"""Progress of ``convert-image`` (and of ``push``'s uploads: ``TransferView``) on stderr, per
+layer file and in total.
 
 On a terminal, a block of bars (one per running job, then the total) is redrawn in place at most
 10 times a second, with a permanent line above it per finished layer; anywhere else, plain
@@ -9,6 +10,7 @@ The bytes counted are those read: a layer's blob as stored (compressed), or the 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import TextIO
 
@@ -148,3 +150,89 @@ def _columns(stream: TextIO) -> int:
         return os.get_terminal_size(stream.fileno()).columns or 80  # 0: size never set
     except (OSError, ValueError):
         return 80
+
+
+class TransferView:
+    """Progress of blobs sent to a registry (``push``), from several threads: on a terminal
+    a bar per blob being sent and a total, redrawn in place at most 10 times a second, with a
+    permanent line per blob done; otherwise only the permanent lines."""
+
+    def __init__(self, stream: TextIO, total: int, *, quiet: bool = False,
+                 tty: bool | None = None) -> None:
+        self._out = stream
+        self._quiet = quiet
+        self._tty = stream.isatty() if tty is None else tty
+        self._total = total
+        self._lock = threading.Lock()
+        self._active: dict[str, tuple[str, int, float]] = {}  # key: label, size, start
+        self._done: dict[str, int] = {}
+        self._start = time.monotonic()
+        self._last_draw = 0.0
+        self._drawn = 0
+
+    def started(self, key: str, label: str, size: int) -> None:
+        with self._lock:
+            self._active[key] = (label, size, time.monotonic())
+            self._done[key] = 0
+            self._draw(force=True)
+
+    def progress(self, key: str, done: int) -> None:
+        with self._lock:
+            self._done[key] = done
+            self._draw()
+
+    def finished(self, key: str, line: str, size: int = 0) -> None:
+        """A blob is done (sent, or found present: ``size`` 0 then counts it as done)."""
+        with self._lock:
+            entry = self._active.pop(key, None)
+            self._done[key] = entry[1] if entry is not None else size
+            self._line(line)
+
+    def note(self, line: str) -> None:
+        with self._lock:
+            self._line(line)
+
+    def close(self) -> None:
+        with self._lock:
+            self._erase()
+            self._tty = False
+
+    def _line(self, line: str) -> None:
+        if self._quiet:
+            return
+        self._erase()
+        print(line, file=self._out, flush=True)
+        self._draw(force=True)
+
+    def _draw(self, force: bool = False) -> None:
+        if not self._tty or self._quiet:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_draw < 0.1:
+            return
+        self._last_draw = now
+        width = max(20, _columns(self._out) - 1)
+        lines = []
+        for key, (label, size, began) in self._active.items():
+            done = min(self._done.get(key, 0), size)
+            rate = done / max(now - began, 1e-3) / 1e6
+            lines.append(f"  {label} {_bar(done / max(size, 1))} {100 * done // max(size, 1):3d}% "
+                         f"{_size(done)}/{_size(size)} {rate:.1f} MB/s")
+        done = sum(self._done.values())
+        lines.append(f"{_bar(done / max(self._total, 1))} sent {_size(done)}/"
+                     f"{_size(self._total)}, {now - self._start:.0f} s")
+        self._erase()
+        self._out.write("\n".join(line[:width] for line in lines) + "\n")
+        self._out.flush()
+        self._drawn = len(lines)
+
+    def _erase(self) -> None:
+        if self._drawn:
+            self._out.write(f"\x1b[{self._drawn}F\x1b[J")
+            self._out.flush()
+            self._drawn = 0
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    full = int(min(max(fraction, 0.0), 1.0) * width)
+    return "[" + "#" * full + "-" * (width - full) + "]"

@@ -1,4 +1,4 @@
-"""A synchronous, thread-safe client for OCI distribution registries (pull side).
+"""A synchronous, thread-safe client for OCI distribution registries: pull and push.
 
 No FUSE, no trio, nothing from the command line: the image conversion's worker processes each
 open their own blob streams with it, and the lazy layers will read ranges with it.
@@ -28,6 +28,13 @@ open their own blob streams with it, and the lazy layers will read ranges with i
   ``Document(descriptor, data, content)``; ``layers``; ``platform``; ``manifest_digest``;
   ``pinned``). ``fetch_manifest``, ``fetch_config``, ``open_blob(ref, descriptor, on_read=)``,
   ``read_range(ref, descriptor, offset, length)``.
+- Push (``upload``): ``blob_exists(ref, digest)`` (HEAD), ``push_blob(ref, digest, size,
+  opener)`` (POST, then one streamed PUT to the Location; a failed upload is never sent into
+  its session again: a new session, up to the policy's tries), ``mount_blob(ref, digest,
+  repository)``, ``push_manifest(ref, tag_or_digest, data, media_type)`` (exact bytes, the
+  registry's digest checked). Push requests ask for ``repository:NAME:pull,push`` tokens,
+  which then serve the push's reads too. ``push.push(PushRequest)`` is ``erofs-fuse push``:
+  an image's layers as native EROFS blobs with their Merkle trees (see its docstring).
 - ``RetryPolicy``: tries (4), exponential backoff from 0.2 s, Retry-After capped at 10 s, a
   30 s socket timeout, a 120 s deadline for each small reply.
 - Errors: ``RegistryError`` (an ``OciError``) → ``NotFound``, ``AuthError``,
@@ -35,7 +42,8 @@ open their own blob streams with it, and the lazy layers will read ranges with i
 
 Modules: ``reference`` (names), ``auth`` (credentials, challenges, tokens), ``session`` (HTTP,
 retries, authentication), ``blobs`` (the verifying reader), ``client`` (manifests, blobs,
-ranges), ``errors``.
+ranges), ``upload`` (blobs and manifests pushed), ``push`` (an image pushed as EROFS layers),
+``errors``.
 """
 
 from __future__ import annotations

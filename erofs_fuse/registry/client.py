@@ -18,7 +18,7 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import httpx
 
@@ -26,6 +26,7 @@ from ..oci.image import (CONFIG_TYPES, INDEX_TYPES, MANIFEST_TYPES, Descriptor, 
                          Platform, host_platform, parse_descriptor)
 from ..oci.layout import parse_json
 from .auth import CredentialSource, DockerConfig
+from . import upload
 from .blobs import BlobReader
 from .errors import BadResponse, DigestMismatch, IncompleteBody, NotFound, RegistryError
 from .reference import Reference
@@ -210,6 +211,26 @@ class RegistryClient:
                 response.close()
             time.sleep(retry.wait(tries, None))
         raise AssertionError("unreachable")
+
+    # pushing (upload.py) --------------------------------------------------------------------
+    def blob_exists(self, ref: Reference, digest: str) -> bool:
+        """Whether ``ref``'s repository has the blob (HEAD, with a push token)."""
+        return upload.blob_exists(self.session, ref, digest)
+
+    def push_blob(self, ref: Reference, digest: str, size: int,
+                  opener: Callable[[], Iterator[bytes]], *, name: str = "blob") -> None:
+        """Upload a blob whose bytes ``opener`` gives anew for each try (``upload.py``)."""
+        upload.push_blob(self.session, ref, digest, size, opener, name=name)
+
+    def mount_blob(self, ref: Reference, digest: str, source_repository: str) -> bool:
+        """Link a blob of another repository of the same registry into ``ref``'s; False
+        when the registry cannot (then the blob must be uploaded)."""
+        return upload.mount_blob(self.session, ref, digest, source_repository)
+
+    def push_manifest(self, ref: Reference, reference: str, data: bytes,
+                      media_type: str) -> str:
+        """PUT these exact manifest bytes under a tag or digest; their digest."""
+        return upload.push_manifest(self.session, ref, reference, data, media_type)
 
     # blobs ----------------------------------------------------------------------------------
     def open_blob(self, ref: Reference, descriptor: Descriptor, *, name: str = "blob",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .errors import RegistryError
 
-__all__ = ["DOCKER_HUB", "Reference", "is_loopback"]
+__all__ = ["DOCKER_HUB", "Reference", "is_loopback", "is_repository_name"]
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"  # where docker.io's API answers
@@ -93,6 +93,12 @@ class Reference:
         if self.digest:
             text += f"@{self.digest}"
         return text
+
+
+def is_repository_name(name: str) -> bool:
+    """Whether ``name`` is a repository name (``team/app``), as the distribution spec
+    spells them."""
+    return bool(_NAME.fullmatch(name)) and len(name) <= MAX_NAME
 
 
 def is_loopback(host: str) -> bool:

@@ -2,7 +2,7 @@
 
 One ``Session`` holds an ``httpx.Client`` (a connection pool, HTTP/1.1) and, per registry host,
 how it authenticates: the last Bearer challenge, tokens by scope (``repository:<name>:pull``;
-push will ask for ``pull,push`` and get its own token) and whether it asked for Basic. It is
+push asks for ``pull,push`` and gets its own token) and whether it asked for Basic. It is
 thread-safe: httpx's client may be shared by threads, and the auth state changes under a lock.
 After a fork the child makes its own pool (sockets must not be shared between processes).
 
@@ -22,7 +22,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Union
 
 import httpx
 
@@ -31,12 +31,15 @@ from .auth import (Challenge, CredentialSource, Credentials, Token, may_send_cre
 from .errors import AuthError, BadResponse, IncompleteBody, NotFound, RegistryError, Unreachable
 from .reference import is_loopback
 
-__all__ = ["RetryPolicy", "Session"]
+__all__ = ["Body", "RetryPolicy", "Session"]
 
 CHUNK = 1 << 20
 MAX_TOKEN_BYTES = 1 << 16
 MAX_ERROR_BYTES = 1 << 14
 MAX_REDIRECTS = 5
+
+Body = Union[bytes, Callable[[], Iterator[bytes]]]
+"""A request body: bytes, or a function that gives the bytes anew for each try."""
 
 
 @dataclass(frozen=True)
@@ -130,18 +133,30 @@ class Session:
 
     # requests -------------------------------------------------------------------------------
     def send(self, method: str, host: str, api_host: str, path: str, *, scope: str,
-             headers: Mapping[str, str] | None = None, what: str) -> httpx.Response:
+             headers: Mapping[str, str] | None = None, what: str, body: Body | None = None,
+             attempts: int | None = None) -> httpx.Response:
         """The response to ``method`` on ``path`` of the registry ``host`` (its API at
         ``api_host``), its body not yet read (the caller closes it); any status that is not
-        2xx raises. ``scope`` is the token scope the request needs."""
-        url = f"{self.scheme(api_host)}://{api_host}{path}"
+        2xx raises. ``scope`` is the token scope the request needs. ``path`` may also be an
+        absolute URL (an upload's ``Location``): the Authorization header goes only to the
+        registry's own origin. ``body`` is bytes, or a function giving a new iterator of the
+        bytes for each try; ``attempts`` (default the policy's) bounds the tries: an upload
+        sends 1, since a body cut short may have left bytes in its session."""
+        if path.startswith(("http://", "https://")):
+            url = path
+            own = httpx.URL(url).netloc.decode("ascii") == api_host
+        else:
+            url, own = f"{self.scheme(api_host)}://{api_host}{path}", True
+        limit = attempts if attempts is not None else self.retry.attempts
         authenticated = False
         tries = 0
         while True:
             tries += 1
             request_headers = dict(headers or {})
-            request_headers.update(self._authorization(host, api_host, scope, what))
-            response = self._try(method, url, request_headers, what, tries)
+            if own:
+                request_headers.update(self._authorization(host, api_host, scope, what))
+            content = body() if callable(body) else body
+            response = self._try(method, url, request_headers, what, tries, content, limit)
             if response is None:
                 continue
             status = response.status_code
@@ -153,7 +168,7 @@ class Session:
                 continue
             if status == 429 or status >= 500:
                 response.close()
-                if tries >= self.retry.attempts:
+                if tries >= limit:
                     raise Unreachable(f"{what}: {api_host} answered {status} "
                                       f"{response.reason_phrase} {tries} times")
                 time.sleep(self.retry.wait(tries, _retry_after(response)))
@@ -163,18 +178,20 @@ class Session:
             return response
 
     def _try(self, method: str, url: str, headers: dict[str, str], what: str,
-             tries: int) -> httpx.Response | None:
+             tries: int, content: bytes | Iterator[bytes] | None = None,
+             attempts: int | None = None) -> httpx.Response | None:
         """One request; None after a connection error that leaves tries to retry."""
         client = self.client()
         try:
-            return client.send(client.build_request(method, url, headers=headers), stream=True)
+            request = client.build_request(method, url, headers=headers, content=content)
+            return client.send(request, stream=True)
         except httpx.TooManyRedirects:
             raise BadResponse(f"{what}: more than {MAX_REDIRECTS} redirects") from None
         except httpx.TransportError as exc:
             if _is_tls_failure(exc):  # a certificate or a plain-HTTP server: trying again
                 raise Unreachable(f"{what}: {url}: TLS failed ({_describe(exc)}); a registry "
                                   "that speaks plain HTTP needs plain_http") from None
-            if tries >= self.retry.attempts:
+            if tries >= (attempts if attempts is not None else self.retry.attempts):
                 raise Unreachable(f"{what}: {url}: {_describe(exc)} ({tries} tries)") from None
             time.sleep(self.retry.wait(tries, None))
             return None
@@ -201,9 +218,11 @@ class Session:
         """The Authorization header for a request, from what the registry asked before."""
         state = self._host(host)
         with state.lock:
-            token = state.tokens.get(scope)
-            if token is not None and token.expires_at > time.monotonic():
-                return {"Authorization": f"Bearer {token.value}"}
+            # a push's token (pull,push) serves its reads too: no second token for them
+            for held in (scope, scope + ",push") if scope.endswith(":pull") else (scope,):
+                token = state.tokens.get(held)
+                if token is not None and token.expires_at > time.monotonic():
+                    return {"Authorization": f"Bearer {token.value}"}
             bearer, basic = state.bearer, state.basic
         if bearer is not None:  # a new scope (or an expired token): ask before being told
             return {"Authorization": f"Bearer {self._fetch_token(host, bearer, scope, what)}"}
