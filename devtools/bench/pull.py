@@ -217,12 +217,13 @@ class Runner:
                 self.memory(image, case, "idle")
             drop_caches()
             t0 = time.perf_counter()
-            run(["sh", "-c", 'find "$1" | wc -l', "sh", root], "find")
+            entries = run(["sh", "-c", 'find "$1" | wc -l', "sh", root], "find")
             t1 = time.perf_counter()
             out = run(["sh", "-c", 'tar -C "$1" -cf - . | wc -c', "sh", root], "tar")
             t2 = time.perf_counter()
             self.add(image, case, "find", t1 - t0)
             self.add(image, case, "read-all", t2 - t1)
+            self.add(image, case, "entries", int(entries))
             self.add(image, case, "read-bytes", int(out))
             if ours:
                 self.memory(image, case, "walked")
@@ -253,6 +254,18 @@ class Runner:
             wait_for(lambda: not self.leftovers(), 30, "the image's removal")
         except AssertionError:
             raise RuntimeError(f"left after removing the image: {self.leftovers()[:8]}")
+
+
+def disagreements(results: dict[tuple[str, str], Samples]) -> list[str]:
+    """Images whose containers' roots differed between cases (entries found, bytes read):
+    every case must give the same tree."""
+    seen: dict[tuple[str, str], dict[float, list[str]]] = {}
+    for (image, case), samples in results.items():
+        for metric in ("entries", "read-bytes"):
+            for value in samples.get(metric, []):
+                seen.setdefault((image, metric), {}).setdefault(value, []).append(case)
+    return [f"{image}: {metric} differ: {values}" for (image, metric), values in seen.items()
+            if len(values) > 1]
 
 
 def ratio_samples(results: dict[tuple[str, str], Samples], image: str, case: Case,

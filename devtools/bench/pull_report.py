@@ -121,10 +121,20 @@ def cprofile_summary(stats_dir: Path, top: int = 15) -> str:
         buf = io.StringIO()
         stats = pstats.Stats(*map(str, files), stream=buf)
         stats.sort_stats("tottime").print_stats(top)
-        body = buf.getvalue()
-        start = body.find("   ncalls")
-        parts.append(f"{title} (top {top} by own time):\n{body[start:].rstrip()}")
+        parts.append(f"{title} (top {top} by own time):\n{_listing(buf)}")
+        buf = io.StringIO()
+        stats.stream = buf  # type: ignore[attr-defined]
+        stats.sort_stats("cumulative").print_stats("erofs_fuse/", top)
+        parts.append(f"{title}, erofs_fuse's functions (top {top} by cumulative time):\n"
+                     f"{_listing(buf)}")
     return "\n\n".join(parts)
+
+
+def _listing(buf: io.StringIO) -> str:
+    """pstats' table without its preamble."""
+    body = buf.getvalue()
+    start = body.find("   ncalls")
+    return body[start:].rstrip() if start >= 0 else "(none)"
 
 
 def pyspy_summary(raw: Path, top: int = 15) -> str:
