@@ -5,13 +5,16 @@ Usage: python3 -m devtools.bench.profiled_pull STATS_DIR IMAGE_ARGS...
 (used by ``scripts/bench-pull --profile`` when py-spy is not installed). The command itself runs
 in this process (``STATS_DIR/main.prof``); each worker, a forkserver child, runs this module's
 ``profiled_work`` instead of the workers module's ``_work``, which the forkserver finds by name
-and which writes ``STATS_DIR/worker-PID.prof`` when the job returns.
+and which writes ``STATS_DIR/worker-PID.prof`` when the job returns. Each process also writes
+its CPU time (user + system seconds) to ``.cpu`` beside its profile: the workers are children
+of the forkserver, which nobody waits for, so no rusage of the command's counts them.
 """
 
 from __future__ import annotations
 
 import cProfile
 import os
+import resource
 import sys
 from multiprocessing.connection import Connection
 
@@ -20,12 +23,20 @@ from erofs_fuse.oci import workers
 STATS_DIR = "EROFS_BENCH_PROFILE_DIR"
 
 
+def dump(prof: cProfile.Profile, path: str) -> None:
+    """The profile at ``path``.prof and this process's CPU seconds at ``path``.cpu."""
+    prof.dump_stats(path + ".prof")
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    with open(path + ".cpu", "w", encoding="ascii") as f:
+        f.write(f"{used.ru_utime + used.ru_stime:.3f}\n")
+
+
 def profiled_work(job: workers.Job, conn: Connection) -> None:
     prof = cProfile.Profile()
     try:
         prof.runcall(workers._work, job, conn)
     finally:
-        prof.dump_stats(os.path.join(os.environ[STATS_DIR], f"worker-{os.getpid()}.prof"))
+        dump(prof, os.path.join(os.environ[STATS_DIR], f"worker-{os.getpid()}"))
 
 
 def main(out: str, args: list[str]) -> int:
@@ -38,7 +49,7 @@ def main(out: str, args: list[str]) -> int:
     try:
         return prof.runcall(cli_main, ["image", *args])
     finally:
-        prof.dump_stats(os.path.join(out, "main.prof"))
+        dump(prof, os.path.join(out, "main"))
 
 
 if __name__ == "__main__":

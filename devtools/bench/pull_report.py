@@ -130,6 +130,11 @@ def cprofile_summary(stats_dir: Path, top: int = 15) -> str:
     return "\n\n".join(parts)
 
 
+def cprofile_cpu(stats_dir: Path) -> float:
+    """CPU seconds of the profiled command and its workers, as each recorded them."""
+    return sum(float(p.read_text()) for p in stats_dir.glob("*.cpu"))
+
+
 def _listing(buf: io.StringIO) -> str:
     """pstats' table without its preamble."""
     body = buf.getvalue()
