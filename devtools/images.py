@@ -22,6 +22,7 @@ of); the archive holds one image whose index ``ctr images import --index-name NA
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import sys
@@ -88,11 +89,15 @@ def balanced_layers(work: Path, scale: float) -> list[inputs.LayerInput]:
         spec = inputs.Synthetic(max(int(files * scale), 20), int(total * scale), 40 + k)
         head = busybox_head() if k == 0 else b""
         key = {"synthetic": dataclasses.asdict(spec), "busybox": len(head), "version": 1}
-        out.append(inputs._layer(
-            work, f"balanced-{scale:g}-{k}", f"synthetic layer {k + 1} of 4, sized 2:1:1:1"
-            + (", with /bin/busybox" if head else ""), key,
-            lambda path, spec=spec, head=head: inputs.write_synthetic(path, spec, head)))  # type: ignore
+        what = f"synthetic layer {k + 1} of 4, sized 2:1:1:1" + (
+            ", with /bin/busybox" if head else "")
+        out.append(inputs._layer(work, f"balanced-{scale:g}-{k}", what, key,
+                                 functools.partial(_write_balanced, spec=spec, head=head)))
     return out
+
+
+def _write_balanced(path: Path, *, spec: inputs.Synthetic, head: bytes) -> None:
+    inputs.write_synthetic(path, spec, head)
 
 
 def image_input(which: str, work: Path = DEFAULT_WORK, scale: float = 1.0) -> inputs.ImageInput:
