@@ -198,8 +198,10 @@ def _pool(seed: int) -> bytes:
     return bytes(text[:POOL_BYTES // 2]) + random.Random(seed).randbytes(POOL_BYTES // 2)
 
 
-def write_synthetic(out: Path, spec: Synthetic) -> None:
-    """A gzip layer tar of ``spec.files`` regular files under ``d??/??/``."""
+def write_synthetic(out: Path, spec: Synthetic, head: bytes = b"") -> None:
+    """A gzip layer tar of ``spec.files`` regular files under ``d??/??/``, after the tar
+    members ``head`` (whole 512-byte blocks) if given."""
+    assert len(head) % 512 == 0
     rnd = random.Random(spec.seed + 1)
     pool = _pool(spec.seed)
     with open(out, "wb") as f:
@@ -207,7 +209,7 @@ def write_synthetic(out: Path, spec: Synthetic) -> None:
                               bufsize=1 << 20)
         assert gz.stdin is not None
         put = gz.stdin.write
-        written = 0
+        written = put(head)
         for k, size in enumerate(file_sizes(spec)):
             if k % (FILES_PER_DIR * 100) == 0:
                 written += put(ustar_header(f"d{k // 10000:02d}/", tarfile.DIRTYPE, 0, MTIME))
