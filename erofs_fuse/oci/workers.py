@@ -34,6 +34,7 @@ from typing import Any, NoReturn, Protocol
 
 from ..mkfs import ConvertOptions, MkfsError, convert_tar
 from .image import Layer, OciError, ResolvedImage, open_blob
+from .layout import BlobLocation
 from ..verity.sealing import SealError, seal
 from .digest_record import recorded_digest, remove_record, write_record
 
@@ -257,10 +258,15 @@ class _Running:
     finished: bool = False
 
 
-def _context() -> ForkServerContext:
+def _context(jobs: list[Job]) -> ForkServerContext:
     ctx = multiprocessing.get_context("forkserver")
     assert isinstance(ctx, ForkServerContext)
-    ctx.set_forkserver_preload([__name__])  # this module imports the writer
+    preload = [__name__]  # this module imports the writer
+    if any(not isinstance(job.layer.location, BlobLocation) for job in jobs):
+        # blobs streamed from a registry: its client (httpx, httpcore) imported once in the
+        # server, not once per worker (about 0.25 s each, measured by scripts/bench-pull)
+        preload.append("erofs_fuse.registry")
+    ctx.set_forkserver_preload(preload)
     return ctx
 
 
@@ -284,7 +290,7 @@ def _start(ctx: ForkServerContext, job: Job, running: dict[Connection, _Running]
 def run_jobs(jobs: list[Job], workers: int, view: Observer) -> dict[int, JobResult]:
     """Run ``jobs``, ``workers`` at a time; on any failure or interruption cancel the rest
     and raise."""
-    ctx = _context()
+    ctx = _context(jobs)
     pending = list(jobs)
     running: dict[Connection, _Running] = {}
     results: dict[int, JobResult] = {}
