@@ -96,3 +96,16 @@ def test_invalid_inodes(raw: bytes, error: type[Exception]) -> None:
 def test_inode_past_the_end_is_corrupt() -> None:
     with pytest.raises(CorruptImageError):
         parse_inode(superblock(), BytesSpace(bytes(100)), 10**6)
+
+
+def test_inode_at_the_end_of_its_space() -> None:
+    # parse_inode reads 64 bytes at once where they exist: a compact inode in the last 32 bytes
+    # is still read, an extended one cut there is corrupt
+    sb = superblock()
+    pos = sb.meta_base + 32 * 200
+    raw = compact(0, stat.S_IFREG, size=7)
+    info = parse_inode(sb, BytesSpace(bytes(pos) + raw), 200)
+    assert (info.size, info.extended) == (7, False)
+    cut = extended(0, stat.S_IFREG)[:32] + bytes(16)
+    with pytest.raises(CorruptImageError):
+        parse_inode(sb, BytesSpace(bytes(pos) + cut), 200)

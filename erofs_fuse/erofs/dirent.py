@@ -31,7 +31,7 @@ def parse_dir_block(block: bytes, nid: int | None = None, offset: int = 0) -> li
     if nameoff0 < d.DIRENT.size or nameoff0 >= maxsize or nameoff0 % d.DIRENT.size:
         raise corrupt(f"first name offset {nameoff0} invalid")
     count = nameoff0 // d.DIRENT.size
-    raw = [d.DIRENT.unpack_from(block, i * d.DIRENT.size) for i in range(count)]
+    raw = list(d.DIRENT.iter_unpack(block[:nameoff0]))
     entries = []
     for i, (child, nameoff, ftype, _) in enumerate(raw):
         if i + 1 < count:

@@ -13,7 +13,6 @@ import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, NoReturn, Sequence
 
-from cachetools import LRUCache
 
 from . import ondisk as d
 from .dirent import DirEntry, lookup_in_blocks, parse_dir_block
@@ -27,6 +26,7 @@ from .errors import (
 )
 from .extent import ChunkMapper, FlatMapper, Mapper, Source, nblocks
 from .inode import InodeInfo, parse_inode
+from .lru import Lru
 from .metacopy import METACOPY_XATTR, REDIRECT_XATTR, Metacopy, parse_metacopy
 from .reader import DEFAULT_EXTENT_CACHE_BYTES, DataReader
 from .space import BlockCachedSpace, Space
@@ -279,7 +279,7 @@ class Image:
         self.name = name if name is not None else blob.name
         self.device_blobs = list(devices)
         self._lock = threading.Lock()
-        self._inodes: LRUCache[int, Inode] = LRUCache(maxsize=inode_cache)
+        self._inodes: Lru[int, Inode] = Lru(inode_cache)
         self._packed: Inode | None = None
         self._metabox_space: Space | None = None
         with self.context(None):
@@ -432,7 +432,7 @@ class Image:
         except Exception as exc:
             self.reraise(exc, nid)
         with self._lock:
-            self._inodes[nid] = ino
+            self._inodes.put(nid, ino)
         return ino
 
     def _mapper(self, inode: Inode) -> Mapper:

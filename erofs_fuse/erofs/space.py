@@ -9,9 +9,8 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from cachetools import LRUCache
-
 from .errors import CorruptImageError
+from .lru import Lru
 
 
 class Space(Protocol):
@@ -35,7 +34,7 @@ class BlockCachedSpace:
     def __init__(self, inner: Space, block_size: int = 4096, max_bytes: int = 16 << 20) -> None:
         self._inner = inner
         self._bits = max(block_size, 4096).bit_length() - 1
-        self._cache: LRUCache[int, bytes] = LRUCache(maxsize=max(max_bytes >> self._bits, 4))
+        self._cache: Lru[int, bytes] = Lru(max(max_bytes >> self._bits, 4))
         self._lock = threading.Lock()
 
     @property
@@ -68,5 +67,5 @@ class BlockCachedSpace:
         pos = index << self._bits
         block = self._inner.read(pos, min(1 << self._bits, self._inner.size - pos))
         with self._lock:
-            self._cache[index] = block
+            self._cache.put(index, block)
         return block

@@ -314,7 +314,29 @@ class MergedTree:
                 entries[entry.name] = entry
         return _LayerListing(layer, entries, frozenset(whiteouts))
 
+    def _single(self, node: Node) -> MergedDir:
+        """The listing of a directory found in one layer only (most directories of an image
+        stack): the table's rows reduce to "a whiteout does not show", without the probing."""
+        ((layer, dinode),) = node.dirs
+        image = self.images[layer]
+        out: list[tuple[bytes, Node]] = []
+        for name, entry in self._layer_listing(layer, dinode).entries.items():
+            inode = image.inode(entry.nid)
+            if inode.is_dir:
+                child = Node(make_ino(layer, inode.nid), layer, inode, ((layer, inode),), node.ino)
+            elif is_whiteout(inode):
+                continue
+            else:
+                child = Node(make_ino(layer, inode.nid), layer, inode)
+            out.append((name, child))
+        return MergedDir(tuple(out), dict(out))
+
     def _merge(self, node: Node) -> MergedDir:
+        return self._single(node) if len(node.dirs) == 1 else self._probed(node)
+
+    def _probed(self, node: Node) -> MergedDir:
+        """The listing of a directory merged from several layers: each name through the table
+        (``_resolve``), from the top layer's names down."""
         listings = [self._layer_listing(layer, dinode) for layer, dinode in node.dirs]
         out: list[tuple[bytes, Node]] = []
         seen: set[bytes] = set()
