@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from devtools.bench.stacks import ErofsFuseStack, KernelStack, Stack, check, cpu_seconds, \
-    force_unmount
+    force_unmount, vm_hwm_kib
 
 TRACEFS = "/sys/kernel/tracing"
 _OPCODE = re.compile(rb"opcode \d+ \((\w+)\)")
@@ -84,10 +84,10 @@ class RequestTrace:
                     counts[m.group(1).decode().removeprefix("FUSE_")] += 1
         overrun = 0
         for cpu in os.listdir(os.path.join(self.dir, "per_cpu")):
-            with open(os.path.join(self.dir, "per_cpu", cpu, "stats"), encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("overrun:"):
-                        overrun += int(line.split()[1])
+            with open(os.path.join(self.dir, "per_cpu", cpu, "stats"), encoding="ascii") as st:
+                for text in st:
+                    if text.startswith("overrun:"):
+                        overrun += int(text.split()[1])
         self._write("events/fuse/fuse_request_send/enable", "0")
         os.rmdir(self.dir)
         if overrun:
@@ -154,9 +154,10 @@ def measure(stack: Stack, wl: str) -> dict[str, object]:
         secs = time.perf_counter() - t0
         counts = trace.stop() if trace else collections.Counter()
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        rss = sum(vm_hwm_kib(p) for p in pids) / 1024
     finally:
         stack.unmount()
-    return {"stack": stack.name, "workload": wl, "seconds": secs, "cpu": cpu, "load": load,
+    return {"stack": stack.name, "workload": wl, "seconds": secs, "cpu": cpu, "rss_mib": rss, "load": load,
             "requests": dict(counts.most_common()), "total": sum(counts.values()),
             "result": what}
 
@@ -197,6 +198,7 @@ def main() -> int:
                 r = measure(stack, wl)
                 reqs = " ".join(f"{k} {v}" for k, v in r["requests"].items())  # type: ignore
                 print(f"{r['stack']:8} {wl:9} {r['seconds']:.3f} s  daemon CPU {r['cpu']:.2f} s"
+                      f"  peak RSS {r['rss_mib']:.0f} MiB"
                       f"  load {r['load']:.1f}  requests {r['total']}: {reqs}  [{r['result']}]",
                       flush=True)
     return 0
