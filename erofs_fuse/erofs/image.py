@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterator, NoReturn, Sequence
 
 
 from . import ondisk as d
-from .dirent import DirEntry, lookup_in_blocks, parse_dir_block
+from .dirent import DirBlock, DirEntry, lookup_in_blocks, parse_dir_block
 from .errors import (
     CorruptImageError,
     ErofsError,
@@ -479,11 +479,18 @@ class Image:
         return self._read_data(packed, offset, length, packed=True)
 
     # directories ------------------------------------------------------------------------------
-    def _dir_block(self, inode: Inode, index: int) -> list[DirEntry]:
+    def _dir_block_bytes(self, inode: Inode, index: int) -> tuple[bytes, int]:
         bs = self.superblock.block_size
         start = index * bs
-        block = self._read_data(inode, start, min(bs, inode.size - start))
+        return self._read_data(inode, start, min(bs, inode.size - start)), start
+
+    def _dir_block(self, inode: Inode, index: int) -> list[DirEntry]:
+        block, start = self._dir_block_bytes(inode, index)
         return parse_dir_block(block, inode.nid, start)
+
+    def _dir_block_lazy(self, inode: Inode, index: int) -> DirBlock:
+        block, start = self._dir_block_bytes(inode, index)
+        return DirBlock(block, inode.nid, start)
 
     def _require_dir(self, inode: Inode) -> None:
         if not inode.is_dir:
@@ -520,7 +527,7 @@ class Image:
             return DirEntry(b".", inode.nid, d.FT_DIR)
         with self.context(inode.nid):
             count = nblocks(inode.size, self.superblock.blkszbits)
-            return lookup_in_blocks(count, lambda i: self._dir_block(inode, i), name)
+            return lookup_in_blocks(count, lambda i: self._dir_block_lazy(inode, i), name)
 
     def lookup(self, path: str | bytes) -> Inode:
         """The inode at ``path`` (absolute or relative to the root); symlinks are not followed."""

@@ -281,9 +281,12 @@ class MergedTree:
     def _lookup_probes(self, parent: Node, name: bytes) -> Iterator[_Probe]:
         wh_name = WHITEOUT_PREFIX + name
         check_wh = len(wh_name) <= d.MAX_NAME_LEN
-        for layer, dinode in parent.dirs:
+        last = len(parent.dirs) - 1
+        for k, (layer, dinode) in enumerate(parent.dirs):
             entry = dinode.lookup(name)
-            whited_out = check_wh and dinode.lookup(wh_name) is not None
+            # the bottom layer's .wh.NAME would hide nothing: not looked for (half the
+            # directory searches of a lookup in a directory of one layer)
+            whited_out = check_wh and k < last and dinode.lookup(wh_name) is not None
             yield _Probe(layer, entry, whited_out)
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
