@@ -6,7 +6,7 @@ this module parses one block and searches a directory by name in O(log n) block 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Protocol
 
 from . import ondisk as d
 from .errors import CorruptImageError
@@ -30,7 +30,8 @@ def _entry_count(block: bytes, nid: int | None, offset: int) -> int:
     _, nameoff0, _, _ = d.DIRENT.unpack_from(block, 0)
     if nameoff0 < d.DIRENT.size or nameoff0 >= maxsize or nameoff0 % d.DIRENT.size:
         raise _corrupt(f"first name offset {nameoff0} invalid", nid, offset)
-    return nameoff0 // d.DIRENT.size
+    count: int = nameoff0 // d.DIRENT.size
+    return count
 
 
 def _entry(block: bytes, i: int, child: int, nameoff: int, ftype: int, end: int | None,
@@ -87,13 +88,21 @@ class DirBlock:
         return _entry(self._block, i, child, nameoff, ftype, end, self._nid, self._offset)
 
 
-BlockReader = Callable[[int], Sequence[DirEntry]]
+class Entries(Protocol):
+    """The entries of one block by index: a list of them, or a ``DirBlock``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int, /) -> DirEntry: ...
+
+
+BlockReader = Callable[[int], Entries]
 
 
 def lookup_in_blocks(nblocks: int, read_block: BlockReader, name: bytes) -> DirEntry | None:
     """Binary search over sorted directory blocks, then inside the candidate block."""
     lo, hi = 0, nblocks - 1
-    candidate: Sequence[DirEntry] | None = None
+    candidate: Entries | None = None
     while lo <= hi:
         mid = (lo + hi) // 2
         entries = read_block(mid)
