@@ -332,10 +332,10 @@ class Operations(pyfuse3.Operations):
         for index in range(start_id, len(listing) + 2):
             name, child = listing[index - 2]
             ino = child.ino
-            attr = attrs.get(ino)
-            if attr is None:
-                attr = attrs[ino] = self._make_attributes(child)
-            if not reply(token, name, attr, index + 1):
+            entry_attr = attrs.get(ino)
+            if entry_attr is None:
+                entry_attr = attrs[ino] = self._make_attributes(child)
+            if not reply(token, name, entry_attr, index + 1):
                 return
             if ino != root:  # as _remember: the root is never counted (only a bad image lists it)
                 if ino not in nodes:
