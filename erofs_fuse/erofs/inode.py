@@ -187,6 +187,7 @@ def parse_inode(sb: SuperBlock, space: Space, nid: int) -> InodeInfo:
     # positional: a NamedTuple built from keywords costs twice as much
     info = InodeInfo(nid, pos, in_metabox, extended, layout, bit4, xattr_icount, mode, size, uid,
                      gid, mtime, nsec, nlink, ino32, i_u, startblk, addr_mask, i_u | (hi << 32))
-    if info.after > space.size:
+    after = pos + (64 if extended else 32) + (12 + 4 * (xattr_icount - 1) if xattr_icount else 0)
+    if after > space.size:  # info.after, without two property calls
         raise corrupt("inline xattr region runs past the end of its space")
     return info
