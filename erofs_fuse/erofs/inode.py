@@ -134,9 +134,11 @@ def parse_inode(sb: SuperBlock, space: Space, nid: int) -> InodeInfo:
 
     if pos + 32 > space.size:
         raise corrupt("inode position past the end of its space")
-    # one read for either form (most inodes of real images are extended: 64 bytes); the 32
-    # bytes after a compact inode are only looked at when they exist
-    head = space.read(pos, 64 if pos + 64 <= space.size else 32)
+    # one read for either form (most inodes of real images are extended: 64 bytes), unless the
+    # 64 bytes would reach into the next block: a compact inode ending a block must not depend
+    # on that block (with verity, reading it means verifying it)
+    in_block = (pos & (sb.block_size - 1)) + 64 <= sb.block_size
+    head = space.read(pos, 64 if in_block and pos + 64 <= space.size else 32)
     (i_format,) = d.U16.unpack_from(head)
     if i_format & ~d.I_FORMAT_SUPPORTED:
         raise UnsupportedFeatureError(f"unknown i_format bits {i_format:#x}", nid=nid, offset=pos)
@@ -149,7 +151,9 @@ def parse_inode(sb: SuperBlock, space: Space, nid: int) -> InodeInfo:
 
     if extended:
         if len(head) < 64:
-            raise corrupt("extended inode runs past the end of its space")
+            if pos + 64 > space.size:
+                raise corrupt("extended inode runs past the end of its space")
+            head += space.read(pos + 32, 32)
         e = d.InodeExtendedRaw._make(d.INODE_EXTENDED.unpack_from(head))
         if e.i_size & (1 << 63):
             raise corrupt("negative file size")
