@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from erofs_fuse.erofs.dirent import DirEntry, lookup_in_blocks, parse_dir_block
+from erofs_fuse.erofs.dirent import DirBlock, DirEntry, lookup_in_blocks, parse_dir_block
 from erofs_fuse.erofs.errors import CorruptImageError
 
 
@@ -67,3 +67,43 @@ def test_lookup_binary_search_over_blocks() -> None:
     assert lookup_in_blocks(len(blocks), read_block, b"n0001") is None
     assert lookup_in_blocks(len(blocks), read_block, b"a") is None
     assert lookup_in_blocks(len(blocks), read_block, b"z") is None
+
+
+def test_lazy_block_decodes_the_same_entries() -> None:
+    for raw in (block([(b".", 1, 2), (b"..", 1, 2), (b"abc", 7, 1)]),
+                block([(b"a", 1, 1), (b"x" * 200, 2, 1)], size=12 * 2 + 1 + 200)):
+        lazy = DirBlock(raw)
+        assert [lazy[i] for i in range(len(lazy))] == parse_dir_block(raw)
+        with pytest.raises(IndexError):
+            lazy[len(lazy)]
+
+
+@pytest.mark.parametrize("raw", [
+    struct.pack("<QHBBQHBB", 1, 24, 1, 0, 2, 20, 1, 0).ljust(64, b"a"),  # names overlap
+    struct.pack("<QHBB", 1, 12, 9, 0).ljust(64, b"a"),  # file type 9
+    struct.pack("<QHBB", 1, 12, 1, 0).ljust(12 + 300, b"a"),  # name of 300 bytes
+])
+def test_lazy_block_checks_the_entries_it_decodes(raw: bytes) -> None:
+    lazy = DirBlock(raw)
+    with pytest.raises(CorruptImageError):
+        [lazy[i] for i in range(len(lazy))]
+
+
+def test_lookup_over_lazy_blocks_decodes_few_entries() -> None:
+    names = sorted(b"n%04d" % i for i in range(0, 1000, 3))
+    raws = [block([(name, i, 1) for i, name in enumerate(names[k : k + 50], start=k)])
+            for k in range(0, len(names), 50)]
+    decoded = 0
+
+    class Counting(DirBlock):
+        def __getitem__(self, i: int) -> DirEntry:
+            nonlocal decoded
+            decoded += 1
+            return super().__getitem__(i)
+
+    for idx, name in enumerate(names):
+        decoded = 0
+        found = lookup_in_blocks(len(raws), lambda i: Counting(raws[i]), name)
+        assert found is not None and found.nid == idx
+        assert decoded <= 3 + 7  # first entries of <= 3 blocks, <= log2(50) + 1 inside one
+    assert lookup_in_blocks(len(raws), lambda i: Counting(raws[i]), b"n0001") is None

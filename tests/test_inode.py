@@ -96,3 +96,45 @@ def test_invalid_inodes(raw: bytes, error: type[Exception]) -> None:
 def test_inode_past_the_end_is_corrupt() -> None:
     with pytest.raises(CorruptImageError):
         parse_inode(superblock(), BytesSpace(bytes(100)), 10**6)
+
+
+def test_inode_at_the_end_of_its_space() -> None:
+    # parse_inode reads 64 bytes at once where they exist: a compact inode in the last 32 bytes
+    # is still read, an extended one cut there is corrupt
+    sb = superblock()
+    pos = sb.meta_base + 32 * 200
+    raw = compact(0, stat.S_IFREG, size=7)
+    info = parse_inode(sb, BytesSpace(bytes(pos) + raw), 200)
+    assert (info.size, info.extended) == (7, False)
+    cut = extended(0, stat.S_IFREG)[:32] + bytes(16)
+    with pytest.raises(CorruptImageError):
+        parse_inode(sb, BytesSpace(bytes(pos) + cut), 200)
+
+
+class GuardedSpace(BytesSpace):
+    """A space whose bytes from ``bad`` on fail to read, as a block failing verification."""
+
+    def __init__(self, data: bytes, bad: int) -> None:
+        super().__init__(data)
+        self.bad = bad
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset + length > self.bad:
+            raise CorruptImageError("verification failed", offset=self.bad)
+        return super().read(offset, length)
+
+
+def test_compact_inode_ending_a_block_reads_nothing_of_the_next() -> None:
+    sb = superblock()
+    bs = sb.block_size
+    nid = (bs - 32 - sb.meta_base % bs) % bs // 32 + bs // 32  # the last slot of a block
+    pos = sb.meta_base + 32 * nid
+    assert (pos + 32) % bs == 0
+    data = bytes(pos) + compact(0, stat.S_IFREG, size=9) + bytes(bs)
+    info = parse_inode(sb, GuardedSpace(data, pos + 32), nid)
+    assert info.size == 9
+    # an extended inode there spans both blocks and needs the second
+    data = bytes(pos) + extended(0, stat.S_IFREG, size=9) + bytes(bs)
+    assert parse_inode(sb, BytesSpace(data), nid).size == 9
+    with pytest.raises(CorruptImageError):
+        parse_inode(sb, GuardedSpace(data, pos + 32), nid)

@@ -322,6 +322,35 @@ def test_hardlinks_in_different_layers_are_different_inodes(layers: list[Layer])
     assert inos["a/one"] == inos["a/two"] != inos["b/one"] == inos["b/two"]
 
 
+def shape(listing: list[tuple[bytes, Node]]) -> list[tuple[object, ...]]:
+    return [(name, n.ino, n.layer, n.inode.nid, tuple((k, i.nid) for k, i in n.dirs), n.parent)
+            for name, n in listing]
+
+
+@pytest.mark.parametrize("names", [("layer-lower-oci",), ("layer-lower-aufs", "layer-upper-oci"),
+                                   ("layer-lower-oci", "layer-upper-aufs")])
+def test_single_layer_listings_equal_the_probed_ones(names: tuple[str, ...]) -> None:
+    # directories found in one layer take a shortcut past the probing of the overlay table
+    tree = open_stack(*names)
+    single = 0
+    for _, node in [("", tree.root), *tree.walk()]:
+        if node.is_dir and len(node.dirs) == 1:
+            single += 1
+            assert shape(list(tree._single(node).entries)) == shape(
+                list(tree._probed(node).entries))
+    assert single
+
+
+def test_single_layer_directory_hides_whiteouts_and_wh_names(layers: list[Layer]) -> None:
+    layers[0].file("d/keep").whiteout("d/gone").file("d/.wh.other").dir("d/sub")
+    tree = stack(layers[0])
+    node = node_at(tree, "d")
+    assert node is not None and len(node.dirs) == 1
+    listing = dict(tree.listdir(node).entries)
+    assert sorted(listing) == [b"keep", b"sub"]
+    assert listing[b"sub"].dirs and listing[b"sub"].parent == node.ino
+
+
 # the directory cache --------------------------------------------------------------------------
 def test_directory_cache_is_bounded() -> None:
     images = [Image.open(corpus("plain.erofs"))]

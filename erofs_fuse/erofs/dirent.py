@@ -6,7 +6,7 @@ this module parses one block and searches a directory by name in O(log n) block 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 from . import ondisk as d
 from .errors import CorruptImageError
@@ -18,44 +18,91 @@ class DirEntry(NamedTuple):
     file_type: int
 
 
-def parse_dir_block(block: bytes, nid: int | None = None, offset: int = 0) -> list[DirEntry]:
-    """All entries of one directory block (``block`` is its valid bytes, at most a block)."""
+def _corrupt(msg: str, nid: int | None, offset: int) -> CorruptImageError:
+    return CorruptImageError(f"directory block: {msg}", nid=nid, offset=offset)
+
+
+def _entry_count(block: bytes, nid: int | None, offset: int) -> int:
+    """How many entries ``block`` holds (from the first name offset), checked."""
     maxsize = len(block)
-
-    def corrupt(msg: str) -> CorruptImageError:
-        return CorruptImageError(f"directory block: {msg}", nid=nid, offset=offset)
-
     if maxsize < d.DIRENT.size:
-        raise corrupt(f"block of {maxsize} bytes holds no entry")
+        raise _corrupt(f"block of {maxsize} bytes holds no entry", nid, offset)
     _, nameoff0, _, _ = d.DIRENT.unpack_from(block, 0)
     if nameoff0 < d.DIRENT.size or nameoff0 >= maxsize or nameoff0 % d.DIRENT.size:
-        raise corrupt(f"first name offset {nameoff0} invalid")
-    count = nameoff0 // d.DIRENT.size
-    raw = [d.DIRENT.unpack_from(block, i * d.DIRENT.size) for i in range(count)]
-    entries = []
-    for i, (child, nameoff, ftype, _) in enumerate(raw):
-        if i + 1 < count:
-            end = raw[i + 1][1]
-        else:
-            nul = block.find(b"\0", nameoff)
-            end = maxsize if nul < 0 else nul
-        if nameoff >= maxsize or end > maxsize or end <= nameoff:
-            raise corrupt(f"entry {i}: name at {nameoff}..{end} outside the block")
-        if end - nameoff > d.MAX_NAME_LEN:
-            raise corrupt(f"entry {i}: name of {end - nameoff} bytes")
-        if ftype >= d.FT_MAX:
-            raise corrupt(f"entry {i}: file type {ftype}")
-        entries.append(DirEntry(block[nameoff:end], child, ftype))
-    return entries
+        raise _corrupt(f"first name offset {nameoff0} invalid", nid, offset)
+    count: int = nameoff0 // d.DIRENT.size
+    return count
 
 
-BlockReader = Callable[[int], list[DirEntry]]
+def _entry(block: bytes, i: int, child: int, nameoff: int, ftype: int, end: int | None,
+           nid: int | None, offset: int) -> DirEntry:
+    """Entry ``i``, its name ending at ``end`` (the next entry's name offset) or, for the last
+    entry (``end`` None), at the first NUL or the end of the block; checked."""
+    maxsize = len(block)
+    if end is None:
+        nul = block.find(b"\0", nameoff)
+        end = maxsize if nul < 0 else nul
+    if nameoff >= maxsize or end > maxsize or end <= nameoff:
+        raise _corrupt(f"entry {i}: name at {nameoff}..{end} outside the block", nid, offset)
+    if end - nameoff > d.MAX_NAME_LEN:
+        raise _corrupt(f"entry {i}: name of {end - nameoff} bytes", nid, offset)
+    if ftype >= d.FT_MAX:
+        raise _corrupt(f"entry {i}: file type {ftype}", nid, offset)
+    return DirEntry(block[nameoff:end], child, ftype)
+
+
+def parse_dir_block(block: bytes, nid: int | None = None, offset: int = 0) -> list[DirEntry]:
+    """All entries of one directory block (``block`` is its valid bytes, at most a block)."""
+    count = _entry_count(block, nid, offset)
+    raw = list(d.DIRENT.iter_unpack(block[: count * d.DIRENT.size]))
+    last = count - 1
+    return [_entry(block, i, child, nameoff, ftype, raw[i + 1][1] if i < last else None, nid,
+                   offset)
+            for i, (child, nameoff, ftype, _) in enumerate(raw)]
+
+
+class DirBlock:
+    """One directory block whose entries are decoded when asked for (``len``, ``[i]``).
+
+    A name lookup looks at the first entry of about log2(blocks) blocks and at about log2(n)
+    entries of one: decoding whole blocks for it cost ~100 us per lookup in a large directory
+    (python's imports probe many names), most of it building entries never compared."""
+
+    __slots__ = ("_block", "_count", "_nid", "_offset")
+
+    def __init__(self, block: bytes, nid: int | None = None, offset: int = 0) -> None:
+        self._block = block
+        self._count = _entry_count(block, nid, offset)
+        self._nid = nid
+        self._offset = offset
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> DirEntry:
+        if not 0 <= i < self._count:
+            raise IndexError(i)
+        size = d.DIRENT.size
+        child, nameoff, ftype, _ = d.DIRENT.unpack_from(self._block, i * size)
+        end = d.DIRENT.unpack_from(self._block, (i + 1) * size)[1] if i + 1 < self._count else None
+        return _entry(self._block, i, child, nameoff, ftype, end, self._nid, self._offset)
+
+
+class Entries(Protocol):
+    """The entries of one block by index: a list of them, or a ``DirBlock``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int, /) -> DirEntry: ...
+
+
+BlockReader = Callable[[int], Entries]
 
 
 def lookup_in_blocks(nblocks: int, read_block: BlockReader, name: bytes) -> DirEntry | None:
     """Binary search over sorted directory blocks, then inside the candidate block."""
     lo, hi = 0, nblocks - 1
-    candidate: list[DirEntry] | None = None
+    candidate: Entries | None = None
     while lo <= hi:
         mid = (lo + hi) // 2
         entries = read_block(mid)

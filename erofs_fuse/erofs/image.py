@@ -16,10 +16,9 @@ import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, NoReturn, Sequence
 
-from cachetools import LRUCache
 
 from . import ondisk as d
-from .dirent import DirEntry, lookup_in_blocks, parse_dir_block
+from .dirent import DirBlock, DirEntry, lookup_in_blocks, parse_dir_block
 from .errors import (
     CorruptImageError,
     ErofsError,
@@ -30,6 +29,7 @@ from .errors import (
 )
 from .extent import ChunkMapper, FlatMapper, Mapper, Source, nblocks
 from .inode import InodeInfo, parse_inode
+from .lru import Lru
 from .metacopy import METACOPY_XATTR, REDIRECT_XATTR, Metacopy, parse_metacopy
 from .reader import DEFAULT_EXTENT_CACHE_BYTES, DataReader
 from .space import BlockCachedSpace, Space
@@ -282,7 +282,7 @@ class Image:
         self.name = name if name is not None else blob.name
         self.device_blobs = list(devices)
         self._lock = threading.Lock()
-        self._inodes: LRUCache[int, Inode] = LRUCache(maxsize=inode_cache)
+        self._inodes: Lru[int, Inode] = Lru(inode_cache)
         self._packed: Inode | None = None
         self._metabox_space: Space | None = None
         with self.context(None):
@@ -435,7 +435,7 @@ class Image:
         except Exception as exc:
             self.reraise(exc, nid)
         with self._lock:
-            self._inodes[nid] = ino
+            self._inodes.put(nid, ino)
         return ino
 
     def _mapper(self, inode: Inode) -> Mapper:
@@ -482,11 +482,18 @@ class Image:
         return self._read_data(packed, offset, length, packed=True)
 
     # directories ------------------------------------------------------------------------------
-    def _dir_block(self, inode: Inode, index: int) -> list[DirEntry]:
+    def _dir_block_bytes(self, inode: Inode, index: int) -> tuple[bytes, int]:
         bs = self.superblock.block_size
         start = index * bs
-        block = self._read_data(inode, start, min(bs, inode.size - start))
+        return self._read_data(inode, start, min(bs, inode.size - start)), start
+
+    def _dir_block(self, inode: Inode, index: int) -> list[DirEntry]:
+        block, start = self._dir_block_bytes(inode, index)
         return parse_dir_block(block, inode.nid, start)
+
+    def _dir_block_lazy(self, inode: Inode, index: int) -> DirBlock:
+        block, start = self._dir_block_bytes(inode, index)
+        return DirBlock(block, inode.nid, start)
 
     def _require_dir(self, inode: Inode) -> None:
         if not inode.is_dir:
@@ -523,7 +530,7 @@ class Image:
             return DirEntry(b".", inode.nid, d.FT_DIR)
         with self.context(inode.nid):
             count = nblocks(inode.size, self.superblock.blkszbits)
-            return lookup_in_blocks(count, lambda i: self._dir_block(inode, i), name)
+            return lookup_in_blocks(count, lambda i: self._dir_block_lazy(inode, i), name)
 
     def lookup(self, path: str | bytes) -> Inode:
         """The inode at ``path`` (absolute or relative to the root); symlinks are not followed."""

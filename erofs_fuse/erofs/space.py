@@ -9,9 +9,8 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from cachetools import LRUCache
-
 from .errors import CorruptImageError
+from .lru import Lru
 
 
 class Space(Protocol):
@@ -34,18 +33,17 @@ class BlockCachedSpace:
 
     def __init__(self, inner: Space, block_size: int = 4096, max_bytes: int = 16 << 20) -> None:
         self._inner = inner
+        # an attribute, not a property: parse_inode asks for it three times per inode (a
+        # space's size is fixed: the layer file never changes while open)
+        self.size = inner.size
         self._bits = max(block_size, 4096).bit_length() - 1
-        self._cache: LRUCache[int, bytes] = LRUCache(maxsize=max(max_bytes >> self._bits, 4))
+        self._cache: Lru[int, bytes] = Lru(max(max_bytes >> self._bits, 4))
         self._lock = threading.Lock()
 
-    @property
-    def size(self) -> int:
-        return self._inner.size
-
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > self._inner.size:
+        if offset < 0 or length < 0 or offset + length > self.size:
             raise CorruptImageError(
-                f"metadata read of {length} bytes past the end ({self._inner.size} bytes)",
+                f"metadata read of {length} bytes past the end ({self.size} bytes)",
                 offset=offset,
             )
         bits = self._bits
@@ -66,7 +64,7 @@ class BlockCachedSpace:
         if hit is not None:
             return hit
         pos = index << self._bits
-        block = self._inner.read(pos, min(1 << self._bits, self._inner.size - pos))
+        block = self._inner.read(pos, min(1 << self._bits, self.size - pos))
         with self._lock:
-            self._cache[index] = block
+            self._cache.put(index, block)
         return block

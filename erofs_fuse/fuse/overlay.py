@@ -281,9 +281,12 @@ class MergedTree:
     def _lookup_probes(self, parent: Node, name: bytes) -> Iterator[_Probe]:
         wh_name = WHITEOUT_PREFIX + name
         check_wh = len(wh_name) <= d.MAX_NAME_LEN
-        for layer, dinode in parent.dirs:
+        last = len(parent.dirs) - 1
+        for k, (layer, dinode) in enumerate(parent.dirs):
             entry = dinode.lookup(name)
-            whited_out = check_wh and dinode.lookup(wh_name) is not None
+            # the bottom layer's .wh.NAME would hide nothing: not looked for (half the
+            # directory searches of a lookup in a directory of one layer)
+            whited_out = check_wh and k < last and dinode.lookup(wh_name) is not None
             yield _Probe(layer, entry, whited_out)
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
@@ -314,7 +317,29 @@ class MergedTree:
                 entries[entry.name] = entry
         return _LayerListing(layer, entries, frozenset(whiteouts))
 
+    def _single(self, node: Node) -> MergedDir:
+        """The listing of a directory found in one layer only (most directories of an image
+        stack): the table's rows reduce to "a whiteout does not show", without the probing."""
+        ((layer, dinode),) = node.dirs
+        image = self.images[layer]
+        out: list[tuple[bytes, Node]] = []
+        for name, entry in self._layer_listing(layer, dinode).entries.items():
+            inode = image.inode(entry.nid)
+            if inode.is_dir:
+                child = Node(make_ino(layer, inode.nid), layer, inode, ((layer, inode),), node.ino)
+            elif is_whiteout(inode):
+                continue
+            else:
+                child = Node(make_ino(layer, inode.nid), layer, inode)
+            out.append((name, child))
+        return MergedDir(tuple(out), dict(out))
+
     def _merge(self, node: Node) -> MergedDir:
+        return self._single(node) if len(node.dirs) == 1 else self._probed(node)
+
+    def _probed(self, node: Node) -> MergedDir:
+        """The listing of a directory merged from several layers: each name through the table
+        (``_resolve``), from the top layer's names down."""
         listings = [self._layer_listing(layer, dinode) for layer, dinode in node.dirs]
         out: list[tuple[bytes, Node]] = []
         seen: set[bytes] = set()

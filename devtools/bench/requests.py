@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""FUSE requests by opcode and daemon CPU per workload: numbers that do not depend on load.
+
+Usage: python3 -m devtools.bench.requests [--stacks fuse,overlay,kernel] [--workloads ...]
+           [--ovl-opts OPTS] [--runs N] [--layers L0,L1,L2] [--work DIR]
+
+Stacks, over the same layers: ``fuse`` (erofs-fuse alone), ``overlay`` (kernel overlayfs with
+the erofs-fuse mount as its one lowerdir, an upperdir and a workdir: what the snapshotter hands
+a container; ``--ovl-opts`` adds mount options), ``kernel`` (kernel erofs + overlayfs: no FUSE
+requests, wall time only). Workloads: walk, read-all, python (as ``scripts/bench``), each on a
+fresh mount after dropping caches.
+
+Requests are counted with the kernel's ``fuse:fuse_request_send`` tracepoint in a tracefs
+instance of our own (other users of tracing are not disturbed), filtered to the connection of
+the erofs-fuse mount. Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from devtools.bench.stacks import ErofsFuseStack, KernelStack, Stack, check, cpu_seconds, \
+    force_unmount, vm_hwm_kib
+
+TRACEFS = "/sys/kernel/tracing"
+_OPCODE = re.compile(rb"opcode \d+ \((\w+)\)")
+IMPORTS = "import json, ssl, email.mime.text, http.client, asyncio"
+CHROOT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+def kernel_dev(mountpoint: str) -> int:
+    """The kernel's dev_t (MKDEV: major << 20 | minor) of the newest mount at ``mountpoint``,
+    from mountinfo (a stat() would itself be a FUSE request)."""
+    dev = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == mountpoint:
+                dev = fields[2]
+    if dev is None:
+        raise RuntimeError(f"{mountpoint}: not mounted")
+    major, minor = (int(x) for x in dev.split(":"))
+    return major << 20 | minor
+
+
+class RequestTrace:
+    """Counts FUSE requests sent to one connection, by opcode, between start() and stop()."""
+
+    def __init__(self, connection: int, buffer_kb: int = 32768) -> None:
+        if not os.path.isdir(os.path.join(TRACEFS, "events")):
+            subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=True)
+        self.dir = os.path.join(TRACEFS, "instances", f"erofs-fuse-requests-{os.getpid()}")
+        self.connection = connection
+        self.buffer_kb = buffer_kb
+
+    def _write(self, rel: str, value: str) -> None:
+        with open(os.path.join(self.dir, rel), "w", encoding="ascii") as f:
+            f.write(value)
+
+    def start(self) -> None:
+        os.mkdir(self.dir)
+        self._write("buffer_size_kb", str(self.buffer_kb))
+        event = "events/fuse/fuse_request_send/"
+        self._write(event + "filter", f"connection == {self.connection}")
+        self._write(event + "enable", "1")
+        self._write("tracing_on", "1")
+
+    def stop(self) -> collections.Counter[str]:
+        self._write("tracing_on", "0")
+        counts: collections.Counter[str] = collections.Counter()
+        with open(os.path.join(self.dir, "trace"), "rb") as f:
+            for line in f:
+                m = _OPCODE.search(line)
+                if m:
+                    counts[m.group(1).decode().removeprefix("FUSE_")] += 1
+        overrun = 0
+        for cpu in os.listdir(os.path.join(self.dir, "per_cpu")):
+            with open(os.path.join(self.dir, "per_cpu", cpu, "stats"), encoding="ascii") as st:
+                for text in st:
+                    if text.startswith("overrun:"):
+                        overrun += int(text.split()[1])
+        self._write("events/fuse/fuse_request_send/enable", "0")
+        os.rmdir(self.dir)
+        if overrun:
+            counts["LOST"] = overrun
+        return counts
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as f:
+        f.write("3\n")
+
+
+class OverlayOverFuse(ErofsFuseStack):
+    """Kernel overlayfs (upper, work, one lowerdir = the erofs-fuse mount)."""
+
+    def __init__(self, layers: list[Path], base: Path, options: str = "") -> None:
+        super().__init__(layers, base, name="overlay", label="overlay over erofs-fuse")
+        self.options = options
+        self.fuse_mnt = str(base / "merged")
+        self.mnt = str(base / "container")
+
+    def mount(self) -> None:
+        super().mount()
+        for sub in ("upper", "work"):
+            shutil.rmtree(self.base / sub, ignore_errors=True)
+        upper, work, mnt = self._dir("upper"), self._dir("work"), self._dir("container")
+        opts = f"lowerdir={self.fuse_mnt},upperdir={upper},workdir={work}"
+        if self.options:
+            opts += "," + self.options
+        check(["mount", "-t", "overlay", "overlay", "-o", opts, mnt])
+        self._mounts.append(mnt)
+
+
+def run_workload(wl: str, mnt: str) -> str:
+    if wl == "walk":
+        cmd = ["find", mnt, "-printf", "%s %m %i\n"]
+        out = subprocess.run(cmd, capture_output=True, check=True).stdout
+        return f"{len(out.splitlines())} entries"
+    if wl == "read-all":
+        cmd = ["sh", "-c", 'tar -C "$1" -cf - . 2>/dev/null | wc -c', "sh", mnt]
+        return subprocess.run(cmd, capture_output=True, text=True).stdout.strip() + " bytes"
+    if wl == "python":
+        chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+        subprocess.run([chroot, mnt, "python3", "-c", IMPORTS], env=CHROOT_ENV, check=True)
+        return "ok"
+    raise ValueError(wl)
+
+
+def measure(stack: Stack, wl: str) -> dict[str, object]:
+    drop_caches()
+    stack.mount()
+    try:
+        fuse_mnt = getattr(stack, "fuse_mnt", stack.mnt)
+        trace = RequestTrace(kernel_dev(fuse_mnt)) if stack.fuse else None
+        drop_caches()
+        pids = stack.daemon_pids()
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        if trace:
+            trace.start()
+        load = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        what = run_workload(wl, stack.mnt)
+        secs = time.perf_counter() - t0
+        counts = trace.stop() if trace else collections.Counter()
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        rss = sum(vm_hwm_kib(p) for p in pids) / 1024
+    finally:
+        stack.unmount()
+    return {"stack": stack.name, "workload": wl, "seconds": secs, "cpu": cpu, "rss_mib": rss, "load": load,
+            "requests": dict(counts.most_common()), "total": sum(counts.values()),
+            "result": what}
+
+
+def stacks_named(names: list[str], layers: list[Path], work: Path,
+                 ovl_opts: str) -> Iterator[Stack]:
+    for name in names:
+        base = work / name
+        base.mkdir(parents=True, exist_ok=True)
+        force_unmount(str(base / "container"))
+        force_unmount(str(base / "merged"))
+        if name == "fuse":
+            yield ErofsFuseStack(layers, base)
+        elif name == "overlay":
+            yield OverlayOverFuse(layers, base, ovl_opts)
+        elif name == "kernel":
+            yield KernelStack(layers, base)
+        else:
+            raise SystemExit(f"unknown stack {name}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stacks", default="fuse,overlay,kernel")
+    p.add_argument("--workloads", default="walk,read-all,python")
+    p.add_argument("--ovl-opts", default="")
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--layers", default=",".join(
+        f"/var/tmp/erofs-fuse-bench/layer{k}.erofs" for k in range(3)))
+    p.add_argument("--work", default="/var/tmp/erofs-fuse-requests")
+    ns = p.parse_args()
+    layers = [Path(x) for x in ns.layers.split(",")]
+    work = Path(ns.work)
+    stacks = list(stacks_named(ns.stacks.split(","), layers, work, ns.ovl_opts))
+    for _ in range(ns.runs):
+        for wl in ns.workloads.split(","):
+            for stack in stacks:
+                r = measure(stack, wl)
+                reqs = " ".join(f"{k} {v}" for k, v in r["requests"].items())  # type: ignore
+                print(f"{r['stack']:8} {wl:9} {r['seconds']:.3f} s  daemon CPU {r['cpu']:.2f} s"
+                      f"  peak RSS {r['rss_mib']:.0f} MiB"
+                      f"  load {r['load']:.1f}  requests {r['total']}: {reqs}  [{r['result']}]",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
