@@ -47,6 +47,7 @@ auth:
 class Registry:
     def __init__(self, root: Path, htpasswd: Path | None = None) -> None:
         binary = require_tool("docker-registry")
+        self.root = root  # blobs are under data/docker/registry/v2/blobs
         (root / "data").mkdir(parents=True, exist_ok=True)  # a restart keeps its blobs
         config = CONFIG.format(root=root / "data")
         if htpasswd is not None:

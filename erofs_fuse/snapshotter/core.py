@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from ..containerd.labels import DIFF_ID_LABEL as DIFF_ID_LABEL  # declared there, for clients
 from ..containerd.labels import LAYER_LABEL as LAYER_LABEL
 from ..containerd.labels import VERITY_LABEL as VERITY_LABEL
+from ..oci.image import OciError
+from .fetch import Fetcher, wants_fetch
 from .mounts import ChainMounts, Forker
 from .store import (REF_LABEL, AlreadyExists, FailedPrecondition, InvalidArgument, Kind,
                     NotFound, Snapshot, Store)
@@ -78,11 +80,13 @@ class Snapshotter:
         self.installing: set[str] = set()  # temporary files of layers being taken in
         self.store = Store(os.path.join(self.root, "metadata.db"))
         self.chains = ChainMounts(self.root, forker)
+        self.fetcher = Fetcher(self.root)  # CRI's pulls: layers we fetch ourselves
         self.lock = threading.RLock()
         with self.lock:
             self._sweep()
 
     def close(self) -> None:
+        self.fetcher.close()
         self.store.close()
 
     def snapshot_dir(self, snap: Snapshot) -> str:
@@ -276,12 +280,22 @@ class Snapshotter:
     # remote snapshots (layers a client converted) -------------------------------------------
     def _answer_remote(self, target: str, parent: str, labels: dict[str, str]) -> None:
         """Raise AlreadyExists if the chain ``target`` on ``parent`` is committed here, or can
-        be from the layer file our labels name; return to prepare as usual otherwise."""
+        be from the layer file our labels name, or from the registry CRI's labels name; return
+        to prepare as usual otherwise."""
         with self.lock:
             if self.store.committed_with_ref(target, parent) is not None:
                 raise AlreadyExists(f"target snapshot {target} already exists")
-        if DIFF_ID_LABEL not in labels:
+        if DIFF_ID_LABEL in labels:
+            self._commit_remote(target, parent, labels)
+        elif wants_fetch(labels):
+            self._fetch_remote(target, parent, labels)
+        else:
             return
+        raise AlreadyExists(f"target snapshot {target} already exists")
+
+    def _commit_remote(self, target: str, parent: str, labels: dict[str, str]) -> None:
+        """Record ``target`` on ``parent`` committed, its layer the shared file of the labels'
+        diff_id (taken in from the labels' file if we do not hold it)."""
         layer, digest = self._shared_layer(labels)
         kept = {k: v for k, v in labels.items() if k not in _PRIVATE_LABELS}
         kept[VERITY_LABEL] = digest
@@ -293,7 +307,37 @@ class Snapshotter:
                     name = f"{target}@{self.store.get(parent).id if parent else 0}"
                 self.store.add_committed(name, parent, kept, layer, digest)
                 log.info("committed %s (%s) from %s", name, labels[DIFF_ID_LABEL], layer)
-        raise AlreadyExists(f"target snapshot {target} already exists")
+
+    def _fetch_remote(self, target: str, parent: str, labels: dict[str, str]) -> None:
+        """CRI's Prepare with snapshot annotations (fetch.py): wait, outside the lock, until
+        this layer is converted (the first Prepare of an image starts every layer), then
+        commit it. A registry that cannot tell us the image returns to a plain Prepare:
+        containerd, which may have credentials or mirrors we lack, downloads and unpacks it.
+        A failure after that (a blob or diff_id that does not match, a registry gone
+        mid-pull) fails the Prepare, and so the pull, with its cause."""
+        try:
+            source, layer = self.fetcher.layer(labels, target)
+        except OciError as exc:
+            log.warning("%s: not fetched by us (%s): containerd unpacks it", target, exc)
+            return
+        with self.lock:
+            held = self._held_diff_ids()
+        fetch = self.fetcher.start(source, layer, labels, held)
+        own = {**labels, DIFF_ID_LABEL: layer.diff_id}
+        if fetch is None:
+            self._commit_remote(target, parent, own)  # held: no file needed
+            return
+        self.fetcher.wait(fetch)
+        with fetch.claim:  # a second waiter finds it held, and needs the file no more
+            self._commit_remote(target, parent, {**own, VERITY_LABEL: fetch.verity,
+                                                 LAYER_LABEL: fetch.out})
+            self.fetcher.taken(fetch)
+
+    def _held_diff_ids(self) -> set[str]:
+        """The diff_ids of the shared layer files the store names."""
+        prefix = os.path.join(LAYERS, "sha256-")
+        return {"sha256:" + layer[len(prefix):].removesuffix(".erofs")
+                for layer in self.store.layers() if layer.startswith(prefix)}
 
     def _shared_layer(self, labels: dict[str, str]) -> tuple[str, str]:
         """The shared layer file of the labels' diff_id (relative to the root) and its

@@ -1,0 +1,159 @@
+"""CRI's own PullImage through our snapshotter: the snapshotter fetches and converts the layers.
+
+containerd 1.6 with its CRI plugin (``ctrstack.containerd_stack(cri=True)``: ``snapshotter =
+"erofs-fuse"``, ``disable_snapshot_annotations = false``) and a real registry on 127.0.0.1
+(images pushed with skopeo). PullImage over containerd's socket (``tests/cri.py``): at the first
+layer's Prepare the snapshotter resolves the manifest itself and converts every layer at once
+from the registry's streams; each Prepare answers ALREADY_EXISTS, so containerd downloads no
+layer blob (its content store has the manifest and config only) and applies no diff. The
+container's root equals the kernel's overlay over GNU tar's extraction. A second image on the
+same base converts only its own layer. A tampered blob fails the pull with the cause, leaving
+no snapshot, layer file or staging directory.
+
+The tests run in order on one containerd.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from cri import Cri
+from ctrstack import CRI_NS, SNAPSHOTTER, Stack, containerd_stack
+from ocilayout import LayerBlob, Layout, busybox_entries, directory, file, ref
+from registry_server import Registry, push
+from rootfs import assert_rootfs_is_kernel_overlay, tree_layers
+
+
+@dataclass
+class Env:
+    stack: Stack
+    registry: Registry
+    layout: Layout
+    cri: Cri
+
+    def push(self, layers: list[LayerBlob], repo: str) -> str:
+        self.layout.write_index([{**self.layout.image(layers), **ref("push")}])
+        dest = f"{self.registry.host}/{repo}"
+        push(self.layout.root, "push", dest)
+        return dest
+
+    def layer_files(self) -> list[str]:
+        layers = self.stack.root / "layers"
+        return sorted(p.name for p in layers.iterdir()) if layers.exists() else []
+
+    def snapshots(self) -> list[str]:
+        out = self.stack.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls")
+        return sorted(line.split()[0] for line in out.splitlines()[1:] if line.strip())
+
+    def blobs(self) -> set[str]:
+        return set(self.stack.ctr("content", "ls", "-q").split())
+
+    def converted(self) -> int:
+        """Layers the snapshotter converted so far (its log)."""
+        return len(re.findall(r"layer \d+ \(sha256:[0-9a-f]{12}\): converted to ",
+                              self.stack.log.read_text(errors="replace")))
+
+    def incoming(self) -> list[str]:
+        return sorted(p.name for p in (self.stack.root / "incoming").iterdir())
+
+    def tars(self, layers: list[LayerBlob], name: str) -> list[Path]:
+        out = []
+        for k, layer in enumerate(layers):
+            path = self.stack.tmp / f"{name}-layer{k}.tar"
+            path.write_bytes(layer.tar)
+            out.append(path)
+        return out
+
+
+@pytest.fixture(scope="module")
+def env_() -> Iterator[Env]:
+    with containerd_stack(cri=True) as stack:
+        stack.ns = CRI_NS
+        assert re.search(r"io\.containerd\.grpc\.v1 +cri .* ok", stack.ctr("plugins", "ls"))
+        registry = Registry(stack.tmp / "registry")
+        try:
+            with Cri(stack.address) as cri:
+                yield Env(stack, registry, Layout(stack.tmp / "layout"), cri)
+        finally:
+            registry.stop()
+
+
+def assert_no_unpack(e: Env) -> None:
+    log = e.stack.containerd_log.read_text(errors="replace")
+    assert "diff applied" not in log, "containerd unpacked a layer itself"
+
+
+def test_pull_image_converts_in_the_snapshotter(env_: Env) -> None:
+    e = env_
+    layers = tree_layers(e.layout)
+    layers.append(e.layout.layer([directory("cri"), file("cri/msg", "pulled by CRI\n")]))
+    name = e.push(layers, "test/cri:v1")
+    image_id = e.cri.pull(name)
+    assert image_id.startswith("sha256:")
+    status = e.cri.status(name)
+    assert status is not None and status.id == image_id and name in status.repo_tags
+    # containerd fetched no layer: its content store has the manifest and the config
+    blobs = e.blobs()
+    assert len(blobs) == 2 and image_id in blobs, blobs
+    assert not {layer.descriptor["digest"] for layer in layers} & blobs
+    assert_no_unpack(e)
+    assert e.converted() == 3
+    assert "fetching and converting 3 layers" in e.stack.log.read_text()
+    assert len(e.layer_files()) == 6, e.layer_files()  # three layers and their trees
+    assert e.incoming() == [], "converted files are taken in, their directories removed"
+    out = e.stack.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, name, "t-cat",
+                      "/bin/busybox", "cat", "/cri/msg", "/etc/hello")
+    assert out == "pulled by CRI\nhello again\n"
+    assert_rootfs_is_kernel_overlay(e.stack, name, e.tars(layers, "cri"),
+                                    "/bin/busybox", "sleep", "600")
+    assert_no_unpack(e)
+
+
+def test_second_image_converts_only_its_own_layer(env_: Env) -> None:
+    e = env_
+    base = tree_layers(e.layout)[0]  # the same bytes as the first image's base
+    layers = [base, e.layout.layer([file("second.txt", "the second image\n")])]
+    name = e.push(layers, "test/second:v1")
+    before, files = e.converted(), e.layer_files()
+    e.cri.pull(name)
+    assert e.converted() == before + 1
+    assert len(e.layer_files()) == len(files) + 2
+    out = e.stack.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, name, "t-second",
+                      "/bin/busybox", "cat", "/second.txt")
+    assert out == "the second image\n"
+    # pulled again: nothing to do
+    e.cri.pull(name)
+    assert e.converted() == before + 1
+    assert_no_unpack(e)
+
+
+def test_tampered_blob_fails_the_pull(env_: Env) -> None:
+    """The registry serves a layer blob whose bytes are not its digest's: PullImage fails with
+    the snapshotter's message, and nothing of the image is left."""
+    e = env_
+    layers = [e.layout.layer(busybox_entries() + [file("tampered", "x\n")]),
+              e.layout.layer([file("top.txt", "top\n")])]
+    name = e.push(layers, "test/tampered:v1")
+    hexd = layers[0].descriptor["digest"].removeprefix("sha256:")
+    stored = (e.registry.root / "data/docker/registry/v2/blobs/sha256" / hexd[:2] / hexd
+              / "data")
+    data = bytearray(stored.read_bytes())
+    data[9] ^= 0x01  # the gzip header's OS byte (RFC 1952): no decompressor checks it
+    stored.write_bytes(bytes(data))
+    snapshots, files = e.snapshots(), e.layer_files()
+    with pytest.raises(grpc.RpcError) as raised:
+        e.cri.pull(name)
+    message = raised.value.details() or ""
+    assert f"blob sha256:{hexd} hashes to" in message, message
+    assert e.cri.status(name) is None
+    assert e.snapshots() == snapshots
+    assert e.layer_files() == files
+    assert e.incoming() == []
+    assert not {layer.descriptor["digest"] for layer in layers} & e.blobs()
+    assert_no_unpack(e)
