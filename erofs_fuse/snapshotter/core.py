@@ -329,6 +329,7 @@ class Snapshotter:
             return
         self.fetcher.wait(fetch)
         with fetch.claim:  # a second waiter finds it held, and needs the file no more
+            self.fetcher.check(fetch)
             self._commit_remote(target, parent, {**own, VERITY_LABEL: fetch.verity,
                                                  LAYER_LABEL: fetch.out})
             self.fetcher.taken(fetch)

@@ -21,7 +21,6 @@ snapshotter's lock: conversions run in their own thread and processes.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
 import os
@@ -131,12 +130,17 @@ class Fetcher:
                              name=f"fetch-{source.manifest.digest[7:19]}").start()
         return mine
 
-    def wait(self, fetch: Fetch) -> Fetch:
+    def wait(self, fetch: Fetch) -> None:
         if not fetch.done.wait(WAIT_LIMIT):
             raise FetchFailed(f"{fetch.what}: not converted after {WAIT_LIMIT:.0f} s")
         if fetch.error:
             raise FetchFailed(fetch.error)
-        return fetch
+
+    @staticmethod
+    def check(fetch: Fetch) -> None:
+        """Under ``fetch.claim``: raise if the fetch was dropped since it was converted."""
+        if fetch.error:
+            raise FetchFailed(fetch.error)
 
     def taken(self, fetch: Fetch) -> None:
         """The layer was taken in: forget it and remove its directory."""
@@ -170,21 +174,26 @@ class Fetcher:
         except BaseException as exc:  # one line for the Prepares: the cause, not a traceback
             message = str(exc) or type(exc).__name__
             log.error("%s: %s", source.name, message)
-            with self.lock:
-                for _, fetch in new:
-                    if fetch.done.is_set():
-                        continue
-                    # a worker's failure names its layer already
-                    fetch.error = message if isinstance(exc, JobFailed) \
-                        else f"fetching {fetch.what}: {message}"
-                    if self.running.get(fetch.diff_id) is fetch:
-                        del self.running[fetch.diff_id]
-                    with contextlib.suppress(OSError):
-                        shutil.rmtree(fetch.directory)
-                    fetch.finished_at = time.monotonic()
-                    fetch.done.set()
+            # a worker's failure names its layer already
+            self._drop([fetch for _, fetch in new], message if isinstance(exc, JobFailed)
+                       else f"fetching {new[0][1].what}: {message}")
             if not isinstance(exc, Exception):
                 raise
+
+    def _drop(self, fetches: list[Fetch], error: str) -> None:
+        """The pull failed: every fetch of it not taken in yet fails with ``error`` (a layer
+        converted already goes too: containerd gives the pull up, nobody would take it)."""
+        for fetch in fetches:
+            with fetch.claim:  # not while a Prepare takes the file in
+                with self.lock:
+                    if self.running.get(fetch.diff_id) is not fetch:
+                        continue  # taken in
+                    del self.running[fetch.diff_id]
+                fetch.error = error
+                if fetch.directory:
+                    shutil.rmtree(fetch.directory, ignore_errors=True)
+                fetch.finished_at = time.monotonic()
+                fetch.done.set()
 
 
 class _Observer:
