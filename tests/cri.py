@@ -28,10 +28,13 @@ class Cri:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def pull(self, image: str) -> str:
-        """PullImage; the image's id (its config digest). Raises grpc.RpcError."""
-        reply = self.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)),
-                                      timeout=PULL_TIMEOUT)
+    def pull(self, image: str, auth: tuple[str, str] | None = None) -> str:
+        """PullImage (with ``auth``, a user and password for the registry); the image's id
+        (its config digest). Raises grpc.RpcError."""
+        request = pb.PullImageRequest(image=pb.ImageSpec(image=image))
+        if auth is not None:
+            request.auth.username, request.auth.password = auth
+        reply = self.images.PullImage(request, timeout=PULL_TIMEOUT)
         return str(reply.image_ref)
 
     def status(self, image: str) -> Any:

@@ -123,9 +123,17 @@ class Stack:
             self.snapshotter = proc = subprocess.Popen(
                 [sys.executable, "-m", "erofs_fuse", "snapshotter", "--root", str(self.root),
                  "--address", str(sock), *(["--debug"] if self.debug else [])],
-                stdout=log, stderr=subprocess.STDOUT, env=env())
+                stdout=log, stderr=subprocess.STDOUT, env=self.snapshotter_env())
         wait_for(lambda: sock.exists() or proc.poll() is not None, 30, "the snapshotter")
         assert proc.poll() is None, f"snapshotter died: {self.snapshotter_log()}"
+
+    def snapshotter_env(self) -> dict[str, str]:
+        """Registry credentials (CRI pulls) from ``docker_config``, never the host's."""
+        return {**env(), "DOCKER_CONFIG": str(self.docker_config)}
+
+    @property
+    def docker_config(self) -> Path:
+        return self.tmp / "docker"
 
     def wait_reachable(self) -> None:
         """Until containerd reaches the (restarted) snapshotter: its gRPC client may still be

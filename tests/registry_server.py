@@ -222,6 +222,8 @@ class FaultProxy:
             status, out = resp.status, {k: v for k, v in resp.getheaders()
                                         if k.lower() not in ("transfer-encoding", "connection",
                                                              "content-length")}
+            if req.command == "HEAD":  # the length of the body a GET would get
+                out["Content-Length"] = resp.getheader("Content-Length", "0")
         finally:
             conn.close()
         if "Location" in out:  # an upload's next step comes back through the proxy
@@ -279,7 +281,8 @@ class FaultProxy:
         req.send_response(status)
         for k, v in headers.items():
             req.send_header(k, v)
-        req.send_header("Content-Length", str(len(body)))
+        if "Content-Length" not in headers:
+            req.send_header("Content-Length", str(len(body)))
         req.end_headers()
         if req.command != "HEAD":
             req.wfile.write(body)

@@ -15,6 +15,8 @@ The tests run in order on one containerd.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +26,9 @@ import grpc
 import pytest
 
 from cri import Cri
-from ctrstack import CRI_NS, SNAPSHOTTER, Stack, containerd_stack
+from ctrstack import CRI_NS, SNAPSHOTTER, Stack, containerd_stack, wait_for
 from ocilayout import LayerBlob, Layout, busybox_entries, directory, file, ref
-from registry_server import Registry, push
+from registry_server import FaultProxy, Registry, htpasswd, push
 from rootfs import assert_rootfs_is_kernel_overlay, tree_layers
 
 
@@ -37,10 +39,11 @@ class Env:
     layout: Layout
     cri: Cri
 
-    def push(self, layers: list[LayerBlob], repo: str) -> str:
+    def push(self, layers: list[LayerBlob], repo: str, registry: Registry | None = None,
+             creds: str | None = None) -> str:
         self.layout.write_index([{**self.layout.image(layers), **ref("push")}])
-        dest = f"{self.registry.host}/{repo}"
-        push(self.layout.root, "push", dest)
+        dest = f"{(registry or self.registry).host}/{repo}"
+        push(self.layout.root, "push", dest, creds=creds)
         return dest
 
     def layer_files(self) -> list[str]:
@@ -87,6 +90,22 @@ def env_() -> Iterator[Env]:
 def assert_no_unpack(e: Env) -> None:
     log = e.stack.containerd_log.read_text(errors="replace")
     assert "diff applied" not in log, "containerd unpacked a layer itself"
+
+
+def assert_failed_leaving_nothing(e: Env, name: str, layers: list[LayerBlob],
+                                  snapshots: list[str], files: list[str], expect: str) -> None:
+    """PullImage of ``name`` fails with ``expect`` in its message; no snapshot, layer file,
+    staging directory, layer blob or image record is left."""
+    with pytest.raises(grpc.RpcError) as raised:
+        e.cri.pull(name)
+    message = raised.value.details() or ""
+    assert expect in message, message
+    assert e.cri.status(name) is None
+    assert e.snapshots() == snapshots
+    assert e.layer_files() == files
+    assert e.incoming() == []
+    assert not {layer.descriptor["digest"] for layer in layers} & e.blobs()
+    assert_no_unpack(e)
 
 
 def test_pull_image_converts_in_the_snapshotter(env_: Env) -> None:
@@ -146,14 +165,88 @@ def test_tampered_blob_fails_the_pull(env_: Env) -> None:
     data = bytearray(stored.read_bytes())
     data[9] ^= 0x01  # the gzip header's OS byte (RFC 1952): no decompressor checks it
     stored.write_bytes(bytes(data))
-    snapshots, files = e.snapshots(), e.layer_files()
-    with pytest.raises(grpc.RpcError) as raised:
-        e.cri.pull(name)
-    message = raised.value.details() or ""
-    assert f"blob sha256:{hexd} hashes to" in message, message
-    assert e.cri.status(name) is None
-    assert e.snapshots() == snapshots
-    assert e.layer_files() == files
-    assert e.incoming() == []
-    assert not {layer.descriptor["digest"] for layer in layers} & e.blobs()
+    assert_failed_leaving_nothing(e, name, layers, e.snapshots(), e.layer_files(),
+                                  f"blob sha256:{hexd} hashes to")
+
+
+def test_registry_gone_mid_blob_fails_the_pull(env_: Env) -> None:
+    """The connection breaks halfway through a layer blob (a registry stopped mid-pull),
+    through a proxy that cuts only that blob's reply: the pull fails with that cause."""
+    e = env_
+    layers = [e.layout.layer(busybox_entries() + [file("cut", "x\n")]),
+              e.layout.layer([file("top.txt", "top of the cut image\n")])]
+    e.push(layers, "test/cut:v1")
+    hexd = layers[1].descriptor["digest"].removeprefix("sha256:")
+    proxy = FaultProxy(e.registry.host, ["truncate"], match=hexd)
+    try:
+        assert_failed_leaving_nothing(e, f"{proxy.host}/test/cut:v1", layers, e.snapshots(),
+                                      e.layer_files(), "reply broke off")
+        assert proxy.paths(hexd), "the layer was fetched through the proxy"
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_registry(env_: Env) -> Iterator[Registry]:
+    root = env_.stack.tmp / "auth-registry"
+    root.mkdir()
+    registry = Registry(root, htpasswd(root / "htpasswd", "puller", "s3cret"))
+    try:
+        yield registry
+    finally:
+        registry.stop()
+
+
+def test_credentials_from_the_snapshotters_docker_config(env_: Env,
+                                                         auth_registry: Registry) -> None:
+    """A registry that wants a password: the snapshotter sends its own credentials
+    (``~/.docker/config.json``, here ``$DOCKER_CONFIG``); CRI's never reach it."""
+    e = env_
+    layers = [e.layout.layer(busybox_entries() + [file("auth", "with credentials\n")])]
+    name = e.push(layers, "test/auth:v1", auth_registry, creds="puller:s3cret")
+    e.stack.docker_config.mkdir(exist_ok=True)
+    token = base64.b64encode(b"puller:s3cret").decode()
+    (e.stack.docker_config / "config.json").write_text(
+        json.dumps({"auths": {auth_registry.host: {"auth": token}}}))
+    try:
+        before = e.converted()
+        e.cri.pull(name, auth=("puller", "s3cret"))
+    finally:
+        (e.stack.docker_config / "config.json").unlink()
+    assert e.converted() == before + 1
+    out = e.stack.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, name, "t-auth",
+                      "/bin/busybox", "cat", "/auth")
+    assert out == "with credentials\n"
     assert_no_unpack(e)
+
+
+def test_without_credentials_containerd_unpacks(env_: Env, auth_registry: Registry) -> None:
+    """The snapshotter cannot read the image (no credentials of its own): it answers the
+    Prepares as usual, and containerd, with CRI's credentials, downloads and applies the
+    layers. The last test that pulls: containerd's log has unpacks from here on."""
+    e = env_
+    layers = [e.layout.layer(busybox_entries() + [file("fallback", "unpacked by containerd\n")])]
+    name = e.push(layers, "test/fallback:v1", auth_registry, creds="puller:s3cret")
+    before = e.converted()
+    e.cri.pull(name, auth=("puller", "s3cret"))
+    assert e.converted() == before
+    assert "not fetched by us" in e.stack.log.read_text(errors="replace")
+    assert "diff applied" in e.stack.containerd_log.read_text(errors="replace")
+    out = e.stack.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, name, "t-fallback",
+                      "/bin/busybox", "cat", "/fallback")
+    assert out == "unpacked by containerd\n"
+
+
+def test_remove_image_removes_everything(env_: Env) -> None:
+    """RemoveImage of every image: garbage collection removes the snapshots, and with the
+    last user of each layer file the file."""
+    e = env_
+    for image in e.cri.list():
+        e.cri.remove(image.id)
+    assert e.cri.list() == []
+
+    def empty() -> bool:
+        return not e.snapshots() and not e.layer_files()
+
+    wait_for(empty, 30, "garbage collection of every snapshot and layer file")
+    assert e.stack.chain_mounts() == []

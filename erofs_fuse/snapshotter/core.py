@@ -86,7 +86,6 @@ class Snapshotter:
             self._sweep()
 
     def close(self) -> None:
-        self.fetcher.close()
         self.store.close()
 
     def snapshot_dir(self, snap: Snapshot) -> str:
@@ -287,9 +286,7 @@ class Snapshotter:
                 raise AlreadyExists(f"target snapshot {target} already exists")
         if DIFF_ID_LABEL in labels:
             self._commit_remote(target, parent, labels)
-        elif wants_fetch(labels):
-            self._fetch_remote(target, parent, labels)
-        else:
+        elif not wants_fetch(labels) or not self._fetch_remote(target, parent, labels):
             return
         raise AlreadyExists(f"target snapshot {target} already exists")
 
@@ -308,31 +305,32 @@ class Snapshotter:
                 self.store.add_committed(name, parent, kept, layer, digest)
                 log.info("committed %s (%s) from %s", name, labels[DIFF_ID_LABEL], layer)
 
-    def _fetch_remote(self, target: str, parent: str, labels: dict[str, str]) -> None:
+    def _fetch_remote(self, target: str, parent: str, labels: dict[str, str]) -> bool:
         """CRI's Prepare with snapshot annotations (fetch.py): wait, outside the lock, until
         this layer is converted (the first Prepare of an image starts every layer), then
         commit it. A registry that cannot tell us the image returns to a plain Prepare:
         containerd, which may have credentials or mirrors we lack, downloads and unpacks it.
         A failure after that (a blob or diff_id that does not match, a registry gone
-        mid-pull) fails the Prepare, and so the pull, with its cause."""
+        mid-pull) fails the Prepare, and so the pull, with its cause. True when committed."""
         try:
             source, layer = self.fetcher.layer(labels, target)
         except OciError as exc:
             log.warning("%s: not fetched by us (%s): containerd unpacks it", target, exc)
-            return
+            return False
         with self.lock:
             held = self._held_diff_ids()
         fetch = self.fetcher.start(source, layer, labels, held)
         own = {**labels, DIFF_ID_LABEL: layer.diff_id}
         if fetch is None:
             self._commit_remote(target, parent, own)  # held: no file needed
-            return
+            return True
         self.fetcher.wait(fetch)
         with fetch.claim:  # a second waiter finds it held, and needs the file no more
             self.fetcher.check(fetch)
             self._commit_remote(target, parent, {**own, VERITY_LABEL: fetch.verity,
                                                  LAYER_LABEL: fetch.out})
             self.fetcher.taken(fetch)
+        return True
 
     def _held_diff_ids(self) -> set[str]:
         """The diff_ids of the shared layer files the store names."""

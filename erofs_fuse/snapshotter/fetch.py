@@ -76,13 +76,9 @@ class Fetcher:
         shutil.rmtree(self.incoming, ignore_errors=True)  # a previous run's: nobody waits
         os.makedirs(self.incoming, mode=0o700)
         self.workers = workers or max(2, os.cpu_count() or 2)
-        self.client = RegistryClient()
         self.lock = threading.Lock()
         self.running: dict[str, Fetch] = {}
         self.images: collections.OrderedDict[str, SourceImage] = collections.OrderedDict()
-
-    def close(self) -> None:
-        self.client.close()
 
     def layer(self, labels: dict[str, str], target: str) -> tuple[SourceImage, Layer]:
         """The image the CRI labels name, and its layer whose chain id is ``target``; raises
@@ -94,7 +90,10 @@ class Fetcher:
                 self.images.move_to_end(manifest)
         if source is None:
             ref = Reference.parse(labels[CRI_IMAGE_REF]).with_digest(manifest)
-            source = from_registry(self.client, str(ref), None)
+            # a client of its own: credentials and tokens as they are now (the workers,
+            # given its settings, make their own sessions)
+            with RegistryClient() as client:
+                source = from_registry(client, str(ref), None)
             with self.lock:
                 self.images[manifest] = source
                 while len(self.images) > IMAGES_KEPT:
