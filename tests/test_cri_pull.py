@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -149,6 +150,29 @@ def test_second_image_converts_only_its_own_layer(env_: Env) -> None:
     # pulled again: nothing to do
     e.cri.pull(name)
     assert e.converted() == before + 1
+    assert_no_unpack(e)
+
+
+def test_concurrent_pulls_share_a_conversion(env_: Env) -> None:
+    """Two images on different bases with the same top layer, pulled at once: the top layer
+    (another chain in each) is converted once; both images run."""
+    e = env_
+    shared = e.layout.layer([file("shared.txt", "one conversion\n")])
+    images = []
+    for tag in ("a", "b"):
+        base = e.layout.layer(busybox_entries() + [file(f"base-{tag}", f"{tag}\n")])
+        images.append(e.push([base, shared], f"test/concurrent-{tag}:v1"))
+    before, files = e.converted(), e.layer_files()
+    with ThreadPoolExecutor(2) as pool:
+        ids = list(pool.map(e.cri.pull, images))
+    assert len(set(ids)) == 2
+    assert e.converted() == before + 3
+    assert len(e.layer_files()) == len(files) + 6
+    assert e.incoming() == []
+    for k, name in enumerate(images):
+        out = e.stack.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, name, f"t-conc{k}",
+                          "/bin/busybox", "cat", "/shared.txt")
+        assert out == "one conversion\n"
     assert_no_unpack(e)
 
 

@@ -9,6 +9,8 @@ Layout under the root::
     snapshots/<id>/layer.erofs (+ .verity)   a committed snapshot: its one sealed layer
     layers/sha256-<diff_id hex>.erofs (+ .verity)   a layer a client converted (erofs-fuse
                             image pull/import), shared by every snapshot of that diff_id
+    incoming/layer-*/       layers being fetched and converted for CRI's pulls (fetch.py),
+                            until their Prepare takes them into layers/; emptied at start
     mounts/<id>             the erofs-fuse mount of the chain whose top is committed <id>
     empty/                  the lowerdir of an unpack into a snapshot with no parent
 
@@ -25,6 +27,11 @@ that snapshot with List. Every row that names a shared file counts as a user of 
 database is the reference count): removing the last one removes the file. A Prepare for a chain
 we already hold committed (another namespace, another image) is answered the same way, with no
 new file.
+
+CRI's PullImage with ``disable_snapshot_annotations = false`` sends no file, but CRI's labels
+naming the image in its registry: then we fetch and convert the layers ourselves (fetch.py),
+every layer at once from the image's first Prepare, each Prepare waiting, outside the lock,
+for its own layer only; the answer is the same ALREADY_EXISTS, and containerd downloads nothing.
 
 Commit converts outside the lock, so a long conversion does not hold up other calls; the
 snapshot being committed is marked busy meanwhile (Remove refuses it, the sweep spares it).
