@@ -27,7 +27,10 @@ import grpc
 import pytest
 
 from cri import Cri
-from ctrstack import CRI_NS, SNAPSHOTTER, Stack, containerd_stack, wait_for
+from ctrstack import CRI_NS, SNAPSHOTTER, Stack, containerd_stack, direct_snapshotter, wait_for
+from erofs_fuse.containerd.api import snapshots_pb2 as spb
+from erofs_fuse.containerd.labels import (CRI_IMAGE_REF, CRI_LAYER, CRI_LAYERS, CRI_MANIFEST,
+                                          SNAPSHOT_REF)
 from ocilayout import LayerBlob, Layout, busybox_entries, directory, file, ref
 from registry_server import FaultProxy, Registry, htpasswd, push
 from rootfs import assert_rootfs_is_kernel_overlay, tree_layers
@@ -274,3 +277,24 @@ def test_remove_image_removes_everything(env_: Env) -> None:
 
     wait_for(empty, 30, "garbage collection of every snapshot and layer file")
     assert e.stack.chain_mounts() == []
+
+
+@pytest.mark.parametrize("case", ["no-registry", "bad-manifest-label"])
+def test_unresolvable_image_gets_a_plain_prepare(case: str) -> None:
+    """At the RPC level, as containerd calls it: CRI's labels naming a registry that does not
+    answer, or a manifest digest that is not one, get an active snapshot's mounts (containerd
+    then downloads and applies the layer), not an error."""
+    digest = "sha256:" + "ab" * 32
+    labels = {SNAPSHOT_REF: digest, CRI_IMAGE_REF: "127.0.0.1:1/test/none:v1",
+              CRI_MANIFEST: digest, CRI_LAYER: digest, CRI_LAYERS: digest}
+    reason = "127.0.0.1:1"
+    if case == "bad-manifest-label":
+        labels[CRI_MANIFEST] = "sha256:../../etc"
+        reason = "not sha256:<64 hex digits>"  # refused before any request
+    with direct_snapshotter("efs-cri-") as (stub, stack):
+        reply = stub.Prepare(spb.PrepareSnapshotRequest(key="k8s.io/1/extract-1 x",
+                                                        labels=labels))
+        assert [m.type for m in reply.mounts] == ["overlay"]
+        log = stack.snapshotter_log()
+        assert "not fetched by us" in log and reason in log, log
+        assert list((stack.root / "incoming").iterdir()) == []

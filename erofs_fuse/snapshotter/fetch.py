@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -44,6 +45,7 @@ CRI_LABELS = (CRI_IMAGE_REF, CRI_MANIFEST, CRI_LAYER, CRI_LAYERS)
 INCOMING = "incoming"
 UNCLAIMED = 600.0  # seconds a converted layer waits for its Prepare before it is dropped
 WAIT_LIMIT = 3600.0  # seconds a Prepare waits for its layer (the registry's timeouts come first)
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 IMAGES_KEPT = 16  # resolved manifests remembered (every Prepare of an image needs its own)
 
 
@@ -84,6 +86,8 @@ class Fetcher:
         """The image the CRI labels name, and its layer whose chain id is ``target``; raises
         OciError (a RegistryError among them) when the registry cannot say."""
         manifest = labels[CRI_MANIFEST]
+        if not _DIGEST.fullmatch(manifest):  # it goes into a URL
+            raise OciError(f"{CRI_MANIFEST}={manifest[:80]!r}: not sha256:<64 hex digits>")
         with self.lock:
             source = self.images.get(manifest)
             if source is not None:
