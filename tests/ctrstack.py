@@ -29,7 +29,7 @@ CONFIG = """\
 version = 2
 root = "{tmp}/containerd/root"
 state = "{tmp}/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{disabled}
 
 [debug]
   level = "debug"
@@ -48,6 +48,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     type = "snapshot"
     address = "{tmp}/snapshotter.sock"
 """
+NO_CRI = 'disabled_plugins = ["io.containerd.grpc.v1.cri"]'
+# CRI pulling through our snapshotter, with the labels that let it fetch the layers itself
+# (containerd-client.md 4.1). CRI loads without CNI plugins or config: empty directories of
+# its own keep it away from the host's.
+CRI = """
+[plugins."io.containerd.grpc.v1.cri"]
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{name}"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{tmp}/cni/bin"
+    conf_dir = "{tmp}/cni/conf"
+"""
+CRI_NS = "k8s.io"  # CRI's namespace, always
 
 
 @dataclass
@@ -58,9 +72,10 @@ class Stack:
     log: Path
     snapshotter: subprocess.Popen[bytes] | None = None
     debug: bool = True  # the snapshotter logs every call (the tests read it)
+    ns: str = NS  # the namespace ctr works in
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> str:
-        proc = subprocess.run(["ctr", "-a", self.address, "-n", NS, *args],
+        proc = subprocess.run(["ctr", "-a", self.address, "-n", self.ns, *args],
                               capture_output=True, text=True, timeout=timeout)
         if check:
             assert proc.returncode == 0, (
@@ -87,7 +102,7 @@ class Stack:
         """A running container's root filesystem as the host sees it: the overlay that the
         shim mounts on its bundle's ``rootfs`` (runc's own mounts, /proc and /dev, are in the
         container's mount namespace, not on it)."""
-        path = self.tmp / "containerd/state/io.containerd.runtime.v2.task" / NS / cid / "rootfs"
+        path = self.tmp / "containerd/state/io.containerd.runtime.v2.task" / self.ns / cid / "rootfs"
         assert str(path) in mounts_under(str(path)), f"{path} is not a mount"
         return path
 
@@ -108,9 +123,17 @@ class Stack:
             self.snapshotter = proc = subprocess.Popen(
                 [sys.executable, "-m", "erofs_fuse", "snapshotter", "--root", str(self.root),
                  "--address", str(sock), *(["--debug"] if self.debug else [])],
-                stdout=log, stderr=subprocess.STDOUT, env=env())
+                stdout=log, stderr=subprocess.STDOUT, env=self.snapshotter_env())
         wait_for(lambda: sock.exists() or proc.poll() is not None, 30, "the snapshotter")
         assert proc.poll() is None, f"snapshotter died: {self.snapshotter_log()}"
+
+    def snapshotter_env(self) -> dict[str, str]:
+        """Registry credentials (CRI pulls) from ``docker_config``, never the host's."""
+        return {**env(), "DOCKER_CONFIG": str(self.docker_config)}
+
+    @property
+    def docker_config(self) -> Path:
+        return self.tmp / "docker"
 
     def wait_reachable(self) -> None:
         """Until containerd reaches the (restarted) snapshotter: its gRPC client may still be
@@ -169,8 +192,9 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
 
 
 @contextlib.contextmanager
-def containerd_stack(*, debug: bool = True) -> Iterator[Stack]:
-    """containerd and our snapshotter, ready for ``ctr``; both stopped afterwards."""
+def containerd_stack(*, debug: bool = True, cri: bool = False) -> Iterator[Stack]:
+    """containerd and our snapshotter, ready for ``ctr``; both stopped afterwards. With
+    ``cri``, containerd's CRI plugin is loaded, pulling with our snapshotter (CRI_NS)."""
     for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "fsck.erofs"):
         require_tool(tool)
     require_fuse()
@@ -179,7 +203,12 @@ def containerd_stack(*, debug: bool = True) -> Iterator[Stack]:
     s = Stack(tmp, tmp / "snapshotter", str(tmp / "containerd.sock"), tmp / "snapshotter.log",
               debug=debug)
     try:
-        (tmp / "config.toml").write_text(CONFIG.format(tmp=tmp, name=SNAPSHOTTER))
+        config = CONFIG.format(tmp=tmp, name=SNAPSHOTTER, disabled="" if cri else NO_CRI)
+        if cri:
+            config += CRI.format(tmp=tmp, name=SNAPSHOTTER)
+            for d in ("cni/bin", "cni/conf"):
+                (tmp / d).mkdir(parents=True)
+        (tmp / "config.toml").write_text(config)
         s.start_snapshotter()
         with open(s.containerd_log, "wb") as log:
             containerd = subprocess.Popen(

@@ -47,6 +47,7 @@ auth:
 class Registry:
     def __init__(self, root: Path, htpasswd: Path | None = None) -> None:
         binary = require_tool("docker-registry")
+        self.root = root  # blobs are under data/docker/registry/v2/blobs
         (root / "data").mkdir(parents=True, exist_ok=True)  # a restart keeps its blobs
         config = CONFIG.format(root=root / "data")
         if htpasswd is not None:
@@ -221,6 +222,8 @@ class FaultProxy:
             status, out = resp.status, {k: v for k, v in resp.getheaders()
                                         if k.lower() not in ("transfer-encoding", "connection",
                                                              "content-length")}
+            if req.command == "HEAD":  # the length of the body a GET would get
+                out["Content-Length"] = resp.getheader("Content-Length", "0")
         finally:
             conn.close()
         if "Location" in out:  # an upload's next step comes back through the proxy
@@ -278,7 +281,8 @@ class FaultProxy:
         req.send_response(status)
         for k, v in headers.items():
             req.send_header(k, v)
-        req.send_header("Content-Length", str(len(body)))
+        if "Content-Length" not in headers:
+            req.send_header("Content-Length", str(len(body)))
         req.end_headers()
         if req.command != "HEAD":
             req.wfile.write(body)

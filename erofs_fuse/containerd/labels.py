@@ -26,6 +26,13 @@ LAYER_LABEL = "containerd.io/snapshot/erofs-fuse.layer"  # absolute path of FILE
 DIFF_ID_LABEL = "containerd.io/snapshot/erofs-fuse.diff-id"  # sha256:<the layer's diff_id>
 VERITY_LABEL = "containerd.io/snapshot/erofs-fuse.verity"  # sha256:<FILE's fs-verity digest>
 
+# CRI's, on each layer's Prepare when its ``disable_snapshot_annotations`` is false
+# (containerd-client.md 4.2): where the snapshotter can fetch the layers itself.
+CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"  # the reference as pulled
+CRI_MANIFEST = "containerd.io/snapshot/cri.manifest-digest"  # the platform manifest's digest
+CRI_LAYER = "containerd.io/snapshot/cri.layer-digest"  # this layer's blob digest
+CRI_LAYERS = "containerd.io/snapshot/cri.image-layers"  # this and the layers above, commas
+
 
 def expire_at(ttl: timedelta, now: datetime | None = None) -> str:
     """The ``containerd.io/gc.expire`` value (RFC 3339, UTC) ``ttl`` from now."""

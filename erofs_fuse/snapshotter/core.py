@@ -9,6 +9,8 @@ Layout under the root::
     snapshots/<id>/layer.erofs (+ .verity)   a committed snapshot: its one sealed layer
     layers/sha256-<diff_id hex>.erofs (+ .verity)   a layer a client converted (erofs-fuse
                             image pull/import), shared by every snapshot of that diff_id
+    incoming/layer-*/       layers being fetched and converted for CRI's pulls (fetch.py),
+                            until their Prepare takes them into layers/; emptied at start
     mounts/<id>             the erofs-fuse mount of the chain whose top is committed <id>
     empty/                  the lowerdir of an unpack into a snapshot with no parent
 
@@ -26,6 +28,11 @@ database is the reference count): removing the last one removes the file. A Prep
 we already hold committed (another namespace, another image) is answered the same way, with no
 new file.
 
+CRI's PullImage with ``disable_snapshot_annotations = false`` sends no file, but CRI's labels
+naming the image in its registry: then we fetch and convert the layers ourselves (fetch.py),
+every layer at once from the image's first Prepare, each Prepare waiting, outside the lock,
+for its own layer only; the answer is the same ALREADY_EXISTS, and containerd downloads nothing.
+
 Commit converts outside the lock, so a long conversion does not hold up other calls; the
 snapshot being committed is marked busy meanwhile (Remove refuses it, the sweep spares it).
 """
@@ -42,6 +49,8 @@ from dataclasses import dataclass
 from ..containerd.labels import DIFF_ID_LABEL as DIFF_ID_LABEL  # declared there, for clients
 from ..containerd.labels import LAYER_LABEL as LAYER_LABEL
 from ..containerd.labels import VERITY_LABEL as VERITY_LABEL
+from ..oci.image import OciError
+from .fetch import Fetcher, wants_fetch
 from .mounts import ChainMounts, Forker
 from .store import (REF_LABEL, AlreadyExists, FailedPrecondition, InvalidArgument, Kind,
                     NotFound, Snapshot, Store)
@@ -78,6 +87,7 @@ class Snapshotter:
         self.installing: set[str] = set()  # temporary files of layers being taken in
         self.store = Store(os.path.join(self.root, "metadata.db"))
         self.chains = ChainMounts(self.root, forker)
+        self.fetcher = Fetcher(self.root)  # CRI's pulls: layers we fetch ourselves
         self.lock = threading.RLock()
         with self.lock:
             self._sweep()
@@ -276,12 +286,20 @@ class Snapshotter:
     # remote snapshots (layers a client converted) -------------------------------------------
     def _answer_remote(self, target: str, parent: str, labels: dict[str, str]) -> None:
         """Raise AlreadyExists if the chain ``target`` on ``parent`` is committed here, or can
-        be from the layer file our labels name; return to prepare as usual otherwise."""
+        be from the layer file our labels name, or from the registry CRI's labels name; return
+        to prepare as usual otherwise."""
         with self.lock:
             if self.store.committed_with_ref(target, parent) is not None:
                 raise AlreadyExists(f"target snapshot {target} already exists")
-        if DIFF_ID_LABEL not in labels:
+        if DIFF_ID_LABEL in labels:
+            self._commit_remote(target, parent, labels)
+        elif not wants_fetch(labels) or not self._fetch_remote(target, parent, labels):
             return
+        raise AlreadyExists(f"target snapshot {target} already exists")
+
+    def _commit_remote(self, target: str, parent: str, labels: dict[str, str]) -> None:
+        """Record ``target`` on ``parent`` committed, its layer the shared file of the labels'
+        diff_id (taken in from the labels' file if we do not hold it)."""
         layer, digest = self._shared_layer(labels)
         kept = {k: v for k, v in labels.items() if k not in _PRIVATE_LABELS}
         kept[VERITY_LABEL] = digest
@@ -293,7 +311,39 @@ class Snapshotter:
                     name = f"{target}@{self.store.get(parent).id if parent else 0}"
                 self.store.add_committed(name, parent, kept, layer, digest)
                 log.info("committed %s (%s) from %s", name, labels[DIFF_ID_LABEL], layer)
-        raise AlreadyExists(f"target snapshot {target} already exists")
+
+    def _fetch_remote(self, target: str, parent: str, labels: dict[str, str]) -> bool:
+        """CRI's Prepare with snapshot annotations (fetch.py): wait, outside the lock, until
+        this layer is converted (the first Prepare of an image starts every layer), then
+        commit it. A registry that cannot tell us the image returns to a plain Prepare:
+        containerd, which may have credentials or mirrors we lack, downloads and unpacks it.
+        A failure after that (a blob or diff_id that does not match, a registry gone
+        mid-pull) fails the Prepare, and so the pull, with its cause. True when committed."""
+        try:
+            source, layer = self.fetcher.layer(labels, target)
+        except OciError as exc:
+            log.warning("%s: not fetched by us (%s): containerd unpacks it", target, exc)
+            return False
+        with self.lock:
+            held = self._held_diff_ids()
+        fetch = self.fetcher.start(source, layer, labels, held)
+        own = {**labels, DIFF_ID_LABEL: layer.diff_id}
+        if fetch is None:
+            self._commit_remote(target, parent, own)  # held: no file needed
+            return True
+        self.fetcher.wait(fetch)
+        with fetch.claim:  # a second waiter finds it held, and needs the file no more
+            self.fetcher.check(fetch)
+            self._commit_remote(target, parent, {**own, VERITY_LABEL: fetch.verity,
+                                                 LAYER_LABEL: fetch.out})
+            self.fetcher.taken(fetch)
+        return True
+
+    def _held_diff_ids(self) -> set[str]:
+        """The diff_ids of the shared layer files the store names."""
+        prefix = os.path.join(LAYERS, "sha256-")
+        return {"sha256:" + layer[len(prefix):].removesuffix(".erofs")
+                for layer in self.store.layers() if layer.startswith(prefix)}
 
     def _shared_layer(self, labels: dict[str, str]) -> tuple[str, str]:
         """The shared layer file of the labels' diff_id (relative to the root) and its

@@ -22,6 +22,7 @@ from ..mkfs import MkfsError
 from ..containerd.api import mount_pb2, snapshots_pb2 as pb
 from ..containerd.api import snapshots_pb2_grpc as pb_grpc
 from .core import MountSpec, Snapshotter
+from .fetch import FetchFailed
 from .filters import matches, parse_filters
 from .mounts import MountError
 from .store import (AlreadyExists, FailedPrecondition, InvalidArgument, Kind, NotFound,
@@ -34,6 +35,7 @@ _CODES: dict[type[StoreError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    FetchFailed: grpc.StatusCode.FAILED_PRECONDITION,  # a layer CRI's pull needs
 }
 LIST_BATCH = 100  # Infos per List reply: far below the 16 MiB message limit
 
