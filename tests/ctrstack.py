@@ -73,6 +73,9 @@ class Stack:
     snapshotter: subprocess.Popen[bytes] | None = None
     debug: bool = True  # the snapshotter logs every call (the tests read it)
     ns: str = NS  # the namespace ctr works in
+    # --mount-linger: none in tests (they check that a chain's mount goes with its last user);
+    # None, the snapshotter's default (the benchmarks measure what users get)
+    linger: float | None = 0.0
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> str:
         proc = subprocess.run(["ctr", "-a", self.address, "-n", self.ns, *args],
@@ -122,7 +125,8 @@ class Stack:
         with open(self.log, "ab") as log:
             self.snapshotter = proc = subprocess.Popen(
                 [sys.executable, "-m", "erofs_fuse", "snapshotter", "--root", str(self.root),
-                 "--address", str(sock), *(["--debug"] if self.debug else [])],
+                 "--address", str(sock), *(["--debug"] if self.debug else []),
+                 *([] if self.linger is None else ["--mount-linger", str(self.linger)])],
                 stdout=log, stderr=subprocess.STDOUT, env=self.snapshotter_env())
         wait_for(lambda: sock.exists() or proc.poll() is not None, 30, "the snapshotter")
         assert proc.poll() is None, f"snapshotter died: {self.snapshotter_log()}"
@@ -192,7 +196,8 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
 
 
 @contextlib.contextmanager
-def containerd_stack(*, debug: bool = True, cri: bool = False) -> Iterator[Stack]:
+def containerd_stack(*, debug: bool = True, cri: bool = False,
+                     linger: float | None = 0.0) -> Iterator[Stack]:
     """containerd and our snapshotter, ready for ``ctr``; both stopped afterwards. With
     ``cri``, containerd's CRI plugin is loaded, pulling with our snapshotter (CRI_NS)."""
     for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "fsck.erofs"):
@@ -201,7 +206,7 @@ def containerd_stack(*, debug: bool = True, cri: bool = False) -> Iterator[Stack
     tmp = Path(tempfile.mkdtemp(prefix="efs-snap-", dir="/tmp"))  # socket paths stay short
     containerd = None
     s = Stack(tmp, tmp / "snapshotter", str(tmp / "containerd.sock"), tmp / "snapshotter.log",
-              debug=debug)
+              debug=debug, linger=linger)
     try:
         config = CONFIG.format(tmp=tmp, name=SNAPSHOTTER, disabled="" if cri else NO_CRI)
         if cri:
@@ -233,7 +238,8 @@ def containerd_stack(*, debug: bool = True, cri: bool = False) -> Iterator[Stack
 
 
 @contextlib.contextmanager
-def direct_snapshotter(prefix: str = "efs-snapd-") -> Iterator[tuple[object, Stack]]:
+def direct_snapshotter(prefix: str = "efs-snapd-",
+                       linger: float | None = 0.0) -> Iterator[tuple[object, Stack]]:
     """A snapshotter of its own (no containerd: its GC would remove snapshots it does not
     know) and a gRPC stub of the snapshots API talking to it."""
     import grpc
@@ -241,7 +247,7 @@ def direct_snapshotter(prefix: str = "efs-snapd-") -> Iterator[tuple[object, Sta
     from erofs_fuse.containerd.api import snapshots_pb2_grpc
 
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    s = Stack(tmp, tmp / "snapshotter", "", tmp / "snapshotter.log")
+    s = Stack(tmp, tmp / "snapshotter", "", tmp / "snapshotter.log", linger=linger)
     channel = None
     try:
         s.start_snapshotter()

@@ -235,3 +235,29 @@ def test_a_dead_fork_server_is_replaced(api: tuple[Any, Path]) -> None:
     assert forker not in children_of(snapshotter)
     log = (tmp / "snapshotter.log").read_text()
     assert f"the mount fork server (pid {forker}) is gone; starting another" in log
+
+
+def test_chain_mount_lingers_after_its_last_user() -> None:
+    """--mount-linger: the chain's mount outlives its last user for that long, so the next
+    container of the image starts without mounting; removing the chain unmounts at once."""
+    with direct_snapshotter("efs-linger-", linger=3.0) as (stub_obj, stack):
+        stub: Any = stub_obj
+        name = remote_prepare(stub, "ns/1/extract sha256:g", "", "sha256:g",
+                              sealed_layer(stack.tmp, "l", [file("a", "a\n")]))
+        log = stack.tmp / "snapshotter.log"
+        stub.View(pb.ViewSnapshotRequest(key="ns/2/v1", parent=name))
+        stub.Remove(pb.RemoveSnapshotRequest(key="ns/2/v1"))
+        assert len(stack.chain_mounts()) == 1, "kept for the next user"
+        stub.View(pb.ViewSnapshotRequest(key="ns/2/v2", parent=name))
+        assert log.read_text().count("mounted chain") == 1, "the lingering mount was reused"
+        stub.Remove(pb.RemoveSnapshotRequest(key="ns/2/v2"))
+        deadline = time.monotonic() + 30
+        while stack.chain_mounts() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stack.chain_mounts() == [], "unmounted once the linger ran out"
+        # a chain removed while its mount lingers is unmounted at once
+        stub.View(pb.ViewSnapshotRequest(key="ns/2/v3", parent=name))
+        stub.Remove(pb.RemoveSnapshotRequest(key="ns/2/v3"))
+        assert len(stack.chain_mounts()) == 1
+        stub.Remove(pb.RemoveSnapshotRequest(key=name))
+        assert stack.chain_mounts() == []

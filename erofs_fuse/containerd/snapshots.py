@@ -56,6 +56,14 @@ class Snapshots:
             f"prepare {self.snapshotter} snapshot", key)
         return [Mount.from_pb(m) for m in r.mounts]
 
+    def view(self, key: str, parent: str,
+             labels: Mapping[str, str] | None = None) -> list[Mount]:
+        """A read-only view ``key`` of committed ``parent``."""
+        r = self._c.call(self._c.stubs.snapshots.View, pb.ViewSnapshotRequest(
+            snapshotter=self.snapshotter, key=key, parent=parent, labels=dict(labels or {})),
+            f"view {self.snapshotter} snapshot", key)
+        return [Mount.from_pb(m) for m in r.mounts]
+
     def mounts(self, key: str) -> list[Mount]:
         r = self._c.call(self._c.stubs.snapshots.Mounts, pb.MountsRequest(
             snapshotter=self.snapshotter, key=key),

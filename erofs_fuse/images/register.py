@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -157,8 +158,23 @@ def _register(client: Client, source: SourceImage, target: Target, settings: Set
                               manifest.size, manifest_gc_labels(config.digest))
     client.images.put(source.name, Descriptor(manifest.media_type, manifest.digest,
                                               manifest.size))
+    if top:
+        _warm(sn, top)
     converted = len({layer.diff_id for layer in todo})
     return Registered(source.name, manifest.digest, converted, len(layers) - len(todo))
+
+
+def _warm(sn: Snapshots, top: str) -> None:
+    """Have the snapshotter mount the image's chain now (a view, removed at once): the mount
+    outlives it for the snapshotter's --mount-linger, so the first container starts without
+    mounting. Best effort: a failure here is no failure of the pull."""
+    key = f"erofs-fuse-warm-{secrets.token_hex(6)}"
+    try:
+        sn.view(key, top)
+    except ContainerdError:
+        return
+    with contextlib.suppress(ContainerdError):
+        sn.remove(key)
 
 
 def _present(sn: Snapshots, layers: tuple[Layer, ...]) -> int:

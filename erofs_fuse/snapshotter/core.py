@@ -76,8 +76,12 @@ class MountSpec:
 class Snapshotter:
     """All operations; each holds one lock (sqlite and the mount table are not concurrent)."""
 
-    def __init__(self, root: str, forker: Forker) -> None:
+    def __init__(self, root: str, forker: Forker, *, linger: float = 0.0) -> None:
         self.root = os.path.abspath(root)
+        # seconds a chain mount outlives its last user: the next container of the same image
+        # (ctr run after ctr run, or the first one after image pull warmed it) finds it mounted
+        self.linger = linger
+        self.lingering: dict[int, threading.Timer] = {}
         self.snapshots_dir = os.path.join(self.root, "snapshots")
         self.layers_dir = os.path.join(self.root, LAYERS)
         self.empty_dir = os.path.join(self.root, "empty")
@@ -93,6 +97,10 @@ class Snapshotter:
             self._sweep()
 
     def close(self) -> None:
+        with self.lock:
+            for timer in self.lingering.values():
+                timer.cancel()  # the mounts stay: the next start releases unneeded ones
+            self.lingering.clear()
         self.store.close()
 
     def snapshot_dir(self, snap: Snapshot) -> str:
@@ -166,6 +174,9 @@ class Snapshotter:
             if snap.kind != Kind.COMMITTED and snap.parent_id is not None:
                 self._release_if_unused(snap.parent_id)
             if snap.kind == Kind.COMMITTED:
+                timer = self.lingering.pop(snap.id, None)
+                if timer is not None:
+                    timer.cancel()
                 self.chains.release(snap.id)  # its own chain mount, if any user left one
             self._remove_files(snap)
             if snap.layer is not None and self._shared(snap.layer) \
@@ -230,6 +241,9 @@ class Snapshotter:
                            f"lowerdir={lower}"))]
 
     def _chain_mount(self, top_id: int) -> str:
+        timer = self.lingering.pop(top_id, None)
+        if timer is not None:
+            timer.cancel()  # a user again before its time ran out
         chain = self.store.chain(self.store.get_id(top_id))
         layers = []
         for s in chain:
@@ -239,8 +253,31 @@ class Snapshotter:
         return self.chains.ensure(top_id, layers)
 
     def _release_if_unused(self, top_id: int) -> None:
-        if self.store.users(top_id) == 0:
+        if self.store.users(top_id) != 0:
+            return
+        if self.linger <= 0:
             self.chains.release(top_id)
+            return
+        old = self.lingering.pop(top_id, None)
+        if old is not None:
+            old.cancel()
+        timer = threading.Timer(self.linger, self._release_lingering, (top_id,))
+        timer.daemon = True
+        self.lingering[top_id] = timer
+        timer.start()
+
+    def _release_lingering(self, top_id: int) -> None:
+        with self.lock:
+            timer = self.lingering.get(top_id)
+            if timer is None or timer is not threading.current_thread():
+                return  # cancelled, or replaced by a newer timer
+            del self.lingering[top_id]
+            try:
+                in_use = self.store.users(top_id) != 0
+            except Exception:  # a closed store at shutdown: leave the mount to the next start
+                return
+            if not in_use:
+                self.chains.release(top_id)
 
     def _remove_files(self, snap: Snapshot) -> None:
         shutil.rmtree(self.snapshot_dir(snap), ignore_errors=True)
@@ -280,7 +317,7 @@ class Snapshotter:
         needed = {s.parent_id for s in snaps.values()
                   if s.kind != Kind.COMMITTED and s.parent_id is not None}
         for top_id in self.chains.existing():
-            if top_id not in needed:
+            if top_id not in needed and top_id not in self.lingering:
                 self.chains.release(top_id)
 
     # remote snapshots (layers a client converted) -------------------------------------------

@@ -32,7 +32,7 @@ MAX_MESSAGE = 16 << 20  # containerd's limit, each way
 GRACE = 10.0  # seconds in-flight calls get at SIGTERM
 
 
-def serve(root: str, address: str, mount_main: MountMain) -> int:
+def serve(root: str, address: str, mount_main: MountMain, *, linger: float = 0.0) -> int:
     """Serve until SIGTERM or SIGINT; ``mount_main`` is ``erofs-fuse mount``'s entry point,
     which the forker runs for each chain mount."""
     from .mounts import Forker
@@ -56,7 +56,7 @@ def serve(root: str, address: str, mount_main: MountMain) -> int:
         from .core import Snapshotter
         from .service import Service
 
-        snapshotter = Snapshotter(root, forker)
+        snapshotter = Snapshotter(root, forker, linger=linger)
         stack.callback(snapshotter.close)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
                              options=[("grpc.max_receive_message_length", MAX_MESSAGE),
