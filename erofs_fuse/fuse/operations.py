@@ -56,6 +56,8 @@ THREAD_MIN_BYTES = 64 * 1024
 # Python work holds the GIL, so threads only add hand-offs: off unless asked for (--threads),
 # e.g. for lzma layers on machines with many cores.
 DEFAULT_READ_THREADS = 0
+# Reads in flight at once when layers are remote (``blocking_reads``): each may wait for a fetch.
+BLOCKING_READ_THREADS = 8
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -120,6 +122,7 @@ class Operations(pyfuse3.Operations):
         on_ready: Callable[[], None] | None = None,
         idmap: IdMap = IDENTITY,
         stateless_open: bool = STATELESS_OPEN,
+        blocking_reads: bool = False,
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -129,6 +132,11 @@ class Operations(pyfuse3.Operations):
         # handles are inode numbers and open/opendir answer ENOSYS (see STATELESS_OPEN)
         self.stateless_open = stateless_open
         self.initialized = False  # the kernel's INIT request has been served
+        # layers whose reads may wait on a network (lazy layers): every read goes to a thread,
+        # so that a fetch in progress holds up neither cached reads nor other requests
+        self.blocking_reads = blocking_reads
+        if blocking_reads and read_threads <= 0:
+            read_threads = BLOCKING_READ_THREADS
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
         # for pyfuse3.main(): a read waiting for a thread must not hold up other requests
         self.max_tasks = CONCURRENT_TASKS if self._limiter is not None else SERIAL_TASKS
@@ -351,8 +359,8 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._node(fh) if self.stateless_open else self._files[fh]
         inode = node.inode
-        if (self._limiter is not None and size >= THREAD_MIN_BYTES
-                and inode.info.is_compressed and off < inode.size):
+        if self._limiter is not None and (self.blocking_reads or (
+                size >= THREAD_MIN_BYTES and inode.info.is_compressed and off < inode.size)):
             data: bytes = await trio.to_thread.run_sync(
                 self.tree.read, node, off, size, limiter=self._limiter
             )

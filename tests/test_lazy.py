@@ -1,0 +1,367 @@
+"""Lazy mounts of pushed images (``mount --image``) against Debian's docker-registry, through
+the fault proxy: the merged tree equals the kernel's erofs + overlayfs view of the same layers
+(made locally by ``convert --seal``, byte-identical to what ``push`` sends); a small read
+fetches a small part of the image; every fault of the proxy gives EIO or the right bytes,
+never wrong ones; a tampered blob in the registry's store fails only the files on it; a
+daemon killed mid-fetch leaves a cache whose present blocks all verify; the size limit evicts
+whole layers not in use."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from erofs_fuse.lazy import BlockCache, LazyBlob, LazyOptions, open_layers, resolve_pinned
+from erofs_fuse.lazy.cache import BITMAP, DATA, HEADER_BYTES, TREE
+from erofs_fuse.registry import Reference, RegistryClient, RetryPolicy
+from erofs_fuse.blob import FileBlob
+from erofs_fuse.verity.blob import MerkleTree, VerifiedBlob
+from erofs_fuse.verity.formats import HashParams
+from erofs_fuse.verity.trust import FsVerityDigest
+from mounting import MOUNT_CMD, daemon_pids, env, force_unmount, is_mounted, \
+    kernel_erofs_stack, kernel_overlay, require_fuse, wait_until
+from ocilayout import Layout, directory, file, hardlink, opaque, ref, symlink, whiteout
+from registry_server import FaultProxy, Registry
+from test_mount import assert_same_tree
+from treeview import view_of_dir
+
+CLI = [sys.executable, "-m", "erofs_fuse"]
+FAST = RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.05, timeout=1, deadline=2)
+BIG = 1 << 20  # bytes of each big file
+
+
+def _random(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def layers(lay: Layout) -> list:  # type: ignore[type-arg]
+    small = [file(f"usr/share/doc/f{k:03}", f"small file {k}\n" * (k % 7 + 1))
+             for k in range(150)]
+    return [
+        lay.layer([directory("usr"), directory("usr/lib"), directory("usr/share"),
+                   directory("usr/share/doc"), *small,
+                   *(file(f"usr/lib/big{k}", _random(k, BIG)) for k in range(4)),
+                   file("usr/lib/note", "hello\n", user_note="base"),
+                   hardlink("usr/lib/big0.link", "usr/lib/big0"), symlink("lib", "usr/lib"),
+                   directory("var"), directory("var/cache"), file("var/cache/a", "a")]),
+        lay.layer([whiteout("usr/lib/big3"), directory("var"), directory("var/cache"),
+                   opaque("var/cache"), file("var/cache/new", "new\n"),
+                   file("usr/lib/big2", _random(22, BIG // 2))], "zstd"),
+        lay.layer([directory("app"), file("app/main", "run\n", 0o755),
+                   symlink("app/lib", "../usr/lib")], None),
+    ]
+
+
+@dataclass
+class Stack:
+    registry: Registry
+    proxy: FaultProxy
+    root: Path
+    ref: str  # through the proxy, pinned
+    local: list[str]  # the same layers converted and sealed here
+    image_bytes: int  # layer blobs in the registry
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env(), timeout=300)
+
+
+def _push(root: Path, lay: Layout, host: str, name: str) -> str:
+    proc = run("push", "--plain-http", "-q", "-j", "2", str(lay.root), f"{host}/test/{name}:v1")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().rpartition("@")[2]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("lazy")
+    lay = Layout(root / "layout")
+    blobs = layers(lay)
+    lay.write_index([{**lay.image(blobs), **ref("example.com/lazy:1")}])
+    registry = Registry(root / "server")
+    proxy = FaultProxy(registry.host)
+    try:
+        digest = _push(root, lay, registry.host, "lazy")
+        local = []
+        for k, blob in enumerate(blobs):
+            tar = root / f"{k}.tar"
+            tar.write_bytes(blob.tar)
+            out = root / f"{k}.erofs"
+            proc = run("convert", "--seal", str(tar), str(out))
+            assert proc.returncode == 0, proc.stderr
+            local.append(str(out))
+        size = sum(os.path.getsize(p) for p in local)
+        yield Stack(registry, proxy, root, f"{proxy.host}/test/lazy@{digest}", local, size)
+    finally:
+        proxy.stop()
+        registry.stop()
+
+
+@pytest.fixture
+def clean(stack: Stack) -> Iterator[Stack]:
+    stack.proxy.faults.clear()
+    stack.proxy.blob_bytes = 0
+    yield stack
+    stack.proxy.faults.clear()
+
+
+@dataclass
+class LazyMount:
+    mountpoint: str
+    log: str
+    cache: str
+
+    def log_text(self) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return Path(self.log).read_text(errors="replace")
+        return ""
+
+
+@contextlib.contextmanager
+def lazy_mount(image: str, cache: str, *args: str) -> Iterator[LazyMount]:
+    require_fuse()
+    mnt = tempfile.mkdtemp(prefix="erofs-lazy-")
+    log = mnt + ".log"
+    cmd = [*MOUNT_CMD, "--image", image, "--cache", cache, "--log", log,
+           "--fetch-timeout", "1", *args, mnt]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=60)
+        assert proc.returncode == 0, f"mount failed ({proc.returncode}): {proc.stderr}"
+        assert is_mounted(mnt)
+        yield LazyMount(mnt, log, cache)
+    finally:
+        force_unmount(mnt)
+        wait_until(lambda: not daemon_pids(mnt), what="the daemon to exit")
+        os.rmdir(mnt)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(log)
+
+
+def read_or_errno(path: str) -> bytes | int:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        return exc.errno or -1
+
+
+def expected(stack: Stack, rel: str) -> bytes:
+    with kernel_erofs_stack(stack.local) as mounts, \
+            kernel_overlay(list(reversed(mounts))) as ovl:
+        return Path(ovl, rel).read_bytes()
+
+
+# the tree -------------------------------------------------------------------------------------
+def test_lazy_mount_equals_kernel_overlay_of_the_same_layers(clean: Stack,
+                                                            tmp_path: Path) -> None:
+    with kernel_erofs_stack(clean.local) as mounts, \
+            kernel_overlay(list(reversed(mounts))) as ovl, \
+            lazy_mount(clean.ref, str(tmp_path / "cache")) as m:
+        assert_same_tree(ovl, m)  # type: ignore[arg-type]
+    assert "ERROR" not in m.log_text()
+
+
+def test_reading_one_small_file_fetches_a_small_part(clean: Stack, tmp_path: Path) -> None:
+    started = time.monotonic()
+    with lazy_mount(clean.ref, str(tmp_path / "cache")) as m:
+        ready = time.monotonic() - started
+        at_mount = clean.proxy.blob_bytes
+        assert Path(m.mountpoint, "app/main").read_bytes() == b"run\n"
+        fetched = clean.proxy.blob_bytes
+    print(f"\nimage {clean.image_bytes} bytes; mount ready in {ready:.2f} s after "
+          f"{at_mount} bytes; one small file: {fetched} bytes fetched")
+    assert fetched < clean.image_bytes / 4
+
+
+def test_tag_without_digest_is_refused(stack: Stack, tmp_path: Path) -> None:
+    proc = run("mount", "--image", f"{stack.proxy.host}/test/lazy:v1", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "pinned by a digest" in proc.stderr
+
+
+# faults, in process (the blob under the reader, no FUSE) ---------------------------------------
+@contextlib.contextmanager
+def lazy_blobs(stack: Stack, cache: Path) -> Iterator[list[LazyBlob]]:
+    client = RegistryClient(credentials=None, retry=FAST)
+    resolved = resolve_pinned(client, Reference.parse(stack.ref))
+    blobs = open_layers(client, resolved, LazyOptions(cache_dir=str(cache), deadline=10))
+    try:
+        assert all(isinstance(b, LazyBlob) for b in blobs)
+        yield blobs  # type: ignore[misc]
+    finally:
+        for b in blobs:
+            b.close()
+        client.close()
+
+
+@pytest.mark.parametrize("fault", ["flip", "truncate", "short", "eof", "ignore-range",
+                                   "bad-range", "500", "stall", "stall-body"])
+def test_every_fault_gives_eio_or_the_right_bytes(clean: Stack, tmp_path: Path,
+                                                  fault: str) -> None:
+    local = FileBlob(clean.local[0])
+    clean.proxy.stall = 1.5
+    try:
+        with lazy_blobs(clean, tmp_path / "cache") as blobs:
+            blob = blobs[0]
+            offsets = [0, blob.size // 3, blob.size - 8192]
+            for many in (1, 10):
+                for off in offsets:
+                    clean.proxy.faults[:] = [fault] * many
+                    try:
+                        got = blob.read(off, 8192)
+                    except Exception as exc:
+                        assert type(exc).__name__ in ("BlobIOError", "IntegrityError"), exc
+                        assert many > 1, f"{fault} once should be retried: {exc}"
+                    else:
+                        assert got == local.read(off, 8192)
+                clean.proxy.faults.clear()
+                for off in offsets:  # the registry is back: reads recover
+                    assert blob.read(off, 8192) == local.read(off, 8192)
+    finally:
+        local.close()
+        clean.proxy.stall = 2.0
+
+
+def test_blocks_failing_their_hash_are_never_cached(clean: Stack, tmp_path: Path) -> None:
+    with lazy_blobs(clean, tmp_path / "cache") as blobs:
+        clean.proxy.faults[:] = ["flip"] * 10
+        with pytest.raises(Exception, match="hash mismatch"):
+            blobs[0].read(0, 4096)
+        clean.proxy.faults.clear()
+        entry = tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]
+    assert_cache_consistent(tmp_path / "cache")
+
+
+# the registry's own store tampered with ---------------------------------------------------------
+def _blob_files(registry_root: Path) -> list[Path]:
+    return list((registry_root / "data").rglob("blobs/sha256/*/*/data"))
+
+
+def test_tampered_blob_in_the_store_fails_only_its_files(clean: Stack, tmp_path: Path) -> None:
+    needle = _random(1, BIG)[BIG // 2:BIG // 2 + 64]  # inside usr/lib/big1
+    target = next(p for p in _blob_files(clean.root / "server") if needle in p.read_bytes())
+    data = bytearray(target.read_bytes())
+    pos = data.index(needle)
+    original = bytes(data)
+    data[pos] ^= 0x01
+    target.write_bytes(bytes(data))
+    try:
+        with lazy_mount(clean.ref, str(tmp_path / "cache")) as m:
+            assert read_or_errno(os.path.join(m.mountpoint, "usr/lib/big1")) == errno.EIO
+            assert read_or_errno(os.path.join(m.mountpoint, "usr/lib/big0")) == _random(0, BIG)
+            assert Path(m.mountpoint, "usr/lib/note").read_bytes() == b"hello\n"
+            assert "hash mismatch" in m.log_text()
+    finally:
+        target.write_bytes(original)
+    assert_cache_consistent(tmp_path / "cache")
+
+
+# the registry down, restarted -------------------------------------------------------------------
+def test_registry_down_then_restarted(clean: Stack, tmp_path: Path) -> None:
+    with lazy_mount(clean.ref, str(tmp_path / "cache")) as m:
+        big0 = os.path.join(m.mountpoint, "usr/lib/big0")
+        assert read_or_errno(big0) == _random(0, BIG)  # now cached
+        clean.registry.stop()
+        try:
+            started = time.monotonic()
+            assert read_or_errno(os.path.join(m.mountpoint, "usr/lib/big1")) == errno.EIO
+            assert time.monotonic() - started < 30  # bounded, never a hang
+            assert read_or_errno(big0) == _random(0, BIG)  # cached blocks still serve
+        finally:
+            clean.registry = Registry(clean.root / "server")  # same storage, a new port
+            clean.proxy.upstream = clean.registry.host
+        assert read_or_errno(os.path.join(m.mountpoint, "usr/lib/big1")) == _random(1, BIG)
+
+
+# crashes and the cache --------------------------------------------------------------------------
+def assert_cache_consistent(cache: Path) -> None:
+    """Every block the bitmap marks present hashes to its leaf (the tree checked against the
+    entry's fs-verity digest)."""
+    for entry in cache.iterdir():
+        if entry.name.startswith("."):
+            continue
+        alg, _, hexdigest = entry.name.partition("-")
+        size = (entry / DATA).stat().st_size
+        tree = MerkleTree(HashParams.fsverity(alg), size, FileBlob(str(entry / TREE)), 0,
+                          FsVerityDigest.parse(f"{alg}:{hexdigest}"))
+        verified = VerifiedBlob(FileBlob(str(entry / DATA)), tree)
+        bits = (entry / BITMAP).read_bytes()[HEADER_BYTES:]
+        present = [b for b in range(-(-size // 4096)) if bits[b >> 3] >> (b & 7) & 1]
+        for block in present:
+            verified.read(block * 4096, min(4096, size - block * 4096))
+        verified.close()
+
+
+def test_daemon_killed_mid_fetch_leaves_a_consistent_cache(clean: Stack,
+                                                           tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    clean.proxy.stall = 3.0
+    try:
+        with lazy_mount(clean.ref, cache) as m:
+            assert read_or_errno(os.path.join(m.mountpoint, "usr/lib/big0")) == _random(0, BIG)
+            clean.proxy.faults[:] = ["pass", "pass", "stall-body", "stall"]
+            reader = subprocess.Popen(["cat", os.path.join(m.mountpoint, "usr/lib/big1")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+            for pid in daemon_pids(m.mountpoint):
+                os.kill(pid, signal.SIGKILL)
+            reader.wait(30)
+    finally:
+        clean.proxy.stall = 2.0
+        clean.proxy.faults.clear()
+    assert_cache_consistent(Path(cache))
+    with kernel_erofs_stack(clean.local) as mounts, \
+            kernel_overlay(list(reversed(mounts))) as ovl, lazy_mount(clean.ref, cache) as m:
+        assert view_of_dir(m.mountpoint).diff(view_of_dir(ovl)) == []
+    assert_cache_consistent(Path(cache))
+
+
+def test_size_limit_evicts_whole_layers_not_in_use(tmp_path: Path) -> None:
+    cache = BlockCache(str(tmp_path), limit=3 * 65536 + 3 * 2 * 4096)
+    entries = []
+    for k in range(4):
+        e = cache.open_entry(f"sha256-{k:064x}", 65536, 4096, bytes([k]) * 32)
+        e.store(0, b"x" * 65536)
+        entries.append(e)
+    for k, e in enumerate(entries):
+        os.utime(os.path.join(e.path, "lock"), (1000 + k, 1000 + k))
+    for e in entries[1:]:
+        e.close()  # 0 stays in use, though the oldest
+    assert cache.evict() == [f"sha256-{1:064x}"]
+    assert sorted(os.listdir(tmp_path)) == [f"sha256-{k:064x}" for k in (0, 2, 3)]
+    cache.limit = 0
+    assert cache.evict() == [f"sha256-{k:064x}" for k in (2, 3)]
+    entries[0].close()
+    assert cache.evict() == [f"sha256-{0:064x}"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_mounting_another_image_evicts_unused_layers(clean: Stack, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with lazy_mount(clean.ref, str(cache), "--fill") as m:
+        wait_until(lambda: "filled" in m.log_text() and m.log_text().count("filled") >= 3,
+                   timeout=60, what="the fill")
+    first = set(os.listdir(cache))
+    assert len(first) == 3
+    lay = Layout(tmp_path / "other")
+    blob = lay.layer([file("only", "other image\n")])
+    lay.write_index([{**lay.image([blob]), **ref("example.com/other:1")}])
+    digest = _push(tmp_path, lay, clean.registry.host, "other")
+    with lazy_mount(f"{clean.proxy.host}/test/other@{digest}", str(cache),
+                    "--cache-size", "64K") as m:
+        assert Path(m.mountpoint, "only").read_bytes() == b"other image\n"
+        left = set(os.listdir(cache))
+    assert not left & first and len(left) == 1
