@@ -236,12 +236,23 @@ def test_every_fault_gives_eio_or_the_right_bytes(clean: Stack, tmp_path: Path,
 
 
 def test_blocks_failing_their_hash_are_never_cached(clean: Stack, tmp_path: Path) -> None:
+    unit = 256 << 10
+    bad = unit + unit // 2  # the proxy flips the middle byte of the (one-unit) body
+    local = FileBlob(clean.local[0])
     with lazy_blobs(clean, tmp_path / "cache") as blobs:
         clean.proxy.faults[:] = ["flip"] * 10
         with pytest.raises(Exception, match="hash mismatch"):
-            blobs[0].read(0, 4096)
+            blobs[0].read(bad, 4096)
+        assert blobs[0].read(unit, 4096) == local.read(unit, 4096)  # its good neighbours
         clean.proxy.faults.clear()
-        entry = tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]
+        entry = next(p for p in (tmp_path / "cache").iterdir()
+                     if (p / DATA).stat().st_size == local.size)
+        bits = (entry / BITMAP).read_bytes()[HEADER_BYTES:]
+        block = bad // 4096
+        assert not bits[block >> 3] >> (block & 7) & 1
+        assert bits[(unit // 4096) >> 3] & 1
+        assert blobs[0].read(bad, 4096) == local.read(bad, 4096)  # fetched again, now right
+    local.close()
     assert_cache_consistent(tmp_path / "cache")
 
 
@@ -286,6 +297,17 @@ def test_registry_down_then_restarted(clean: Stack, tmp_path: Path) -> None:
         assert read_or_errno(os.path.join(m.mountpoint, "usr/lib/big1")) == _random(1, BIG)
 
 
+def test_two_mounts_share_one_cache(clean: Stack, tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    with lazy_mount(clean.ref, cache) as a, lazy_mount(clean.ref, cache) as b:
+        readers = [subprocess.Popen(["tar", "-cf", "-", "."], cwd=m.mountpoint,
+                                    stdout=subprocess.PIPE) for m in (a, b, a)]
+        outs = [r.communicate(timeout=120)[0] for r in readers]
+        assert all(r.returncode == 0 for r in readers)
+        assert outs[0] == outs[1] == outs[2]
+    assert_cache_consistent(Path(cache))
+
+
 # crashes and the cache --------------------------------------------------------------------------
 def assert_cache_consistent(cache: Path) -> None:
     """Every block the bitmap marks present hashes to its leaf (the tree checked against the
@@ -316,6 +338,7 @@ def test_daemon_killed_mid_fetch_leaves_a_consistent_cache(clean: Stack,
             reader = subprocess.Popen(["cat", os.path.join(m.mountpoint, "usr/lib/big1")],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
+            assert reader.poll() is None, "the read was not waiting for a fetch"
             for pid in daemon_pids(m.mountpoint):
                 os.kill(pid, signal.SIGKILL)
             reader.wait(30)
@@ -352,10 +375,15 @@ def test_size_limit_evicts_whole_layers_not_in_use(tmp_path: Path) -> None:
 def test_mounting_another_image_evicts_unused_layers(clean: Stack, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     with lazy_mount(clean.ref, str(cache), "--fill") as m:
-        wait_until(lambda: "filled" in m.log_text() and m.log_text().count("filled") >= 3,
-                   timeout=60, what="the fill")
+        wait_until(lambda: m.log_text().count("all in the cache") == 3, timeout=60,
+                   what="the fill")
     first = set(os.listdir(cache))
     assert len(first) == 3
+    for entry in first:  # the fill left every block present
+        bits = (cache / entry / BITMAP).read_bytes()[HEADER_BYTES:]
+        blocks = -(-(cache / entry / DATA).stat().st_size // 4096)
+        assert all(bits[b >> 3] >> (b & 7) & 1 for b in range(blocks))
+    assert_cache_consistent(cache)
     lay = Layout(tmp_path / "other")
     blob = lay.layer([file("only", "other image\n")])
     lay.write_index([{**lay.image([blob]), **ref("example.com/other:1")}])

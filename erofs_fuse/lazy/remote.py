@@ -30,7 +30,7 @@ from ..blob import BlobIOError
 from ..erofs.errors import CorruptImageError, ErofsError
 from ..oci.image import Descriptor
 from ..registry.client import RegistryClient
-from ..registry.errors import RegistryError
+from ..registry.errors import BadResponse, RegistryError
 from ..registry.reference import Reference
 from ..verity.blob import VerifiedBlob
 from ..verity.trust import IntegrityError
@@ -201,8 +201,14 @@ class LazyBlob:
         return bad
 
     def _download(self, start: int, stop: int) -> bytes:
+        """Bytes ``start``..``stop`` as the registry sends them. The client retries what is
+        transient (connections, 5xx, bodies cut short); a reply that breaks the protocol (a
+        wrong Content-Range: a proxy's fault as often as the registry's) gets one more try."""
         try:
-            data = self._client.read_range(self._ref, self._desc, start, stop - start)
+            try:
+                data = self._client.read_range(self._ref, self._desc, start, stop - start)
+            except BadResponse:
+                data = self._client.read_range(self._ref, self._desc, start, stop - start)
         except RegistryError as exc:
             log.warning("%s: fetch of bytes %d-%d failed: %s", self.name, start, stop - 1, exc)
             raise BlobIOError(f"fetch failed: {exc}", image=self.name, offset=start) from None
@@ -236,6 +242,7 @@ class LazyBlob:
         retrying after failures until done or closed. Call in the process that serves."""
         units = sorted({b // self._unit_blocks for b in self._entry.missing()})
         if not units:
+            log.info("%s: all in the cache", self.name)
             return
         todo = iter(_runs(units, max(MAX_REQUEST // self._unit, 1)))
         lock = threading.Lock()
@@ -252,8 +259,13 @@ class LazyBlob:
             with lock:
                 left[0] -= 1
                 if left[0] == 0 and not self._stop.is_set():
-                    log.info("%s: filled (%d bytes fetched in %.1f s)", self.name,
-                             self.fetched_bytes, time.monotonic() - started)
+                    missing = len(self._entry.missing())
+                    if missing:  # blocks that failed their hash twice
+                        log.warning("%s: fill done, %d blocks could not be verified", self.name,
+                                    missing)
+                    else:
+                        log.info("%s: all in the cache (%d bytes fetched, %.1f s)", self.name,
+                                 self.fetched_bytes, time.monotonic() - started)
 
         for k in range(threads):
             t = threading.Thread(target=work, name=f"fill-{k}", daemon=True)
