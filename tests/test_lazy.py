@@ -245,12 +245,13 @@ def test_blocks_failing_their_hash_are_never_cached(clean: Stack, tmp_path: Path
             blobs[0].read(bad, 4096)
         assert blobs[0].read(unit, 4096) == local.read(unit, 4096)  # its good neighbours
         clean.proxy.faults.clear()
-        entry = next(p for p in (tmp_path / "cache").iterdir()
-                     if (p / DATA).stat().st_size == local.size)
-        bits = (entry / BITMAP).read_bytes()[HEADER_BYTES:]
-        block = bad // 4096
-        assert not bits[block >> 3] >> (block & 7) & 1
-        assert bits[(unit // 4096) >> 3] & 1
+    entry = next(p for p in (tmp_path / "cache").iterdir()
+                 if (p / DATA).stat().st_size == local.size)
+    bits = (entry / BITMAP).read_bytes()[HEADER_BYTES:]
+    block = bad // 4096
+    assert not bits[block >> 3] >> (block & 7) & 1
+    assert bits[(unit // 4096) >> 3] & 1
+    with lazy_blobs(clean, tmp_path / "cache") as blobs:
         assert blobs[0].read(bad, 4096) == local.read(bad, 4096)  # fetched again, now right
     local.close()
     assert_cache_consistent(tmp_path / "cache")
@@ -334,8 +335,8 @@ def test_daemon_killed_mid_fetch_leaves_a_consistent_cache(clean: Stack,
     try:
         with lazy_mount(clean.ref, cache) as m:
             assert read_or_errno(os.path.join(m.mountpoint, "usr/lib/big0")) == _random(0, BIG)
-            clean.proxy.faults[:] = ["pass", "pass", "stall-body", "stall"]
-            reader = subprocess.Popen(["cat", os.path.join(m.mountpoint, "usr/lib/big1")],
+            clean.proxy.faults[:] = ["stall-body"] * 5
+            reader = subprocess.Popen(["cat", os.path.join(m.mountpoint, "usr/lib/big2")],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
             assert reader.poll() is None, "the read was not waiting for a fetch"
@@ -389,7 +390,7 @@ def test_mounting_another_image_evicts_unused_layers(clean: Stack, tmp_path: Pat
     lay.write_index([{**lay.image([blob]), **ref("example.com/other:1")}])
     digest = _push(tmp_path, lay, clean.registry.host, "other")
     with lazy_mount(f"{clean.proxy.host}/test/other@{digest}", str(cache),
-                    "--cache-size", "64K") as m:
+                    "--cache-size", "1K") as m:  # less than its own layer: all others go
         assert Path(m.mountpoint, "only").read_bytes() == b"other image\n"
         left = set(os.listdir(cache))
     assert not left & first and len(left) == 1

@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "whole layers not in use are evicted, least recently used first")
     r.add_argument("--fill", action="store_true",
                    help="fetch the rest of every layer in the background")
+    r.add_argument("--fetch-unit", default="256K", metavar="SIZE",
+                   help="the smallest range fetched, a multiple of 4K (default %(default)s); "
+                   "adjacent missing units are fetched in one request")
     r.add_argument("--fetch-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="socket timeout of each registry request (default %(default)s); a "
                    "read fails after a few tries")
@@ -176,8 +179,10 @@ class RemoteImage:
     cache_size: int
     fill: bool
     fetch_timeout: float
+    fetch_unit: int
 
 
+MAX_FETCH_UNIT = 16 << 20
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -209,9 +214,13 @@ def parse_remote(ns: argparse.Namespace) -> RemoteImage:
                        "REF@sha256:DIGEST (the digest is what is trusted; push prints it)")
     if not ns.fetch_timeout > 0:
         raise CliError("mount: --fetch-timeout must be more than 0")
+    unit = parse_size(ns.fetch_unit, "--fetch-unit")
+    if unit <= 0 or unit % 4096 or unit > MAX_FETCH_UNIT:
+        raise CliError(f"mount: --fetch-unit {ns.fetch_unit}: a multiple of 4K up to 16M")
     return RemoteImage(ns.image, ns.plain_http, os.path.abspath(ns.cache_dir or
                                                                 DEFAULT_CACHE_DIR),
-                       parse_size(ns.cache_size, "--cache-size"), ns.fill, ns.fetch_timeout)
+                       parse_size(ns.cache_size, "--cache-size"), ns.fill, ns.fetch_timeout,
+                       unit)
 
 
 def parse_args(argv: list[str]) -> MountConfig:
@@ -433,7 +442,7 @@ def open_remote(remote: RemoteImage, cfg: MountConfig) -> list[Image]:
             raise CliError(f"mount: {len(resolved.layers)} layers; at most {MAX_LAYERS} are "
                            "supported")
         blobs = open_layers(client, resolved, LazyOptions(
-            cache_dir=remote.cache_dir, cache_size=remote.cache_size,
+            cache_dir=remote.cache_dir, cache_size=remote.cache_size, unit=remote.fetch_unit,
             deadline=6 * timeout))
     except (OciError, ErofsError, ValueError) as exc:
         raise CliError(f"mount: {exc}") from exc

@@ -12,11 +12,12 @@ for it, and it covers the data size), holding
 - ``bitmap``: ``BITMAP_HEADER`` (in a 4096-byte header block), then one bit per data block.
 
 Write order, so that a crash (or SIGKILL) leaves at worst a block fetched again: ``pwrite`` the
-verified bytes, ``fdatasync`` the data file, then set the bits (merged with what other mounts
-set, under a record lock on those bitmap bytes); the bitmap itself is fsynced at most once a
-second and on close -- a bit lost with it only costs a refetch. A bit is a hint, not a proof:
-every block read from ``data`` is hashed again against the tree, and a block that fails is
-forgotten and fetched again (a torn or tampered cache is caught, never served).
+verified bytes (this process reads them from then on), and in batches (``flush``: at most a
+second or 32 MiB later, and on close) ``fdatasync`` the data file, then set the bits on disk
+(merged with what other mounts set, under a record lock on those bitmap bytes) and fsync the
+bitmap. A bit is a hint, not a proof: every block read from ``data`` is hashed again against the
+tree, and a block that fails is forgotten and fetched again (a torn or tampered cache is
+caught, never served).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ assert BITMAP_HEADER.size <= HEADER_BYTES
 
 LOCK, DATA, TREE, BITMAP = "lock", "data", "tree", "bitmap"
 TRASH_PREFIX = ".evicted-"
-BITMAP_SYNC_INTERVAL = 1.0  # seconds between fsyncs of a bitmap being written
+SYNC_INTERVAL = 1.0  # seconds a stored block may wait to be made durable and marked
+SYNC_BYTES = 32 << 20  # bytes stored that make a flush due at once
 OPEN_TRIES = 8  # an entry evicted between our open and our lock is opened again
 
 
@@ -143,9 +145,11 @@ class CacheEntry:
         self.block_size = block_size
         self.blocks = -(-data_size // block_size)
         self._lock = threading.Lock()
-        self._dirty = False
-        self._synced = time.monotonic()
-        self._bits = bytearray()
+        self._bits = bytearray()  # blocks readable from the data file (this process)
+        self._durable = bytearray()  # blocks whose data is known to be on disk
+        self._pending: list[tuple[int, int]] = []  # stored, not yet flushed
+        self._pending_bytes = 0
+        self._pending_since = 0.0
         self._data_fd = -1
         self._bitmap_fd = -1
         self._lock_fd = self._lock_shared()
@@ -159,6 +163,7 @@ class CacheEntry:
             header = BITMAP_HEADER.pack(BITMAP_MAGIC, BITMAP_VERSION, block_size, data_size,
                                         digest.ljust(64, b"\0"))
             self._bits = self._load_bitmap(header)
+            self._durable = bytearray(self._bits)
         except BaseException:
             self.close()
             raise
@@ -222,58 +227,77 @@ class CacheEntry:
         return sum(bin(x).count("1") for x in self._bits)
 
     def store(self, offset: int, data: bytes) -> None:
-        """Write verified ``data`` (whole blocks at block-aligned ``offset``) and mark its
-        blocks present, in the durable order (module docstring)."""
+        """Write verified ``data`` (whole blocks at block-aligned ``offset``): readable from
+        the cache by this process at once, marked present on disk by the next ``flush``
+        (after the data is durable), which runs when the oldest write waiting for it is
+        ``SYNC_INTERVAL`` old or ``SYNC_BYTES`` wait (one ``fdatasync`` per batch: one per
+        fetch cost 1.6 s of an 8.1 s cold read of the python image) and on close."""
         written = 0
         while written < len(data):
             written += os.pwrite(self._data_fd, data[written:], offset + written)
-        os.fdatasync(self._data_fd)
         first = offset // self.block_size
         end = -(-(offset + len(data)) // self.block_size)
-        self._update_bits(first, end, True)
+        with self._lock:
+            _set_bits(self._bits, first, end, True)
+            if not self._pending:
+                self._pending_since = time.monotonic()
+            self._pending.append((first, end))
+            self._pending_bytes += len(data)
+            due = (self._pending_bytes >= SYNC_BYTES
+                   or time.monotonic() - self._pending_since >= SYNC_INTERVAL)
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make the stored blocks durable, then mark them present on disk."""
+        with self._lock:
+            if not self._pending or self._data_fd < 0:
+                return
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+            os.fdatasync(self._data_fd)
+            for first, end in pending:
+                _set_bits(self._durable, first, end, True)
+            lo = min(f for f, _ in pending) >> 3
+            hi = (max(e for _, e in pending) - 1 >> 3) + 1
+            self._write_bits_locked(lo, hi)
+            os.fsync(self._bitmap_fd)
 
     def forget(self, first: int, end: int) -> None:
         """Mark blocks absent (they failed their hash when read back)."""
-        self._update_bits(first, end, False)
         with self._lock:
+            _set_bits(self._bits, first, end, False)
+            _set_bits(self._durable, first, end, False)
+            self._write_bits_locked(first >> 3, (end - 1 >> 3) + 1, clear=(first, end))
             os.fsync(self._bitmap_fd)
 
-    def _update_bits(self, first: int, end: int, value: bool) -> None:
-        lo, hi = first >> 3, (end - 1 >> 3) + 1
-        with self._lock:
-            fcntl.lockf(self._bitmap_fd, fcntl.LOCK_EX, hi - lo, HEADER_BYTES + lo)
-            try:
-                # other mounts of this layer set bits too: merge theirs with ours
-                disk = os.pread(self._bitmap_fd, hi - lo, HEADER_BYTES + lo)
-                for i, byte in enumerate(disk):
-                    self._bits[lo + i] |= byte
-                for b in range(first, end):
-                    if value:
-                        self._bits[b >> 3] |= 1 << (b & 7)
-                    else:
-                        self._bits[b >> 3] &= ~(1 << (b & 7)) & 0xFF
-                os.pwrite(self._bitmap_fd, bytes(self._bits[lo:hi]), HEADER_BYTES + lo)
-            finally:
-                fcntl.lockf(self._bitmap_fd, fcntl.LOCK_UN, hi - lo, HEADER_BYTES + lo)
-            self._dirty = True
-            if time.monotonic() - self._synced >= BITMAP_SYNC_INTERVAL:
-                self._sync_locked()
-
-    def _sync_locked(self) -> None:
-        if self._dirty and self._bitmap_fd >= 0:
-            os.fsync(self._bitmap_fd)
-            self._dirty = False
-        self._synced = time.monotonic()
+    def _write_bits_locked(self, lo: int, hi: int, clear: tuple[int, int] | None = None) -> None:
+        """Bitmap bytes ``lo``..``hi - 1`` on disk: what other mounts of the layer set there,
+        plus the bits durable here (never one whose data may not be on disk yet), minus the
+        ``clear`` blocks; under a record lock on those bytes."""
+        fd = self._bitmap_fd
+        fcntl.lockf(fd, fcntl.LOCK_EX, hi - lo, HEADER_BYTES + lo)
+        try:
+            disk = bytearray(os.pread(fd, hi - lo, HEADER_BYTES + lo).ljust(hi - lo, b"\0"))
+            for i in range(hi - lo):
+                disk[i] |= self._durable[lo + i]
+            if clear is not None:
+                _set_bits(disk, clear[0] - lo * 8, clear[1] - lo * 8, False)
+            for i in range(hi - lo):  # theirs are durable too (they flushed first)
+                self._durable[lo + i] |= disk[i]
+                self._bits[lo + i] |= disk[i]
+            os.pwrite(fd, bytes(disk), HEADER_BYTES + lo)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, hi - lo, HEADER_BYTES + lo)
 
     def close(self) -> None:
         """Close the files. The shared lock goes with the last descriptor of it: closing a
         forked copy (the mount's parent process) leaves the daemon's lock held."""
+        try:
+            self.flush()
+        except OSError:
+            pass
         with self._lock:
             if self._bitmap_fd >= 0:
-                try:
-                    self._sync_locked()
-                except OSError:
-                    pass
                 os.close(self._bitmap_fd)
                 self._bitmap_fd = -1
             if self._data_fd >= 0:
@@ -286,3 +310,11 @@ class CacheEntry:
                     pass
                 os.close(self._lock_fd)
                 self._lock_fd = -1
+
+
+def _set_bits(bits: bytearray, first: int, end: int, value: bool) -> None:
+    for b in range(first, end):
+        if value:
+            bits[b >> 3] |= 1 << (b & 7)
+        else:
+            bits[b >> 3] &= ~(1 << (b & 7)) & 0xFF

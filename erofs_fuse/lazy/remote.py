@@ -79,6 +79,8 @@ class LazyBlob:
         self._deadline = deadline
         self._lock = threading.Lock()
         self._inflight: dict[int, _Fetch] = {}
+        self._next_unit = -1  # where the last miss (with its read-ahead) ended
+        self._ahead = 0  # units read ahead at the last sequential miss
         self._stop = threading.Event()
         self._fillers: list[threading.Thread] = []
 
@@ -142,6 +144,9 @@ class LazyBlob:
                     fetch = self._inflight[unit] = _Fetch()
                     mine.append(unit)
                 waits[unit] = fetch
+            for unit in self._read_ahead(mine):
+                waits[unit] = self._inflight[unit] = _Fetch()
+                mine.append(unit)
         for run in _runs(mine, max(MAX_REQUEST // self._unit, 1)):
             self._fetch_run(run, [waits[u] for u in run])
         for unit, fetch in waits.items():
@@ -149,6 +154,28 @@ class LazyBlob:
                 raise BlobIOError(f"fetch of bytes {unit * self._unit}.. not done after "
                                   f"{self._deadline:.0f} s", image=self.name)
         return waits
+
+    def _read_ahead(self, mine: list[int]) -> list[int]:
+        """Units to fetch along with ``mine`` (called under the lock): a miss right after the
+        previous one's end is a sequential read, and gets the next missing units too, twice
+        as many each time up to ``MAX_REQUEST`` (one request instead of a round trip per
+        unit: reading a whole cold layer took 8.1 s without it, see DEFAULT_UNIT)."""
+        if not mine:
+            return []
+        if mine[0] == self._next_unit:
+            self._ahead = min(max(self._ahead * 2, 1), max(MAX_REQUEST // self._unit - 1, 0))
+        else:
+            self._ahead = 0
+        extra: list[int] = []
+        unit, ub = mine[-1] + 1, self._unit_blocks
+        while len(extra) < self._ahead and unit * ub < self._entry.blocks:
+            if unit in self._inflight or self._entry.present(
+                    unit * ub, min((unit + 1) * ub, self._entry.blocks)):
+                break
+            extra.append(unit)
+            unit += 1
+        self._next_unit = (extra or mine)[-1] + 1
+        return extra
 
     def _fetch_run(self, run: list[int], fetches: list[_Fetch]) -> None:
         start = run[0] * self._unit
@@ -259,6 +286,10 @@ class LazyBlob:
             with lock:
                 left[0] -= 1
                 if left[0] == 0 and not self._stop.is_set():
+                    try:
+                        self._entry.flush()
+                    except OSError as exc:
+                        log.warning("%s: cache not flushed: %s", self.name, exc)
                     missing = len(self._entry.missing())
                     if missing:  # blocks that failed their hash twice
                         log.warning("%s: fill done, %d blocks could not be verified", self.name,
