@@ -234,7 +234,8 @@ def parse_mount(argv: list[str]) -> tuple[MountConfig, RemoteImage | None]:
         remote = parse_remote(ns)
         return _config(ns, [], [], require_verity=True), remote
     if ns.layers is None:
-        raise CliError("mount: give --layers L1,...,LN or --image REF@sha256:DIGEST")
+        raise CliError("mount: the following arguments are required: --layers (or --image "
+                       "REF@sha256:DIGEST)")
     try:
         layers, listed_digests = expand_layers(ns.layers)  # @FILE items: .layers files
     except LayersFileError as exc:

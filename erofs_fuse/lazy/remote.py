@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..blob import BlobIOError
+from ..blob import BlobIOError, WouldBlock, may_block
 from ..erofs.errors import CorruptImageError, ErofsError
 from ..oci.image import Descriptor
 from ..registry.client import RegistryClient
@@ -113,6 +113,8 @@ class LazyBlob:
             try:
                 return self._verified.read(lo, hi - lo)
             except IntegrityError as exc:
+                if not may_block():
+                    raise WouldBlock(self.name) from None  # refetched from a thread
                 # a torn or tampered cache block: forget it, fetch it again (once)
                 log.warning("%s: cached block failed its hash, fetching it again: %s",
                             self.name, exc.message)
@@ -139,6 +141,8 @@ class LazyBlob:
                 lo, hi = max(first, unit * ub), min(end, (unit + 1) * ub)
                 if self._entry.present(lo, hi):
                     continue
+                if not may_block():
+                    raise WouldBlock(self.name)
                 fetch = self._inflight.get(unit)
                 if fetch is None:
                     fetch = self._inflight[unit] = _Fetch()
