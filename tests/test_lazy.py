@@ -309,6 +309,32 @@ def test_two_mounts_share_one_cache(clean: Stack, tmp_path: Path) -> None:
     assert_cache_consistent(Path(cache))
 
 
+def test_a_stalled_fetch_holds_up_no_cached_read(clean: Stack, tmp_path: Path) -> None:
+    clean.proxy.stall = 4.0
+    try:
+        with lazy_mount(clean.ref, str(tmp_path / "cache")) as m:
+            big0 = os.path.join(m.mountpoint, "usr/lib/big0")
+            assert read_or_errno(big0) == _random(0, BIG)
+            clean.proxy.faults[:] = ["stall"] * 3
+            reader = subprocess.Popen(["cat", os.path.join(m.mountpoint, "usr/lib/big2")],
+                                      stdout=subprocess.PIPE)
+            time.sleep(0.5)
+            fd = os.open(big0, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read it from us again
+                started = time.monotonic()
+                data = b"".join(os.pread(fd, 1 << 17, off) for off in range(0, BIG, 1 << 17))
+                took = time.monotonic() - started
+            finally:
+                os.close(fd)
+            assert reader.poll() is None, "the stalled read was not waiting"
+            assert data == _random(0, BIG) and took < 1.5
+            out, _ = reader.communicate(timeout=60)
+            assert out == _random(22, BIG // 2)  # the stall over, the retry brings it
+    finally:
+        clean.proxy.stall = 2.0
+
+
 # crashes and the cache --------------------------------------------------------------------------
 def assert_cache_consistent(cache: Path) -> None:
     """Every block the bitmap marks present hashes to its leaf (the tree checked against the
