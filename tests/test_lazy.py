@@ -420,3 +420,25 @@ def test_mounting_another_image_evicts_unused_layers(clean: Stack, tmp_path: Pat
         assert Path(m.mountpoint, "only").read_bytes() == b"other image\n"
         left = set(os.listdir(cache))
     assert not left & first and len(left) == 1
+
+
+# info, ls, cat --image --------------------------------------------------------------------------
+def test_info_ls_cat_read_the_pushed_image_merged(clean: Stack, tmp_path: Path) -> None:
+    image = ["--image", clean.ref, "--cache", str(tmp_path / "cache")]
+    proc = run("info", *image)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("block size:") == 3
+    proc = run("ls", *image, "/usr/lib")
+    assert proc.returncode == 0, proc.stderr
+    with kernel_erofs_stack(clean.local) as mounts, \
+            kernel_overlay(list(reversed(mounts))) as ovl:
+        assert sorted(proc.stdout.split()) == sorted(os.listdir(os.path.join(ovl, "usr/lib")))
+    assert "big3" not in proc.stdout  # whited out above
+    proc = run("cat", *image, "var/cache/new")
+    assert (proc.returncode, proc.stdout) == (0, "new\n"), proc.stderr
+    proc = run("ls", *image, "-l", "/")
+    assert proc.returncode == 0 and "lib -> usr/lib" in proc.stdout, proc.stderr
+    proc = run("cat", *image, "var/cache/a")  # under an opaque directory
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    proc = run("ls", "--image", clean.ref.partition("@")[0] + ":v1")
+    assert proc.returncode == 2 and "pinned by a digest" in proc.stderr, proc.stderr

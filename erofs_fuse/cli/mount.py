@@ -208,10 +208,7 @@ def parse_remote(ns: argparse.Namespace) -> RemoteImage:
             ns.trust_dmverity_sidecar:
         raise CliError("mount: --image takes its layers' digests from the pinned manifest; "
                        "the verity options are for --layers")
-    ref, _, digest = ns.image.rpartition("@")
-    if not ref or not digest.startswith("sha256:"):
-        raise CliError(f"mount: --image {ns.image}: not pinned by a digest; give "
-                       "REF@sha256:DIGEST (the digest is what is trusted; push prints it)")
+    check_pinned(ns.image, "mount: --image")
     if not ns.fetch_timeout > 0:
         raise CliError("mount: --fetch-timeout must be more than 0")
     unit = parse_size(ns.fetch_unit, "--fetch-unit")
@@ -423,12 +420,37 @@ def parse_idmap(ns: argparse.Namespace) -> IdMap:
 
 
 
+def check_pinned(text: str, option: str = "--image") -> None:
+    ref, _, digest = text.rpartition("@")
+    if not ref or not digest.startswith("sha256:"):
+        raise CliError(f"{option} {text}: not pinned by a digest; give REF@sha256:DIGEST "
+                       "(the digest is what is trusted; push prints it)")
+
+
 def open_remote(remote: RemoteImage, cfg: MountConfig) -> list[Image]:
     """The layers of a registry image, opened lazily (``erofs_fuse.lazy``); fills ``cfg``'s
     layer names, marks its reads as blocking and, with --fill, schedules the fill."""
+    from ..lazy import LazyBlob
+
+    images = open_remote_images(remote)
+    blobs = [image.blob for image in images]
+    cfg.layers = [image.name for image in images]
+    cfg.blocking_reads = True
+    if remote.fill:
+        lazy = [blob for blob in blobs if isinstance(blob, LazyBlob)]
+
+        def fill() -> None:
+            for blob in lazy:
+                blob.start_fill()
+        cfg.on_serve.append(fill)
+    return images
+
+
+def open_remote_images(remote: RemoteImage, what: str = "mount") -> list[Image]:
+    """The layers of a registry image, bottom first, each an ``Image`` over a lazy blob."""
     from ..erofs.errors import ErofsError
     from ..erofs.image import Image
-    from ..lazy import LazyBlob, LazyOptions, open_layers, resolve_pinned
+    from ..lazy import LazyOptions, open_layers, resolve_pinned
     from ..oci.layout import OciError
     from ..registry import Reference, RegistryClient, RetryPolicy
 
@@ -440,15 +462,15 @@ def open_remote(remote: RemoteImage, cfg: MountConfig) -> list[Image]:
         ref = Reference.parse(remote.ref)
         resolved = resolve_pinned(client, ref)
         if len(resolved.layers) > MAX_LAYERS:
-            raise CliError(f"mount: {len(resolved.layers)} layers; at most {MAX_LAYERS} are "
+            raise CliError(f"{what}: {len(resolved.layers)} layers; at most {MAX_LAYERS} are "
                            "supported")
         blobs = open_layers(client, resolved, LazyOptions(
             cache_dir=remote.cache_dir, cache_size=remote.cache_size, unit=remote.fetch_unit,
             deadline=6 * timeout))
     except (OciError, ErofsError, ValueError) as exc:
-        raise CliError(f"mount: {exc}") from exc
+        raise CliError(f"{what}: {exc}") from exc
     except OSError as exc:
-        raise CliError(f"mount: cache {remote.cache_dir}: {exc.strerror or exc}") from exc
+        raise CliError(f"{what}: cache {remote.cache_dir}: {exc.strerror or exc}") from exc
     images: list[Image] = []
     try:
         for blob in blobs:
@@ -457,17 +479,8 @@ def open_remote(remote: RemoteImage, cfg: MountConfig) -> list[Image]:
         for blob in blobs:
             blob.close()
         if isinstance(exc, ErofsError):
-            raise CliError(f"mount: {exc}") from exc
+            raise CliError(f"{what}: {exc}") from exc
         raise
-    cfg.layers = [blob.name for blob in blobs]
-    cfg.blocking_reads = True
-    if remote.fill:
-        lazy = [blob for blob in blobs if isinstance(blob, LazyBlob)]
-
-        def fill() -> None:
-            for blob in lazy:
-                blob.start_fill()
-        cfg.on_serve.append(fill)
     return images
 
 
