@@ -235,6 +235,38 @@ def test_every_fault_gives_eio_or_the_right_bytes(clean: Stack, tmp_path: Path,
         clean.proxy.stall = 2.0
 
 
+def test_a_read_gives_up_after_its_deadline(clean: Stack, tmp_path: Path) -> None:
+    client = RegistryClient(credentials=None, retry=FAST)
+    resolved = resolve_pinned(client, Reference.parse(clean.ref))
+    blobs = open_layers(client, resolved, LazyOptions(cache_dir=str(tmp_path), deadline=2))
+    local = FileBlob(clean.local[0])
+    clean.proxy.stall = 1.5
+    try:
+        # every try stalls past the 1 s socket timeout: the client's nested retries alone
+        # would keep the read about 9 s
+        clean.proxy.faults[:] = ["stall"] * 12
+        started = time.monotonic()
+        with pytest.raises(Exception, match="not done after 2 s"):
+            blobs[0].read(1 << 20, 4096)
+        assert time.monotonic() - started < 3
+        clean.proxy.faults.clear()
+        wait_until(lambda: _reads(blobs[0], 1 << 20) == local.read(1 << 20, 4096), 30,
+                   "the registry to answer again")
+    finally:
+        clean.proxy.stall = 2.0
+        local.close()
+        for b in blobs:
+            b.close()
+        client.close()
+
+
+def _reads(blob: object, offset: int) -> bytes | None:
+    try:
+        return blob.read(offset, 4096)  # type: ignore[attr-defined,no-any-return]
+    except Exception:
+        return None
+
+
 def test_blocks_failing_their_hash_are_never_cached(clean: Stack, tmp_path: Path) -> None:
     unit = 256 << 10
     bad = unit + unit // 2  # the proxy flips the middle byte of the (one-unit) body

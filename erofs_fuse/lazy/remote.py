@@ -22,8 +22,10 @@ registry does. A read never waits longer than ``deadline`` seconds for another's
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from ..blob import BlobIOError, WouldBlock, may_block
@@ -81,6 +83,7 @@ class LazyBlob:
         self._inflight: dict[int, _Fetch] = {}
         self._next_unit = -1  # where the last miss (with its read-ahead) ended
         self._ahead = 0  # units read ahead at the last sequential miss
+        _LIVE.add(self)
         self._stop = threading.Event()
         self._fillers: list[threading.Thread] = []
 
@@ -151,10 +154,18 @@ class LazyBlob:
             for unit in self._read_ahead(mine):
                 waits[unit] = self._inflight[unit] = _Fetch()
                 mine.append(unit)
-        for run in _runs(mine, max(MAX_REQUEST // self._unit, 1)):
-            self._fetch_run(run, [waits[u] for u in run])
+        runs = _runs(mine, max(MAX_REQUEST // self._unit, 1))
+        # Each fetch runs in a thread of its own, so that this read can give up after its
+        # deadline (retries nested in the client could otherwise keep it minutes); the fetch
+        # goes on, and what it brings is cached for the next read.
+        for run in runs:
+            threading.Thread(target=self._fetch_run, args=(run, [waits[u] for u in run]),
+                             name="fetch", daemon=True).start()
+        until = time.monotonic() + self._deadline
         for unit, fetch in waits.items():
-            if not fetch.done.wait(self._deadline):
+            if not fetch.done.wait(max(until - time.monotonic(), 0)):
+                log.warning("%s: fetch of bytes %d.. not done after %.0f s", self.name,
+                            unit * self._unit, self._deadline)
                 raise BlobIOError(f"fetch of bytes {unit * self._unit}.. not done after "
                                   f"{self._deadline:.0f} s", image=self.name)
         return waits
@@ -328,6 +339,21 @@ class LazyBlob:
             t.join(timeout=1)
         self._verified.close()
         self._entry.close()
+
+
+_LIVE: weakref.WeakSet[LazyBlob] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child (the mount's daemon) no thread of the parent runs: a fetch it had
+    in flight (one a read gave up on while the layers were opened) would never finish, and
+    a lock may be held. Start afresh."""
+    for blob in list(_LIVE):
+        blob._lock = threading.Lock()
+        blob._inflight = {}
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _runs(units: list[int], longest: int) -> list[list[int]]:
