@@ -70,7 +70,7 @@ class BlockCache:
     def __init__(self, root: str, limit: int = DEFAULT_CACHE_SIZE) -> None:
         self.root = root
         self.limit = limit
-        os.makedirs(root, mode=0o755, exist_ok=True)
+        os.makedirs(root, mode=0o700, exist_ok=True)  # layers of private images
 
     def open_entry(self, key: str, data_size: int, block_size: int,
                    digest: bytes) -> CacheEntry:
@@ -155,11 +155,11 @@ class CacheEntry:
         self._lock_fd = self._lock_shared()
         try:
             os.utime(self._lock_fd)  # last use, for eviction
-            self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             if os.fstat(self._data_fd).st_size != data_size:
                 os.ftruncate(self._data_fd, data_size)  # sparse
             self._bitmap_fd = os.open(os.path.join(path, BITMAP),
-                                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             header = BITMAP_HEADER.pack(BITMAP_MAGIC, BITMAP_VERSION, block_size, data_size,
                                         digest.ljust(64, b"\0"))
             self._bits = self._load_bitmap(header)
@@ -182,9 +182,9 @@ class CacheEntry:
         file at ``path`` and try again otherwise."""
         lock = os.path.join(self.path, LOCK)
         for _ in range(OPEN_TRIES):
-            os.makedirs(self.path, mode=0o755, exist_ok=True)
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
             try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except FileNotFoundError:
                 continue
             fcntl.flock(fd, fcntl.LOCK_SH)
@@ -232,12 +232,14 @@ class CacheEntry:
         (after the data is durable), which runs when the oldest write waiting for it is
         ``SYNC_INTERVAL`` old or ``SYNC_BYTES`` wait (one ``fdatasync`` per batch: one per
         fetch cost 1.6 s of an 8.1 s cold read of the python image) and on close."""
-        written = 0
-        while written < len(data):
-            written += os.pwrite(self._data_fd, data[written:], offset + written)
         first = offset // self.block_size
         end = -(-(offset + len(data)) // self.block_size)
-        with self._lock:
+        with self._lock:  # a fetch finishing after close must not write to a reused fd
+            if self._data_fd < 0:
+                raise OSError(errno.EBADF, "cache entry closed")
+            written = 0
+            while written < len(data):
+                written += os.pwrite(self._data_fd, data[written:], offset + written)
             _set_bits(self._bits, first, end, True)
             if not self._pending:
                 self._pending_since = time.monotonic()
