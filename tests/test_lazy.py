@@ -289,6 +289,27 @@ def test_blocks_failing_their_hash_are_never_cached(clean: Stack, tmp_path: Path
     assert_cache_consistent(tmp_path / "cache")
 
 
+def test_a_tampered_cache_is_caught_and_fetched_again(clean: Stack, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    local = FileBlob(clean.local[0])
+    where = 2 << 20
+    with lazy_blobs(clean, tmp_path) as blobs:
+        assert blobs[0].read(where, 8192) == local.read(where, 8192)
+    entry = next(p for p in tmp_path.iterdir() if (p / DATA).stat().st_size == local.size)
+    with open(entry / DATA, "r+b") as f:
+        f.seek(where + 100)
+        byte = f.read(1)
+        f.seek(where + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    requests = len(clean.proxy.seen)
+    with lazy_blobs(clean, tmp_path) as blobs:
+        assert blobs[0].read(where, 8192) == local.read(where, 8192)
+    assert "cached block failed its hash" in caplog.text
+    assert len(clean.proxy.seen) > requests
+    local.close()
+    assert_cache_consistent(tmp_path)
+
+
 # the registry's own store tampered with ---------------------------------------------------------
 def _blob_files(registry_root: Path) -> list[Path]:
     return list((registry_root / "data").rglob("blobs/sha256/*/*/data"))
