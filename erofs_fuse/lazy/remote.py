@@ -86,6 +86,7 @@ class LazyBlob:
         _LIVE.add(self)
         self._stop = threading.Event()
         self._fillers: list[threading.Thread] = []
+        self._fill_failing = False
 
     @property
     def size(self) -> int:
@@ -164,8 +165,6 @@ class LazyBlob:
         until = time.monotonic() + self._deadline
         for unit, fetch in waits.items():
             if not fetch.done.wait(max(until - time.monotonic(), 0)):
-                log.warning("%s: fetch of bytes %d.. not done after %.0f s", self.name,
-                            unit * self._unit, self._deadline)
                 raise BlobIOError(f"fetch of bytes {unit * self._unit}.. not done after "
                                   f"{self._deadline:.0f} s", image=self.name)
         return waits
@@ -222,7 +221,7 @@ class LazyBlob:
             bad = self._bad_blocks(start, data)
             if not bad:
                 break
-            log.warning("%s: %d block(s) of bytes %d-%d failed their hash%s", self.name,
+            log.debug("%s: %d block(s) of bytes %d-%d failed their hash%s", self.name,
                         len(bad), start, stop - 1,
                         ", fetching again" if attempt == 0 else "; not served")
         return data, bad
@@ -252,7 +251,6 @@ class LazyBlob:
             except BadResponse:
                 data = self._client.read_range(self._ref, self._desc, start, stop - start)
         except RegistryError as exc:
-            log.warning("%s: fetch of bytes %d-%d failed: %s", self.name, start, stop - 1, exc)
             raise BlobIOError(f"fetch failed: {exc}", image=self.name, offset=start) from None
         with self._lock:
             self.fetched_bytes += len(data)
@@ -322,15 +320,20 @@ class LazyBlob:
         ub = self._unit_blocks
         first, end = run[0] * ub, min((run[-1] + 1) * ub, self._entry.blocks)
         while not self._stop.is_set():
+            error: ErofsError | None = None
             try:
                 fetches = self._ensure(first, end)
-            except ErofsError:
-                fetches = {}
-                failed = True
+            except ErofsError as exc:
+                error = exc
             else:
-                failed = any(f.error is not None for f in fetches.values())
-            if not failed:
+                error = next((f.error for f in fetches.values() if f.error is not None), None)
+            if error is None:
+                self._fill_failing = False
                 return  # blocks that failed their hash twice are left out, for good
+            if not self._fill_failing:  # one line per outage, not one per try
+                self._fill_failing = True
+                log.warning("%s: fill: %s; trying again every %.0f s", self.name,
+                            error.message, FILL_RETRY_WAIT)
             self._stop.wait(FILL_RETRY_WAIT)
 
     def close(self) -> None:
