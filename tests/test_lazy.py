@@ -452,6 +452,26 @@ def test_size_limit_evicts_whole_layers_not_in_use(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+def test_a_mount_storing_blocks_evicts_unused_layers(clean: Stack, tmp_path: Path) -> None:
+    cache = BlockCache(str(tmp_path))
+    unused = cache.open_entry(f"sha256-{7:064x}", 1 << 20, 4096, bytes(32))
+    unused.store(0, b"u" * (1 << 20))
+    unused.close()
+    client = RegistryClient(credentials=None, retry=FAST)
+    resolved = resolve_pinned(client, Reference.parse(clean.ref))
+    blobs = open_layers(client, resolved, LazyOptions(cache_dir=str(tmp_path),
+                                                      cache_size=2 << 20, evict_every=1))
+    try:
+        assert os.path.exists(unused.path)  # under the limit at open
+        blobs[0].read(0, blobs[0].size)  # about 4 MiB stored: over the limit
+        assert not os.path.exists(unused.path)
+        assert len(os.listdir(tmp_path)) == 3  # those in use stay
+    finally:
+        for b in blobs:
+            b.close()
+        client.close()
+
+
 def test_mounting_another_image_evicts_unused_layers(clean: Stack, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     with lazy_mount(clean.ref, str(cache), "--fill") as m:

@@ -48,6 +48,7 @@ LOCK, DATA, TREE, BITMAP = "lock", "data", "tree", "bitmap"
 TRASH_PREFIX = ".evicted-"
 SYNC_INTERVAL = 1.0  # seconds a stored block may wait to be made durable and marked
 SYNC_BYTES = 32 << 20  # bytes stored that make a flush due at once
+EVICT_EVERY = 256 << 20  # bytes written by a mount between evictions (besides at open)
 OPEN_TRIES = 8  # an entry evicted between our open and our lock is opened again
 
 
@@ -67,10 +68,27 @@ class Usage:
 class BlockCache:
     """A cache directory holding layer entries, bounded by ``limit`` bytes on disk."""
 
-    def __init__(self, root: str, limit: int = DEFAULT_CACHE_SIZE) -> None:
+    def __init__(self, root: str, limit: int = DEFAULT_CACHE_SIZE,
+                 evict_every: int = EVICT_EVERY) -> None:
         self.root = root
         self.limit = limit
+        self.evict_every = evict_every
+        self._stored = 0
+        self._lock = threading.Lock()
         os.makedirs(root, mode=0o700, exist_ok=True)  # layers of private images
+
+    def note_stored(self, nbytes: int) -> None:
+        """Count bytes a mount wrote; every ``evict_every`` of them, evict (a mount that
+        fills a large image makes room by evicting layers nobody uses)."""
+        with self._lock:
+            self._stored += nbytes
+            if self._stored < self.evict_every:
+                return
+            self._stored = 0
+        try:
+            self.evict()
+        except OSError as exc:
+            log.warning("cache %s: eviction failed: %s", self.root, exc)
 
     def open_entry(self, key: str, data_size: int, block_size: int,
                    digest: bytes) -> CacheEntry:

@@ -21,7 +21,7 @@ from ..registry.reference import Reference
 from ..verity.blob import MerkleTree, VerifiedBlob
 from ..verity.formats import FormatError, HashParams
 from ..verity.trust import FsVerityDigest, IntegrityError
-from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE, BlockCache, entry_key
+from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE, EVICT_EVERY, BlockCache, entry_key
 from .remote import DEFAULT_UNIT, BytesBlob, LazyBlob
 
 MAX_TREE_SLACK = 64 << 10  # bytes a tree blob may hold beyond offset + tree (a superblock)
@@ -36,7 +36,8 @@ class LazyOptions:
     cache_dir: str = DEFAULT_CACHE_DIR
     cache_size: int = DEFAULT_CACHE_SIZE
     unit: int = DEFAULT_UNIT
-    deadline: float = 60.0  # longest wait of a read for another read's fetch
+    deadline: float = 60.0  # longest wait of a read for its fetch
+    evict_every: int = EVICT_EVERY  # bytes stored between evictions (besides at open)
 
 
 def resolve_pinned(client: RegistryClient, ref: Reference,
@@ -51,7 +52,7 @@ def open_layers(client: RegistryClient, resolved: Resolved,
                 options: LazyOptions = LazyOptions()) -> list[Blob]:
     """Every layer of ``resolved``, bottom first, as verified lazy blobs; then the cache is
     brought under its size limit (never evicting a layer in use)."""
-    cache = BlockCache(options.cache_dir, options.cache_size)
+    cache = BlockCache(options.cache_dir, options.cache_size, options.evict_every)
     blobs: list[Blob] = []
     try:
         for index, desc in enumerate(resolved.layers):
@@ -126,7 +127,7 @@ def open_layer(client: RegistryClient, ref: Reference, desc: Descriptor, cache: 
                 os.unlink(entry.tree_path)  # a cached tree gone bad: fetch it again
                 continue
             return LazyBlob(client, ref, desc, entry, verified, name=name, unit=options.unit,
-                            deadline=options.deadline)
+                            deadline=options.deadline, cache=cache)
         raise AssertionError("unreachable")
     except BaseException:
         entry.close()

@@ -36,7 +36,7 @@ from ..registry.errors import BadResponse, RegistryError
 from ..registry.reference import Reference
 from ..verity.blob import VerifiedBlob
 from ..verity.trust import IntegrityError
-from .cache import CacheEntry
+from .cache import BlockCache, CacheEntry
 
 log = logging.getLogger("erofs_fuse")
 
@@ -66,8 +66,10 @@ class LazyBlob:
 
     def __init__(self, client: RegistryClient, ref: Reference, descriptor: Descriptor,
                  entry: CacheEntry, verified: VerifiedBlob, *, name: str,
-                 unit: int = DEFAULT_UNIT, deadline: float = 60.0) -> None:
+                 unit: int = DEFAULT_UNIT, deadline: float = 60.0,
+                 cache: BlockCache | None = None) -> None:
         self.name = name
+        self._cache = cache  # told of the bytes stored (eviction)
         self.fetched_bytes = 0
         self.requests = 0
         self._client = client
@@ -273,6 +275,8 @@ class LazyBlob:
                 stop = min(stop, end)
                 self._entry.store(start + pos, data[pos:stop])
                 pos = stop
+            if self._cache is not None:
+                self._cache.note_stored(len(data))
         except OSError as exc:
             log.warning("%s: cache %s not written: %s", self.name, self._entry.path, exc)
 
