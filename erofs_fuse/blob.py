@@ -7,8 +7,10 @@ layer file.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Protocol
+from contextvars import ContextVar
+from typing import Iterator, Protocol
 
 from .erofs.errors import CorruptImageError, ErofsError
 
@@ -32,6 +34,31 @@ class BlobIOError(ErofsError):
     """The layer file could not be read (an OS error, not a format error)."""
 
     kind = "I/O error"
+
+
+class WouldBlock(Exception):
+    """A read inside ``nonblocking()`` needs I/O that may wait long (a remote layer's fetch);
+    nothing was changed: do it again where waiting is fine (a worker thread). Not an
+    ``ErofsError``: the reader lets it pass unchanged."""
+
+
+_MAY_BLOCK: ContextVar[bool] = ContextVar("erofs_fuse_may_block", default=True)
+
+
+@contextlib.contextmanager
+def nonblocking() -> Iterator[None]:
+    """Reads inside raise ``WouldBlock`` instead of waiting for a network (blobs that can
+    wait check ``may_block``): the FUSE loop serves cached blocks inline this way and hands
+    only the reads that must fetch to threads."""
+    token = _MAY_BLOCK.set(False)
+    try:
+        yield
+    finally:
+        _MAY_BLOCK.reset(token)
+
+
+def may_block() -> bool:
+    return _MAY_BLOCK.get()
 
 
 class FileBlob:

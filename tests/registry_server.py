@@ -133,6 +133,7 @@ class FaultProxy:
     redirect_to: str = ""  # host:port a "redirect" fault sends the client to
     stall: float = 2.0  # seconds a "stall" or "stall-body" fault waits
     seen: list[Seen] = field(default_factory=list)
+    blob_bytes: int = 0  # body bytes of blob GETs answered in full (faults aside)
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
@@ -275,9 +276,11 @@ class FaultProxy:
         doc = {"token": self.bearer, "expires_in": 300}
         self._reply(req, 200, json.dumps(doc).encode(), {"Content-Type": "application/json"})
 
-    @staticmethod
-    def _reply(req: BaseHTTPRequestHandler, status: int, body: bytes,
+    def _reply(self, req: BaseHTTPRequestHandler, status: int, body: bytes,
                headers: dict[str, str]) -> None:
+        if req.command == "GET" and "/blobs/" in req.path:
+            with self.lock:
+                self.blob_bytes += len(body)
         req.send_response(status)
         for k, v in headers.items():
             req.send_header(k, v)

@@ -58,9 +58,32 @@ def _open(args: argparse.Namespace) -> Image:
         raise CliError(f"{args.image}: {exc.strerror}") from exc
 
 
+def _remote_args(args: argparse.Namespace, positionals: int) -> bool:
+    """With --image, the positionals shift by one (no image file): True if it was given.
+    ``positionals``: how many positionals the command takes after its image."""
+    if args.remote is None:
+        if args.image is None:
+            raise CliError(f"{args.command}: the following arguments are required: image")
+        if positionals and args.path is None:
+            raise CliError(f"{args.command}: the following arguments are required: path")
+        return False
+    if positionals:
+        if args.image is not None and args.path not in (None, "/"):
+            raise CliError(f"{args.command}: --image and an image file exclude each other")
+        args.path = args.image if args.image is not None else args.path
+    elif args.image is not None:
+        raise CliError(f"{args.command}: --image and an image file exclude each other")
+    return True
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """The superblock and device table (``info.describe``); a short file is reported after."""
     from .info import describe
+
+    if _remote_args(args, 0):
+        from .remote_image import info
+
+        return info(args)
 
     try:
         rows, short = describe(args.image, args.device or [])
@@ -86,6 +109,10 @@ def _ls_line(name: str, node: Inode) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    if _remote_args(args, 1):
+        from .remote_image import ls
+
+        return ls(args, lambda name, node: _ls_line(name, node.inode))
     with _open(args) as image:
         node = image.lookup(args.path)
         if not node.is_dir:
@@ -124,6 +151,10 @@ def _objects(args: argparse.Namespace) -> ObjectStore | None:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
+    if _remote_args(args, 1):
+        from .remote_image import cat
+
+        return cat(args, _write_out)
     objects = _objects(args)
     with _open(args) as image:
         node = image.lookup(args.path)
@@ -219,11 +250,23 @@ def _seal_one(layer: str, output: str | None, params: HashParams) -> list[str]:
 
 
 def _image_parser(sub: argparse._SubParsersAction[OneLineParser], name: str,
-                  help_: str) -> argparse.ArgumentParser:
+                  help_: str, remote: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_, description=help_)
     p.add_argument("--device", action="append", metavar="PATH",
                    help="extra device (blob) file of the image, in device-table order; repeatable")
-    p.add_argument("image", help="EROFS image file")
+    if remote:  # --image REF instead of the file: the positional is then optional
+        g = p.add_argument_group("registry images", "instead of an image file: an image that "
+                                 "push put in a registry, read lazily through the block cache "
+                                 "(every block verified), all its layers merged")
+        g.add_argument("--image", dest="remote", metavar="REF@sha256:DIGEST",
+                       help="the image, pinned by its manifest digest (as push prints it)")
+        g.add_argument("--plain-http", action="store_true",
+                       help="HTTP, not HTTPS, to the registry (default: only to loopback)")
+        g.add_argument("--cache", dest="cache_dir", metavar="DIR",
+                       help="the block cache (default /var/cache/erofs-fuse/blobs)")
+        p.add_argument("image", nargs="?", help="EROFS image file (or --image REF)")
+    else:
+        p.add_argument("image", help="EROFS image file")
     return p
 
 
@@ -237,15 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, _, help_) in DISPATCHED.items():
         sub.add_parser(name, help=help_, add_help=False)
-    p = _image_parser(sub, "info", "show the superblock: block size, features, counts")
+    p = _image_parser(sub, "info", "show the superblock: block size, features, counts", True)
     p.set_defaults(func=cmd_info)
-    p = _image_parser(sub, "ls", "list a directory of an image")
+    p = _image_parser(sub, "ls", "list a directory of an image", True)
     p.add_argument("-l", dest="long", action="store_true", help="long listing")
     p.add_argument("-R", dest="recursive", action="store_true", help="recurse into directories")
     p.add_argument("path", nargs="?", default="/", help="path inside the image (default /)")
     p.set_defaults(func=cmd_ls)
-    p = _image_parser(sub, "cat", "write a file of an image to stdout")
-    p.add_argument("path", help="path inside the image")
+    p = _image_parser(sub, "cat", "write a file of an image to stdout", True)
+    p.add_argument("path", nargs="?", help="path inside the image")
     _data_dir_options(p)
     p.set_defaults(func=cmd_cat)
     p = _image_parser(sub, "extract", "extract the whole tree into a directory")

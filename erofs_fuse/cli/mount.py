@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..console import PROG, CliError, print_error
@@ -22,6 +23,7 @@ from ..fuse.overlay import MAX_LAYERS
 from ..oci.layers_file import LayersFileError, expand_layers, with_listed_digests
 
 if TYPE_CHECKING:
+    from ..erofs.image import Image
     from ..verity import TrustSpec
 
 DEFAULT_OPTIONS = ("ro", "default_permissions", "nosuid", "nodev")
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mount a stack of EROFS layer images as one read-only tree, merged as "
         "overlayfs merges layers (whiteouts and opaque directories in overlayfs or OCI form).",
     )
-    p.add_argument("--layers", required=True, metavar="L1,L2,...,LN",
+    p.add_argument("--layers", metavar="L1,L2,...,LN",
                    help="layer images, comma-separated, BOTTOM TO TOP (the order of an OCI "
                    "manifest's layers: the last one wins); @FILE stands for the layers of a "
                    ".layers file written by convert-image, trusting its fs-verity digests")
@@ -139,12 +141,98 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an object store (= -o datadir=DIR); repeatable, searched in order")
     o.add_argument("--require-object-verity", action="store_true",
                    help="refuse objects whose metacopy xattr carries no fs-verity digest")
+    r = p.add_argument_group(
+        "lazy images", "--image mounts an image that 'erofs-fuse push' put in a registry, "
+        "instead of --layers: ready once its superblocks are read, each block fetched by HTTP "
+        "range on first read, verified against its layer's Merkle tree (trusted through the "
+        "pinned manifest digest) before it is served or cached; a block that cannot be "
+        "fetched or verified fails that read with EIO.")
+    r.add_argument("--image", metavar="REF@sha256:DIGEST",
+                   help="the image, pinned by its manifest digest (as push prints it)")
+    r.add_argument("--plain-http", action="store_true",
+                   help="talk HTTP, not HTTPS, to the registry (default: HTTP only to loopback)")
+    r.add_argument("--cache", dest="cache_dir", default=None, metavar="DIR",
+                   help="the block cache, shared by mounts (default "
+                   "/var/cache/erofs-fuse/blobs)")
+    r.add_argument("--cache-size", default="10G", metavar="SIZE",
+                   help="bytes the cache may hold (K, M, G, T suffixes; default %(default)s); "
+                   "whole layers not in use are evicted, least recently used first")
+    r.add_argument("--fill", action="store_true",
+                   help="fetch the rest of every layer in the background")
+    r.add_argument("--fetch-unit", default="256K", metavar="SIZE",
+                   help="the smallest range fetched, a multiple of 4K (default %(default)s); "
+                   "adjacent missing units are fetched in one request")
+    r.add_argument("--fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="socket timeout of each registry request (default %(default)s); a "
+                   "read fails after a few tries")
     p.add_argument("mountpoint", help="an empty directory")
     return p
 
 
+@dataclass(frozen=True)
+class RemoteImage:
+    """What --image and its options ask for."""
+
+    ref: str
+    plain_http: bool
+    cache_dir: str
+    cache_size: int
+    fill: bool
+    fetch_timeout: float
+    fetch_unit: int
+
+
+MAX_FETCH_UNIT = 16 << 20
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, what: str) -> int:
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _SIZE_SUFFIXES else ""
+    number = value[:len(value) - len(unit)]
+    try:
+        size = int(float(number) * _SIZE_SUFFIXES[unit])
+    except ValueError:
+        raise CliError(f"mount: {what} {text}: expected a size such as 512M or 10G") from None
+    if size < 0:
+        raise CliError(f"mount: {what} {text}: negative")
+    return size
+
+
+def parse_remote(ns: argparse.Namespace) -> RemoteImage:
+    from ..lazy.cache import DEFAULT_CACHE_DIR
+
+    if ns.layers or ns.device:
+        raise CliError("mount: --image and --layers (or --device) exclude each other")
+    if ns.verity or ns.verity_roots or ns.dm_verity or ns.verity_sidecar or \
+            ns.trust_dmverity_sidecar:
+        raise CliError("mount: --image takes its layers' digests from the pinned manifest; "
+                       "the verity options are for --layers")
+    check_pinned(ns.image, "mount: --image")
+    if not ns.fetch_timeout > 0:
+        raise CliError("mount: --fetch-timeout must be more than 0")
+    unit = parse_size(ns.fetch_unit, "--fetch-unit")
+    if unit <= 0 or unit % 4096 or unit > MAX_FETCH_UNIT:
+        raise CliError(f"mount: --fetch-unit {ns.fetch_unit}: a multiple of 4K up to 16M")
+    return RemoteImage(ns.image, ns.plain_http, os.path.abspath(ns.cache_dir or
+                                                                DEFAULT_CACHE_DIR),
+                       parse_size(ns.cache_size, "--cache-size"), ns.fill, ns.fetch_timeout,
+                       unit)
+
+
 def parse_args(argv: list[str]) -> MountConfig:
+    return parse_mount(argv)[0]
+
+
+def parse_mount(argv: list[str]) -> tuple[MountConfig, RemoteImage | None]:
+    """The mount's configuration, and the registry image it mounts (--image) if any."""
     ns = apply_integrity_options(build_parser().parse_args(argv))
+    if ns.image is not None:
+        remote = parse_remote(ns)
+        return _config(ns, [], [], require_verity=True), remote
+    if ns.layers is None:
+        raise CliError("mount: the following arguments are required: --layers (or --image "
+                       "REF@sha256:DIGEST)")
     try:
         layers, listed_digests = expand_layers(ns.layers)  # @FILE items: .layers files
     except LayersFileError as exc:
@@ -153,13 +241,18 @@ def parse_args(argv: list[str]) -> MountConfig:
         raise CliError("mount: --layers names no layer")
     if len(layers) > MAX_LAYERS:
         raise CliError(f"mount: {len(layers)} layers; at most {MAX_LAYERS} are supported")
-    if ns.read_threads < 0:
-        raise CliError("mount: --threads must be 0 or more")
     trust = parse_trust(layers, ns, listed=bool(listed_digests))
     trust = with_listed_digests(trust, listed_digests)
+    return _config(ns, layers, trust, require_verity=ns.require_verity), None
+
+
+def _config(ns: argparse.Namespace, layers: list[str], trust: list[TrustSpec], *,
+            require_verity: bool) -> MountConfig:
+    if ns.read_threads < 0:
+        raise CliError("mount: --threads must be 0 or more")
     return MountConfig(
         trust=trust,
-        require_verity=ns.require_verity,
+        require_verity=require_verity,
         data_dirs=parse_data_dirs(ns),
         require_object_verity=ns.require_object_verity,
         layers=layers,
@@ -327,10 +420,77 @@ def parse_idmap(ns: argparse.Namespace) -> IdMap:
 
 
 
+def check_pinned(text: str, option: str = "--image") -> None:
+    ref, _, digest = text.rpartition("@")
+    if not ref or not digest.startswith("sha256:"):
+        raise CliError(f"{option} {text}: not pinned by a digest; give REF@sha256:DIGEST "
+                       "(the digest is what is trusted; push prints it)")
+
+
+def open_remote(remote: RemoteImage, cfg: MountConfig) -> list[Image]:
+    """The layers of a registry image, opened lazily (``erofs_fuse.lazy``); fills ``cfg``'s
+    layer names, marks its reads as blocking and, with --fill, schedules the fill."""
+    from ..lazy import LazyBlob
+
+    images = open_remote_images(remote)
+    blobs = [image.blob for image in images]
+    cfg.layers = [image.name for image in images]
+    cfg.blocking_reads = True
+    if remote.fill:
+        lazy = [blob for blob in blobs if isinstance(blob, LazyBlob)]
+
+        def fill() -> None:
+            for blob in lazy:
+                blob.start_fill()
+        cfg.on_serve.append(fill)
+    return images
+
+
+def open_remote_images(remote: RemoteImage, what: str = "mount") -> list[Image]:
+    """The layers of a registry image, bottom first, each an ``Image`` over a lazy blob."""
+    from ..erofs.errors import ErofsError
+    from ..erofs.image import Image
+    from ..lazy import LazyOptions, open_layers, resolve_pinned
+    from ..oci.layout import OciError
+    from ..registry import Reference, RegistryClient, RetryPolicy
+
+    timeout = remote.fetch_timeout
+    client = RegistryClient(plain_http=True if remote.plain_http else None,
+                            retry=RetryPolicy(attempts=3, backoff=0.2, max_backoff=2.0,
+                                              timeout=timeout, deadline=2 * timeout))
+    try:
+        ref = Reference.parse(remote.ref)
+        resolved = resolve_pinned(client, ref)
+        if len(resolved.layers) > MAX_LAYERS:
+            raise CliError(f"{what}: {len(resolved.layers)} layers; at most {MAX_LAYERS} are "
+                           "supported")
+        blobs = open_layers(client, resolved, LazyOptions(
+            cache_dir=remote.cache_dir, cache_size=remote.cache_size, unit=remote.fetch_unit,
+            deadline=6 * timeout))
+    except (OciError, ErofsError, ValueError) as exc:
+        raise CliError(f"{what}: {exc}") from exc
+    except OSError as exc:
+        raise CliError(f"{what}: cache {remote.cache_dir}: {exc.strerror or exc}") from exc
+    images: list[Image] = []
+    try:
+        for blob in blobs:
+            images.append(Image(blob, name=blob.name))
+    except BaseException as exc:
+        for blob in blobs:
+            blob.close()
+        if isinstance(exc, ErofsError):
+            raise CliError(f"{what}: {exc}") from exc
+        raise
+    return images
+
+
 def main(argv: list[str]) -> int:
     """``erofs-fuse mount ...``: 0 once mounted (or, in the foreground, once unmounted)."""
     try:
-        return mount(parse_args(argv))
+        cfg, remote = parse_mount(argv)
+        if remote is not None:
+            return mount(cfg, open_images=lambda: open_remote(remote, cfg))
+        return mount(cfg)
     except CliError as exc:
         print_error(str(exc))
         return exc.code

@@ -65,6 +65,11 @@ class MountConfig:
     require_object_verity: bool = False
     idmap: IdMap = IDENTITY
     syslog: str | None = None  # the socket a background daemon logs to, without a log file
+    # layers whose reads may wait for a network (lazy layers): reads are served from threads
+    blocking_reads: bool = False
+    # run in the serving process (after the fork) before it serves: background work such as
+    # a lazy layer's fill, whose threads would not survive the fork
+    on_serve: list[Callable[[], None]] = field(default_factory=list)
 
 
 
@@ -235,8 +240,10 @@ def serve(cfg: MountConfig, images: list[Image], on_ready: Callable[[], None] | 
             raise CliError(f"data dir {exc.filename}: {exc.strerror}") from exc
     tree = MergedTree(images, objects=objects)
     ops = Operations(tree, timeout=cfg.timeout, read_threads=cfg.read_threads,
-                     on_ready=on_ready, idmap=cfg.idmap)
+                     on_ready=on_ready, idmap=cfg.idmap, blocking_reads=cfg.blocking_reads)
     _init(ops, cfg)
+    for start in cfg.on_serve:
+        start()
     log.info("mounted %s on %s", ",".join(cfg.layers), cfg.mountpoint)
     try:
         trio.run(_serve_until_done, ops, cfg.mountpoint)
@@ -373,11 +380,11 @@ def _redirect(fd: int, flags: int) -> None:
     os.close(devnull)
 
 
-def mount(cfg: MountConfig) -> int:
-    """Open the layers, check the mountpoint and the log, then serve: in the foreground until
-    unmounted, else from a forked daemon, returning once the mount is ready. A CliError: nothing
-    was mounted."""
-    images = open_layers(cfg)
+def mount(cfg: MountConfig, open_images: Callable[[], list[Image]] | None = None) -> int:
+    """Open the layers (``cfg.layers``, or what ``open_images`` opens), check the mountpoint
+    and the log, then serve: in the foreground until unmounted, else from a forked daemon,
+    returning once the mount is ready. A CliError: nothing was mounted."""
+    images = open_layers(cfg) if open_images is None else open_images()
     try:
         check_mountpoint(cfg.mountpoint)
         if cfg.foreground:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, Sequence, T
 import pyfuse3
 import trio
 
+from ..blob import WouldBlock, nonblocking
 from ..erofs.errors import ErofsError
 from .idmap import ACL_XATTRS, IDENTITY, IdMap
 from .overlay import Ino, MergedTree, Node
@@ -56,6 +57,8 @@ THREAD_MIN_BYTES = 64 * 1024
 # Python work holds the GIL, so threads only add hand-offs: off unless asked for (--threads),
 # e.g. for lzma layers on machines with many cores.
 DEFAULT_READ_THREADS = 0
+# Reads in flight at once when layers are remote (``blocking_reads``): each may wait for a fetch.
+BLOCKING_READ_THREADS = 8
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -120,6 +123,7 @@ class Operations(pyfuse3.Operations):
         on_ready: Callable[[], None] | None = None,
         idmap: IdMap = IDENTITY,
         stateless_open: bool = STATELESS_OPEN,
+        blocking_reads: bool = False,
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -129,6 +133,11 @@ class Operations(pyfuse3.Operations):
         # handles are inode numbers and open/opendir answer ENOSYS (see STATELESS_OPEN)
         self.stateless_open = stateless_open
         self.initialized = False  # the kernel's INIT request has been served
+        # layers whose reads may wait on a network (lazy layers): every read goes to a thread,
+        # so that a fetch in progress holds up neither cached reads nor other requests
+        self.blocking_reads = blocking_reads
+        if blocking_reads and read_threads <= 0:
+            read_threads = BLOCKING_READ_THREADS
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
         # for pyfuse3.main(): a read waiting for a thread must not hold up other requests
         self.max_tasks = CONCURRENT_TASKS if self._limiter is not None else SERIAL_TASKS
@@ -222,6 +231,22 @@ class Operations(pyfuse3.Operations):
         parent = self._nodes.get(node.parent) if node.parent is not None else None
         return parent if parent is not None else node
 
+    async def _call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """``fn(*args)`` for a request. With ``blocking_reads`` it is tried inline first, as
+        every request is otherwise, with the layers told not to wait (``nonblocking``): what
+        needs a fetch raises ``WouldBlock`` and runs again in a worker thread, so cached reads
+        stay in the loop (a thread per read doubled a warm read-all: 3.1 s against 1.5)."""
+        if not self.blocking_reads:
+            return fn(*args, **kwargs)
+        try:
+            with nonblocking():
+                return fn(*args, **kwargs)
+        except WouldBlock:
+            pass
+        call = functools.partial(fn, *args, **kwargs)
+        result: R = await trio.to_thread.run_sync(call, limiter=self._limiter)
+        return result
+
     # metadata ---------------------------------------------------------------------------------
     @_boundary
     async def lookup(
@@ -233,7 +258,7 @@ class Operations(pyfuse3.Operations):
         elif name == b"..":
             node = self._parent_of(parent)
         else:
-            node = self.tree.lookup(parent, name)
+            node = await self._call(self.tree.lookup, parent, name)
         if node is None:
             return self._negative()
         self._remember(node)
@@ -263,13 +288,13 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not stat.S_ISLNK(node.inode.mode):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        return self.tree.readlink(node)
+        return await self._call(self.tree.readlink, node)
 
     @_boundary
     async def getxattr(
         self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> bytes:
-        value = self.tree.getxattr(self._node(inode), name)
+        value = await self._call(self.tree.getxattr, self._node(inode), name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return self.idmap.acl(value) if name in ACL_XATTRS else value
@@ -278,7 +303,7 @@ class Operations(pyfuse3.Operations):
     async def listxattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> Sequence[bytes]:
-        return self.tree.listxattr(self._node(inode))
+        return await self._call(self.tree.listxattr, self._node(inode))
 
     @_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.StatvfsData:
@@ -298,7 +323,7 @@ class Operations(pyfuse3.Operations):
         if self.stateless_open:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self._dir_node(inode)
-        listing = self.tree.listdir(node).entries
+        listing = (await self._call(self.tree.listdir, node)).entries
         fh = next(self._handles)
         self._dirs[fh] = (node, listing)
         return fh
@@ -309,7 +334,7 @@ class Operations(pyfuse3.Operations):
             # the listing is rebuilt (or taken from the tree's cache) per call: the same tree
             # gives the same order, so start_id means the same entry on every call
             node = self._dir_node(fh)
-            listing = self.tree.listdir(node).entries
+            listing = (await self._call(self.tree.listdir, node)).entries
         else:
             node, listing = self._dirs[fh]
         # "." and ".." first, as the kernel's own filesystems list them; they carry no lookup
@@ -368,6 +393,8 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._node(fh) if self.stateless_open else self._files[fh]
         inode = node.inode
+        if self.blocking_reads:
+            return await self._call(self.tree.read, node, off, size)
         if (self._limiter is not None and size >= THREAD_MIN_BYTES
                 and inode.info.is_compressed and off < inode.size):
             data: bytes = await trio.to_thread.run_sync(

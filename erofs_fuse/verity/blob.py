@@ -192,6 +192,20 @@ class VerifiedBlob:
             return buf
         return buf[skip:skip + length]
 
+    def check(self, offset: int, data: bytes) -> None:
+        """Verify ``data``, whole data blocks of this blob starting at block-aligned ``offset``
+        (the last one may end at the data size), without reading them from the inner blob:
+        for bytes that came from elsewhere (a range fetched from a registry) and must be
+        checked before they are kept. ``IntegrityError`` names the first bad block."""
+        dbs = self._params.data_block_size
+        end = offset + len(data)
+        if offset % dbs or offset < 0 or end > self._tree.data_size or not data or (
+                end % dbs and end != self._tree.data_size):
+            raise CorruptImageError(
+                f"check of {len(data)} bytes at {offset}: not whole blocks of the data",
+                image=self.name, offset=offset)
+        self._verify(offset // dbs, data)
+
     def _verify(self, first: int, buf: bytes) -> None:
         """Check the blocks of ``buf`` (data blocks ``first``, ...) against their leaf hashes,
         one leaf tree block at a time (one leaf covers 512 KiB with SHA-256 and 4 KiB)."""

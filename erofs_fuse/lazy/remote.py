@@ -1,0 +1,396 @@
+"""A layer in a registry read as a ``Blob``: blocks fetched by HTTP range on first read,
+verified against the layer's Merkle tree, kept in the block cache (``cache.py``).
+
+Trust: the image manifest was fetched by the digest the user pinned, so its layer descriptors
+are trusted, and with them the annotations ``push`` writes (``registry.push.ANNOTATIONS``): the
+fs-verity digest of the layer blob, and digest, size and offset of its tree blob. The tree blob
+is fetched whole and must hash to its annotated digest; the root of the tree, with the data
+size (the descriptor's), must give the annotated fs-verity digest (``VerifiedBlob`` checks it
+on open). From then on every 4 KiB block is hashed against its leaf before it is served or
+written to the cache, and again whenever it is read back from the cache.
+
+Fetching: the blob is cut into fetch units (``DEFAULT_UNIT``, block-aligned); a read fetches
+the units it touches that are not all present, adjacent ones merged into one Range request (at
+most ``MAX_REQUEST`` bytes). One fetch per unit is in flight at a time: a second reader of the
+same unit waits for the first one's result. A unit whose bytes fail their hashes is fetched
+once more; blocks that still fail are never served (``IntegrityError``, EIO at the mount),
+their good neighbours are. Registry failures (after the client's bounded retries) are
+``BlobIOError`` for that read: the next read tries again, so the mount recovers when the
+registry does. A read never waits longer than ``deadline`` seconds for another's fetch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+
+from ..blob import BlobIOError, WouldBlock, may_block
+from ..erofs.errors import CorruptImageError, ErofsError
+from ..oci.image import Descriptor
+from ..registry.client import RegistryClient
+from ..registry.errors import BadResponse, RegistryError
+from ..registry.reference import Reference
+from ..verity.blob import VerifiedBlob
+from ..verity.trust import IntegrityError
+from .cache import BlockCache, CacheEntry
+
+log = logging.getLogger("erofs_fuse")
+
+# Measured against the local docker-registry (tests/test_lazy.py's numbers in the report):
+# per-request cost dominates below 256 KiB, and larger units fetch more than a small file needs.
+DEFAULT_UNIT = 256 << 10
+MAX_REQUEST = 4 << 20  # adjacent missing units merged into one Range request, up to this
+FILL_THREADS = 2
+FILL_RETRY_WAIT = 5.0
+
+
+@dataclass
+class _Fetch:
+    """One unit's fetch in flight: when ``done``, either ``data`` (the unit's fetched bytes,
+    every block verified except those in ``bad``) or ``error``."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    data: bytes = b""
+    bad: dict[int, ErofsError] = field(default_factory=dict)  # block -> why
+    error: ErofsError | None = None
+
+
+class LazyBlob:
+    """A registry blob read through the block cache; see the module docstring. ``verified``
+    is a ``VerifiedBlob`` over the cache's data file: it checks cache hits as they are read
+    and (``check``) fetched bytes before they are kept."""
+
+    def __init__(self, client: RegistryClient, ref: Reference, descriptor: Descriptor,
+                 entry: CacheEntry, verified: VerifiedBlob, *, name: str,
+                 unit: int = DEFAULT_UNIT, deadline: float = 60.0,
+                 cache: BlockCache | None = None) -> None:
+        self.name = name
+        self._cache = cache  # told of the bytes stored (eviction)
+        self.fetched_bytes = 0
+        self.requests = 0
+        self._client = client
+        self._ref = ref
+        self._desc = descriptor
+        self._entry = entry
+        self._verified = verified
+        self._bs = entry.block_size
+        self._unit_blocks = max(unit // self._bs, 1)
+        self._unit = self._unit_blocks * self._bs
+        self._deadline = deadline
+        self._lock = threading.Lock()
+        self._inflight: dict[int, _Fetch] = {}
+        self._next_unit = -1  # where the last miss (with its read-ahead) ended
+        self._ahead = 0  # units read ahead at the last sequential miss
+        _LIVE.add(self)
+        self._stop = threading.Event()
+        self._fillers: list[threading.Thread] = []
+        self._fill_failing = False
+
+    @property
+    def size(self) -> int:
+        return self._desc.size
+
+    # reading ----------------------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        size = self.size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise CorruptImageError(f"read of {length} bytes past the end of the layer "
+                                    f"({size} bytes)", image=self.name, offset=offset)
+        if length == 0:
+            return b""
+        end = offset + length
+        fetched = self._ensure(offset // self._bs, -(-end // self._bs))
+        parts = []
+        for unit in range(offset // self._unit, (end - 1) // self._unit + 1):
+            lo = max(offset, unit * self._unit)
+            hi = min(end, (unit + 1) * self._unit)
+            parts.append(self._part(unit, lo, hi, fetched.get(unit)))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _part(self, unit: int, lo: int, hi: int, fetch: _Fetch | None) -> bytes:
+        """Bytes ``lo``..``hi`` of one unit: from the cache (hashed again as read) when its
+        blocks are there, else from the bytes this read's fetch verified."""
+        first, end = lo // self._bs, -(-hi // self._bs)
+        if self._entry.present(first, end):
+            try:
+                return self._verified.read(lo, hi - lo)
+            except IntegrityError as exc:
+                if not may_block():
+                    raise WouldBlock(self.name) from None  # refetched from a thread
+                # a torn or tampered cache block: forget it, fetch it again (once)
+                log.warning("%s: cached block failed its hash, fetching it again: %s",
+                            self.name, exc.message)
+                self._entry.forget(first, end)
+                fetch = self._ensure(first, end).get(unit)
+        if fetch is None or fetch.error is not None:
+            if fetch is not None and fetch.error is not None:
+                raise fetch.error
+            raise BlobIOError("block not fetched", image=self.name, offset=lo)
+        for block in range(first, end):
+            if block in fetch.bad:
+                raise fetch.bad[block]
+        base = unit * self._unit
+        return fetch.data[lo - base:hi - base]
+
+    def _ensure(self, first: int, end: int) -> dict[int, _Fetch]:
+        """Fetch the units holding blocks ``first``..``end - 1`` that are not all present;
+        the fetches of the units that were missing, by unit (waited for)."""
+        ub = self._unit_blocks
+        mine: list[int] = []
+        waits: dict[int, _Fetch] = {}
+        with self._lock:
+            for unit in range(first // ub, (end - 1) // ub + 1):
+                lo, hi = max(first, unit * ub), min(end, (unit + 1) * ub)
+                if self._entry.present(lo, hi):
+                    continue
+                if not may_block():
+                    raise WouldBlock(self.name)
+                fetch = self._inflight.get(unit)
+                if fetch is None:
+                    fetch = self._inflight[unit] = _Fetch()
+                    mine.append(unit)
+                waits[unit] = fetch
+            for unit in self._read_ahead(mine):
+                waits[unit] = self._inflight[unit] = _Fetch()
+                mine.append(unit)
+        runs = _runs(mine, max(MAX_REQUEST // self._unit, 1))
+        # Each fetch runs in a thread of its own, so that this read can give up after its
+        # deadline (retries nested in the client could otherwise keep it minutes); the fetch
+        # goes on, and what it brings is cached for the next read.
+        for run in runs:
+            threading.Thread(target=self._fetch_run, args=(run, [waits[u] for u in run]),
+                             name="fetch", daemon=True).start()
+        until = time.monotonic() + self._deadline
+        for unit, fetch in waits.items():
+            if not fetch.done.wait(max(until - time.monotonic(), 0)):
+                raise BlobIOError(f"fetch of bytes {unit * self._unit}.. not done after "
+                                  f"{self._deadline:.0f} s", image=self.name)
+        return waits
+
+    def _read_ahead(self, mine: list[int]) -> list[int]:
+        """Units to fetch along with ``mine`` (called under the lock): a miss right after the
+        previous one's end is a sequential read, and gets the next missing units too, twice
+        as many each time up to ``MAX_REQUEST`` (one request instead of a round trip per
+        unit: reading a whole cold layer took 8.1 s without it, see DEFAULT_UNIT)."""
+        if not mine:
+            return []
+        if mine[0] == self._next_unit:
+            self._ahead = min(max(self._ahead * 2, 1), max(MAX_REQUEST // self._unit - 1, 0))
+        else:
+            self._ahead = 0
+        extra: list[int] = []
+        unit, ub = mine[-1] + 1, self._unit_blocks
+        while len(extra) < self._ahead and unit * ub < self._entry.blocks:
+            if unit in self._inflight or self._entry.present(
+                    unit * ub, min((unit + 1) * ub, self._entry.blocks)):
+                break
+            extra.append(unit)
+            unit += 1
+        self._next_unit = (extra or mine)[-1] + 1
+        return extra
+
+    def _fetch_run(self, run: list[int], fetches: list[_Fetch]) -> None:
+        start = run[0] * self._unit
+        stop = min((run[-1] + 1) * self._unit, self.size)
+        try:
+            data, bad = self._download_verified(start, stop)
+            self._keep(start, data, bad)
+            for unit, fetch in zip(run, fetches):
+                base = unit * self._unit - start
+                fetch.data = data[base:base + self._unit]
+                fetch.bad = {b: e for b, e in bad.items()
+                             if unit * self._unit_blocks <= b < (unit + 1) * self._unit_blocks}
+        except ErofsError as exc:
+            for fetch in fetches:
+                fetch.error = exc
+        finally:
+            with self._lock:
+                for unit in run:
+                    self._inflight.pop(unit, None)
+            for fetch in fetches:
+                fetch.done.set()
+
+    def _download_verified(self, start: int, stop: int) -> tuple[bytes, dict[int, ErofsError]]:
+        """Bytes ``start``..``stop`` and the blocks among them that failed their hash; fetched
+        a second time if any did."""
+        bad: dict[int, ErofsError] = {}
+        for attempt in range(2):
+            data = self._download(start, stop)
+            bad = self._bad_blocks(start, data)
+            if not bad:
+                break
+            log.debug("%s: %d block(s) of bytes %d-%d failed their hash%s", self.name,
+                        len(bad), start, stop - 1,
+                        ", fetching again" if attempt == 0 else "; not served")
+        return data, bad
+
+    def _bad_blocks(self, start: int, data: bytes) -> dict[int, ErofsError]:
+        try:
+            self._verified.check(start, data)
+            return {}
+        except IntegrityError:
+            pass
+        bad: dict[int, ErofsError] = {}
+        bs = self._bs
+        for pos in range(0, len(data), bs):
+            try:
+                self._verified.check(start + pos, data[pos:pos + bs])
+            except IntegrityError as exc:
+                bad[(start + pos) // bs] = exc
+        return bad
+
+    def _download(self, start: int, stop: int) -> bytes:
+        """Bytes ``start``..``stop`` as the registry sends them. The client retries what is
+        transient (connections, 5xx, bodies cut short); a reply that breaks the protocol (a
+        wrong Content-Range: a proxy's fault as often as the registry's) gets one more try."""
+        try:
+            try:
+                data = self._client.read_range(self._ref, self._desc, start, stop - start)
+            except BadResponse:
+                data = self._client.read_range(self._ref, self._desc, start, stop - start)
+        except RegistryError as exc:
+            raise BlobIOError(f"fetch failed: {exc}", image=self.name, offset=start) from None
+        with self._lock:
+            self.fetched_bytes += len(data)
+            self.requests += 1
+        return data
+
+    def _keep(self, start: int, data: bytes, bad: dict[int, ErofsError]) -> None:
+        """Write the verified blocks to the cache (runs between bad blocks). A cache that
+        cannot be written costs refetches, not the read: the bytes are served from memory."""
+        bs = self._bs
+        pos, end = 0, len(data)
+        try:
+            while pos < end:
+                if (start + pos) // bs in bad:
+                    pos += bs
+                    continue
+                stop = pos
+                while stop < end and (start + stop) // bs not in bad:
+                    stop += bs
+                stop = min(stop, end)
+                self._entry.store(start + pos, data[pos:stop])
+                pos = stop
+            if self._cache is not None:
+                self._cache.note_stored(len(data))
+        except OSError as exc:
+            log.warning("%s: cache %s not written: %s", self.name, self._entry.path, exc)
+
+    # background fill --------------------------------------------------------------------------
+    def start_fill(self, threads: int = FILL_THREADS) -> None:
+        """Fetch every missing unit in the background (``threads`` requests at a time),
+        retrying after failures until done or closed. Call in the process that serves."""
+        units = sorted({b // self._unit_blocks for b in self._entry.missing()})
+        if not units:
+            log.info("%s: all in the cache", self.name)
+            return
+        todo = iter(_runs(units, max(MAX_REQUEST // self._unit, 1)))
+        lock = threading.Lock()
+        started = time.monotonic()
+        left = [threads]
+
+        def work() -> None:
+            while not self._stop.is_set():
+                with lock:
+                    run = next(todo, None)
+                if run is None:
+                    break
+                self._fill_run(run)
+            with lock:
+                left[0] -= 1
+                if left[0] == 0 and not self._stop.is_set():
+                    try:
+                        self._entry.flush()
+                    except OSError as exc:
+                        log.warning("%s: cache not flushed: %s", self.name, exc)
+                    missing = len(self._entry.missing())
+                    if missing:  # blocks that failed their hash twice
+                        log.warning("%s: fill done, %d blocks could not be verified", self.name,
+                                    missing)
+                    else:
+                        log.info("%s: all in the cache (%d bytes fetched, %.1f s)", self.name,
+                                 self.fetched_bytes, time.monotonic() - started)
+
+        for k in range(threads):
+            t = threading.Thread(target=work, name=f"fill-{k}", daemon=True)
+            t.start()
+            self._fillers.append(t)
+
+    def _fill_run(self, run: list[int]) -> None:
+        ub = self._unit_blocks
+        first, end = run[0] * ub, min((run[-1] + 1) * ub, self._entry.blocks)
+        while not self._stop.is_set():
+            error: ErofsError | None = None
+            try:
+                fetches = self._ensure(first, end)
+            except ErofsError as exc:
+                error = exc
+            else:
+                error = next((f.error for f in fetches.values() if f.error is not None), None)
+            if error is None:
+                self._fill_failing = False
+                return  # blocks that failed their hash twice are left out, for good
+            if not self._fill_failing:  # one line per outage, not one per try
+                self._fill_failing = True
+                log.warning("%s: fill: %s; trying again every %.0f s", self.name,
+                            error.message, FILL_RETRY_WAIT)
+            self._stop.wait(FILL_RETRY_WAIT)
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._fillers:
+            t.join(timeout=1)
+        self._verified.close()
+        self._entry.close()
+
+
+_LIVE: weakref.WeakSet[LazyBlob] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child (the mount's daemon) no thread of the parent runs: a fetch it had
+    in flight (one a read gave up on while the layers were opened) would never finish, and
+    a lock may be held. Start afresh."""
+    for blob in list(_LIVE):
+        blob._lock = threading.Lock()
+        blob._inflight = {}
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _runs(units: list[int], longest: int) -> list[list[int]]:
+    """Consecutive units grouped (at most ``longest`` per group)."""
+    runs: list[list[int]] = []
+    for unit in units:
+        if runs and runs[-1][-1] == unit - 1 and len(runs[-1]) < longest:
+            runs[-1].append(unit)
+        else:
+            runs.append([unit])
+    return runs
+
+
+class BytesBlob:
+    """A layer held in memory (a one-block layer, whose tree is its root alone)."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self.name = name
+        self._data = data
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > len(self._data):
+            raise CorruptImageError("read past the end of the layer", image=self.name,
+                                    offset=offset)
+        return self._data[offset:offset + length]
+
+    def close(self) -> None:
+        pass
+
