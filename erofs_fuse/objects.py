@@ -12,15 +12,20 @@ opened relative to the descriptor of its parent (the data dir's, opened once) wi
 ``O_NOFOLLOW``, ``.``/``..`` and empty components are refused before any lookup, and only a
 regular file is an object. An object whose size differs from the file's is refused.
 
-Verification: when the metacopy xattr carries an fs-verity digest, the object's Merkle tree is
-built on first open (the object is read once, about 1.2 s per GB), its root with the object's
-size must give that digest, and from then on every read is checked block by block against the
-tree by a ``VerifiedBlob`` (the layers' verifier): a block changed afterwards gives EIO, the
-other blocks are still served. Trees live in memory only, in an LRU bounded by bytes (a tree is
-about 1/128 of its object: 64 MiB of trees cover about 8 GiB of open objects); an evicted
-object is opened, hashed and checked again on its next read. An object changed before its
-first open fails its digest check: no block of it is served, since no trusted tree exists to
-tell good blocks from bad ones.
+Verification: when the metacopy xattr carries an fs-verity digest, every read is checked block
+by block against the object's Merkle tree by a ``VerifiedBlob`` (the layers' verifier): a block
+that does not match gives EIO, the other blocks are still served. The tree comes from beside
+the object when the store has it (``ab/cdef....verity``, ``tree_name``: what ``convert
+--objects`` writes; the raw fs-verity tree, or ``seal``'s veritysetup form): it is read whole
+(1/128 of the object), its upper levels rebuilt from its leaves, and its root with the object's
+size must give the digest, so a tree changed in any byte is caught before it is used, and the
+object itself is not read before its first read. A tree that is missing (mkcomposefs writes
+none), malformed or does not give the digest is not used: the object is then hashed whole on
+first open (about 1.2 s per GB) and its root checked against the digest; an object changed
+before that open fails it and no block of it is served, since no trusted tree exists to tell
+good blocks from bad ones. Trees live in memory, in an LRU bounded by bytes (a tree is about
+1/128 of its object: 64 MiB of trees cover about 8 GiB of open objects); an evicted object
+gets its tree again on its next open.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import logging
 import os
 import stat
 import threading
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from cachetools import LRUCache
 
@@ -41,11 +46,18 @@ from .erofs.metacopy import Metacopy, redirect_components
 if TYPE_CHECKING:
     from .blob import Blob
     from .erofs.image import Inode
+    from .verity.formats import HashParams
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OBJECT_CACHE_BYTES = 64 << 20  # trees of open verified objects
 DEFAULT_OPEN_OBJECTS = 256  # descriptors kept open
+TREE_SUFFIX = ".verity"  # an object's Merkle tree, beside it: ab/cdef....verity
+# A verified object up to this size is read whole when opened (one pread, the bytes hashed as
+# they arrive) and the read that opened it is served from those bytes: at most one FUSE read
+# (32 pages), so it is read and hashed once, with no stored tree. Bigger ones get their tree
+# from beside them (the writer stores trees only for them).
+WHOLE_OBJECT_BYTES = 128 << 10
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # the object is not in this data dir: try the next one (ELOOP: a symlink, refused, as the
@@ -58,6 +70,11 @@ def object_name(digest: bytes) -> str:
     ``ab/cdef...`` (the digest in hex, split after two digits: composefs's layout)."""
     hexd = digest.hex()
     return f"{hexd[:2]}/{hexd[2:]}"
+
+
+def tree_name(digest: bytes) -> str:
+    """Where the writer keeps the Merkle tree of the object ``object_name(digest)``."""
+    return object_name(digest) + TREE_SUFFIX
 
 
 class FdBlob:
@@ -165,8 +182,11 @@ class ObjectStore:
                 raise CorruptImageError(f"bad read range {offset}+{size}")
             if offset >= inode.size or size == 0:
                 return b""
-            blob = self.object_of(inode)
-            return blob.read(offset, min(size, inode.size - offset))
+            blob, whole = self._object(inode)
+            length = min(size, inode.size - offset)
+            if whole is not None:  # just opened, read whole and verified: no second read
+                return whole[offset:offset + length]
+            return blob.read(offset, length)
         except Exception as exc:
             if isinstance(exc, ErofsError) and exc.image not in (None, inode.image.name):
                 # raised about the object (a block failing verification): name the file too
@@ -175,6 +195,11 @@ class ObjectStore:
 
     def object_of(self, inode: Inode) -> Blob:
         """The open (and, with a digest, verifying) object of a metadata-only file."""
+        return self._object(inode)[0]
+
+    def _object(self, inode: Inode) -> tuple[Blob, bytes | None]:
+        """The open object, and its verified bytes when it was just opened by reading it
+        whole (``WHOLE_OBJECT_BYTES``)."""
         meta = inode.metacopy()
         if meta is None:
             raise MetacopyError("not a metadata-only file")
@@ -182,16 +207,17 @@ class ObjectStore:
         with self._lock:
             blob = self._open.get(key)
         if blob is not None and blob.size == inode.size:
-            return blob
-        blob = self._open_object(key, meta, inode.size)
+            return blob, None
+        blob, whole = self._open_object(key, meta, inode.size)
         with self._lock:
             if len(self._open) >= self._max_open:
                 self._open.popitem()
             if getattr(blob, "cost", 4096) <= self._open.maxsize:
                 self._open[key] = blob
-        return blob
+        return blob, whole
 
-    def _open_object(self, key: tuple[bytes, bytes | None], meta: Metacopy, size: int) -> Blob:
+    def _open_object(self, key: tuple[bytes, bytes | None], meta: Metacopy,
+                     size: int) -> tuple[Blob, bytes | None]:
         shown = (meta.redirect or b"").decode(errors="replace")
         if meta.digest is None and self.require_verity:
             raise MetacopyError(f"object {shown} has no fs-verity digest in its metacopy "
@@ -200,21 +226,25 @@ class ObjectStore:
         if not self._fds:
             raise MetacopyError(f"object {shown}: no data dir given")
         for root, fd in zip(self.dirs, self._fds):
-            blob = self._open_in(fd, parts, os.path.join(root, *parts))
-            if blob is None:
+            found = self._open_in(fd, parts, os.path.join(root, *parts),
+                                  with_tree=meta.digest is not None and size > WHOLE_OBJECT_BYTES)
+            if found is None:
                 continue
+            blob, tree_file = found
             if blob.size != size:
+                if tree_file is not None:
+                    tree_file.close()
                 raise MetacopyError(f"object {blob.name} has {blob.size} bytes, the file "
                                     f"{size}")
             if meta.digest is None:
-                return blob
+                return blob, None
             identity = blob.identity()
             with self._lock:
                 failed = self._failed.get(key)
             if failed is not None and failed[0] == identity:
                 raise failed[1]  # unchanged since it failed: not hashed again
             try:
-                return _verified(blob, meta)
+                return _verified(blob, meta, tree_file)
             except ErofsError as exc:
                 with self._lock:
                     self._failed[key] = (identity, exc)
@@ -222,8 +252,10 @@ class ObjectStore:
         raise MetacopyError(f"object {shown} is in none of the data dirs "
                             f"({', '.join(self.dirs)})")
 
-    def _open_in(self, root_fd: int, parts: list[str], name: str) -> FdBlob | None:
-        """The object ``parts`` beneath ``root_fd``, or None when this dir has none."""
+    def _open_in(self, root_fd: int, parts: list[str], name: str, *,
+                 with_tree: bool) -> tuple[FdBlob, FdBlob | None] | None:
+        """The object ``parts`` beneath ``root_fd`` and, ``with_tree``, its stored tree (None
+        when there is none); None when this dir has no such object."""
         fd = root_fd
         try:
             for part in parts[:-1]:
@@ -231,9 +263,13 @@ class ObjectStore:
                 if fd != root_fd:
                     os.close(fd)
                 fd = sub
-            obj = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
+            obj = _regular_file(parts[-1], fd, name)
+            if obj is None:
+                return None
+            tree = _regular_file(parts[-1] + TREE_SUFFIX, fd, name) if with_tree else None
+            return obj, tree
         except OSError as exc:
-            if exc.errno in _NOT_HERE:
+            if exc.errno in _NOT_HERE:  # a directory on the way is missing (or a symlink)
                 if exc.errno == errno.ELOOP:
                     log.warning("%s: a symlink on the way to an object: refused", name)
                 return None
@@ -241,16 +277,32 @@ class ObjectStore:
         finally:
             if fd != root_fd:
                 os.close(fd)
-        st = os.fstat(obj)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(obj)
-            return None  # only a regular file is an object (as in the kernel)
-        return FdBlob(obj, st.st_size, name)
 
 
-def _verified(blob: FdBlob, meta: Metacopy) -> Blob:
-    """``blob`` behind a ``VerifiedBlob`` whose tree is built now and checked against the
-    metacopy digest (``IntegrityError`` when the object does not give it)."""
+def _regular_file(part: str, dir_fd: int, name: str) -> FdBlob | None:
+    """The regular file ``part`` in ``dir_fd``, opened without following a symlink; None when
+    there is none (or a symlink, refused as the kernel's ``LOOKUP_NO_SYMLINKS`` refuses it).
+    Other errors (EACCES, EIO) are raised: the object may be there, unreadable."""
+    try:
+        fd = os.open(part, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _NOT_HERE:
+            if exc.errno == errno.ELOOP:
+                log.warning("%s: a symlink on the way to an object: refused", name)
+            return None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None  # only a regular file is an object (as in the kernel)
+    return FdBlob(fd, st.st_size, name if not part.endswith(TREE_SUFFIX) else name + TREE_SUFFIX)
+
+
+def _verified(blob: FdBlob, meta: Metacopy,
+              tree_file: FdBlob | None) -> tuple[Blob, bytes | None]:
+    """``blob`` behind a ``VerifiedBlob`` whose tree, stored beside it (``tree_file``) or built
+    now, gives the metacopy digest (``IntegrityError`` when the object does not give it); and
+    the object's bytes when it was small enough to be read whole for that."""
     from .verity.blob import MerkleTree, VerifiedBlob
     from .verity.build import build_tree
     from .verity.formats import HashParams
@@ -258,15 +310,94 @@ def _verified(blob: FdBlob, meta: Metacopy) -> Blob:
 
     assert meta.alg is not None and meta.digest is not None
     params = HashParams.fsverity(meta.alg)
-    built = build_tree(blob.read, blob.size, params)
     want = FsVerityDigest(meta.alg, meta.digest)
-    if built.fsverity_digest != meta.digest:
-        # checked here, not by the tree's anchor, whose words are a layer's and its sidecar's
-        raise IntegrityError(
-            f"fs-verity digest mismatch: object {want} ({blob.size} bytes) gives "
-            f"{meta.alg}:{built.fsverity_digest.hex()} (object changed?)", image=blob.name)
-    tree = MerkleTree(params, blob.size, _MemoryBlob(built.tree, blob.name + " (tree)"), 0, want)
-    verified = VerifiedBlob(blob, tree, name=blob.name, kind=f"object {want}",
+    tree = None
+    whole: bytes | None = None
+    read: Callable[[int, int], bytes] = blob.read
+    if tree_file is not None:
+        try:
+            tree = _stored_tree(tree_file, blob.size, params, meta.digest)
+        finally:
+            tree_file.close()
+    elif blob.size <= WHOLE_OBJECT_BYTES:
+        data = whole = blob.read(0, blob.size)  # one pread; served only once it gives the digest
+
+        def read(pos: int, length: int) -> bytes:
+            return data[pos:pos + length]
+    if tree is None:
+        built = build_tree(read, blob.size, params)
+        if built.fsverity_digest != meta.digest:
+            # checked here, not by the tree's anchor, whose words are a layer's and its sidecar's
+            raise IntegrityError(
+                f"fs-verity digest mismatch: object {want} ({blob.size} bytes) gives "
+                f"{meta.alg}:{built.fsverity_digest.hex()} (object changed?)", image=blob.name)
+        tree = built.tree
+    merkle = MerkleTree(params, blob.size, _MemoryBlob(tree, blob.name + " (tree)"), 0, want)
+
+    def verifier() -> Blob:
+        return VerifiedBlob(blob, merkle, name=blob.name, kind=f"object {want}",
                             cache_bytes=16 * params.hash_block_size)
-    verified.cost = len(built.tree) + 16 * params.hash_block_size  # type: ignore[attr-defined]
-    return verified
+    return _Deferred(blob, verifier, len(tree) + 16 * params.hash_block_size), whole
+
+
+class _Deferred:
+    """A verified object whose ``VerifiedBlob`` is made at its first read through it: most
+    objects are read whole at open and then served by the kernel's page cache, never again by
+    us, and making one costs a re-read of a one-block object (its root is its block's hash)."""
+
+    def __init__(self, inner: FdBlob, make: Callable[[], Blob], cost: int) -> None:
+        self._inner = inner
+        self._make = make
+        self._blob: Blob | None = None
+        self._lock = threading.Lock()
+        self.name = inner.name
+        self.cost = cost  # what it weighs in the cache of open objects: its tree
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        blob = self._blob
+        if blob is None:
+            with self._lock:
+                if self._blob is None:
+                    self._blob = self._make()
+                blob = self._blob
+        return blob.read(offset, length)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._blob is not None:
+                self._blob.close()
+            else:
+                self._inner.close()
+
+
+def _stored_tree(tree_file: FdBlob, data_size: int, params: HashParams,
+                 digest: bytes) -> bytes | None:
+    """The tree stored beside an object when all of it is good and it gives ``digest``; None
+    (and a log line, unless it is just absent) when it cannot be used."""
+    from .verity.build import tree_from_stored
+    from .verity.formats import VERITY_MAGIC, data_blocks_of, geometry, hash_area_offset
+
+    geo = geometry(data_blocks_of(data_size, params.data_block_size), params.hashes_per_block)
+    need = geo.total_blocks * params.hash_block_size
+    offset = 0
+    hbs = params.hash_block_size
+    if tree_file.size == hash_area_offset(0, hbs, True) + need and need:
+        # seal's veritysetup form: superblock block, then the same tree
+        if tree_file.read(0, len(VERITY_MAGIC)) == VERITY_MAGIC:
+            offset = hash_area_offset(0, hbs, True)
+    why = "of the wrong size"
+    built = None
+    if need and tree_file.size == offset + need:
+        built = tree_from_stored(tree_file.read(offset, need), data_size, params)
+        why = "not self-consistent"
+    if built is not None and built.fsverity_digest == digest:
+        return built.tree
+    if built is not None:
+        why = "of other contents"
+    log.warning("%s: %s, not used: hashing the object whole", tree_file.name,
+                f"a Merkle tree {why} (changed, or not this object's)")
+    return None
