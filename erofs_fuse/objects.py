@@ -31,6 +31,7 @@ gets its tree again on its next open.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -42,11 +43,14 @@ from cachetools import LRUCache
 from .blob import BlobIOError
 from .erofs.errors import CorruptImageError, ErofsError, MetacopyError
 from .erofs.metacopy import Metacopy, redirect_components
+from .verity.blob import MerkleTree, VerifiedBlob
+from .verity.build import build_tree, tree_from_stored
+from .verity.formats import VERITY_MAGIC, HashParams, data_blocks_of, geometry, hash_area_offset
+from .verity.trust import FsVerityDigest, IntegrityError
 
 if TYPE_CHECKING:
     from .blob import Blob
     from .erofs.image import Inode
-    from .verity.formats import HashParams
 
 log = logging.getLogger(__name__)
 
@@ -303,13 +307,9 @@ def _verified(blob: FdBlob, meta: Metacopy,
     """``blob`` behind a ``VerifiedBlob`` whose tree, stored beside it (``tree_file``) or built
     now, gives the metacopy digest (``IntegrityError`` when the object does not give it); and
     the object's bytes when it was small enough to be read whole for that."""
-    from .verity.blob import MerkleTree, VerifiedBlob
-    from .verity.build import build_tree
-    from .verity.formats import HashParams
-    from .verity.trust import FsVerityDigest, IntegrityError
 
     assert meta.alg is not None and meta.digest is not None
-    params = HashParams.fsverity(meta.alg)
+    params = _params(meta.alg)
     want = FsVerityDigest(meta.alg, meta.digest)
     tree = None
     whole: bytes | None = None
@@ -374,12 +374,15 @@ class _Deferred:
                 self._inner.close()
 
 
+@functools.lru_cache(maxsize=None)
+def _params(alg: str) -> HashParams:
+    return HashParams.fsverity(alg)  # validated once per algorithm, not once per object
+
+
 def _stored_tree(tree_file: FdBlob, data_size: int, params: HashParams,
                  digest: bytes) -> bytes | None:
     """The tree stored beside an object when all of it is good and it gives ``digest``; None
     (and a log line, unless it is just absent) when it cannot be used."""
-    from .verity.build import tree_from_stored
-    from .verity.formats import VERITY_MAGIC, data_blocks_of, geometry, hash_area_offset
 
     geo = geometry(data_blocks_of(data_size, params.data_block_size), params.hashes_per_block)
     need = geo.total_blocks * params.hash_block_size
