@@ -84,10 +84,12 @@ def tree_name(digest: bytes) -> str:
 class FdBlob:
     """An open object read with ``os.pread`` (the ``Blob`` protocol); closed when dropped."""
 
-    def __init__(self, fd: int, size: int, name: str) -> None:
+    def __init__(self, fd: int, size: int, name: str,
+                 identity: tuple[int, ...] | None = None) -> None:
         self._fd = fd
         self._size = size
         self.name = name
+        self._identity = identity  # as it was opened (the fstat made then), if known
 
     @property
     def size(self) -> int:
@@ -107,9 +109,11 @@ class FdBlob:
         return data
 
     def identity(self) -> tuple[int, ...]:
-        """What changes when the file is replaced or written: device, inode, size, times."""
-        st = os.fstat(self._fd)
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        """What changes when the file is replaced or written: device, inode, size, times
+        (as opened, when known)."""
+        if self._identity is not None:
+            return self._identity
+        return _identity(os.fstat(self._fd))
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -299,7 +303,12 @@ def _regular_file(part: str, dir_fd: int, name: str) -> FdBlob | None:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         return None  # only a regular file is an object (as in the kernel)
-    return FdBlob(fd, st.st_size, name if not part.endswith(TREE_SUFFIX) else name + TREE_SUFFIX)
+    return FdBlob(fd, st.st_size, name if not part.endswith(TREE_SUFFIX) else name + TREE_SUFFIX,
+                  _identity(st))
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _verified(blob: FdBlob, meta: Metacopy,
@@ -307,10 +316,9 @@ def _verified(blob: FdBlob, meta: Metacopy,
     """``blob`` behind a ``VerifiedBlob`` whose tree, stored beside it (``tree_file``) or built
     now, gives the metacopy digest (``IntegrityError`` when the object does not give it); and
     the object's bytes when it was small enough to be read whole for that."""
-
     assert meta.alg is not None and meta.digest is not None
     params = _params(meta.alg)
-    want = FsVerityDigest(meta.alg, meta.digest)
+    alg, digest = meta.alg, meta.digest
     tree = None
     whole: bytes | None = None
     read: Callable[[int, int], bytes] = blob.read
@@ -328,13 +336,17 @@ def _verified(blob: FdBlob, meta: Metacopy,
         built = build_tree(read, blob.size, params)
         if built.fsverity_digest != meta.digest:
             # checked here, not by the tree's anchor, whose words are a layer's and its sidecar's
+            want = FsVerityDigest(alg, digest)
             raise IntegrityError(
                 f"fs-verity digest mismatch: object {want} ({blob.size} bytes) gives "
                 f"{meta.alg}:{built.fsverity_digest.hex()} (object changed?)", image=blob.name)
         tree = built.tree
-    merkle = MerkleTree(params, blob.size, _MemoryBlob(tree, blob.name + " (tree)"), 0, want)
+    checked = tree
 
     def verifier() -> Blob:
+        want = FsVerityDigest(alg, digest)
+        merkle = MerkleTree(params, blob.size, _MemoryBlob(checked, blob.name + " (tree)"), 0,
+                            want)
         return VerifiedBlob(blob, merkle, name=blob.name, kind=f"object {want}",
                             cache_bytes=16 * params.hash_block_size)
     return _Deferred(blob, verifier, len(tree) + 16 * params.hash_block_size), whole
