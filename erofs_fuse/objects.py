@@ -394,25 +394,27 @@ def _params(alg: str) -> HashParams:
 def _stored_tree(tree_file: FdBlob, data_size: int, params: HashParams,
                  digest: bytes) -> bytes | None:
     """The tree stored beside an object when all of it is good and it gives ``digest``; None
-    (and a log line, unless it is just absent) when it cannot be used."""
-
+    (and a log line) when it cannot be used."""
     geo = geometry(data_blocks_of(data_size, params.data_block_size), params.hashes_per_block)
-    need = geo.total_blocks * params.hash_block_size
-    offset = 0
     hbs = params.hash_block_size
-    if tree_file.size == hash_area_offset(0, hbs, True) + need and need:
-        # seal's veritysetup form: superblock block, then the same tree
-        if tree_file.read(0, len(VERITY_MAGIC)) == VERITY_MAGIC:
-            offset = hash_area_offset(0, hbs, True)
+    need = geo.total_blocks * hbs
+    # seal's veritysetup form has a superblock block first; its fields need no check, since
+    # every byte of the tree after it is checked against the digest
+    head = hash_area_offset(0, hbs, True)
     why = "of the wrong size"
     built = None
-    if need and tree_file.size == offset + need:
-        built = tree_from_stored(tree_file.read(offset, need), data_size, params)
-        why = "not self-consistent"
+    try:
+        offset = 0
+        if need and tree_file.size == head + need and (
+                tree_file.read(0, len(VERITY_MAGIC)) == VERITY_MAGIC):
+            offset = head
+        if need and tree_file.size == offset + need:
+            built = tree_from_stored(tree_file.read(offset, need), data_size, params)
+            why = "not self-consistent" if built is None else "of other contents"
+    except ErofsError as exc:  # unreadable: the object may still be good
+        why = f"unreadable ({exc.message})"
     if built is not None and built.fsverity_digest == digest:
         return built.tree
-    if built is not None:
-        why = "of other contents"
-    log.warning("%s: %s, not used: hashing the object whole", tree_file.name,
-                f"a Merkle tree {why} (changed, or not this object's)")
+    log.warning("%s: a Merkle tree %s (changed, or not this object's), not used: hashing the "
+                "object whole", tree_file.name, why)
     return None

@@ -30,6 +30,7 @@ from erofs_fuse.objects import WHOLE_OBJECT_BYTES, ObjectStore, object_name, tre
 from erofs_fuse.fuse.overlay import MergedTree, Node
 from erofs_fuse.verity.build import build_tree
 from erofs_fuse.verity.formats import HashParams
+from erofs_fuse.verity.sealing import seal
 from helpers import kernel_erofs, mkfs_erofs, require_tool
 from mounting import env, fuse_mount, require_overlay
 
@@ -581,6 +582,7 @@ def test_mount_options(stack: Stack, tmp_path: Path) -> None:
 # trees stored beside objects (convert --objects) ----------------------------------------------
 STORED = {"huge": 16 * 1024 * 1024 + 123,  # over 4096 leaves: a tree of three levels
           "medium": 300_000,                # just over WHOLE_OBJECT_BYTES: a tree of two blocks
+          "aligned": 64 * BS,               # whole blocks: seal writes a veritysetup form
           "little": 10_000}                 # read whole at open: no tree stored
 HUGE_BLOCK = 1000                           # the block tampered with in the tests below
 
@@ -671,6 +673,17 @@ def test_stored_tree_spares_the_whole_object_pass(written: Written, written_stor
     os.unlink(written.tree(written_store, "huge"))
     got, cost = read_counted(written, written_store, "huge", offset, BS)
     assert got == payload[offset:offset + BS] and cost >= size
+
+
+def test_tree_in_seals_form_is_used(written: Written, written_store: str) -> None:
+    """``erofs-fuse seal OBJECT`` writes a veritysetup hash device (a superblock block, then
+    the same tree) for a block-aligned object: accepted beside the object as well."""
+    obj = written.obj(written_store, "aligned")
+    sealed = seal(obj, written.tree(written_store, "aligned"))
+    assert sealed.dm_root is not None  # the veritysetup form, not the raw tree
+    payload = written.data["aligned"]
+    got, cost = read_counted(written, written_store, "aligned", 10 * BS, BS)
+    assert got == payload[10 * BS:11 * BS] and cost < len(payload) // 2
 
 
 def test_small_object_is_read_once(written: Written, written_store: str) -> None:
