@@ -25,28 +25,26 @@ first open (about 1.2 s per GB) and its root checked against the digest; an obje
 before that open fails it and no block of it is served, since no trusted tree exists to tell
 good blocks from bad ones. Trees live in memory, in an LRU bounded by bytes (a tree is about
 1/128 of its object: 64 MiB of trees cover about 8 GiB of open objects); an evicted object
-gets its tree again on its next open.
+gets its tree again on its next open. An object of at most ``WHOLE_OBJECT_BYTES`` has no
+stored tree: it is read whole at open (one pread), hashed, checked, and the read that opened it
+is served from those bytes. The checks themselves are in ``verity/objects.py``.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat
 import threading
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from cachetools import LRUCache
 
 from .blob import BlobIOError
 from .erofs.errors import CorruptImageError, ErofsError, MetacopyError
 from .erofs.metacopy import Metacopy, redirect_components
-from .verity.blob import MerkleTree, VerifiedBlob
-from .verity.build import build_tree, tree_from_stored
-from .verity.formats import VERITY_MAGIC, HashParams, data_blocks_of, geometry, hash_area_offset
-from .verity.trust import FsVerityDigest, IntegrityError
+from .verity.objects import verified_object
 
 if TYPE_CHECKING:
     from .blob import Blob
@@ -122,24 +120,6 @@ class FdBlob:
 
     def __del__(self) -> None:
         self.close()
-
-
-class _MemoryBlob:
-    """A tree held in memory, as the ``source`` of a ``MerkleTree``."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        self._data = data
-        self.name = name
-
-    @property
-    def size(self) -> int:
-        return len(self._data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._data[offset:offset + length]
-
-    def close(self) -> None:
-        pass
 
 
 class ObjectStore:
@@ -252,7 +232,9 @@ class ObjectStore:
             if failed is not None and failed[0] == identity:
                 raise failed[1]  # unchanged since it failed: not hashed again
             try:
-                return _verified(blob, meta, tree_file)
+                assert meta.alg is not None
+                return verified_object(blob, meta.alg, meta.digest, tree_file,
+                                       WHOLE_OBJECT_BYTES)
             except ErofsError as exc:
                 with self._lock:
                     self._failed[key] = (identity, exc)
@@ -309,112 +291,3 @@ def _regular_file(part: str, dir_fd: int, name: str) -> FdBlob | None:
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _verified(blob: FdBlob, meta: Metacopy,
-              tree_file: FdBlob | None) -> tuple[Blob, bytes | None]:
-    """``blob`` behind a ``VerifiedBlob`` whose tree, stored beside it (``tree_file``) or built
-    now, gives the metacopy digest (``IntegrityError`` when the object does not give it); and
-    the object's bytes when it was small enough to be read whole for that."""
-    assert meta.alg is not None and meta.digest is not None
-    params = _params(meta.alg)
-    alg, digest = meta.alg, meta.digest
-    tree = None
-    whole: bytes | None = None
-    read: Callable[[int, int], bytes] = blob.read
-    if tree_file is not None:
-        try:
-            tree = _stored_tree(tree_file, blob.size, params, meta.digest)
-        finally:
-            tree_file.close()
-    elif blob.size <= WHOLE_OBJECT_BYTES:
-        data = whole = blob.read(0, blob.size)  # one pread; served only once it gives the digest
-
-        def read(pos: int, length: int) -> bytes:
-            return data[pos:pos + length]
-    if tree is None:
-        built = build_tree(read, blob.size, params)
-        if built.fsverity_digest != meta.digest:
-            # checked here, not by the tree's anchor, whose words are a layer's and its sidecar's
-            want = FsVerityDigest(alg, digest)
-            raise IntegrityError(
-                f"fs-verity digest mismatch: object {want} ({blob.size} bytes) gives "
-                f"{meta.alg}:{built.fsverity_digest.hex()} (object changed?)", image=blob.name)
-        tree = built.tree
-    checked = tree
-
-    def verifier() -> Blob:
-        want = FsVerityDigest(alg, digest)
-        merkle = MerkleTree(params, blob.size, _MemoryBlob(checked, blob.name + " (tree)"), 0,
-                            want)
-        return VerifiedBlob(blob, merkle, name=blob.name, kind=f"object {want}",
-                            cache_bytes=16 * params.hash_block_size)
-    return _Deferred(blob, verifier, len(tree) + 16 * params.hash_block_size), whole
-
-
-class _Deferred:
-    """A verified object whose ``VerifiedBlob`` is made at its first read through it: most
-    objects are read whole at open and then served by the kernel's page cache, never again by
-    us, and making one costs a re-read of a one-block object (its root is its block's hash)."""
-
-    def __init__(self, inner: FdBlob, make: Callable[[], Blob], cost: int) -> None:
-        self._inner = inner
-        self._make = make
-        self._blob: Blob | None = None
-        self._lock = threading.Lock()
-        self.name = inner.name
-        self.cost = cost  # what it weighs in the cache of open objects: its tree
-
-    @property
-    def size(self) -> int:
-        return self._inner.size
-
-    def read(self, offset: int, length: int) -> bytes:
-        blob = self._blob
-        if blob is None:
-            with self._lock:
-                if self._blob is None:
-                    self._blob = self._make()
-                blob = self._blob
-        return blob.read(offset, length)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._blob is not None:
-                self._blob.close()
-            else:
-                self._inner.close()
-
-
-@functools.lru_cache(maxsize=None)
-def _params(alg: str) -> HashParams:
-    return HashParams.fsverity(alg)  # validated once per algorithm, not once per object
-
-
-def _stored_tree(tree_file: FdBlob, data_size: int, params: HashParams,
-                 digest: bytes) -> bytes | None:
-    """The tree stored beside an object when all of it is good and it gives ``digest``; None
-    (and a log line) when it cannot be used."""
-    geo = geometry(data_blocks_of(data_size, params.data_block_size), params.hashes_per_block)
-    hbs = params.hash_block_size
-    need = geo.total_blocks * hbs
-    # seal's veritysetup form has a superblock block first; its fields need no check, since
-    # every byte of the tree after it is checked against the digest
-    head = hash_area_offset(0, hbs, True)
-    why = "of the wrong size"
-    built = None
-    try:
-        offset = 0
-        if need and tree_file.size == head + need and (
-                tree_file.read(0, len(VERITY_MAGIC)) == VERITY_MAGIC):
-            offset = head
-        if need and tree_file.size == offset + need:
-            built = tree_from_stored(tree_file.read(offset, need), data_size, params)
-            why = "not self-consistent" if built is None else "of other contents"
-    except ErofsError as exc:  # unreadable: the object may still be good
-        why = f"unreadable ({exc.message})"
-    if built is not None and built.fsverity_digest == digest:
-        return built.tree
-    log.warning("%s: a Merkle tree %s (changed, or not this object's), not used: hashing the "
-                "object whole", tree_file.name, why)
-    return None
