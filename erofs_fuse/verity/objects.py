@@ -18,7 +18,7 @@ from .build import build_tree, tree_from_stored
 from .formats import VERITY_MAGIC, HashParams, data_blocks_of, geometry, hash_area_offset
 from .trust import FsVerityDigest, IntegrityError
 
-log = logging.getLogger("erofs_fuse.objects")  # the store's log, as before the move
+log = logging.getLogger(__name__)
 
 
 def verified_object(blob: Blob, alg: str, digest: bytes, tree_file: Blob | None,
