@@ -12,15 +12,22 @@ opened relative to the descriptor of its parent (the data dir's, opened once) wi
 ``O_NOFOLLOW``, ``.``/``..`` and empty components are refused before any lookup, and only a
 regular file is an object. An object whose size differs from the file's is refused.
 
-Verification: when the metacopy xattr carries an fs-verity digest, the object's Merkle tree is
-built on first open (the object is read once, about 1.2 s per GB), its root with the object's
-size must give that digest, and from then on every read is checked block by block against the
-tree by a ``VerifiedBlob`` (the layers' verifier): a block changed afterwards gives EIO, the
-other blocks are still served. Trees live in memory only, in an LRU bounded by bytes (a tree is
-about 1/128 of its object: 64 MiB of trees cover about 8 GiB of open objects); an evicted
-object is opened, hashed and checked again on its next read. An object changed before its
-first open fails its digest check: no block of it is served, since no trusted tree exists to
-tell good blocks from bad ones.
+Verification: when the metacopy xattr carries an fs-verity digest, every read is checked block
+by block against the object's Merkle tree by a ``VerifiedBlob`` (the layers' verifier): a block
+that does not match gives EIO, the other blocks are still served. The tree comes from beside
+the object when the store has it (``ab/cdef....verity``, ``tree_name``: what ``convert
+--objects`` writes; the raw fs-verity tree, or ``seal``'s veritysetup form): it is read whole
+(1/128 of the object), its upper levels rebuilt from its leaves, and its root with the object's
+size must give the digest, so a tree changed in any byte is caught before it is used, and the
+object itself is not read before its first read. A tree that is missing (mkcomposefs writes
+none), malformed or does not give the digest is not used: the object is then hashed whole on
+first open (about 1.2 s per GB) and its root checked against the digest; an object changed
+before that open fails it and no block of it is served, since no trusted tree exists to tell
+good blocks from bad ones. Trees live in memory, in an LRU bounded by bytes (a tree is about
+1/128 of its object: 64 MiB of trees cover about 8 GiB of open objects); an evicted object
+gets its tree again on its next open. An object of at most ``WHOLE_OBJECT_BYTES`` has no
+stored tree: it is read whole at open (one pread), hashed, checked, and the read that opened it
+is served from those bytes. The checks themselves are in ``verity/objects.py``.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from cachetools import LRUCache
 from .blob import BlobIOError
 from .erofs.errors import CorruptImageError, ErofsError, MetacopyError
 from .erofs.metacopy import Metacopy, redirect_components
+from .verity.objects import verified_object
 
 if TYPE_CHECKING:
     from .blob import Blob
@@ -46,6 +54,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OBJECT_CACHE_BYTES = 64 << 20  # trees of open verified objects
 DEFAULT_OPEN_OBJECTS = 256  # descriptors kept open
+TREE_SUFFIX = ".verity"  # an object's Merkle tree, beside it: ab/cdef....verity
+# A verified object up to this size is read whole when opened (one pread, the bytes hashed as
+# they arrive) and the read that opened it is served from those bytes: at most one FUSE read
+# (32 pages), so it is read and hashed once, with no stored tree. Bigger ones get their tree
+# from beside them (the writer stores trees only for them).
+WHOLE_OBJECT_BYTES = 128 << 10
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # the object is not in this data dir: try the next one (ELOOP: a symlink, refused, as the
@@ -60,13 +74,20 @@ def object_name(digest: bytes) -> str:
     return f"{hexd[:2]}/{hexd[2:]}"
 
 
+def tree_name(digest: bytes) -> str:
+    """Where the writer keeps the Merkle tree of the object ``object_name(digest)``."""
+    return object_name(digest) + TREE_SUFFIX
+
+
 class FdBlob:
     """An open object read with ``os.pread`` (the ``Blob`` protocol); closed when dropped."""
 
-    def __init__(self, fd: int, size: int, name: str) -> None:
+    def __init__(self, fd: int, size: int, name: str,
+                 identity: tuple[int, ...] | None = None) -> None:
         self._fd = fd
         self._size = size
         self.name = name
+        self._identity = identity  # as it was opened (the fstat made then), if known
 
     @property
     def size(self) -> int:
@@ -86,9 +107,11 @@ class FdBlob:
         return data
 
     def identity(self) -> tuple[int, ...]:
-        """What changes when the file is replaced or written: device, inode, size, times."""
-        st = os.fstat(self._fd)
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        """What changes when the file is replaced or written: device, inode, size, times
+        (as opened, when known)."""
+        if self._identity is not None:
+            return self._identity
+        return _identity(os.fstat(self._fd))
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -97,24 +120,6 @@ class FdBlob:
 
     def __del__(self) -> None:
         self.close()
-
-
-class _MemoryBlob:
-    """A tree held in memory, as the ``source`` of a ``MerkleTree``."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        self._data = data
-        self.name = name
-
-    @property
-    def size(self) -> int:
-        return len(self._data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._data[offset:offset + length]
-
-    def close(self) -> None:
-        pass
 
 
 class ObjectStore:
@@ -165,8 +170,11 @@ class ObjectStore:
                 raise CorruptImageError(f"bad read range {offset}+{size}")
             if offset >= inode.size or size == 0:
                 return b""
-            blob = self.object_of(inode)
-            return blob.read(offset, min(size, inode.size - offset))
+            blob, whole = self._object(inode)
+            length = min(size, inode.size - offset)
+            if whole is not None:  # just opened, read whole and verified: no second read
+                return whole[offset:offset + length]
+            return blob.read(offset, length)
         except Exception as exc:
             if isinstance(exc, ErofsError) and exc.image not in (None, inode.image.name):
                 # raised about the object (a block failing verification): name the file too
@@ -175,6 +183,11 @@ class ObjectStore:
 
     def object_of(self, inode: Inode) -> Blob:
         """The open (and, with a digest, verifying) object of a metadata-only file."""
+        return self._object(inode)[0]
+
+    def _object(self, inode: Inode) -> tuple[Blob, bytes | None]:
+        """The open object, and its verified bytes when it was just opened by reading it
+        whole (``WHOLE_OBJECT_BYTES``)."""
         meta = inode.metacopy()
         if meta is None:
             raise MetacopyError("not a metadata-only file")
@@ -182,16 +195,17 @@ class ObjectStore:
         with self._lock:
             blob = self._open.get(key)
         if blob is not None and blob.size == inode.size:
-            return blob
-        blob = self._open_object(key, meta, inode.size)
+            return blob, None
+        blob, whole = self._open_object(key, meta, inode.size)
         with self._lock:
             if len(self._open) >= self._max_open:
                 self._open.popitem()
             if getattr(blob, "cost", 4096) <= self._open.maxsize:
                 self._open[key] = blob
-        return blob
+        return blob, whole
 
-    def _open_object(self, key: tuple[bytes, bytes | None], meta: Metacopy, size: int) -> Blob:
+    def _open_object(self, key: tuple[bytes, bytes | None], meta: Metacopy,
+                     size: int) -> tuple[Blob, bytes | None]:
         shown = (meta.redirect or b"").decode(errors="replace")
         if meta.digest is None and self.require_verity:
             raise MetacopyError(f"object {shown} has no fs-verity digest in its metacopy "
@@ -200,21 +214,27 @@ class ObjectStore:
         if not self._fds:
             raise MetacopyError(f"object {shown}: no data dir given")
         for root, fd in zip(self.dirs, self._fds):
-            blob = self._open_in(fd, parts, os.path.join(root, *parts))
-            if blob is None:
+            found = self._open_in(fd, parts, os.path.join(root, *parts),
+                                  with_tree=meta.digest is not None and size > WHOLE_OBJECT_BYTES)
+            if found is None:
                 continue
+            blob, tree_file = found
             if blob.size != size:
+                if tree_file is not None:
+                    tree_file.close()
                 raise MetacopyError(f"object {blob.name} has {blob.size} bytes, the file "
                                     f"{size}")
             if meta.digest is None:
-                return blob
+                return blob, None
             identity = blob.identity()
             with self._lock:
                 failed = self._failed.get(key)
             if failed is not None and failed[0] == identity:
                 raise failed[1]  # unchanged since it failed: not hashed again
             try:
-                return _verified(blob, meta)
+                assert meta.alg is not None
+                return verified_object(blob, meta.alg, meta.digest, tree_file,
+                                       WHOLE_OBJECT_BYTES)
             except ErofsError as exc:
                 with self._lock:
                     self._failed[key] = (identity, exc)
@@ -222,8 +242,10 @@ class ObjectStore:
         raise MetacopyError(f"object {shown} is in none of the data dirs "
                             f"({', '.join(self.dirs)})")
 
-    def _open_in(self, root_fd: int, parts: list[str], name: str) -> FdBlob | None:
-        """The object ``parts`` beneath ``root_fd``, or None when this dir has none."""
+    def _open_in(self, root_fd: int, parts: list[str], name: str, *,
+                 with_tree: bool) -> tuple[FdBlob, FdBlob | None] | None:
+        """The object ``parts`` beneath ``root_fd`` and, ``with_tree``, its stored tree (None
+        when there is none); None when this dir has no such object."""
         fd = root_fd
         try:
             for part in parts[:-1]:
@@ -231,9 +253,13 @@ class ObjectStore:
                 if fd != root_fd:
                     os.close(fd)
                 fd = sub
-            obj = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
+            obj = _regular_file(parts[-1], fd, name)
+            if obj is None:
+                return None
+            tree = _regular_file(parts[-1] + TREE_SUFFIX, fd, name) if with_tree else None
+            return obj, tree
         except OSError as exc:
-            if exc.errno in _NOT_HERE:
+            if exc.errno in _NOT_HERE:  # a directory on the way is missing (or a symlink)
                 if exc.errno == errno.ELOOP:
                     log.warning("%s: a symlink on the way to an object: refused", name)
                 return None
@@ -241,32 +267,27 @@ class ObjectStore:
         finally:
             if fd != root_fd:
                 os.close(fd)
-        st = os.fstat(obj)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(obj)
-            return None  # only a regular file is an object (as in the kernel)
-        return FdBlob(obj, st.st_size, name)
 
 
-def _verified(blob: FdBlob, meta: Metacopy) -> Blob:
-    """``blob`` behind a ``VerifiedBlob`` whose tree is built now and checked against the
-    metacopy digest (``IntegrityError`` when the object does not give it)."""
-    from .verity.blob import MerkleTree, VerifiedBlob
-    from .verity.build import build_tree
-    from .verity.formats import HashParams
-    from .verity.trust import FsVerityDigest, IntegrityError
+def _regular_file(part: str, dir_fd: int, name: str) -> FdBlob | None:
+    """The regular file ``part`` in ``dir_fd``, opened without following a symlink; None when
+    there is none (or a symlink, refused as the kernel's ``LOOKUP_NO_SYMLINKS`` refuses it).
+    Other errors (EACCES, EIO) are raised: the object may be there, unreadable."""
+    try:
+        fd = os.open(part, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _NOT_HERE:
+            if exc.errno == errno.ELOOP:
+                log.warning("%s: a symlink on the way to an object: refused", name)
+            return None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None  # only a regular file is an object (as in the kernel)
+    return FdBlob(fd, st.st_size, name if not part.endswith(TREE_SUFFIX) else name + TREE_SUFFIX,
+                  _identity(st))
 
-    assert meta.alg is not None and meta.digest is not None
-    params = HashParams.fsverity(meta.alg)
-    built = build_tree(blob.read, blob.size, params)
-    want = FsVerityDigest(meta.alg, meta.digest)
-    if built.fsverity_digest != meta.digest:
-        # checked here, not by the tree's anchor, whose words are a layer's and its sidecar's
-        raise IntegrityError(
-            f"fs-verity digest mismatch: object {want} ({blob.size} bytes) gives "
-            f"{meta.alg}:{built.fsverity_digest.hex()} (object changed?)", image=blob.name)
-    tree = MerkleTree(params, blob.size, _MemoryBlob(built.tree, blob.name + " (tree)"), 0, want)
-    verified = VerifiedBlob(blob, tree, name=blob.name, kind=f"object {want}",
-                            cache_bytes=16 * params.hash_block_size)
-    verified.cost = len(built.tree) + 16 * params.hash_block_size  # type: ignore[attr-defined]
-    return verified
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -24,10 +26,11 @@ import pytest
 from erofs_fuse.erofs.errors import ErofsError, MetacopyError
 from erofs_fuse.erofs.image import Image
 from erofs_fuse.erofs.metacopy import parse_metacopy, redirect_components
-from erofs_fuse.objects import ObjectStore, object_name
+from erofs_fuse.objects import WHOLE_OBJECT_BYTES, ObjectStore, object_name, tree_name
 from erofs_fuse.fuse.overlay import MergedTree, Node
 from erofs_fuse.verity.build import build_tree
 from erofs_fuse.verity.formats import HashParams
+from erofs_fuse.verity.sealing import seal
 from helpers import kernel_erofs, mkfs_erofs, require_tool
 from mounting import env, fuse_mount, require_overlay
 
@@ -574,3 +577,191 @@ def test_mount_options(stack: Stack, tmp_path: Path) -> None:
     helper = mount_helper_args([stack.layers[2], mnt, "-o", f"noauto,datadir={stack.objects}"])
     assert helper is not None
     assert parse_args(helper).data_dirs == [stack.objects]
+
+
+# trees stored beside objects (convert --objects) ----------------------------------------------
+STORED = {"huge": 16 * 1024 * 1024 + 123,  # over 4096 leaves: a tree of three levels
+          "medium": 300_000,                # just over WHOLE_OBJECT_BYTES: a tree of two blocks
+          "aligned": 64 * BS,               # whole blocks: seal writes a veritysetup form
+          "little": 10_000}                 # read whole at open: no tree stored
+HUGE_BLOCK = 1000                           # the block tampered with in the tests below
+
+
+@dataclass
+class Written:
+    dir: Path
+    layer: str
+    store: str
+    data: dict[str, bytes]
+    digests: dict[str, bytes]
+
+    def obj(self, store: str, name: str) -> str:
+        return os.path.join(store, object_name(self.digests[name]))
+
+    def tree(self, store: str, name: str) -> str:
+        return os.path.join(store, tree_name(self.digests[name]))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> Written:
+    """A layer and its store made by ``erofs-fuse convert --objects`` from a directory."""
+    root = tmp_path_factory.mktemp("stored-trees")
+    src = root / "src"
+    src.mkdir()
+    rng = random.Random(7)
+    data = {name: rng.randbytes(size) for name, size in STORED.items()}
+    for name, payload in data.items():
+        (src / name).write_bytes(payload)
+    layer, store = str(root / "meta.erofs"), str(root / "objects")
+    proc = cli("convert", "--objects", store, str(src), layer)
+    assert proc.returncode == 0, proc.stderr
+    digests = {}
+    with Image.open(layer) as image:
+        for name in STORED:
+            meta = image.lookup(name).metacopy()
+            assert meta is not None and meta.digest is not None
+            digests[name] = meta.digest
+    return Written(root, layer, store, data, digests)
+
+
+@pytest.fixture
+def written_store(written: Written, tmp_path: Path) -> str:
+    dest = tmp_path / "objects"
+    shutil.copytree(written.store, dest)
+    return str(dest)
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through read(2)/pread(2) so far (``rchar``)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def read_counted(written: Written, store: str, name: str, offset: int,
+                 size: int) -> tuple[bytes, int]:
+    """Bytes of file ``name`` read through a fresh ObjectStore, and how many bytes the process
+    read to get them (the object, its tree, the layer's metadata)."""
+    with Image.open(written.layer) as image, ObjectStore([store]) as objects:
+        inode = image.lookup(name)
+        inode.metacopy()
+        before = bytes_read()
+        got = objects.read(inode, offset, size)
+        return got, bytes_read() - before
+
+
+def test_writer_keeps_the_trees_of_big_objects(written: Written) -> None:
+    for name, payload in written.data.items():
+        tree = written.tree(written.store, name)
+        if len(payload) <= WHOLE_OBJECT_BYTES:
+            assert not os.path.exists(tree)
+            continue
+        with open(written.obj(written.store, name), "rb") as f:
+            assert f.read() == payload
+        built = build_tree(lambda o, n: payload[o:o + n], len(payload), HashParams.fsverity())
+        assert Path(tree).read_bytes() == built.tree  # fsverity's --out-merkle-tree bytes
+        assert 0 < len(built.tree) <= len(payload) // 128 + 3 * BS  # ~1/128, a block a level
+
+
+def test_stored_tree_spares_the_whole_object_pass(written: Written, written_store: str) -> None:
+    """The first read of a big object reads the block asked and the tree (1/128), not the
+    object; without its tree the object is hashed whole first, as before."""
+    size, payload = STORED["huge"], written.data["huge"]
+    offset = 8 << 20
+    got, cost = read_counted(written, written_store, "huge", offset, BS)
+    assert got == payload[offset:offset + BS]
+    assert cost < BS + size // 128 + (64 << 10), cost
+    os.unlink(written.tree(written_store, "huge"))
+    got, cost = read_counted(written, written_store, "huge", offset, BS)
+    assert got == payload[offset:offset + BS] and cost >= size
+
+
+def test_tree_in_seals_form_is_used(written: Written, written_store: str) -> None:
+    """``erofs-fuse seal OBJECT`` writes a veritysetup hash device (a superblock block, then
+    the same tree) for a block-aligned object: accepted beside the object as well."""
+    obj = written.obj(written_store, "aligned")
+    sealed = seal(obj, written.tree(written_store, "aligned"))
+    assert sealed.dm_root is not None  # the veritysetup form, not the raw tree
+    payload = written.data["aligned"]
+    got, cost = read_counted(written, written_store, "aligned", 10 * BS, BS)
+    assert got == payload[10 * BS:11 * BS] and cost < len(payload) // 2
+
+
+def test_small_object_is_read_once(written: Written, written_store: str) -> None:
+    payload = written.data["little"]
+    got, cost = read_counted(written, written_store, "little", 0, 1 << 20)
+    assert got == payload and cost < 2 * len(payload)
+
+
+def _tree_of_other_contents(written: Written) -> bytes:
+    changed = bytearray(written.data["huge"])
+    changed[5] ^= 1
+    return build_tree(lambda o, n: bytes(changed[o:o + n]), len(changed),
+                      HashParams.fsverity()).tree
+
+
+@pytest.mark.parametrize("damage", ["leaf", "top", "truncated", "other", "symlink"])
+def test_bad_stored_tree_is_not_used(written: Written, written_store: str, damage: str,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A tree changed anywhere, cut short, of other contents, or a symlink: the object is
+    hashed whole instead, and its bytes are still served."""
+    tree = written.tree(written_store, "huge")
+    tree_size = os.path.getsize(tree)
+    if damage == "leaf":
+        flip_bit(tree, tree_size - 3 * BS + 100)  # a leaf block: the root check alone misses it
+    elif damage == "top":
+        flip_bit(tree, 10)
+    elif damage == "truncated":
+        os.truncate(tree, tree_size - BS)
+    elif damage == "other":
+        Path(tree).write_bytes(_tree_of_other_contents(written))
+    else:
+        os.rename(tree, tree + ".real")
+        os.symlink(os.path.basename(tree) + ".real", tree)
+    size, payload = STORED["huge"], written.data["huge"]
+    caplog.set_level(logging.WARNING, logger="erofs_fuse")
+    got, cost = read_counted(written, written_store, "huge", 0, 3 * BS)
+    assert got == payload[:3 * BS] and cost >= size  # the whole pass
+    assert any("Merkle tree" in r.getMessage() or "symlink" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_object_tampered_with_a_stored_tree_fails_only_that_block(
+        written: Written, written_store: str) -> None:
+    """Tampered before its first open: with a trusted tree, only the changed block is
+    refused (without one the whole object is: test_object_tampered_before_first_open)."""
+    payload = written.data["huge"]
+    flip_bit(written.obj(written_store, "huge"), HUGE_BLOCK * BS + 17)
+    with Image.open(written.layer) as image, ObjectStore([written_store]) as objects:
+        inode = image.lookup("huge")
+        for block in (0, HUGE_BLOCK - 1, HUGE_BLOCK + 1):
+            assert objects.read(inode, block * BS, BS) == payload[block * BS:(block + 1) * BS]
+        with pytest.raises(ErofsError, match=f"data block {HUGE_BLOCK}"):
+            objects.read(inode, HUGE_BLOCK * BS, BS)
+        with pytest.raises(ErofsError, match=f"data block {HUGE_BLOCK}"):
+            objects.read(inode, (HUGE_BLOCK - 2) * BS, 8 * BS)
+
+
+def test_mount_reads_through_stored_trees(written: Written, written_store: str) -> None:
+    """A store written by convert --objects, mounted: every file reads whole; a tampered
+    block of a big object is EIO alone; a big object with a bad tree still reads."""
+    flip_bit(written.obj(written_store, "huge"), HUGE_BLOCK * BS + 17)
+    flip_bit(written.tree(written_store, "medium"), 100)
+    with fuse_mount([written.layer], "--data-dir", written_store,
+                    "--require-object-verity") as fm:
+        for name in ("medium", "little"):
+            with open(os.path.join(fm.mountpoint, name), "rb") as f:
+                assert f.read() == written.data[name], name
+        payload = written.data["huge"]
+        fd = os.open(os.path.join(fm.mountpoint, "huge"), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # one block a read
+            for block in (0, HUGE_BLOCK - 1, HUGE_BLOCK + 1, STORED["huge"] // BS):
+                assert os.pread(fd, BS, block * BS) == payload[block * BS:(block + 1) * BS]
+            with pytest.raises(OSError) as info:
+                os.pread(fd, BS, HUGE_BLOCK * BS)
+            assert info.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        log = fm.log_text()
+        assert f"data block {HUGE_BLOCK}" in log
+        assert "Merkle tree" in log and tree_name(written.digests["medium"]) in log

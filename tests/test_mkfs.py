@@ -20,7 +20,7 @@ from treeview import TreeView, parse_manifest, view_of_dir
 
 from erofs_fuse.erofs.image import Image
 from erofs_fuse.mkfs import ConvertOptions, convert_dir, convert_tar
-from erofs_fuse.objects import object_name
+from erofs_fuse.objects import TREE_SUFFIX, WHOLE_OBJECT_BYTES, object_name
 
 MODES = {"full": ConvertOptions(), "tar-index": ConvertOptions(tar_index=True)}
 COMPRESSED = {"lz4": ConvertOptions(compress="lz4"),
@@ -425,13 +425,24 @@ def test_objects_store_file_bytes_by_fsverity_digest(tmp_path: Path) -> None:
         meta.append(str(tmp_path / f"{layer}-meta.erofs"))
         stored += result.objects_stored
     fsverity = require_tool("fsverity")
-    objects = sorted(p for p in store.rglob("*") if p.is_file())
+    files = sorted(p for p in store.rglob("*") if p.is_file())
+    objects = [p for p in files if p.suffix != TREE_SUFFIX]
     assert len(objects) == stored > 0
+    trees = 0
     for obj in objects:
-        digest = subprocess.run([fsverity, "digest", str(obj)], capture_output=True, text=True,
-                                check=True).stdout.split()[0]
-        assert obj.relative_to(store).as_posix() == object_name(
-            bytes.fromhex(digest.removeprefix("sha256:")))
+        tree = tmp_path / "tree"
+        digest = subprocess.run([fsverity, "digest", str(obj), f"--out-merkle-tree={tree}"],
+                                capture_output=True, text=True, check=True).stdout.split()[0]
+        name = obj.relative_to(store).as_posix()
+        assert name == object_name(bytes.fromhex(digest.removeprefix("sha256:")))
+        # big objects have their tree beside them, exactly fsverity's; small ones none
+        stored_tree = store / (name + TREE_SUFFIX)
+        if obj.stat().st_size > WHOLE_OBJECT_BYTES:
+            assert stored_tree.read_bytes() == tree.read_bytes()
+            trees += 1
+        else:
+            assert not stored_tree.exists()
+    assert len(files) == len(objects) + trees and trees > 0
     with kernel_erofs_stack(plain) as mounts, kernel_overlay(mounts[::-1]) as ovl:
         expected = view_of_dir(ovl)
     with kernel_erofs_stack(meta) as mounts:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Iterator, NoReturn, Sequence
 
 
@@ -177,8 +177,14 @@ class Inode:
         (they are in the object its ``redirect`` names), so ``read`` refuses it."""
         flag = self._is_metacopy
         if flag is None:
-            flag = (self.info.is_reg and self.info.xattr_icount > 0
-                    and self.getxattr(METACOPY_XATTR) is not None)
+            flag = False
+            if self.info.is_reg and self.info.xattr_icount > 0:
+                found = dict(self.xattrs())  # one parse for both xattrs, not one per name
+                value = found.get(METACOPY_XATTR)
+                flag = value is not None
+                if value is not None:
+                    with suppress(MetacopyError):  # metacopy() raises it when asked
+                        self._metacopy = parse_metacopy(value, found.get(REDIRECT_XATTR))
             self._is_metacopy = flag
         return flag
 

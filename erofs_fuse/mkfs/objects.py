@@ -7,6 +7,18 @@ would be) with ``trusted.overlay.metacopy`` (version 0, length, flags, algorithm
 form the kernel's overlayfs checks with ``verity=``) and ``trusted.overlay.redirect=/ab/cdef...``,
 as mkcomposefs writes them. The digest is computed while the bytes stream into a temporary file
 in DIR, which is renamed to its name, or dropped when that object already exists.
+
+Beside each object over ``WHOLE_OBJECT_BYTES`` (128 KiB) goes its Merkle tree, ``ab/cdef....verity``
+(``objects.tree_name``): the raw fs-verity tree, root-first, byte for byte what ``fsverity digest
+--out-merkle-tree`` writes (one of the two forms ``seal`` writes; not the veritysetup one, whose
+superblock block would add 4 KiB to every object). The writer has the tree in hand (it hashed
+the bytes as they streamed in), and a reader that finds it checks it against the digest in the
+metacopy xattr instead of hashing the whole object before its first read. About 1/128 of the
+object's size (at least one 4 KiB block); smaller objects need none (the reader reads them
+whole at open, hashing them as they arrive, and serves the read that opened them from those
+bytes). The tree is written, atomically, before the object is linked in, so a store
+written by this writer never shows an object without its tree; an object already there whose
+tree is missing (a store made before trees were kept) gets it.
 """
 
 from __future__ import annotations
@@ -16,8 +28,8 @@ import os
 import tempfile
 from typing import Iterable
 
-from ..objects import object_name
-from ..verity.build import tree_from_leaves
+from ..objects import WHOLE_OBJECT_BYTES, object_name, tree_name
+from ..verity.build import BuiltTree, tree_from_leaves
 from ..verity.formats import HashParams
 from .errors import BadInputError
 
@@ -50,15 +62,16 @@ class ObjectWriter:
         self.stored = 0       # objects written
         self.deduplicated = 0  # contents found already there
         self.bytes_written = 0
+        self.tree_bytes = 0   # bytes of the trees written beside the objects
 
     def put(self, pieces: Iterable[memoryview | bytes], size: int, *, entry: bytes,
             offset: int) -> bytes:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".object-")
         try:
             leaves = self._write_hashing(fd, pieces, size, entry=entry, offset=offset)
-            digest = tree_from_leaves(leaves, size, self.params).fsverity_digest
-            self._commit(tmp, digest, size)
-            return digest
+            built = tree_from_leaves(leaves, size, self.params)
+            self._commit(tmp, built, size)
+            return built.fsverity_digest
         finally:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
@@ -84,10 +97,12 @@ class ObjectWriter:
             hashes.append(self.hasher(partial + bytes(BLOCK - len(partial))))
         return b"".join(hashes)
 
-    def _commit(self, tmp: str, digest: bytes, size: int) -> None:
+    def _commit(self, tmp: str, built: BuiltTree, size: int) -> None:
+        digest = built.fsverity_digest
         final = os.path.join(self.root, object_name(digest))
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.chmod(tmp, 0o644)
+        self._write_tree(built)
         try:
             os.link(tmp, final)  # never replaces: an object with this name has these bytes
         except FileExistsError:
@@ -95,3 +110,23 @@ class ObjectWriter:
             return
         self.stored += 1
         self.bytes_written += size
+
+    def _write_tree(self, built: BuiltTree) -> None:
+        """The object's tree beside it, unless the object is small (read whole) or the tree is
+        there: a tree is a function of the object's bytes, so one already written is the same."""
+        if not built.tree or built.data_size <= WHOLE_OBJECT_BYTES:
+            return
+        path = os.path.join(self.root, tree_name(built.fsverity_digest))
+        if os.path.exists(path):
+            return
+        # renamed into place (a reader never sees half a tree); not fsynced, like the objects
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tree-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(built.tree)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self.tree_bytes += len(built.tree)

@@ -3,7 +3,8 @@
 Design and measured facts: ``docs/integrity.md``. The modules, bottom up: ``formats`` (tree
 parameters, geometry, fs-verity descriptor, veritysetup superblock), ``build`` (making a tree),
 ``trust`` (trusted values and the mount options naming them), ``blob`` (``VerifiedBlob``: lazy
-checks of every block read), ``layer`` (opening a layer: its sidecar, its trust, its blob) and
+checks of every block read), ``layer`` (opening a layer: its sidecar, its trust, its blob),
+``objects`` (verifying an object of an object store: its stored tree, or one pass) and
 ``sealing`` (``seal``: writing a layer's sidecar; not named ``seal``, which would shadow the
 function in this package's namespace once imported). None of them knows the command line:
 errors are raised (``TrustError``, ``SealError``, ``FormatError``, ``IntegrityError``) and
