@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import NoReturn
 
@@ -29,3 +30,12 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         where = self.prog.removeprefix(PROG).strip()
         raise CliError(f"{where}: {message}" if where else message)
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM in a command that cancels its workers itself; ``code`` is the exit
+    status (128 + signal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.code = 128 + signum

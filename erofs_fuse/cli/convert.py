@@ -18,7 +18,7 @@ import uuid as uuidlib
 from types import FrameType
 from typing import NoReturn
 
-from ..console import PROG, CliError, print_error
+from ..console import PROG, CliError, OneLineParser, print_error
 from .writer_options import add_writer_options, block_size_warning, options_from_args
 
 
@@ -32,13 +32,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
     raise Terminated()
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise CliError(f"convert: {message}")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"{PROG} convert",
+    p = OneLineParser(prog=f"{PROG} convert",
                 description="Convert an OCI layer tar (plain, gzip or zstd; '-' for stdin) or a "
                             "directory into an EROFS image.")
     p.add_argument("source", help="layer tar file, '-' for standard input, or a directory")

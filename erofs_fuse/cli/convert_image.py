@@ -20,7 +20,7 @@ import signal
 from types import FrameType
 from typing import NoReturn
 
-from ..console import PROG, CliError, print_error
+from ..console import PROG, CliError, Interrupted, OneLineParser, print_error
 from ..mkfs import MkfsError
 from ..oci.convert import Request, convert_image
 from ..oci.image import OciError, Platform, sanitize_name
@@ -28,21 +28,10 @@ from ..oci.workers import EXIT_BAD_INPUT, EXIT_FAILURE, JobFailed
 from .writer_options import add_writer_options, block_size_warning, options_from_args
 
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM in the parent; ``code`` is the exit status (128 + signal)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.code = 128 + signum
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise CliError(f"convert-image: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=f"{PROG} convert-image",
         description="Convert every layer of an OCI image (a layout directory or an OCI "
         "archive) into OUTDIR/sha256-<diff_id>.erofs, and list the stack in "

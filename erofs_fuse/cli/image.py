@@ -17,7 +17,7 @@ import signal
 from types import FrameType
 from typing import NoReturn
 
-from ..console import PROG, CliError, OneLineParser, print_error
+from ..console import PROG, CliError, Interrupted, OneLineParser, print_error
 from ..containerd import DEFAULT_ADDRESS, ContainerdError
 from ..images import (DEFAULT_STAGING, NotOurSnapshotter, Registered, Settings, Target,
                       import_image, pull_image)
@@ -25,11 +25,6 @@ from ..mkfs import MkfsError
 from ..oci.image import OciError, Platform
 from ..oci.workers import EXIT_BAD_INPUT, EXIT_FAILURE, JobFailed
 
-
-class Interrupted(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.code = 128 + signum
 
 
 def build_parser() -> argparse.ArgumentParser:

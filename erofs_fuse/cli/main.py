@@ -25,7 +25,6 @@ import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..console import PROG, CliError, OneLineParser, print_error
-from ..erofs import ondisk as d
 from ..erofs.errors import ErofsError
 from ..erofs.image import Image, Inode
 from .info import utc

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..console import PROG, CliError, print_error
+from ..console import PROG, CliError, OneLineParser, print_error
 from ..fuse.daemon import SUBTYPE, MountConfig, default_log_file, mount
 from ..fuse.idmap import IdMap, IdMapError, kernel_overflow_ids, parse_id
 from ..fuse.mountinfo import is_stale, mounted_fuse, mountpoint_path
@@ -50,15 +50,9 @@ _REFUSED_OPTIONS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises CliError (one line, exit 2) instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise CliError(f"{self.prog.removeprefix(PROG + ' ')}: {message}")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=f"{PROG} mount",
         description="Mount a stack of EROFS layer images as one read-only tree, merged as "
         "overlayfs merges layers (whiteouts and opaque directories in overlayfs or OCI form).",
@@ -498,7 +492,7 @@ def main(argv: list[str]) -> int:
 
 def umount_main(argv: list[str]) -> int:
     """``erofs-fuse umount MOUNTPOINT``: fusermount3 -u; a lazy unmount if the daemon is dead."""
-    parser = _Parser(prog=f"{PROG} umount", description="Unmount an erofs-fuse mount.")
+    parser = OneLineParser(prog=f"{PROG} umount", description="Unmount an erofs-fuse mount.")
     parser.add_argument("mountpoint")
     try:
         ns = parser.parse_args(argv)

@@ -15,7 +15,7 @@ import signal
 from types import FrameType
 from typing import NoReturn
 
-from ..console import PROG, CliError, print_error
+from ..console import PROG, CliError, Interrupted, OneLineParser, print_error
 from ..mkfs import ConvertOptions, MkfsError
 from ..oci.image import OciError, Platform
 from ..oci.layers_file import LayersFileError
@@ -24,19 +24,10 @@ from ..verity.sealing import SealError
 from .writer_options import parse_compress
 
 
-class Interrupted(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.code = 128 + signum
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise CliError(f"push: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=f"{PROG} push",
         description="Push an image to a registry with every layer as a native EROFS blob "
         "(application/vnd.erofs.layer.v1) and its fs-verity Merkle tree, so that it can be "
