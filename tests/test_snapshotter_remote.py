@@ -255,6 +255,11 @@ def test_chain_mount_lingers_after_its_last_user() -> None:
         while stack.chain_mounts() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert stack.chain_mounts() == [], "unmounted once the linger ran out"
+        # an unpack's lower chain is no container's: unmounted as soon as the unpack is done
+        stub.Prepare(pb.PrepareSnapshotRequest(key="ns/3/extract-9 sha256:h", parent=name))
+        assert len(stack.chain_mounts()) == 1
+        stub.Remove(pb.RemoveSnapshotRequest(key="ns/3/extract-9 sha256:h"))
+        assert stack.chain_mounts() == []
         # a chain removed while its mount lingers is unmounted at once
         stub.View(pb.ViewSnapshotRequest(key="ns/2/v3", parent=name))
         stub.Remove(pb.RemoveSnapshotRequest(key="ns/2/v3"))

@@ -158,8 +158,8 @@ class Snapshotter:
                          result.image_size, result.verity_digest)
                 for sub in ("fs", "work"):
                     shutil.rmtree(os.path.join(d, sub), ignore_errors=True)
-                if snap.parent_id is not None:
-                    self._release_if_unused(snap.parent_id)
+                if snap.parent_id is not None:  # an unpack's lower chain: no container's
+                    self._release_if_unused(snap.parent_id, linger=False)
                 return committed
         finally:
             with self.lock:
@@ -172,7 +172,7 @@ class Snapshotter:
                     raise FailedPrecondition(f"snapshot {key} is being committed")
             snap = self.store.remove(key)
             if snap.kind != Kind.COMMITTED and snap.parent_id is not None:
-                self._release_if_unused(snap.parent_id)
+                self._release_if_unused(snap.parent_id, linger=not _is_unpack(snap.key))
             if snap.kind == Kind.COMMITTED:
                 timer = self.lingering.pop(snap.id, None)
                 if timer is not None:
@@ -252,10 +252,12 @@ class Snapshotter:
             layers.append((os.path.join(self.root, s.layer), s.digest))
         return self.chains.ensure(top_id, layers)
 
-    def _release_if_unused(self, top_id: int) -> None:
+    def _release_if_unused(self, top_id: int, *, linger: bool) -> None:
+        """Unmount the chain without users, now, or after ``self.linger`` when its last user
+        was a container or a view (an unpack's lower chains are not wanted again)."""
         if self.store.users(top_id) != 0:
             return
-        if self.linger <= 0:
+        if self.linger <= 0 or not linger:
             self.chains.release(top_id)
             return
         old = self.lingering.pop(top_id, None)
@@ -448,6 +450,12 @@ class Snapshotter:
             log.info("removing %s: no snapshot uses it", path)
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+
+def _is_unpack(key: str) -> bool:
+    """Whether ``key`` is an unpack's (containerd names them ``extract-<nanos>-<rand> <chain>``,
+    behind its ``<namespace>/<seq>/``)."""
+    return key.rpartition("/")[2].startswith("extract-")
 
 
 def _has_workdir(snap: Snapshot) -> bool:
