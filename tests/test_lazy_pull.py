@@ -149,6 +149,38 @@ def test_lazy_pull_then_run_fetches_no_large_file(env_: Env) -> None:
     assert out.split()[0] == hashlib.sha256(big).hexdigest()
 
 
+def test_a_committed_layer_on_a_lazy_chain(env_: Env, tmp_path: Path) -> None:
+    """A snapshot committed on the lazy image (as a build step would): the chain's mount
+    holds lazy layers under a local one, which the snapshotter's --require-verity still
+    covers (its --verity digest is passed; the lazy ones get none)."""
+    e = env_
+    rows = [line.split() for line in e.ctr("snapshots", "--snapshotter", SNAPSHOTTER,
+                                           "ls").splitlines()[1:]]
+    parents = {row[1] for row in rows if len(row) == 3}
+    top = next(row[0] for row in rows if row[0] not in parents)
+    sn = ["snapshots", "--snapshotter", SNAPSHOTTER]
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    e.ctr(*sn, "prepare", "step", top)
+    cmd = e.ctr(*sn, "mounts", str(upper), "step").strip()
+    subprocess.run(cmd, shell=True, check=True)
+    try:
+        (upper / "built").write_text("built on a lazy image\n")
+    finally:
+        subprocess.run(["umount", str(upper)], check=True)
+    e.ctr(*sn, "commit", "built", "step")
+    view = tmp_path / "view"
+    view.mkdir()
+    e.ctr(*sn, "view", "look", "built")
+    subprocess.run(e.ctr(*sn, "mounts", str(view), "look").strip(), shell=True, check=True)
+    try:
+        assert (view / "built").read_text() == "built on a lazy image\n"
+        assert (view / "small").read_text() == SMALL
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+    e.ctr(*sn, "rm", "look", "built")
+
+
 def test_pulling_again_changes_nothing(env_: Env) -> None:
     e = env_
     name = f"{e.proxy.host}/test/{NAME}"
