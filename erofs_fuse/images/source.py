@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from ..lazy.layer import lazy_verity
 from ..lazy.source import LazySource
-
 from ..oci.image import (CONTAINERD_NAME, LAYER_MEDIA_TYPES, MAX_JSON_BYTES, REF_NAME, Layer,
                          OciError, Platform, ResolvedImage, chain_ids, config_diff_ids,
                          resolve_image)

@@ -20,5 +20,5 @@ from .layer import (LazyOptions, RemoteLayerError, lazy_verity, open_layer, open
 from .remote import DEFAULT_UNIT, LazyBlob
 
 __all__ = ["DEFAULT_CACHE_DIR", "DEFAULT_CACHE_SIZE", "DEFAULT_UNIT", "BlockCache",
-           "LazyBlob", "LazyOptions", "RemoteLayerError", "lazy_verity", "open_layer", "open_layers",
-           "resolve_pinned"]
+           "LazyBlob", "LazyOptions", "RemoteLayerError", "lazy_verity", "open_layer",
+           "open_layers", "resolve_pinned"]

@@ -24,13 +24,13 @@ that a client converted itself come in through the remote-snapshot protocol (con
 §3.1): a Prepare carrying ``containerd.io/snapshot.ref`` (the chain id) and our labels naming
 the converted file, its diff_id and its fs-verity digest. We take the file into ``layers/``
 once per diff_id, record a committed snapshot and answer ALREADY_EXISTS; containerd then finds
-that snapshot with List. A lazy layer (erofs-fuse image pull --lazy) names no file but a layer
-of a pushed image in its registry (``lazy.source``): the row's layer is that string, no file
-is taken in or ever removed, and the chain's mount reads that layer lazily, verified against
-the digest of the pinned manifest. Every row that names a shared file counts as a user of it (the
+that snapshot with List. Every row that names a shared file counts as a user of it (the
 database is the reference count): removing the last one removes the file. A Prepare for a chain
 we already hold committed (another namespace, another image) is answered the same way, with no
-new file.
+new file. A lazy layer (erofs-fuse image pull --lazy) names no file but a layer of a pushed
+image in its registry (``lazy.source``; a file we hold for its diff_id is preferred): the row's
+layer is that string, no file is taken in or ever removed, and the chain's mount reads the
+layer lazily (blocks cached in ``cache/``), verified against its pinned manifest.
 
 CRI's PullImage with ``disable_snapshot_annotations = false`` sends no file, but CRI's labels
 naming the image in its registry: then we fetch and convert the layers ourselves (fetch.py),
