@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="[HOST[:PORT]/]REPO[:TAG][@DIGEST]; the image record's name")
     pull.add_argument("--plain-http", action="store_true",
                       help="HTTP for every registry (default: HTTP only on this machine)")
+    pull.add_argument("--lazy", action="store_true",
+                      help="convert and download nothing: an image 'erofs-fuse push' made "
+                      "is registered as it is, its layers read from the registry by the "
+                      "snapshotter's mounts on first use, every block verified against the "
+                      "pinned manifest")
     imp = sub.add_parser("import", help="import an OCI archive or layout",
                          description="Import the image of an OCI archive (.tar) or layout "
                          "directory: every layer converted at once, read in place.")
@@ -79,7 +84,7 @@ def run(ns: argparse.Namespace) -> Registered:
     settings = Settings(ns.jobs, os.path.abspath(ns.staging), ns.quiet)
     if ns.action == "pull":
         return pull_image(ns.reference, target, settings, platform=platform,
-                          plain_http=True if ns.plain_http else None)
+                          plain_http=True if ns.plain_http else None, lazy=ns.lazy)
     return import_image(ns.source, target, settings, platform=platform, name=ns.name)
 
 

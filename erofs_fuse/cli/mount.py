@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", metavar="L1,L2,...,LN",
                    help="layer images, comma-separated, BOTTOM TO TOP (the order of an OCI "
                    "manifest's layers: the last one wins); @FILE stands for the layers of a "
-                   ".layers file written by convert-image, trusting its fs-verity digests")
+                   ".layers file written by convert-image, trusting its fs-verity digests; "
+                   "lazy:REF@sha256:DIGEST#N (lazy+http: for plain HTTP) is layer N (from 0) "
+                   "of a pushed image, read lazily as --image reads it")
     p.add_argument("--device", action="append", default=[], metavar="INDEX:PATH",
                    help="an extra device (blob) file of layer INDEX (0 = the first, bottom "
                    "layer); repeat in device-table order for several devices")
@@ -140,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of --layers: ready once its superblocks are read, each block fetched by HTTP "
         "range on first read, verified against its layer's Merkle tree (trusted through the "
         "pinned manifest digest) before it is served or cached; a block that cannot be "
-        "fetched or verified fails that read with EIO.")
+        "fetched or verified fails that read with EIO. The options below also apply to "
+        "the lazy: layers of --layers.")
     r.add_argument("--image", metavar="REF@sha256:DIGEST",
                    help="the image, pinned by its manifest digest (as push prints it)")
     r.add_argument("--plain-http", action="store_true",
@@ -194,8 +197,6 @@ def parse_size(text: str, what: str) -> int:
 
 
 def parse_remote(ns: argparse.Namespace) -> RemoteImage:
-    from ..lazy.cache import DEFAULT_CACHE_DIR
-
     if ns.layers or ns.device:
         raise CliError("mount: --image and --layers (or --device) exclude each other")
     if ns.verity or ns.verity_roots or ns.dm_verity or ns.verity_sidecar or \
@@ -203,12 +204,19 @@ def parse_remote(ns: argparse.Namespace) -> RemoteImage:
         raise CliError("mount: --image takes its layers' digests from the pinned manifest; "
                        "the verity options are for --layers")
     check_pinned(ns.image, "mount: --image")
+    return lazy_settings(ns, ns.image)
+
+
+def lazy_settings(ns: argparse.Namespace, ref: str) -> RemoteImage:
+    """The lazy reading options, for --image ``ref`` or (``ref`` empty) --layers' lazy:."""
+    from ..lazy.cache import DEFAULT_CACHE_DIR
+
     if not ns.fetch_timeout > 0:
         raise CliError("mount: --fetch-timeout must be more than 0")
     unit = parse_size(ns.fetch_unit, "--fetch-unit")
     if unit <= 0 or unit % 4096 or unit > MAX_FETCH_UNIT:
         raise CliError(f"mount: --fetch-unit {ns.fetch_unit}: a multiple of 4K up to 16M")
-    return RemoteImage(ns.image, ns.plain_http, os.path.abspath(ns.cache_dir or
+    return RemoteImage(ref, ns.plain_http, os.path.abspath(ns.cache_dir or
                                                                 DEFAULT_CACHE_DIR),
                        parse_size(ns.cache_size, "--cache-size"), ns.fill, ns.fetch_timeout,
                        unit)
@@ -219,7 +227,8 @@ def parse_args(argv: list[str]) -> MountConfig:
 
 
 def parse_mount(argv: list[str]) -> tuple[MountConfig, RemoteImage | None]:
-    """The mount's configuration, and the registry image it mounts (--image) if any."""
+    """The mount's configuration, and the lazy reading settings: of the registry image it
+    mounts (--image), or of the lazy: layers in --layers (then with an empty ``ref``)."""
     ns = apply_integrity_options(build_parser().parse_args(argv))
     if ns.image is not None:
         remote = parse_remote(ns)
@@ -237,7 +246,32 @@ def parse_mount(argv: list[str]) -> tuple[MountConfig, RemoteImage | None]:
         raise CliError(f"mount: {len(layers)} layers; at most {MAX_LAYERS} are supported")
     trust = parse_trust(layers, ns, listed=bool(listed_digests))
     trust = with_listed_digests(trust, listed_digests)
-    return _config(ns, layers, trust, require_verity=ns.require_verity), None
+    cfg = _config(ns, layers, trust, require_verity=ns.require_verity)
+    lazy = lazy_indexes(layers)
+    if not lazy:
+        return cfg, None
+    for index in lazy:
+        spec = trust[index] if trust else None
+        if index in cfg.devices or (spec is not None and (spec.fsverity or spec.dmverity)):
+            raise CliError(f"mount: {layers[index]}: a lazy layer takes its digest from the "
+                           "pinned manifest and has no devices: no --verity, --dm-verity or "
+                           "--device for it")
+    return cfg, lazy_settings(ns, "")
+
+
+def lazy_indexes(layers: list[str]) -> list[int]:
+    """The positions of ``lazy:`` layers, each checked to parse."""
+    from ..lazy.source import LazySource, LazySourceError, is_lazy
+
+    found = []
+    for index, layer in enumerate(layers):
+        if is_lazy(layer):
+            try:
+                LazySource.parse(layer)
+            except LazySourceError as exc:
+                raise CliError(f"mount: --layers {exc}") from None
+            found.append(index)
+    return found
 
 
 def _config(ns: argparse.Namespace, layers: list[str], trust: list[TrustSpec], *,
@@ -424,24 +458,58 @@ def check_pinned(text: str, option: str = "--image") -> None:
 def open_remote(remote: RemoteImage, cfg: MountConfig) -> list[Image]:
     """The layers of a registry image, opened lazily (``erofs_fuse.lazy``); fills ``cfg``'s
     layer names, marks its reads as blocking and, with --fill, schedules the fill."""
+    images = open_remote_images(remote)
+    cfg.layers = [image.name for image in images]
+    _lazy_reads(remote, cfg, images)
+    return images
+
+
+def open_mixed(remote: RemoteImage, cfg: MountConfig) -> list[Image]:
+    """--layers with lazy: layers among local files: those opened lazily, grouped by image
+    (each manifest resolved once), the files as usual (``--require-verity`` is for them: a
+    lazy layer is always verified)."""
+    from ..fuse.daemon import open_layers
+    from ..lazy.source import LazySource
+
+    sources = {index: LazySource.parse(cfg.layers[index])
+               for index in lazy_indexes(cfg.layers)}
+    opened: dict[int, Image] = {}
+    try:
+        for ref, plain in sorted({(s.reference, s.plain_http) for s in sources.values()}):
+            wanted = {i: s.index for i, s in sources.items()
+                      if (s.reference, s.plain_http) == (ref, plain)}
+            settings = RemoteImage(ref, remote.plain_http or plain, remote.cache_dir,
+                                   remote.cache_size, remote.fill, remote.fetch_timeout,
+                                   remote.fetch_unit)
+            got = open_remote_images(settings, indexes=list(wanted.values()))
+            opened.update(zip(wanted.keys(), got))
+        images = open_layers(cfg, opened)
+    except BaseException:
+        for image in opened.values():
+            image.close()
+        raise
+    _lazy_reads(remote, cfg, list(opened.values()))
+    return images
+
+
+def _lazy_reads(remote: RemoteImage, cfg: MountConfig, images: list[Image]) -> None:
+    """Mark ``cfg``'s reads as blocking and, with --fill, schedule the lazy layers' fill."""
     from ..lazy import LazyBlob
 
-    images = open_remote_images(remote)
-    blobs = [image.blob for image in images]
-    cfg.layers = [image.name for image in images]
     cfg.blocking_reads = True
     if remote.fill:
-        lazy = [blob for blob in blobs if isinstance(blob, LazyBlob)]
+        lazy = [image.blob for image in images if isinstance(image.blob, LazyBlob)]
 
         def fill() -> None:
             for blob in lazy:
                 blob.start_fill()
         cfg.on_serve.append(fill)
-    return images
 
 
-def open_remote_images(remote: RemoteImage, what: str = "mount") -> list[Image]:
-    """The layers of a registry image, bottom first, each an ``Image`` over a lazy blob."""
+def open_remote_images(remote: RemoteImage, what: str = "mount",
+                       indexes: list[int] | None = None) -> list[Image]:
+    """The layers of a registry image, bottom first (or those of ``indexes``, in that order),
+    each an ``Image`` over a lazy blob."""
     from ..erofs.errors import ErofsError
     from ..erofs.image import Image
     from ..lazy import LazyOptions, open_layers, resolve_pinned
@@ -460,7 +528,7 @@ def open_remote_images(remote: RemoteImage, what: str = "mount") -> list[Image]:
                            "supported")
         blobs = open_layers(client, resolved, LazyOptions(
             cache_dir=remote.cache_dir, cache_size=remote.cache_size, unit=remote.fetch_unit,
-            deadline=6 * timeout))
+            deadline=6 * timeout), indexes)
     except (OciError, ErofsError, ValueError) as exc:
         raise CliError(f"{what}: {exc}") from exc
     except OSError as exc:
@@ -482,6 +550,8 @@ def main(argv: list[str]) -> int:
     """``erofs-fuse mount ...``: 0 once mounted (or, in the foreground, once unmounted)."""
     try:
         cfg, remote = parse_mount(argv)
+        if remote is not None and not remote.ref:
+            return mount(cfg, open_images=lambda: open_mixed(remote, cfg))
         if remote is not None:
             return mount(cfg, open_images=lambda: open_remote(remote, cfg))
         return mount(cfg)

@@ -25,6 +25,10 @@ MAX_LABEL = 4096  # containerd refuses a label whose key plus value is longer
 LAYER_LABEL = "containerd.io/snapshot/erofs-fuse.layer"  # absolute path of FILE (+ FILE.verity)
 DIFF_ID_LABEL = "containerd.io/snapshot/erofs-fuse.diff-id"  # sha256:<the layer's diff_id>
 VERITY_LABEL = "containerd.io/snapshot/erofs-fuse.verity"  # sha256:<FILE's fs-verity digest>
+# Instead of LAYER_LABEL (erofs-fuse image pull --lazy): the layer stays in its registry, read
+# lazily; the value is a ``lazy.source`` string, lazy:HOST/REPO@sha256:MANIFEST#INDEX. The
+# diff_id is the blob's digest (push's config), the verity label the layer's annotated digest.
+LAZY_LABEL = "containerd.io/snapshot/erofs-fuse.lazy"
 
 # CRI's, on each layer's Prepare when its ``disable_snapshot_annotations`` is false
 # (containerd-client.md 4.2): where the snapshotter can fetch the layers itself.

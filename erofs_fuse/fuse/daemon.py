@@ -21,7 +21,7 @@ import socket
 import stat
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import pyfuse3
 import trio
@@ -73,16 +73,23 @@ class MountConfig:
 
 
 
-def open_layers(cfg: MountConfig) -> list[Image]:
-    """Open and validate every layer; one CliError naming the first layer that fails."""
+def open_layers(cfg: MountConfig, opened: Mapping[int, Image] | None = None) -> list[Image]:
+    """Open and validate every layer, but those ``opened`` already (by index: lazy layers,
+    which the caller opens); one CliError naming the first layer that fails (then the layers
+    opened here are closed, those given are the caller's)."""
     images: list[Image] = []
+    own: list[Image] = []
     try:
         for index, path in enumerate(cfg.layers):
+            if opened is not None and index in opened:
+                images.append(opened[index])
+                continue
             trust = cfg.trust[index] if cfg.trust else None
-            images.append(_open_layer(index, path, cfg.devices.get(index, []), trust,
-                                      cfg.require_verity))
+            own.append(_open_layer(index, path, cfg.devices.get(index, []), trust,
+                                   cfg.require_verity))
+            images.append(own[-1])
     except BaseException:
-        for image in images:
+        for image in own:
             image.close()
         raise
     return images

@@ -14,6 +14,9 @@ The sequence (shared/docs/containerd-client.md 3.1 and 7 (a), (b)), all under on
 4. Bottom up, a remote-snapshot Prepare with the labels naming the sealed file: the
    snapshotter takes the file in and answers ALREADY_EXISTS; containerd records the chain id.
    A snapshotter that returns mounts instead is not erofs-fuse: that key is removed, we stop.
+   A lazy pull (``--lazy``, an image erofs-fuse push made) converts nothing: this Prepare's
+   labels name the layer in its registry (``LAZY_LABEL``: the pinned manifest and the layer's
+   index) with its diff_id and fs-verity digest, and the snapshotter records it as it is.
 5. Config (labelled with the top chain id, which keeps the snapshots from GC) and manifest
    (labelled with the config) into the content store; no layer blob is stored.
 6. The image record, pointing at the manifest. Then the lease is deleted: the record is the
@@ -37,8 +40,9 @@ from typing import Callable, Iterator, TextIO
 
 import grpc
 
-from ..containerd import (DIFF_ID_LABEL, LAYER_LABEL, VERITY_LABEL, Client, ContainerdError,
-                          Descriptor, Unavailable, manifest_gc_labels, snapshot_gc_label)
+from ..containerd import (DIFF_ID_LABEL, LAYER_LABEL, LAZY_LABEL, VERITY_LABEL, Client,
+                          ContainerdError, Descriptor, Unavailable, manifest_gc_labels,
+                          snapshot_gc_label)
 from ..containerd.snapshots import Snapshots
 from ..mkfs import ConvertOptions
 from ..oci.image import Layer, Platform
@@ -97,11 +101,13 @@ def import_image(path: str, target: Target, settings: Settings, *,
 
 def pull_image(reference: str, target: Target, settings: Settings, *,
                platform: Platform | None = None, plain_http: bool | None = None,
-               stderr: TextIO | None = None) -> Registered:
-    """Register the image ``reference`` names in its registry, under that name."""
+               lazy: bool = False, stderr: TextIO | None = None) -> Registered:
+    """Register the image ``reference`` names in its registry, under that name; ``lazy``:
+    its layers stay there, read by the snapshotter's mounts on first use."""
     with RegistryClient(plain_http=plain_http) as registry:
-        return register(lambda: from_registry(registry, reference, platform), target,
-                        settings, stderr)
+        return register(lambda: from_registry(registry, reference, platform, lazy=lazy,
+                                              plain_http=plain_http is True),
+                        target, settings, stderr)
 
 
 def register(resolve: Callable[[], SourceImage], target: Target, settings: Settings,
@@ -147,7 +153,13 @@ def _register(client: Client, source: SourceImage, target: Target, settings: Set
     start = _present(sn, layers)
     start = _held_by_snapshotter(sn, layers, start)
     todo = layers[start:]
-    if todo:
+    if todo and source.lazy:
+        for layer in todo:
+            lazy = source.lazy[layer.index]
+            _prepare(sn, layer, layers, {DIFF_ID_LABEL: layer.diff_id,
+                                         VERITY_LABEL: lazy.verity,
+                                         LAZY_LABEL: str(lazy.source)})
+    elif todo:
         _convert_and_prepare(sn, source, todo, settings, out)
     top = layers[-1].chain_id if layers else ""
     config, manifest = source.config, source.manifest
@@ -160,7 +172,7 @@ def _register(client: Client, source: SourceImage, target: Target, settings: Set
                                               manifest.size))
     if top:
         _warm(sn, top)
-    converted = len({layer.diff_id for layer in todo})
+    converted = 0 if source.lazy else len({layer.diff_id for layer in todo})
     return Registered(source.name, manifest.digest, converted, len(layers) - len(todo))
 
 

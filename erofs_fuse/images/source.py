@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..lazy.layer import lazy_verity
+from ..lazy.source import LazySource
 from ..oci.image import (CONTAINERD_NAME, LAYER_MEDIA_TYPES, MAX_JSON_BYTES, REF_NAME, Layer,
                          OciError, Platform, ResolvedImage, chain_ids, config_diff_ids,
                          resolve_image)
@@ -32,11 +34,20 @@ class Document:
 
 
 @dataclass(frozen=True)
+class LazyLayer:
+    """Where a layer of a lazy pull stays, and its fs-verity digest (the manifest's)."""
+
+    source: LazySource
+    verity: str
+
+
+@dataclass(frozen=True)
 class SourceImage:
     name: str  # the image record's name
     manifest: Document
     config: Document
     image: ResolvedImage  # layers bottom to top: diff_id, chain_id, blob location
+    lazy: tuple[LazyLayer, ...] = ()  # a lazy pull's: one per layer, bottom to top
 
 
 def from_archive(path: str, platform: Platform | None, name: str | None) -> SourceImage:
@@ -74,17 +85,27 @@ def archive_name(image: ResolvedImage) -> str | None:
         return None
 
 
-def from_registry(client: RegistryClient, text: str,
-                  platform: Platform | None) -> SourceImage:
+def from_registry(client: RegistryClient, text: str, platform: Platform | None, *,
+                  lazy: bool = False, plain_http: bool = False) -> SourceImage:
     """The image ``text`` names in its registry; named by the reference, normalized
-    (``busybox`` is ``docker.io/library/busybox:latest``)."""
+    (``busybox`` is ``docker.io/library/busybox:latest``). ``lazy``: its layers must be
+    native EROFS layers as push makes them (each its own diff_id), to be read in place."""
     ref = Reference.parse(text)
     got = client.resolve(ref, platform)
     where = f"{ref}: config {got.config.descriptor.digest[:19]}"
     diff_ids = config_diff_ids(got.config.content, len(got.layers), where)
     layers = []
+    lazy_layers = []
+    pinned = f"{ref.host}/{ref.repository}@{got.manifest_digest}"
     for k, (desc, diff_id, chain) in enumerate(zip(got.layers, diff_ids, chain_ids(diff_ids))):
-        if desc.media_type not in LAYER_MEDIA_TYPES:
+        if lazy:
+            name = f"{ref}: layer {k}"
+            verity = lazy_verity(desc, f"{name} (without --lazy, it is converted)")
+            if diff_id != desc.digest:
+                raise OciError(f"{name}: its diff_id {diff_id[:19]} is not its blob's digest "
+                               f"{desc.digest[:19]}, as erofs-fuse push writes the config")
+            lazy_layers.append(LazyLayer(LazySource(pinned, k, plain_http), verity))
+        elif desc.media_type not in LAYER_MEDIA_TYPES:
             raise OciError(f"{ref}: layer {k}: unsupported media type {desc.media_type!r}")
         layers.append(Layer(k, desc.media_type, desc.digest, desc.size, diff_id, chain,
                             RemoteLayer(client, got.pinned, desc)))
@@ -92,4 +113,5 @@ def from_registry(client: RegistryClient, text: str,
     image = ResolvedImage(str(ref), str(ref), None, mdesc.digest, cdesc.digest, got.platform,
                           tuple(layers), mdesc, cdesc)
     return SourceImage(str(ref), Document(mdesc.media_type, mdesc.digest, got.manifest.data),
-                       Document(cdesc.media_type, cdesc.digest, got.config.data), image)
+                       Document(cdesc.media_type, cdesc.digest, got.config.data), image,
+                       tuple(lazy_layers))

@@ -15,9 +15,10 @@ annotations).
 from __future__ import annotations
 
 from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE, BlockCache
-from .layer import LazyOptions, RemoteLayerError, open_layer, open_layers, resolve_pinned
+from .layer import (LazyOptions, RemoteLayerError, lazy_verity, open_layer, open_layers,
+                    resolve_pinned)
 from .remote import DEFAULT_UNIT, LazyBlob
 
 __all__ = ["DEFAULT_CACHE_DIR", "DEFAULT_CACHE_SIZE", "DEFAULT_UNIT", "BlockCache",
-           "LazyBlob", "LazyOptions", "RemoteLayerError", "open_layer", "open_layers",
-           "resolve_pinned"]
+           "LazyBlob", "LazyOptions", "RemoteLayerError", "lazy_verity", "open_layer",
+           "open_layers", "resolve_pinned"]

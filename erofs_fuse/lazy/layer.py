@@ -49,14 +49,23 @@ def resolve_pinned(client: RegistryClient, ref: Reference,
 
 
 def open_layers(client: RegistryClient, resolved: Resolved,
-                options: LazyOptions = LazyOptions()) -> list[Blob]:
-    """Every layer of ``resolved``, bottom first, as verified lazy blobs; then the cache is
-    brought under its size limit (never evicting a layer in use)."""
+                options: LazyOptions = LazyOptions(),
+                indexes: list[int] | None = None) -> list[Blob]:
+    """Every layer of ``resolved``, bottom first (or the layers at ``indexes``, in that
+    order), as verified lazy blobs; then the cache is brought under its size limit (never
+    evicting a layer in use)."""
+    count = len(resolved.layers)
+    wanted = list(range(count)) if indexes is None else indexes
+    for index in wanted:
+        if not 0 <= index < count:
+            raise RemoteLayerError(f"{resolved.pinned}: no layer {index} (it has {count}, "
+                                   f"0 to {count - 1})")
     cache = BlockCache(options.cache_dir, options.cache_size, options.evict_every)
     blobs: list[Blob] = []
     try:
-        for index, desc in enumerate(resolved.layers):
-            blobs.append(open_layer(client, resolved.pinned, desc, cache, index, options))
+        for index in wanted:
+            blobs.append(open_layer(client, resolved.pinned, resolved.layers[index], cache,
+                                    index, options))
         cache.evict()
     except BaseException:
         for blob in blobs:
@@ -75,6 +84,12 @@ class _TreeInfo:
 
 def layer_name(ref: Reference, index: int, desc: Descriptor) -> str:
     return f"{ref.host}/{ref.repository} layer {index} ({desc.digest[:19]})"
+
+
+def lazy_verity(desc: Descriptor, where: str) -> str:
+    """The layer's fs-verity digest (``sha256:HEX``) if it can be read lazily (a native EROFS
+    layer with push's annotations); RemoteLayerError naming what it lacks otherwise."""
+    return str(_tree_info(desc, where).verity)
 
 
 def _tree_info(desc: Descriptor, where: str) -> _TreeInfo:

@@ -12,6 +12,7 @@ Layout under the root::
     incoming/layer-*/       layers being fetched and converted for CRI's pulls (fetch.py),
                             until their Prepare takes them into layers/; emptied at start
     mounts/<id>             the erofs-fuse mount of the chain whose top is committed <id>
+    cache/                  the block cache of lazy layers (lazy/cache.py), shared by mounts
     empty/                  the lowerdir of an unpack into a snapshot with no parent
 
 Mounts handed out (the nydus pattern of containerd.md §3): no parent: a bind of ``fs``; with a
@@ -26,7 +27,10 @@ once per diff_id, record a committed snapshot and answer ALREADY_EXISTS; contain
 that snapshot with List. Every row that names a shared file counts as a user of it (the
 database is the reference count): removing the last one removes the file. A Prepare for a chain
 we already hold committed (another namespace, another image) is answered the same way, with no
-new file.
+new file. A lazy layer (erofs-fuse image pull --lazy) names no file but a layer of a pushed
+image in its registry (``lazy.source``; a file we hold for its diff_id is preferred): the row's
+layer is that string, no file is taken in or ever removed, and the chain's mount reads the
+layer lazily (blocks cached in ``cache/``), verified against its pinned manifest.
 
 CRI's PullImage with ``disable_snapshot_annotations = false`` sends no file, but CRI's labels
 naming the image in its registry: then we fetch and convert the layers ourselves (fetch.py),
@@ -48,7 +52,9 @@ from dataclasses import dataclass
 
 from ..containerd.labels import DIFF_ID_LABEL as DIFF_ID_LABEL  # declared there, for clients
 from ..containerd.labels import LAYER_LABEL as LAYER_LABEL
+from ..containerd.labels import LAZY_LABEL as LAZY_LABEL
 from ..containerd.labels import VERITY_LABEL as VERITY_LABEL
+from ..lazy.source import LazySource, LazySourceError, is_lazy
 from ..oci.image import OciError
 from .fetch import Fetcher, wants_fetch
 from .mounts import ChainMounts, Forker
@@ -90,7 +96,7 @@ class Snapshotter:
         self.busy: set[int] = set()  # ids of snapshots being committed (outside the lock)
         self.installing: set[str] = set()  # temporary files of layers being taken in
         self.store = Store(os.path.join(self.root, "metadata.db"))
-        self.chains = ChainMounts(self.root, forker)
+        self.chains = ChainMounts(self.root, forker, os.path.join(self.root, "cache"))
         self.fetcher = Fetcher(self.root)  # CRI's pulls: layers we fetch ourselves
         self.lock = threading.RLock()
         with self.lock:
@@ -249,7 +255,9 @@ class Snapshotter:
         for s in chain:
             if s.layer is None or s.digest is None:
                 raise FailedPrecondition(f"snapshot {s.key} in the chain has no layer")
-            layers.append((os.path.join(self.root, s.layer), s.digest))
+            # a lazy layer is no file: its string goes to the mount as it is
+            layers.append((s.layer if is_lazy(s.layer) else os.path.join(self.root, s.layer),
+                           s.digest))
         return self.chains.ensure(top_id, layers)
 
     def _release_if_unused(self, top_id: int, *, linger: bool) -> None:
@@ -394,6 +402,11 @@ class Snapshotter:
                 if snap.layer == layer and snap.digest is not None:
                     return layer, snap.digest
         digest = _sha256_label(labels, VERITY_LABEL)
+        if LAZY_LABEL in labels:
+            try:
+                return str(LazySource.parse(labels[LAZY_LABEL])), digest
+            except LazySourceError as exc:
+                raise InvalidArgument(f"{LAZY_LABEL}: {exc}") from None
         source = labels.get(LAYER_LABEL, "")
         if not os.path.isabs(source) or not os.path.isfile(source) \
                 or not os.path.isfile(source + ".verity"):

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..fuse.mountinfo import mounted_fuse
+from ..lazy.source import is_lazy
 from .proctitle import set_title
 
 log = logging.getLogger("erofs_fuse.snapshotter")
@@ -190,17 +191,20 @@ def unmount(path: str) -> None:
 class ChainMounts:
     """Mountpoints ``<root>/mounts/<id>`` of chains, each a merged erofs-fuse mount."""
 
-    def __init__(self, root: str, forker: Forker) -> None:
+    def __init__(self, root: str, forker: Forker, cache_dir: str) -> None:
         self.dir = os.path.join(root, "mounts")
         os.makedirs(self.dir, exist_ok=True)
         self.forker = forker
+        self.cache_dir = cache_dir  # lazy layers' block cache
 
     def path(self, top_id: int) -> str:
         return os.path.join(self.dir, str(top_id))
 
     def ensure(self, top_id: int, layers: Sequence[tuple[str, str]]) -> str:
-        """The mount of the chain ``layers`` (bottom first: (layer file, fs-verity digest))
-        whose top is ``top_id``, made (or made again, if its daemon died) when needed."""
+        """The mount of the chain ``layers`` (bottom first: (layer file or lazy source,
+        fs-verity digest)) whose top is ``top_id``, made (or made again, if its daemon died)
+        when needed. A lazy layer's digest is its pinned manifest's: the mount takes it from
+        there (and verifies it always), so it gets no --verity."""
         path = self.path(top_id)
         if mounted(path):
             if alive(path):
@@ -213,8 +217,11 @@ class ChainMounts:
         # image's device nodes; the mountpoint itself is only reachable by root (ROOT is 0700).
         argv = ["--layers", ",".join(layer for layer, _ in layers), "--allow-other", "--suid",
                 "--dev", "--require-verity", "--log", path + ".log"]
-        for index, (_, digest) in enumerate(layers):
-            argv += ["--verity", f"{index}={digest}"]
+        for index, (layer, digest) in enumerate(layers):
+            if not is_lazy(layer):
+                argv += ["--verity", f"{index}={digest}"]
+        if any(is_lazy(layer) for layer, _ in layers):
+            argv += ["--cache", self.cache_dir]
         argv.append(path)
         start = time.monotonic()
         self.forker.mount(argv, f"erofs-fuse mount {top_id} {path}")
