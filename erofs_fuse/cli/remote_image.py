@@ -16,7 +16,7 @@ from ..console import CliError
 from ..erofs.image import Image
 from ..fuse.overlay import MergedTree, Node
 from .info import superblock_rows
-from .mount import RemoteImage, check_pinned, open_remote_images
+from .lazy_mount import RemoteImage, check_pinned, open_remote_images
 
 DEFAULT_FETCH_TIMEOUT = 10.0
 
