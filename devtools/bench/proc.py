@@ -48,7 +48,7 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     out: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -74,14 +74,14 @@ def _rss_pages(pid: int) -> int:
 def tree_rss_bytes(root: int) -> int:
     """The summed RSS of ``root`` and its descendants, now (orphans reparented to this process
     are found as its own children)."""
-    total, todo, seen = 0, [root, *_children(os.getpid())], set()
+    total, todo, seen = 0, [root, *children(os.getpid())], set()
     while todo:
         pid = todo.pop()
         if pid in seen or pid == os.getpid():
             continue
         seen.add(pid)
         total += _rss_pages(pid)
-        todo.extend(_children(pid))
+        todo.extend(children(pid))
     return total * PAGE
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .proc import children
+
 
 @dataclass(frozen=True)
 class Memory:
@@ -33,19 +35,6 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                out.extend(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    return out
 
 
 def chain_mount_pids(root: str) -> list[int]:

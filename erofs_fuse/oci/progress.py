@@ -17,7 +17,8 @@ from typing import TextIO
 from .workers import Job, JobResult
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
+    """``n`` bytes as people read them: 512 B, 1.5 KiB, 12.0 MiB, 3.2 GiB."""
     value = float(n)
     for unit in ("B", "KiB", "MiB"):
         if value < 1024:
@@ -66,7 +67,7 @@ class ProgressView:
         self._done[job.key] = 0
         if not self._tty:
             what = "converting" if job.convert else "sealing"
-            self.note(f"{self.label(job)}: {what} {_size(job.work)}")
+            self.note(f"{self.label(job)}: {what} {human_size(job.work)}")
 
     def progress(self, job: Job, done: int) -> None:
         self._done[job.key] = min(done, job.work)
@@ -78,8 +79,8 @@ class ProgressView:
         took = time.monotonic() - began
         if job.convert or result.reconverted:
             read = job.layer.size if result.reconverted else job.work  # the blob, not the file
-            self.note(f"{self.label(job)}: converted {_size(read)} -> "
-                      f"{_size(result.image_size)} in {took:.1f} s")
+            self.note(f"{self.label(job)}: converted {human_size(read)} -> "
+                      f"{human_size(result.image_size)} in {took:.1f} s")
         else:
             self.note(f"{self.label(job)}: present, sealed in {took:.1f} s")
         for warning in result.warnings[:5]:
@@ -104,7 +105,7 @@ class ProgressView:
     def _total_line(self) -> str:
         done = sum(self._done.values())
         pct = 100 * done // max(self._total, 1)
-        return (f"total {pct:3d}% {_size(done)}/{_size(self._total)}, "
+        return (f"total {pct:3d}% {human_size(done)}/{human_size(self._total)}, "
                 f"{self._finished}/{self._jobs} files, {time.monotonic() - self._start:.0f} s")
 
     def _bar(self, fraction: float, width: int = 20) -> str:
@@ -118,7 +119,7 @@ class ProgressView:
             done = self._done.get(key, 0)
             rate = done / max(now - began, 1e-3) / 1e6
             lines.append(f"  {self.label(job)} {self._bar(done / max(job.work, 1))} "
-                         f"{100 * done // max(job.work, 1):3d}% {_size(done)}/{_size(job.work)} "
+                         f"{100 * done // max(job.work, 1):3d}% {human_size(done)}/{human_size(job.work)} "
                          f"{rate:.1f} MB/s")
         done = sum(self._done.values())
         lines.append(f"{self._bar(done / max(self._total, 1))} {self._total_line()}")
@@ -217,10 +218,10 @@ class TransferView:
             done = min(self._done.get(key, 0), size)
             rate = done / max(now - began, 1e-3) / 1e6
             lines.append(f"  {label} {_bar(done / max(size, 1))} {100 * done // max(size, 1):3d}% "
-                         f"{_size(done)}/{_size(size)} {rate:.1f} MB/s")
+                         f"{human_size(done)}/{human_size(size)} {rate:.1f} MB/s")
         done = sum(self._done.values())
-        lines.append(f"{_bar(done / max(self._total, 1))} sent {_size(done)}/"
-                     f"{_size(self._total)}, {now - self._start:.0f} s")
+        lines.append(f"{_bar(done / max(self._total, 1))} sent {human_size(done)}/"
+                     f"{human_size(self._total)}, {now - self._start:.0f} s")
         self._erase()
         self._out.write("\n".join(line[:width] for line in lines) + "\n")
         self._out.flush()

@@ -56,7 +56,7 @@ from ..mkfs import ConvertOptions
 from ..oci.image import Platform, resolve_image
 from ..oci.layers_file import load_layers_file
 from ..oci.layout import OciError, open_layout, parse_json
-from ..oci.progress import ProgressView, TransferView
+from ..oci.progress import ProgressView, TransferView, human_size
 from ..oci.workers import output_name, plan, run_jobs
 from ..verity.formats import VERITY_MAGIC, hash_area_offset, parse_verity_superblock
 from ..verity.sealing import seal
@@ -335,7 +335,7 @@ def _publish(client: RegistryClient, ref: Reference, layers: list[Sealed],
         opener = (file_chunks(blob.path, functools.partial(sent, digest))
                   if blob.path is not None else bytes_chunks(blob.data))
         client.push_blob(ref, digest, blob.size, opener, name=blob.label)
-        view.finished(digest, f"{blob.label}: pushed {_size(blob.size)} in "
+        view.finished(digest, f"{blob.label}: pushed {human_size(blob.size)} in "
                       f"{time.monotonic() - began:.1f} s")
 
     pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, 8)))
@@ -372,12 +372,3 @@ def _referrers_index(client: RegistryClient, ref: Reference, tag: str,
         pass
     return _json({"schemaVersion": 2, "mediaType": INDEX_TYPE,
                   "manifests": entries + [entry]})
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
