@@ -1,7 +1,9 @@
 """The cases of ``scripts/bench-pull``: time until an image can run, from a registry and from
 an archive, with ``ctr`` (containerd unpacks, layer after layer, into the overlayfs snapshotter
 or, through its walking differ, into ours) and with ``erofs-fuse image pull``/``import`` (every
-layer converted at once, handed to our snapshotter as remote snapshots); then the first output
+layer converted at once, handed to our snapshotter as remote snapshots) and with
+``erofs-fuse image pull --lazy`` (an image ``erofs-fuse push`` made, its layers read from the
+registry on first use; the bytes it fetched counted by a pass-through proxy); then the first output
 of ``ctr run``, a cold walk and read of the container's root, and the snapshotter's memory.
 
 One containerd (``tests/ctrstack.py``) and one ``docker-registry`` (``tests/registry_server.py``)
@@ -12,13 +14,17 @@ so its memory is that case's alone.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from devtools import ROOT
 from devtools.bench import pss
@@ -37,9 +43,12 @@ class Case:
     tool: str         # "ctr" or "erofs-fuse"
     snapshotter: str  # OVERLAYFS or SNAPSHOTTER
     jobs: int = 0     # erofs-fuse's -j
+    lazy: bool = False  # image pull --lazy of the image push made: nothing converted
 
     @property
     def name(self) -> str:
+        if self.lazy:
+            return "erofs-fuse image pull --lazy"
         verb = "pull" if self.source == "registry" else "import"
         if self.tool == "ctr":
             how = "overlayfs" if self.snapshotter == OVERLAYFS else "erofs-fuse, walking differ"
@@ -56,6 +65,8 @@ def cases(jobs: list[int]) -> list[Case]:
     for source in ("registry", "archive"):
         out += [Case(source, "ctr", OVERLAYFS), Case(source, "ctr", SNAPSHOTTER)]
         out += [Case(source, "erofs-fuse", SNAPSHOTTER, j) for j in jobs]
+        if source == "registry":
+            out.append(Case(source, "erofs-fuse", SNAPSHOTTER, lazy=True))
     return out
 
 
@@ -71,6 +82,8 @@ class BenchImage:
     sleep: tuple[str, ...]  # a command that runs until killed
 
     def name(self, case: Case, registry: str) -> str:
+        if case.lazy:  # the repository next to skopeo's, as erofs-fuse push wrote it
+            return f"{registry}/bench/{self.key}-erofs:v1"
         if case.source == "registry":
             return f"{registry}/bench/{self.key}:v1"
         return f"example.com/bench/{self.key}:v1"
@@ -107,6 +120,24 @@ def push(image: BenchImage, registry: str) -> None:
          f"docker://{registry}/bench/{image.key}:v1"], "skopeo copy")
 
 
+def push_erofs(image: BenchImage, registry: str, jobs: int) -> int:
+    """The layout's image pushed as native EROFS (``erofs-fuse push``) next to skopeo's copy;
+    returns the bytes of its layer and Merkle tree blobs, what a lazy pull could fetch."""
+    name = f"{registry}/bench/{image.key}-erofs"
+    out = run([sys.executable, "-m", "erofs_fuse", "push", "-q", "-j", str(jobs),
+               str(image.layout), f"{name}:v1"], "erofs-fuse push")
+    digest = out.strip().rpartition("@")[2]
+    conn = http.client.HTTPConnection(registry, timeout=30)
+    try:
+        conn.request("GET", f"/v2/bench/{image.key}-erofs/manifests/{digest}",
+                     headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+        manifest = json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+    return sum(layer["size"] + int(layer.get("annotations", {}).get(
+        "org.erofs-fuse.verity.tree.size", 0)) for layer in manifest["layers"])
+
+
 Samples = dict[str, list[float]]  # metric -> one value per run
 
 
@@ -115,6 +146,8 @@ class Runner:
     stack: Stack
     registry: str  # host:port
     staging: Path
+    proxy: Any = None  # tests' FaultProxy in front of the registry: the lazy case's blob bytes
+    erofs_bytes: dict[str, int] = field(default_factory=dict)  # image -> push_erofs's blobs
     results: dict[tuple[str, str], Samples] = field(default_factory=dict)  # (image, case)
     seq: int = 0
 
@@ -131,9 +164,19 @@ class Runner:
         self.seq += 1
         return f"bp{self.seq}-{what}"
 
+    def name(self, image: BenchImage, case: Case) -> str:
+        """The image's name; the lazy case's goes through the proxy, which counts its bytes."""
+        return image.name(case, self.proxy.host if case.lazy else self.registry)
+
+    def fetched(self) -> int:
+        return int(self.proxy.blob_bytes)
+
     def command(self, image: BenchImage, case: Case) -> list[str]:
         """What makes the image ready to run."""
-        name = image.name(case, self.registry)
+        name = self.name(image, case)
+        if case.lazy:
+            return [sys.executable, "-m", "erofs_fuse", "image", "pull", "--lazy", "-a",
+                    self.stack.address, "-n", "default", "--snapshotter", SNAPSHOTTER, "-q", name]
         if case.tool == "ctr":
             base = ["ctr", "-a", self.stack.address, "-n", "default", "images"]
             if case.source == "registry":
@@ -154,6 +197,7 @@ class Runner:
         in reconnect backoff): an empty snapshotter is reached only by a call that containerd
         passes on, such as Prepare (List and Usage are answered from its own database)."""
         self.stack.stop_snapshotter()
+        self.empty_cache()
         self.stack.start_snapshotter()
         base = ["ctr", "-a", self.stack.address, "-n", "default", "snapshots", "--snapshotter",
                 SNAPSHOTTER]
@@ -171,20 +215,42 @@ class Runner:
         """One cold run of ``case``, then its image removed and the leftovers checked."""
         if case.snapshotter == SNAPSHOTTER:
             self.fresh_snapshotter()
-        name = image.name(case, self.registry)
+        name = self.name(image, case)
         drop_caches()
         before = load()
+        fetched0 = self.fetched() if case.lazy else 0
         t0 = time.perf_counter()
         run(self.command(image, case), case.name)
-        self.add(image, case, "ready", time.perf_counter() - t0)
+        ready = time.perf_counter() - t0
+        self.add(image, case, "ready", ready)
         try:
+            if case.lazy:
+                self.add(image, case, "fetched-ready", self.fetched() - fetched0)
             self.first_output(image, case, name)
+            self.add(image, case, "to-first-output",
+                     ready + self.results[(image.key, case.name)]["first-output"][-1])
+            if case.lazy:
+                self.add(image, case, "fetched-first-output", self.fetched() - fetched0)
             self.walk(image, case, name)
+            if case.lazy:
+                self.add(image, case, "fetched-all", self.fetched() - fetched0)
             self.add(image, case, "load-start", before)
             self.add(image, case, "load-end", load())
         finally:
             self.ctr("images", "rm", "--sync", name)
         self.assert_clean()
+        if case.lazy:  # the next lazy run starts with nothing cached
+            self.empty_cache()
+
+    def empty_cache(self) -> None:
+        """The snapshotter's block cache of lazy layers (ROOT/cache) emptied."""
+        cache = self.stack.root / "cache"
+        if cache.is_dir():
+            for p in cache.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
 
     def first_output(self, image: BenchImage, case: Case, name: str) -> None:
         """``ctr run --rm`` right after the image became ready (caches as it left them): time
