@@ -11,6 +11,11 @@ unreadable or corrupt images).
 ``/sbin/mount.fuse.erofs-fuse L1,L2 DIR -o OPTS``, a link to erofs-fuse (scripts/install-deps);
 without that link mount(8) runs ``mount.fuse3``, which runs ``erofs-fuse L1,L2 DIR -o OPTS``
 through ``/bin/sh`` with mount(8)'s PATH. See ``mount_helper_args``.
+
+One module past the house's ~450 lines on purpose: the dispatcher, the mount(8) helper form and
+the small read-only commands (info, ls, cat, extract, seal) share one parser and one error
+boundary; each of them is a few lines over the library, and the larger commands have modules
+of their own beside this one.
 """
 
 from __future__ import annotations

@@ -39,6 +39,11 @@ for its own layer only; the answer is the same ALREADY_EXISTS, and containerd do
 
 Commit converts outside the lock, so a long conversion does not hold up other calls; the
 snapshot being committed is marked busy meanwhile (Remove refuses it, the sweep spares it).
+
+One module past the house's ~450 lines on purpose: remote snapshots (a client's file, a lazy
+layer, a CRI fetch) are Prepare and Remove under the same lock, store rows and sweep as local
+ones, and split apart each half would reach into the other's state; the fetching itself lives
+in ``fetch``, the mounts in ``mounts``, the rows in ``store``.
 """
 
 from __future__ import annotations
@@ -398,9 +403,9 @@ class Snapshotter:
         diff_id = _sha256_label(labels, DIFF_ID_LABEL)
         layer = os.path.join(LAYERS, f"sha256-{diff_id.removeprefix('sha256:')}.erofs")
         with self.lock:
-            for snap in self.store.all():
-                if snap.layer == layer and snap.digest is not None:
-                    return layer, snap.digest
+            held = self.store.layer_digest(layer)
+        if held is not None:
+            return layer, held
         digest = _sha256_label(labels, VERITY_LABEL)
         if LAZY_LABEL in labels:
             try:

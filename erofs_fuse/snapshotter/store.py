@@ -247,11 +247,17 @@ class Store:
         """The committed snapshot labelled ``containerd.io/snapshot.ref`` = ``ref`` whose
         parent is ``parent`` (a key, "" for none), as containerd looks it up after our
         ALREADY_EXISTS; None if there is none."""
-        for snap in self.all():
-            if (snap.kind == Kind.COMMITTED and snap.parent == parent
-                    and snap.labels.get(REF_LABEL) == ref):
-                return snap
-        return None
+        row = self.db.execute(
+            self._SELECT + " WHERE s.kind = ? AND COALESCE(p.key, '') = ? AND "
+            "json_extract(s.labels, '$.\"' || ? || '\"') = ? ORDER BY s.id LIMIT 1",
+            (int(Kind.COMMITTED), parent, REF_LABEL, ref)).fetchone()
+        return None if row is None else self._row(row)
+
+    def layer_digest(self, layer: str) -> str | None:
+        """The fs-verity digest recorded for the layer file ``layer`` by any snapshot."""
+        row = self.db.execute("SELECT digest FROM snapshots WHERE layer = ? AND digest IS NOT "
+                              "NULL LIMIT 1", (layer,)).fetchone()
+        return None if row is None else str(row[0])
 
     def layer_users(self, layer: str) -> int:
         """How many snapshots use the layer file ``layer`` (a path relative to the root)."""
