@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 from ..blob import FileBlob
 from ..erofs import ondisk as d
@@ -105,3 +105,29 @@ def short_of(image: str, size: int, sb: SuperBlock, files: Sequence[str]) -> str
         if have < dev.blocks * bs:
             return f"{path}: truncated: {have} bytes, device {k + 1} has {dev.blocks * bs}"
     return None
+
+
+N = TypeVar("N")
+
+
+def print_listing(path: str, top: N, *, children: Callable[[N], Iterable[tuple[str, N]]],
+                  is_dir: Callable[[N], bool], line: Callable[[str, N], str], long: bool,
+                  recursive: bool) -> None:
+    """``ls [-l] [-R] PATH`` of a local image or a merged remote one, as ls prints it:
+    with -R, each directory under a ``PATH:`` heading, depth first in listing order."""
+    if not is_dir(top):
+        print(line(path, top) if long else path)
+        return
+    todo = [(path.rstrip("/") or "/", top)]
+    first = True
+    while todo:
+        dir_path, node = todo.pop(0)
+        if recursive:
+            print(("" if first else "\n") + f"{dir_path}:")
+        first = False
+        subdirs = []
+        for name, child in children(node):
+            print(line(name, child) if long else name)
+            if recursive and is_dir(child):
+                subdirs.append((dir_path.rstrip("/") + "/" + name, child))
+        todo[0:0] = subdirs

@@ -27,12 +27,12 @@ import signal
 import stat
 import sys
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from ..console import PROG, CliError, OneLineParser, print_error
 from ..erofs.errors import ErofsError
 from ..erofs.image import Image, Inode
-from .info import utc
+from .info import print_listing, utc
 
 if TYPE_CHECKING:
     from ..objects import ObjectStore
@@ -118,27 +118,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
         return ls(args, lambda name, node: _ls_line(name, node.inode))
     with _open(args) as image:
-        node = image.lookup(args.path)
-        if not node.is_dir:
-            print(_ls_line(args.path, node) if args.long else args.path)
-            return 0
-        todo = [(args.path.rstrip("/") or "/", node)]
-        first = True
-        seen = {node.nid}
-        while todo:
-            path, dnode = todo.pop(0)
-            if args.recursive:
-                print(("" if first else "\n") + f"{path}:")
-            first = False
-            subdirs = []
-            for entry in dnode.readdir():
-                child = image.inode(entry.nid)
-                name = os.fsdecode(entry.name)
-                print(_ls_line(name, child) if args.long else name)
-                if args.recursive and child.is_dir and child.nid not in seen:
-                    seen.add(child.nid)
-                    subdirs.append((path.rstrip("/") + "/" + name, child))
-            todo[0:0] = subdirs
+        seen: set[int] = set()
+
+        def enters(node: Inode) -> bool:
+            # a directory met again (a corrupt image's loop) is listed but not entered again
+            if not node.is_dir or node.nid in seen:
+                return False
+            seen.add(node.nid)
+            return True
+
+        def children(dnode: Inode) -> Iterator[tuple[str, Inode]]:
+            return ((os.fsdecode(e.name), image.inode(e.nid)) for e in dnode.readdir())
+
+        print_listing(args.path, image.lookup(args.path), children=children, is_dir=enters,
+                      line=_ls_line, long=args.long,
+                      recursive=args.recursive)
     return 0
 
 

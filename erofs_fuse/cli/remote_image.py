@@ -15,7 +15,7 @@ from typing import Callable
 from ..console import CliError
 from ..erofs.image import Image
 from ..fuse.overlay import MergedTree, Node
-from .info import superblock_rows
+from .info import print_listing, superblock_rows
 from .lazy_mount import RemoteImage, check_pinned, open_remote_images
 
 DEFAULT_FETCH_TIMEOUT = 10.0
@@ -69,24 +69,11 @@ def lookup(tree: MergedTree, path: str) -> Node:
 def ls(args: argparse.Namespace, line: Callable[[str, Node], str]) -> int:
     def show(images: list[Image]) -> int:
         tree = MergedTree(images)
-        node = lookup(tree, args.path)
-        if not node.is_dir:
-            print(line(args.path, node) if args.long else args.path)
-            return 0
-        todo = [(args.path.rstrip("/") or "/", node)]
-        first = True
-        while todo:
-            path, dnode = todo.pop(0)
-            if args.recursive:
-                print(("" if first else "\n") + f"{path}:")
-            first = False
-            subdirs = []
-            for raw, child in tree.listdir(dnode).entries:
-                name = os.fsdecode(raw)
-                print(line(name, child) if args.long else name)
-                if args.recursive and child.is_dir:
-                    subdirs.append((path.rstrip("/") + "/" + name, child))
-            todo[0:0] = subdirs
+        print_listing(args.path, lookup(tree, args.path),
+                      children=lambda d: ((os.fsdecode(raw), child)
+                                          for raw, child in tree.listdir(d).entries),
+                      is_dir=lambda n: n.is_dir, line=line, long=args.long,
+                      recursive=args.recursive)
         return 0
     return with_images(args, show)
 

@@ -158,7 +158,9 @@ def _str(obj: Mapping[str, Any], key: str, where: str, *, required: bool = True)
     return value
 
 
-def _list(obj: Mapping[str, Any], key: str, where: str, limit: int = MAX_DESCRIPTORS) -> list[Any]:
+def json_list(obj: Mapping[str, Any], key: str, where: str,
+              limit: int = MAX_DESCRIPTORS) -> list[Any]:
+    """``obj[key]``, checked to be a list of at most ``limit`` entries."""
     value = obj.get(key)
     if not isinstance(value, list):
         raise OciError(f"{where}: {key} is {'missing' if value is None else 'not a list'}")
@@ -306,7 +308,7 @@ def _index_entries(index: Mapping[str, Any], where: str) -> list[Descriptor]:
     if index.get("schemaVersion") != 2:
         raise OciError(f"{where}: schemaVersion {index.get('schemaVersion')!r} is not 2")
     return [parse_descriptor(v, f"{where} manifests[{k}]")
-            for k, v in enumerate(_list(index, "manifests", where))]
+            for k, v in enumerate(json_list(index, "manifests", where))]
 
 
 def _collect(layout: Layout, desc: Descriptor, top: Descriptor, where: str, depth: int,
@@ -372,7 +374,7 @@ def _read_image(layout: Layout, chosen: _Candidate, wanted: Platform | None) -> 
     if cdesc.media_type not in CONFIG_TYPES:
         raise OciError(f"{where}: config media type {cdesc.media_type!r}: not a container image")
     blobs = [parse_descriptor(v, f"{where}: layers[{k}]")
-             for k, v in enumerate(_list(manifest, "layers", where))]
+             for k, v in enumerate(json_list(manifest, "layers", where))]
     for k, desc in enumerate(blobs):
         if desc.media_type not in LAYER_MEDIA_TYPES:
             raise OciError(f"{where}: layer {k}: unsupported media type {desc.media_type!r}")
@@ -397,7 +399,7 @@ def config_diff_ids(config: Mapping[str, Any], nlayers: int, where: str) -> list
     rootfs = _obj(config.get("rootfs"), f"{where}: rootfs")
     if rootfs.get("type") != "layers":
         raise OciError(f"{where}: rootfs type {rootfs.get('type')!r} is not 'layers'")
-    values = _list(rootfs, "diff_ids", f"{where}: rootfs")
+    values = json_list(rootfs, "diff_ids", f"{where}: rootfs")
     if len(values) != nlayers:
         raise OciError(f"{where}: {len(values)} diff_ids for {nlayers} layers")
     return [_check_digest(v, f"{where}: diff_ids[{k}]") for k, v in enumerate(values)]

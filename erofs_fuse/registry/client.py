@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 import httpx
 
 from ..oci.image import (CONFIG_TYPES, INDEX_TYPES, MANIFEST_TYPES, Descriptor, OciError,
-                         Platform, host_platform, parse_descriptor)
+                         Platform, host_platform, json_list, parse_descriptor)
 from ..oci.layout import parse_json
 from .auth import CredentialSource, DockerConfig
 from . import upload
@@ -37,7 +37,6 @@ __all__ = ["Document", "RegistryClient", "RemoteLayer", "Resolved"]
 MAX_MANIFEST_BYTES = 4 << 20  # containerd's limit; registries SHOULD accept at least 4 MB
 MAX_CONFIG_BYTES = 8 << 20
 MAX_RANGE_DISCARD = 16 << 20  # a 200 to a Range request: read (and drop) at most this much
-MAX_DESCRIPTORS = 4096
 ACCEPT_MANIFESTS = ", ".join([
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.oci.image.manifest.v1+json",
@@ -314,12 +313,10 @@ def _prefix(response: httpx.Response, length: int, deadline: float, what: str) -
 
 # indexes --------------------------------------------------------------------------------------
 def _list(doc: Mapping[str, Any], key: str, where: str) -> list[Any]:
-    value = doc.get(key)
-    if not isinstance(value, list):
-        raise BadResponse(f"{where}: {key} is {'missing' if value is None else 'not a list'}")
-    if len(value) > MAX_DESCRIPTORS:
-        raise BadResponse(f"{where}: {key} has more than {MAX_DESCRIPTORS} entries")
-    return value
+    try:
+        return json_list(doc, key, where)
+    except OciError as exc:  # a registry's reply: its error family
+        raise BadResponse(str(exc)) from None
 
 
 def _entries(index: Document, where: str) -> list[Descriptor]:
