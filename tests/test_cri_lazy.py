@@ -184,6 +184,8 @@ def test_cri_pull_of_a_pushed_image_is_lazy(env_: Env) -> None:
         assert layer_blob_gets(e.proxy, e.lazy) == 0, "no layer blob read at pull"
         log = stack.log.read_text(errors="replace")
         assert "converted to" not in log and "fetching and converting" not in log, log
+        assert log.count(f"{e.lazy.name}@{e.lazy.manifest}: 3 layers of erofs-fuse push: "
+                         "committed lazily, none fetched") == 1, log
         assert list((stack.root / "layers").iterdir()) == [], "no layer file taken in"
         assert list((stack.root / "incoming").iterdir()) == []
         lazy = sorted(i.labels[LAZY_LABEL] for i in every_row(stub) if LAZY_LABEL in i.labels)

@@ -102,6 +102,9 @@ class Fetcher:
             # given its settings, make their own sessions)
             with RegistryClient() as client:
                 source = from_registry(client, str(ref), None, lazy_if_native=True)
+            if source.lazy:
+                log.info("%s: %d layers of erofs-fuse push: committed lazily, none fetched",
+                         source.name, len(source.lazy))
             with self.lock:
                 self.images[manifest] = source
                 while len(self.images) > IMAGES_KEPT:
