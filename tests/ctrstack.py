@@ -76,6 +76,7 @@ class Stack:
     # --mount-linger: none in tests (they check that a chain's mount goes with its last user);
     # None, the snapshotter's default (the benchmarks measure what users get)
     linger: float | None = 0.0
+    args: tuple[str, ...] = ()  # more options of the snapshotter
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> str:
         proc = subprocess.run(["ctr", "-a", self.address, "-n", self.ns, *args],
@@ -126,7 +127,8 @@ class Stack:
             self.snapshotter = proc = subprocess.Popen(
                 [sys.executable, "-m", "erofs_fuse", "snapshotter", "--root", str(self.root),
                  "--address", str(sock), *(["--debug"] if self.debug else []),
-                 *([] if self.linger is None else ["--mount-linger", str(self.linger)])],
+                 *([] if self.linger is None else ["--mount-linger", str(self.linger)]),
+                 *self.args],
                 stdout=log, stderr=subprocess.STDOUT, env=self.snapshotter_env())
         wait_for(lambda: sock.exists() or proc.poll() is not None, 30, "the snapshotter")
         assert proc.poll() is None, f"snapshotter died: {self.snapshotter_log()}"
@@ -238,16 +240,17 @@ def containerd_stack(*, debug: bool = True, cri: bool = False,
 
 
 @contextlib.contextmanager
-def direct_snapshotter(prefix: str = "efs-snapd-",
-                       linger: float | None = 0.0) -> Iterator[tuple[object, Stack]]:
+def direct_snapshotter(prefix: str = "efs-snapd-", linger: float | None = 0.0,
+                       args: tuple[str, ...] = ()) -> Iterator[tuple[object, Stack]]:
     """A snapshotter of its own (no containerd: its GC would remove snapshots it does not
-    know) and a gRPC stub of the snapshots API talking to it."""
+    know) and a gRPC stub of the snapshots API talking to it; ``args``: more options."""
     import grpc
 
     from erofs_fuse.containerd.api import snapshots_pb2_grpc
 
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    s = Stack(tmp, tmp / "snapshotter", "", tmp / "snapshotter.log", linger=linger)
+    s = Stack(tmp, tmp / "snapshotter", "", tmp / "snapshotter.log", linger=linger,
+              args=args)
     channel = None
     try:
         s.start_snapshotter()

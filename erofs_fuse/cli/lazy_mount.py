@@ -34,16 +34,18 @@ MAX_FETCH_UNIT = 16 << 20
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_size(text: str, what: str) -> int:
+def parse_size(text: str, what: str, command: str = "mount") -> int:
+    """``text`` (512M, 10G, 1.5G, 4096) in bytes; CliError naming ``command`` and ``what``."""
     value = text.strip().upper().removesuffix("IB").removesuffix("B")
     unit = value[-1:] if value[-1:] in _SIZE_SUFFIXES else ""
     number = value[:len(value) - len(unit)]
     try:
         size = int(float(number) * _SIZE_SUFFIXES[unit])
     except ValueError:
-        raise CliError(f"mount: {what} {text}: expected a size such as 512M or 10G") from None
+        raise CliError(f"{command}: {what} {text}: expected a size such as 512M or 10G") \
+            from None
     if size < 0:
-        raise CliError(f"mount: {what} {text}: negative")
+        raise CliError(f"{command}: {what} {text}: negative")
     return size
 
 

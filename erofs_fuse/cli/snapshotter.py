@@ -10,6 +10,7 @@ from ..console import PROG, CliError, print_error
 from ..snapshotter.server import DEFAULT_ADDRESS, DEFAULT_ROOT, serve
 
 DEFAULT_LINGER = 60.0  # seconds; a lingering mount costs about 13 MB (PSS, bench-pull)
+DEFAULT_CACHE_SIZE = "10G"  # as mount's --cache-size (lazy.cache.DEFAULT_CACHE_SIZE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a chain's mount outlives its last container, so the next "
                    "container of the same image starts without mounting (default "
                    "%(default)s; 0: unmount at once)")
+    p.add_argument("--cache-size", default=DEFAULT_CACHE_SIZE, metavar="SIZE",
+                   help="bytes the block cache of lazy layers (ROOT/cache) may hold, as "
+                   "mount's --cache-size (K, M, G, T suffixes; default %(default)s); whole "
+                   "layers no mount uses are evicted, least recently used first")
     p.add_argument("--debug", action="store_true",
                    help="log every call: method, key, parent, outcome and time")
     return p
@@ -47,11 +52,14 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from . import mount  # before the fork server starts: each mount's worker starts warm
+        from .lazy_mount import parse_size
 
         if ns.mount_linger < 0:
             raise CliError("snapshotter: --mount-linger must be 0 or more")
+        cache_size = parse_size(ns.cache_size, "--cache-size", "snapshotter")
         root = state_dir(os.path.abspath(ns.root))
-        return serve(root, os.path.abspath(ns.address), mount.main, linger=ns.mount_linger)
+        return serve(root, os.path.abspath(ns.address), mount.main, linger=ns.mount_linger,
+                     cache_size=cache_size)
     except CliError as exc:
         print_error(str(exc))
         return exc.code

@@ -14,6 +14,7 @@ from ..oci.image import (CONTAINERD_NAME, LAYER_MEDIA_TYPES, MAX_JSON_BYTES, REF
                          resolve_image)
 from ..oci.layout import open_layout
 from ..registry import Reference, RegistryClient, RegistryError, RemoteLayer
+from ..registry.client import Resolved
 
 
 class NameMissing(OciError):
@@ -86,26 +87,27 @@ def archive_name(image: ResolvedImage) -> str | None:
 
 
 def from_registry(client: RegistryClient, text: str, platform: Platform | None, *,
-                  lazy: bool = False, plain_http: bool = False) -> SourceImage:
+                  lazy: bool = False, plain_http: bool = False,
+                  lazy_if_native: bool = False) -> SourceImage:
     """The image ``text`` names in its registry; named by the reference, normalized
     (``busybox`` is ``docker.io/library/busybox:latest``). ``lazy``: its layers must be
-    native EROFS layers as push makes them (each its own diff_id), to be read in place."""
+    native EROFS layers as push makes them (each its own diff_id), to be read in place.
+    ``lazy_if_native``: read in place if they are, converted otherwise (CRI's pulls in the
+    snapshotter): ``lazy`` of the result is empty for an image to convert."""
     ref = Reference.parse(text)
     got = client.resolve(ref, platform)
     where = f"{ref}: config {got.config.descriptor.digest[:19]}"
     diff_ids = config_diff_ids(got.config.content, len(got.layers), where)
+    lazy_layers: tuple[LazyLayer, ...] = ()
+    if lazy or lazy_if_native:
+        try:
+            lazy_layers = native_layers(ref, got, diff_ids, plain_http)
+        except OciError:
+            if lazy:
+                raise
     layers = []
-    lazy_layers = []
-    pinned = f"{ref.host}/{ref.repository}@{got.manifest_digest}"
     for k, (desc, diff_id, chain) in enumerate(zip(got.layers, diff_ids, chain_ids(diff_ids))):
-        if lazy:
-            name = f"{ref}: layer {k}"
-            verity = lazy_verity(desc, f"{name} (without --lazy, it is converted)")
-            if diff_id != desc.digest:
-                raise OciError(f"{name}: its diff_id {diff_id[:19]} is not its blob's digest "
-                               f"{desc.digest[:19]}, as erofs-fuse push writes the config")
-            lazy_layers.append(LazyLayer(LazySource(pinned, k, plain_http), verity))
-        elif desc.media_type not in LAYER_MEDIA_TYPES:
+        if not lazy_layers and desc.media_type not in LAYER_MEDIA_TYPES:
             raise OciError(f"{ref}: layer {k}: unsupported media type {desc.media_type!r}")
         layers.append(Layer(k, desc.media_type, desc.digest, desc.size, diff_id, chain,
                             RemoteLayer(client, got.pinned, desc)))
@@ -114,4 +116,22 @@ def from_registry(client: RegistryClient, text: str, platform: Platform | None, 
                           tuple(layers), mdesc, cdesc)
     return SourceImage(str(ref), Document(mdesc.media_type, mdesc.digest, got.manifest.data),
                        Document(cdesc.media_type, cdesc.digest, got.config.data), image,
-                       tuple(lazy_layers))
+                       lazy_layers)
+
+
+def native_layers(ref: Reference, got: Resolved, diff_ids: list[str],
+                  plain_http: bool = False) -> tuple[LazyLayer, ...]:
+    """Each layer of ``got`` (bottom first) as it stays in its registry, to be read lazily,
+    if the image is one erofs-fuse push made: every layer a native EROFS layer with push's
+    verity annotations, and the config's diff_ids its blobs' digests. OciError naming the
+    first layer that is not (a RemoteLayerError for the media type or annotations)."""
+    pinned = f"{ref.host}/{ref.repository}@{got.manifest_digest}"
+    out = []
+    for k, (desc, diff_id) in enumerate(zip(got.layers, diff_ids)):
+        name = f"{ref}: layer {k}"
+        verity = lazy_verity(desc, f"{name} (without --lazy, it is converted)")
+        if diff_id != desc.digest:
+            raise OciError(f"{name}: its diff_id {diff_id[:19]} is not its blob's digest "
+                           f"{desc.digest[:19]}, as erofs-fuse push writes the config")
+        out.append(LazyLayer(LazySource(pinned, k, plain_http), verity))
+    return tuple(out)

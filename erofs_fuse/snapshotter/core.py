@@ -36,6 +36,7 @@ CRI's PullImage with ``disable_snapshot_annotations = false`` sends no file, but
 naming the image in its registry: then we fetch and convert the layers ourselves (fetch.py),
 every layer at once from the image's first Prepare, each Prepare waiting, outside the lock,
 for its own layer only; the answer is the same ALREADY_EXISTS, and containerd downloads nothing.
+An image erofs-fuse push made is not fetched: each layer is committed lazily, as above.
 
 Commit converts outside the lock, so a long conversion does not hold up other calls; the
 snapshot being committed is marked busy meanwhile (Remove refuses it, the sweep spares it).
@@ -59,6 +60,7 @@ from ..containerd.labels import DIFF_ID_LABEL as DIFF_ID_LABEL  # declared there
 from ..containerd.labels import LAYER_LABEL as LAYER_LABEL
 from ..containerd.labels import LAZY_LABEL as LAZY_LABEL
 from ..containerd.labels import VERITY_LABEL as VERITY_LABEL
+from ..lazy.cache import DEFAULT_CACHE_SIZE
 from ..lazy.source import LazySource, LazySourceError, is_lazy
 from ..oci.image import OciError
 from .fetch import Fetcher, wants_fetch
@@ -87,7 +89,8 @@ class MountSpec:
 class Snapshotter:
     """All operations; each holds one lock (sqlite and the mount table are not concurrent)."""
 
-    def __init__(self, root: str, forker: Forker, *, linger: float = 0.0) -> None:
+    def __init__(self, root: str, forker: Forker, *, linger: float = 0.0,
+                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.root = os.path.abspath(root)
         # seconds a chain mount outlives its last user: the next container of the same image
         # (ctr run after ctr run, or the first one after image pull warmed it) finds it mounted
@@ -101,7 +104,8 @@ class Snapshotter:
         self.busy: set[int] = set()  # ids of snapshots being committed (outside the lock)
         self.installing: set[str] = set()  # temporary files of layers being taken in
         self.store = Store(os.path.join(self.root, "metadata.db"))
-        self.chains = ChainMounts(self.root, forker, os.path.join(self.root, "cache"))
+        self.chains = ChainMounts(self.root, forker, os.path.join(self.root, "cache"),
+                                  cache_size)
         self.fetcher = Fetcher(self.root)  # CRI's pulls: layers we fetch ourselves
         self.lock = threading.RLock()
         with self.lock:
@@ -370,12 +374,20 @@ class Snapshotter:
         commit it. A registry that cannot tell us the image returns to a plain Prepare:
         containerd, which may have credentials or mirrors we lack, downloads and unpacks it.
         A failure after that (a blob or diff_id that does not match, a registry gone
-        mid-pull) fails the Prepare, and so the pull, with its cause. True when committed."""
+        mid-pull) fails the Prepare, and so the pull, with its cause. An image erofs-fuse
+        push made is fetched not at all: its layer is committed lazily (as image pull
+        --lazy's Prepare), read from the registry by the chain's mount. True when committed."""
         try:
             source, layer = self.fetcher.layer(labels, target)
         except OciError as exc:
             log.warning("%s: not fetched by us (%s): containerd unpacks it", target, exc)
             return False
+        if source.lazy:  # pushed by erofs-fuse push: the layer stays in its registry
+            lazy = source.lazy[layer.index]
+            self._commit_remote(target, parent, {**labels, DIFF_ID_LABEL: layer.diff_id,
+                                                 VERITY_LABEL: lazy.verity,
+                                                 LAZY_LABEL: str(lazy.source)})
+            return True
         with self.lock:
             held = self._held_diff_ids()
         fetch = self.fetcher.start(source, layer, labels, held)

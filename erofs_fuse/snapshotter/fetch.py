@@ -9,7 +9,10 @@ convert every listed layer we do not hold, all at once, in worker processes (``o
 each straight from the registry's stream, checked against its blob digest and diff_id, sealed,
 into its own directory under ``ROOT/incoming/``. Prepare i then waits for layer i only: it is
 taken in like a client's converted file (core.py) and containerd, answered ALREADY_EXISTS,
-downloads no blob.
+downloads no blob. An image that ``erofs-fuse push`` made (native EROFS layers with push's
+verity annotations, diff_ids the blobs' digests: the check of ``image pull --lazy``,
+``images.source.native_layers``) is not fetched at all: each Prepare commits its layer lazily
+(core.py), as ``image pull --lazy`` registers it.
 
 The table of fetches is keyed by diff_id, so layers shared by images, or asked for by two
 pulls at once, are converted once; an entry leaves the table when its Prepare took it in, when
@@ -84,7 +87,8 @@ class Fetcher:
 
     def layer(self, labels: dict[str, str], target: str) -> tuple[SourceImage, Layer]:
         """The image the CRI labels name, and its layer whose chain id is ``target``; raises
-        OciError (a RegistryError among them) when the registry cannot say."""
+        OciError (a RegistryError among them) when the registry cannot say. An image that
+        erofs-fuse push made comes with its ``lazy`` layers: nothing is fetched for it."""
         manifest = labels[CRI_MANIFEST]
         if not _DIGEST.fullmatch(manifest):  # it goes into a URL
             raise OciError(f"{CRI_MANIFEST}={manifest[:80]!r}: not sha256:<64 hex digits>")
@@ -97,7 +101,10 @@ class Fetcher:
             # a client of its own: credentials and tokens as they are now (the workers,
             # given its settings, make their own sessions)
             with RegistryClient() as client:
-                source = from_registry(client, str(ref), None)
+                source = from_registry(client, str(ref), None, lazy_if_native=True)
+            if source.lazy:
+                log.info("%s: %d layers of erofs-fuse push: committed lazily, none fetched",
+                         source.name, len(source.lazy))
             with self.lock:
                 self.images[manifest] = source
                 while len(self.images) > IMAGES_KEPT:

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..fuse.mountinfo import mounted_fuse
+from ..lazy.cache import DEFAULT_CACHE_SIZE
 from ..lazy.source import is_lazy
 from .proctitle import set_title
 
@@ -191,11 +192,13 @@ def unmount(path: str) -> None:
 class ChainMounts:
     """Mountpoints ``<root>/mounts/<id>`` of chains, each a merged erofs-fuse mount."""
 
-    def __init__(self, root: str, forker: Forker, cache_dir: str) -> None:
+    def __init__(self, root: str, forker: Forker, cache_dir: str,
+                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.dir = os.path.join(root, "mounts")
         os.makedirs(self.dir, exist_ok=True)
         self.forker = forker
         self.cache_dir = cache_dir  # lazy layers' block cache
+        self.cache_size = cache_size  # its limit in bytes (snapshotter --cache-size)
 
     def path(self, top_id: int) -> str:
         return os.path.join(self.dir, str(top_id))
@@ -221,7 +224,7 @@ class ChainMounts:
             if not is_lazy(layer):
                 argv += ["--verity", f"{index}={digest}"]
         if any(is_lazy(layer) for layer, _ in layers):
-            argv += ["--cache", self.cache_dir]
+            argv += ["--cache", self.cache_dir, "--cache-size", str(self.cache_size)]
         argv.append(path)
         start = time.monotonic()
         self.forker.mount(argv, f"erofs-fuse mount {top_id} {path}")

@@ -20,6 +20,7 @@ import threading
 from concurrent import futures
 
 from ..console import CliError
+from ..lazy.cache import DEFAULT_CACHE_SIZE
 from .claims import (clear_stale_socket, lock_root, publish_socket, release_socket,
                      staging_path)
 from .mounts import MountMain
@@ -32,9 +33,11 @@ MAX_MESSAGE = 16 << 20  # containerd's limit, each way
 GRACE = 10.0  # seconds in-flight calls get at SIGTERM
 
 
-def serve(root: str, address: str, mount_main: MountMain, *, linger: float = 0.0) -> int:
+def serve(root: str, address: str, mount_main: MountMain, *, linger: float = 0.0,
+          cache_size: int = DEFAULT_CACHE_SIZE) -> int:
     """Serve until SIGTERM or SIGINT; ``mount_main`` is ``erofs-fuse mount``'s entry point,
-    which the forker runs for each chain mount."""
+    which the forker runs for each chain mount; ``cache_size``: the bytes the lazy layers'
+    block cache may hold (each chain mount with a lazy layer gets it as --cache-size)."""
     from .mounts import Forker
 
     os.makedirs(root, mode=0o700, exist_ok=True)
@@ -56,7 +59,7 @@ def serve(root: str, address: str, mount_main: MountMain, *, linger: float = 0.0
         from .core import Snapshotter
         from .service import Service
 
-        snapshotter = Snapshotter(root, forker, linger=linger)
+        snapshotter = Snapshotter(root, forker, linger=linger, cache_size=cache_size)
         stack.callback(snapshotter.close)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
                              options=[("grpc.max_receive_message_length", MAX_MESSAGE),
