@@ -2,11 +2,13 @@
 """FUSE requests by opcode and daemon CPU per workload: numbers that do not depend on load.
 
 Usage: python3 -m devtools.bench.requests [--stacks fuse,overlay,kernel] [--workloads ...]
-           [--ovl-opts OPTS] [--runs N] [--layers L0,L1,L2] [--work DIR]
+           [--ovl-opts OPTS] [--mount-opts OPTS] [--runs N] [--layers L0,L1,L2] [--work DIR]
 
 Stacks, over the same layers: ``fuse`` (erofs-fuse alone), ``overlay`` (kernel overlayfs with
 the erofs-fuse mount as its one lowerdir, an upperdir and a workdir: what the snapshotter hands
-a container; ``--ovl-opts`` adds mount options), ``kernel`` (kernel erofs + overlayfs: no FUSE
+a container; ``--ovl-opts`` adds mount options; ``--mount-opts`` adds ``-o`` options of
+erofs-fuse mount to both FUSE stacks, e.g. ``noxattr`` as the snapshotter mounts xattr-free
+chains), ``kernel`` (kernel erofs + overlayfs: no FUSE
 requests, wall time only). Workloads: walk, read-all, python (as ``scripts/bench``), each on a
 fresh mount after dropping caches.
 
@@ -104,8 +106,9 @@ def drop_caches() -> None:
 class OverlayOverFuse(ErofsFuseStack):
     """Kernel overlayfs (upper, work, one lowerdir = the erofs-fuse mount)."""
 
-    def __init__(self, layers: list[Path], base: Path, options: str = "") -> None:
-        super().__init__(layers, base, name="overlay", label="overlay over erofs-fuse")
+    def __init__(self, layers: list[Path], base: Path, options: str = "",
+                 extra: list[str] | None = None) -> None:
+        super().__init__(layers, base, extra, name="overlay", label="overlay over erofs-fuse")
         self.options = options
         self.fuse_mnt = str(base / "merged")
         self.mnt = str(base / "container")
@@ -163,16 +166,17 @@ def measure(stack: Stack, wl: str) -> dict[str, object]:
 
 
 def stacks_named(names: list[str], layers: list[Path], work: Path,
-                 ovl_opts: str) -> Iterator[Stack]:
+                 ovl_opts: str, mount_opts: str = "") -> Iterator[Stack]:
+    extra = ["-o", mount_opts] if mount_opts else []
     for name in names:
         base = work / name
         base.mkdir(parents=True, exist_ok=True)
         force_unmount(str(base / "container"))
         force_unmount(str(base / "merged"))
         if name == "fuse":
-            yield ErofsFuseStack(layers, base)
+            yield ErofsFuseStack(layers, base, extra)
         elif name == "overlay":
-            yield OverlayOverFuse(layers, base, ovl_opts)
+            yield OverlayOverFuse(layers, base, ovl_opts, extra)
         elif name == "kernel":
             yield KernelStack(layers, base)
         else:
@@ -184,6 +188,7 @@ def main() -> int:
     p.add_argument("--stacks", default="fuse,overlay,kernel")
     p.add_argument("--workloads", default="walk,read-all,python")
     p.add_argument("--ovl-opts", default="")
+    p.add_argument("--mount-opts", default="", help="-o options of erofs-fuse mount")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--layers", default=",".join(
         f"/var/tmp/erofs-fuse-bench/layer{k}.erofs" for k in range(3)))
@@ -191,7 +196,8 @@ def main() -> int:
     ns = p.parse_args()
     layers = [Path(x) for x in ns.layers.split(",")]
     work = Path(ns.work)
-    stacks = list(stacks_named(ns.stacks.split(","), layers, work, ns.ovl_opts))
+    stacks = list(stacks_named(ns.stacks.split(","), layers, work, ns.ovl_opts,
+                                ns.mount_opts))
     for _ in range(ns.runs):
         for wl in ns.workloads.split(","):
             for stack in stacks:

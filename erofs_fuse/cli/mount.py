@@ -36,6 +36,7 @@ _ALIASES = {"allow_suid": "suid", "allow_dev": "dev"}
 OWN_OPTIONS = ("uidmapping", "gidmapping", "squash_to_uid", "squash_to_gid", "squash_to_root")
 LOG_OPTION = "log"  # -o log=FILE: --log for mount(8) and fstab lines
 DATADIR_OPTION = "datadir"  # -o datadir=DIR: --data-dir for mount(8) and fstab lines
+NOXATTR_OPTION = "noxattr"  # -o noxattr: --no-xattr for mount(8) and fstab lines
 # -o forms of the integrity options (for mount(8) and fstab lines): -o NAME is --NAME with
 # dashes, the same attribute of the parsed arguments; flags take no value, the others one each
 INTEGRITY_FLAGS = ("require_verity", "require_object_verity", "trust_dmverity_sidecar")
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="how long the kernel may cache entries and attributes "
                    "(default %(default)s)")
+    p.add_argument("--no-xattr", dest="noxattr", action="store_true",
+                   help="show no extended attributes (= -o noxattr): getxattr fails with "
+                   "EOPNOTSUPP and listxattr lists none; for layers known to show none (the "
+                   "writer counts them), it spares the kernel a request per file, e.g. "
+                   "overlayfs's probes of every lower file")
     a = p.add_argument_group(
         "access and ownership", "Ids are mapped as by fuse-overlayfs's options of the same names "
         "(each also accepted as -o uidmapping=LIST, gidmapping=LIST, squash_to_root, "
@@ -222,6 +228,7 @@ def _config(ns: argparse.Namespace, layers: list[str], trust: list[TrustSpec], *
         read_threads=ns.read_threads,
         timeout=ns.timeout,
         idmap=parse_idmap(ns),
+        noxattr=parse_noxattr(ns),
     )
 
 
@@ -301,13 +308,26 @@ def parse_data_dirs(ns: argparse.Namespace) -> list[str]:
     return [os.path.abspath(path) for path in dirs]
 
 
+def parse_noxattr(ns: argparse.Namespace) -> bool:
+    """--no-xattr, or -o noxattr (which takes no value)."""
+    noxattr: bool = ns.noxattr
+    for value in ns.options:
+        for opt in value.split(","):
+            name, eq, _ = opt.partition("=")
+            if name == NOXATTR_OPTION:
+                if eq:
+                    raise CliError(f"mount: -o {opt}: noxattr takes no value")
+                noxattr = True
+    return noxattr
+
+
 def parse_options(values: list[str]) -> set[str]:
     """The FUSE mount options: the defaults, changed by the -o lists (our own ones left out)."""
     options = set(DEFAULT_OPTIONS)
     for value in values:
         for opt in filter(None, value.split(",")):
             if opt.partition("=")[0] in (*OWN_OPTIONS, LOG_OPTION, DATADIR_OPTION,
-                                         *INTEGRITY_FLAGS, *INTEGRITY_VALUES):
+                                         NOXATTR_OPTION, *INTEGRITY_FLAGS, *INTEGRITY_VALUES):
                 continue
             opt = _ALIASES.get(opt, opt)
             refused = _REFUSED_OPTIONS.get(opt.partition("=")[0])

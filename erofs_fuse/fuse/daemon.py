@@ -67,6 +67,8 @@ class MountConfig:
     syslog: str | None = None  # the socket a background daemon logs to, without a log file
     # layers whose reads may wait for a network (lazy layers): reads are served from threads
     blocking_reads: bool = False
+    # the tree shows no xattr: getxattr answers ENOSYS once, and the kernel asks no more
+    noxattr: bool = False
     # run in the serving process (after the fork) before it serves: background work such as
     # a lazy layer's fill, whose threads would not survive the fork
     on_serve: list[Callable[[], None]] = field(default_factory=list)
@@ -247,7 +249,8 @@ def serve(cfg: MountConfig, images: list[Image], on_ready: Callable[[], None] | 
             raise CliError(f"data dir {exc.filename}: {exc.strerror}") from exc
     tree = MergedTree(images, objects=objects)
     ops = Operations(tree, timeout=cfg.timeout, read_threads=cfg.read_threads,
-                     on_ready=on_ready, idmap=cfg.idmap, blocking_reads=cfg.blocking_reads)
+                     on_ready=on_ready, idmap=cfg.idmap, blocking_reads=cfg.blocking_reads,
+                     noxattr=cfg.noxattr)
     _init(ops, cfg)
     for start in cfg.on_serve:
         start()

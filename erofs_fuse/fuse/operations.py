@@ -128,6 +128,7 @@ class Operations(pyfuse3.Operations):
         idmap: IdMap = IDENTITY,
         stateless_open: bool = STATELESS_OPEN,
         blocking_reads: bool = False,
+        noxattr: bool = False,
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -136,6 +137,12 @@ class Operations(pyfuse3.Operations):
         self._on_ready = on_ready
         # handles are inode numbers and open/opendir answer ENOSYS (see STATELESS_OPEN)
         self.stateless_open = stateless_open
+        # the tree shows no xattr (mount -o noxattr): getxattr answers ENOSYS, after which the
+        # kernel sends no GETXATTR at all on this connection (fs/fuse/xattr.c no_getxattr) and
+        # answers EOPNOTSUPP itself, which overlayfs takes as "no such xattr" (its metacopy and
+        # origin probes: one request per lower file and directory otherwise) and ACL lookups
+        # as "no ACL" (fs/fuse/acl.c)
+        self.noxattr = noxattr
         self.initialized = False  # the kernel's INIT request has been served
         # layers whose reads may wait on a network (lazy layers): every read goes to a thread,
         # so that a fetch in progress holds up neither cached reads nor other requests
@@ -298,6 +305,8 @@ class Operations(pyfuse3.Operations):
     async def getxattr(
         self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> bytes:
+        if self.noxattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         value = await self._call(self.tree.getxattr, self._node(inode), name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -307,6 +316,8 @@ class Operations(pyfuse3.Operations):
     async def listxattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> Sequence[bytes]:
+        if self.noxattr:
+            return []  # consistent with getxattr: the mount shows no xattr
         return await self._call(self.tree.listxattr, self._node(inode))
 
     @_boundary

@@ -73,6 +73,10 @@ from ..erofs import ondisk as d
 from ..erofs.dirent import DirEntry
 from ..erofs.errors import CorruptImageError
 from ..erofs.image import Image, Inode
+# the xattr rules, declared with the format so that the writer can apply them too
+from ..erofs.overlay_xattrs import ESCAPED_XATTR_PREFIX, SHOWN_ESCAPED_PREFIX
+from ..erofs.overlay_xattrs import is_hidden_xattr as is_hidden_xattr
+from ..erofs.overlay_xattrs import shown_xattr as shown_xattr
 
 if TYPE_CHECKING:
     from ..objects import ObjectStore
@@ -87,11 +91,6 @@ Nid = NewType("Nid", int)
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
-HIDDEN_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
-# an xattr of the layer's own overlay, escaped (composefs, overlayfs fs/overlayfs/xattrs.c):
-# stored as trusted.overlay.overlay.X, shown as trusted.overlay.X
-ESCAPED_XATTR_PREFIX = b"trusted.overlay.overlay."
-SHOWN_ESCAPED_PREFIX = b"trusted.overlay."
 
 # Inode numbers: (nid << 1 | metabox bit) << LAYER_BITS | layer, plus FIRST_INO so that 0
 # (invalid) and 1 (the FUSE root) are never produced. 512 layers is above the kernel's limit of
@@ -130,18 +129,6 @@ def is_unsafe_name(name: bytes) -> bool:
     (``/``, empty), show a different name (NUL ends a C string) or alias the directory itself or
     its parent (``.``, ``..``)."""
     return not name or name in (b".", b"..") or b"/" in name or b"\0" in name
-
-
-def is_hidden_xattr(name: bytes) -> bool:
-    return name.startswith(HIDDEN_XATTR_PREFIXES)
-
-
-def shown_xattr(name: bytes) -> bytes | None:
-    """The name a layer's xattr shows under in the merged tree, or None if hidden: the
-    overlay's own are hidden, escaped ones (``trusted.overlay.overlay.X``) are unescaped."""
-    if name.startswith(ESCAPED_XATTR_PREFIX):
-        return SHOWN_ESCAPED_PREFIX + name[len(ESCAPED_XATTR_PREFIX):]
-    return None if is_hidden_xattr(name) else name
 
 
 def is_opaque(inode: Inode) -> bool:

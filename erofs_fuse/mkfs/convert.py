@@ -93,6 +93,9 @@ class ConvertResult:
     objects_stored: int = 0             # with --objects: new objects, and their bytes
     objects_shared: int = 0             # contents the store already held
     object_bytes: int = 0
+    # inodes with an xattr a merged tree shows (overlayfs's own, trusted.overlay.*, are
+    # hidden): 0 means a mount of this layer alone shows no xattr at all (mount -o noxattr)
+    shown_xattr_inodes: int = 0
 
 
 # output ---------------------------------------------------------------------------------------
@@ -223,7 +226,8 @@ class _TarConversion:
         self.output.commit(self.options.sync)
         return ConvertResult(self.output.out, diff_id, size, summary.inodes, digest,
                              self.image.stats.data_bytes, self.image.stats.files,
-                             tuple(self.warnings), *store_counts(self.store))
+                             tuple(self.warnings), *store_counts(self.store),
+                             shown_xattr_inodes=summary.shown_xattr_inodes)
 
     def _source_is_plain_file(self) -> bool:
         if self.stream.compression != "none" or self.raw_start is None:

@@ -52,7 +52,8 @@ def convert_dir(source: str, out: str, options: ConvertOptions) -> ConvertResult
         output.commit(options.sync)
         return ConvertResult(out, None, summary.image_blocks * bs,
                              summary.inodes, digest, image.stats.data_bytes, image.stats.files,
-                             tuple(walker.warnings), *store_counts(walker.store))
+                             tuple(walker.warnings), *store_counts(walker.store),
+                             shown_xattr_inodes=summary.shown_xattr_inodes)
 
 
 class _Walker:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ..erofs import ondisk as d
 from ..erofs.superblock import crc32c_raw
+from ..erofs.overlay_xattrs import shows_xattrs
 from ..erofs.xattr import SHORT_PREFIXES
 from .data import ChunkMapData, FlatData, ImageFile, TarIndexData
 from .errors import UnsupportedInputError
@@ -52,6 +53,9 @@ class MetadataSummary:
     meta_blkaddr: int
     root_nid: int
     feature_incompat: int
+    # inodes with an xattr a merged tree shows (not overlayfs's own): none lets a mount of the
+    # layer answer getxattr "not supported" (mount -o noxattr)
+    shown_xattr_inodes: int = 0
 
 
 def file_type(mode: int) -> int:
@@ -233,7 +237,8 @@ class MetadataWriter:
             raise UnsupportedInputError("image too large for 32-bit block addresses")
         os.ftruncate(self.image.fd, total * self.bs)
         self._write_superblock(root.nid, len(plans), total, meta_blkaddr)
-        return MetadataSummary(len(plans), total, meta_blkaddr, root.nid, self.incompat)
+        shown = sum(1 for plan in plans if plan.node.xattrs and shows_xattrs(plan.node.xattrs))
+        return MetadataSummary(len(plans), total, meta_blkaddr, root.nid, self.incompat, shown)
 
     # planning ----------------------------------------------------------------------------
     def _plans(self, root: Node) -> list[_Plan]:
