@@ -19,7 +19,7 @@ from .errors import AlreadyExists, ContainerdError, FailedPrecondition, NotFound
 from .images import Images
 from .labels import (DIFF_ID_LABEL, GC_EXPIRE, GC_REF_CONTENT, GC_REF_SNAPSHOT, GC_ROOT,
                      LAYER_LABEL, LAZY_LABEL, SNAPSHOT_REF, UNCOMPRESSED, VERITY_LABEL,
-                     index_gc_labels, manifest_gc_labels, snapshot_gc_label)
+                     XATTR_FREE_LABEL, index_gc_labels, manifest_gc_labels, snapshot_gc_label)
 from .leases import Leases
 from .records import ContentInfo, Descriptor, ImageRecord, Lease, Mount, SnapshotInfo
 from .snapshots import RemotePrepare, Snapshots, unpack_key
@@ -27,6 +27,7 @@ from .snapshots import RemotePrepare, Snapshots, unpack_key
 __all__ = [
     "DEFAULT_ADDRESS", "DIFF_ID_LABEL", "GC_EXPIRE", "GC_REF_CONTENT", "GC_REF_SNAPSHOT",
     "GC_ROOT", "LAYER_LABEL", "LAZY_LABEL", "SNAPSHOT_REF", "UNCOMPRESSED", "VERITY_LABEL",
+    "XATTR_FREE_LABEL",
     "AlreadyExists", "Client", "ContainerdError", "Content",
     "ContentInfo", "Descriptor", "FailedPrecondition", "ImageRecord", "Images", "Lease",
     "Leases", "Mount", "NotFound", "RemotePrepare", "SnapshotInfo", "Snapshots", "Unavailable",

@@ -29,6 +29,10 @@ VERITY_LABEL = "containerd.io/snapshot/erofs-fuse.verity"  # sha256:<FILE's fs-v
 # lazily; the value is a ``lazy.source`` string, lazy:HOST/REPO@sha256:MANIFEST#INDEX. The
 # diff_id is the blob's digest (push's config), the verity label the layer's annotated digest.
 LAZY_LABEL = "containerd.io/snapshot/erofs-fuse.lazy"
+# With LAYER_LABEL: "true" when the writer found that the layer shows no xattr (none but
+# overlayfs's own, trusted.overlay.*): a chain of such layers is mounted -o noxattr, which spares
+# the kernel a GETXATTR per file. Absent (older clients, lazy layers): not known, may show some.
+XATTR_FREE_LABEL = "containerd.io/snapshot/erofs-fuse.xattr-free"
 
 # CRI's, on each layer's Prepare when its ``disable_snapshot_annotations`` is false
 # (containerd-client.md 4.2): where the snapshotter can fetch the layers itself.

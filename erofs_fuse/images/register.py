@@ -40,9 +40,9 @@ from typing import Callable, Iterator, TextIO
 
 import grpc
 
-from ..containerd import (DIFF_ID_LABEL, LAYER_LABEL, LAZY_LABEL, VERITY_LABEL, Client,
-                          ContainerdError, Descriptor, Unavailable, manifest_gc_labels,
-                          snapshot_gc_label)
+from ..containerd import (DIFF_ID_LABEL, LAYER_LABEL, LAZY_LABEL, VERITY_LABEL,
+                          XATTR_FREE_LABEL, Client, ContainerdError, Descriptor, Unavailable,
+                          manifest_gc_labels, snapshot_gc_label)
 from ..containerd.snapshots import Snapshots
 from ..mkfs import ConvertOptions
 from ..oci.image import Layer, Platform
@@ -229,15 +229,16 @@ def _convert_and_prepare(sn: Snapshots, source: SourceImage, todo: tuple[Layer, 
             results = run_jobs(jobs, min(settings.jobs, max(len(jobs), 1)), view)
         finally:
             view.close()
-        files: dict[str, tuple[str, str]] = {}
+        files: dict[str, dict[str, str]] = {}
         for job in jobs:
-            verity = results[job.key].verity
-            assert verity is not None  # sealed
-            files[job.layer.diff_id] = (job.out, verity)
+            result = results[job.key]
+            assert result.verity is not None  # sealed
+            files[job.layer.diff_id] = {VERITY_LABEL: result.verity, LAYER_LABEL: job.out}
+            if result.shown_xattr_inodes == 0:  # the chain may be mounted -o noxattr
+                files[job.layer.diff_id][XATTR_FREE_LABEL] = "true"
         for layer in todo:
-            path, verity = files[layer.diff_id]
-            _prepare(sn, layer, source.image.layers, {
-                DIFF_ID_LABEL: layer.diff_id, VERITY_LABEL: verity, LAYER_LABEL: path})
+            _prepare(sn, layer, source.image.layers,
+                     {DIFF_ID_LABEL: layer.diff_id, **files[layer.diff_id]})
     finally:
         with _signals_held():
             shutil.rmtree(staging, ignore_errors=True)

@@ -80,6 +80,8 @@ class JobResult:
     verity: str | None
     warnings: tuple[str, ...] = ()
     reconverted: bool = False  # present, not proven to be what its name says: converted again
+    # inodes showing an xattr in a merged tree (ConvertResult's); None: not converted here
+    shown_xattr_inodes: int | None = None
 
 
 def output_name(diff_id: str) -> str:
@@ -182,7 +184,7 @@ def run_job(job: Job, report: _Reporter) -> JobResult:
     if result.verity_digest is not None:
         write_record(job.out, job.layer.diff_id, result.verity_digest)
     return JobResult(result.image_size, result.verity_digest, result.warnings,
-                     reconverted=not job.convert)
+                     reconverted=not job.convert, shown_xattr_inodes=result.shown_xattr_inodes)
 
 
 def _publish(tmp: str, out: str, sealed: bool) -> bool:

@@ -60,6 +60,7 @@ from ..containerd.labels import DIFF_ID_LABEL as DIFF_ID_LABEL  # declared there
 from ..containerd.labels import LAYER_LABEL as LAYER_LABEL
 from ..containerd.labels import LAZY_LABEL as LAZY_LABEL
 from ..containerd.labels import VERITY_LABEL as VERITY_LABEL
+from ..containerd.labels import XATTR_FREE_LABEL as XATTR_FREE_LABEL
 from ..lazy.cache import DEFAULT_CACHE_SIZE
 from ..lazy.source import LazySource, LazySourceError, is_lazy
 from ..oci.image import OciError
@@ -168,7 +169,8 @@ class Snapshotter:
             assert result.verity_digest is not None
             with self.lock:
                 committed = self.store.commit(key, name, labels, os.path.relpath(layer, self.root),
-                                              result.verity_digest, parent)
+                                              result.verity_digest, parent,
+                                              xattr_free=result.shown_xattr_inodes == 0)
                 log.info("committed %s as %s: %s (%d bytes, %s)", key, name, layer,
                          result.image_size, result.verity_digest)
                 for sub in ("fs", "work"):
@@ -261,13 +263,16 @@ class Snapshotter:
             timer.cancel()  # a user again before its time ran out
         chain = self.store.chain(self.store.get_id(top_id))
         layers = []
+        # every layer known to show no xattr: the mount answers getxattr ENOSYS, and the kernel
+        # sends no more (overlayfs probes each lower file and directory otherwise)
+        noxattr = all(s.xattr_free for s in chain)
         for s in chain:
             if s.layer is None or s.digest is None:
                 raise FailedPrecondition(f"snapshot {s.key} in the chain has no layer")
             # a lazy layer is no file: its string goes to the mount as it is
             layers.append((s.layer if is_lazy(s.layer) else os.path.join(self.root, s.layer),
                            s.digest))
-        return self.chains.ensure(top_id, layers)
+        return self.chains.ensure(top_id, layers, noxattr=noxattr)
 
     def _release_if_unused(self, top_id: int, *, linger: bool) -> None:
         """Unmount the chain without users, now, or after ``self.linger`` when its last user
@@ -356,7 +361,7 @@ class Snapshotter:
     def _commit_remote(self, target: str, parent: str, labels: dict[str, str]) -> None:
         """Record ``target`` on ``parent`` committed, its layer the shared file of the labels'
         diff_id (taken in from the labels' file if we do not hold it)."""
-        layer, digest = self._shared_layer(labels)
+        layer, digest, xattr_free = self._shared_layer(labels)
         kept = {k: v for k, v in labels.items() if k not in _PRIVATE_LABELS}
         kept[VERITY_LABEL] = digest
         with self.lock:
@@ -365,7 +370,8 @@ class Snapshotter:
                 with contextlib.suppress(NotFound):
                     self.store.get(name)  # taken: the same chain id on another parent
                     name = f"{target}@{self.store.get(parent).id if parent else 0}"
-                self.store.add_committed(name, parent, kept, layer, digest)
+                self.store.add_committed(name, parent, kept, layer, digest,
+                                         xattr_free=xattr_free)
                 log.info("committed %s (%s) from %s", name, labels[DIFF_ID_LABEL], layer)
 
     def _fetch_remote(self, target: str, parent: str, labels: dict[str, str]) -> bool:
@@ -398,8 +404,10 @@ class Snapshotter:
         self.fetcher.wait(fetch)
         with fetch.claim:  # a second waiter finds it held, and needs the file no more
             self.fetcher.check(fetch)
-            self._commit_remote(target, parent, {**own, VERITY_LABEL: fetch.verity,
-                                                 LAYER_LABEL: fetch.out})
+            own.update({VERITY_LABEL: fetch.verity, LAYER_LABEL: fetch.out})
+            if fetch.xattr_free:
+                own[XATTR_FREE_LABEL] = "true"
+            self._commit_remote(target, parent, own)
             self.fetcher.taken(fetch)
         return True
 
@@ -409,19 +417,21 @@ class Snapshotter:
         return {"sha256:" + layer[len(prefix):].removesuffix(".erofs")
                 for layer in self.store.layers() if layer.startswith(prefix)}
 
-    def _shared_layer(self, labels: dict[str, str]) -> tuple[str, str]:
-        """The shared layer file of the labels' diff_id (relative to the root) and its
-        fs-verity digest: the one we hold, else the labels' file taken in."""
+    def _shared_layer(self, labels: dict[str, str]) -> tuple[str, str, bool]:
+        """The shared layer file of the labels' diff_id (relative to the root), its
+        fs-verity digest and whether it is known to show no xattr: the one we hold, else the
+        labels' file taken in (xattr-free if the labels say so)."""
         diff_id = _sha256_label(labels, DIFF_ID_LABEL)
         layer = os.path.join(LAYERS, f"sha256-{diff_id.removeprefix('sha256:')}.erofs")
+        said_free = labels.get(XATTR_FREE_LABEL) == "true"
         with self.lock:
             held = self.store.layer_digest(layer)
         if held is not None:
-            return layer, held
+            return layer, held[0], held[1] or said_free
         digest = _sha256_label(labels, VERITY_LABEL)
         if LAZY_LABEL in labels:
             try:
-                return str(LazySource.parse(labels[LAZY_LABEL])), digest
+                return str(LazySource.parse(labels[LAZY_LABEL])), digest, said_free
             except LazySourceError as exc:
                 raise InvalidArgument(f"{LAZY_LABEL}: {exc}") from None
         source = labels.get(LAYER_LABEL, "")
@@ -430,7 +440,7 @@ class Snapshotter:
             raise InvalidArgument(f"{LAYER_LABEL}={source!r}: not a sealed layer file "
                                   "(FILE and FILE.verity)")
         self._take_in(source, os.path.join(self.root, layer))
-        return layer, digest
+        return layer, digest, said_free
 
     def _take_in(self, source: str, dest: str) -> None:
         """Link (or, across file systems, copy) ``source`` and its tree to ``dest``: the tree

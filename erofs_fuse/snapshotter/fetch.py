@@ -65,6 +65,7 @@ class Fetch:
     directory: str = ""
     out: str = ""
     verity: str = ""
+    xattr_free: bool = False  # the writer found no xattr the layer shows
     error: str = ""
     done: threading.Event = field(default_factory=threading.Event)
     claim: threading.Lock = field(default_factory=threading.Lock)  # one take-in at a time
@@ -228,6 +229,7 @@ class _Observer:
         fetch = self.by_key[job.key]
         assert result.verity is not None  # sealed
         fetch.out, fetch.verity = job.out, result.verity
+        fetch.xattr_free = result.shown_xattr_inodes == 0
         fetch.finished_at = time.monotonic()
         log.info("%s: converted to %s (%d bytes, %s)", fetch.what, job.out, result.image_size,
                  result.verity)

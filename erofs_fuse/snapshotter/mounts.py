@@ -203,11 +203,13 @@ class ChainMounts:
     def path(self, top_id: int) -> str:
         return os.path.join(self.dir, str(top_id))
 
-    def ensure(self, top_id: int, layers: Sequence[tuple[str, str]]) -> str:
+    def ensure(self, top_id: int, layers: Sequence[tuple[str, str]], *,
+               noxattr: bool = False) -> str:
         """The mount of the chain ``layers`` (bottom first: (layer file or lazy source,
         fs-verity digest)) whose top is ``top_id``, made (or made again, if its daemon died)
         when needed. A lazy layer's digest is its pinned manifest's: the mount takes it from
-        there (and verifies it always), so it gets no --verity."""
+        there (and verifies it always), so it gets no --verity. ``noxattr``: every layer is
+        known to show no xattr (``mount -o noxattr``)."""
         path = self.path(top_id)
         if mounted(path):
             if alive(path):
@@ -225,6 +227,8 @@ class ChainMounts:
                 argv += ["--verity", f"{index}={digest}"]
         if any(is_lazy(layer) for layer, _ in layers):
             argv += ["--cache", self.cache_dir, "--cache-size", str(self.cache_size)]
+        if noxattr:
+            argv.append("--no-xattr")
         argv.append(path)
         start = time.monotonic()
         self.forker.mount(argv, f"erofs-fuse mount {top_id} {path}")

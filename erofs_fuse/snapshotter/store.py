@@ -62,10 +62,14 @@ CREATE TABLE IF NOT EXISTS snapshots (
     created_ns INTEGER NOT NULL,
     updated_ns INTEGER NOT NULL,
     layer TEXT,
-    digest TEXT
+    digest TEXT,
+    xattr_free INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
 """
+# Columns added since the first schema, with their declarations: a database of an older version
+# gets them at open, each row with the default (for xattr_free, 0: not known to be free).
+_ADDED_COLUMNS = {"xattr_free": "INTEGER NOT NULL DEFAULT 0"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,9 @@ class Snapshot:
     updated_ns: int = 0
     layer: str | None = None  # layer file, relative to the root (committed only)
     digest: str | None = None  # its fs-verity digest, "sha256:HEX"
+    # its layer is known to show no xattr (the writer said so): a chain of such layers is
+    # mounted -o noxattr; False also when not known (rows of older versions, lazy layers)
+    xattr_free: bool = False
 
 
 def check_labels(labels: dict[str, str]) -> None:
@@ -99,6 +106,15 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Migrate a database of an older version: add the columns it lacks."""
+        with self.transaction() as db:
+            have = {row[1] for row in db.execute("PRAGMA table_info(snapshots)")}
+            for name, decl in _ADDED_COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE snapshots ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         self.db.close()
@@ -115,12 +131,12 @@ class Store:
 
     # reads -----------------------------------------------------------------------------------
     _SELECT = ("SELECT s.id, s.key, s.parent_id, COALESCE(p.key, ''), s.kind, s.labels, "
-               "s.created_ns, s.updated_ns, s.layer, s.digest FROM snapshots s "
+               "s.created_ns, s.updated_ns, s.layer, s.digest, s.xattr_free FROM snapshots s "
                "LEFT JOIN snapshots p ON p.id = s.parent_id")
 
     @staticmethod
     def _row(row: tuple[object, ...]) -> Snapshot:
-        id_, key, parent_id, parent, kind, labels, created, updated, layer, digest = row
+        id_, key, parent_id, parent, kind, labels, created, updated, layer, digest, free = row
         assert isinstance(id_, int) and isinstance(key, str) and isinstance(parent, str)
         assert isinstance(kind, int) and isinstance(labels, str)
         assert isinstance(created, int) and isinstance(updated, int)
@@ -128,7 +144,7 @@ class Store:
         assert layer is None or isinstance(layer, str)
         assert digest is None or isinstance(digest, str)
         return Snapshot(id_, key, parent_id, parent, Kind(kind), json.loads(labels), created,
-                        updated, layer, digest)
+                        updated, layer, digest, bool(free))
 
     def get(self, key: str) -> Snapshot:
         row = self.db.execute(self._SELECT + " WHERE s.key = ?", (key,)).fetchone()
@@ -188,7 +204,7 @@ class Store:
         return self.get_id(id_)
 
     def commit(self, key: str, name: str, labels: dict[str, str], layer: str,
-               digest: str, parent: str = "") -> Snapshot:
+               digest: str, parent: str = "", *, xattr_free: bool = False) -> Snapshot:
         """Turn active ``key`` into committed ``name``, keeping its id (and directory).
 
         ``parent`` (containerd 2.2's rebase): an active snapshot prepared without a parent takes
@@ -211,13 +227,14 @@ class Store:
                     raise InvalidArgument(f"snapshot {key}: cannot change its parent")
                 parent_id = new_parent
             db.execute("UPDATE snapshots SET key = ?, kind = ?, labels = ?, created_ns = ?, "
-                       "updated_ns = ?, layer = ?, digest = ?, parent_id = ? WHERE id = ?",
+                       "updated_ns = ?, layer = ?, digest = ?, parent_id = ?, xattr_free = ? "
+                       "WHERE id = ?",
                        (name, int(Kind.COMMITTED), json.dumps(labels), now, now, layer, digest,
-                        parent_id, row[0]))
+                        parent_id, int(xattr_free), row[0]))
         return self.get(name)
 
     def add_committed(self, name: str, parent: str, labels: dict[str, str], layer: str,
-                      digest: str) -> Snapshot:
+                      digest: str, *, xattr_free: bool = False) -> Snapshot:
         """A committed snapshot made from a layer file that exists already (the remote-snapshot
         protocol: a client converted the layer, containerd never unpacks it)."""
         check_labels(labels)
@@ -228,9 +245,9 @@ class Store:
             parent_id = self._committed_id(db, parent) if parent else None
             db.execute(
                 "INSERT INTO snapshots (key, parent_id, kind, labels, created_ns, updated_ns, "
-                "layer, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "layer, digest, xattr_free) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, parent_id, int(Kind.COMMITTED), json.dumps(labels), now, now, layer,
-                 digest))
+                 digest, int(xattr_free)))
         return self.get(name)
 
     @staticmethod
@@ -253,11 +270,12 @@ class Store:
             (int(Kind.COMMITTED), parent, REF_LABEL, ref)).fetchone()
         return None if row is None else self._row(row)
 
-    def layer_digest(self, layer: str) -> str | None:
-        """The fs-verity digest recorded for the layer file ``layer`` by any snapshot."""
-        row = self.db.execute("SELECT digest FROM snapshots WHERE layer = ? AND digest IS NOT "
-                              "NULL LIMIT 1", (layer,)).fetchone()
-        return None if row is None else str(row[0])
+    def layer_digest(self, layer: str) -> tuple[str, bool] | None:
+        """The fs-verity digest recorded for the layer file ``layer`` by any snapshot, and
+        whether any snapshot knows it to be xattr-free."""
+        row = self.db.execute("SELECT digest, max(xattr_free) FROM snapshots WHERE layer = ? "
+                              "AND digest IS NOT NULL GROUP BY layer", (layer,)).fetchone()
+        return None if row is None else (str(row[0]), bool(row[1]))
 
     def layer_users(self, layer: str) -> int:
         """How many snapshots use the layer file ``layer`` (a path relative to the root)."""
