@@ -46,10 +46,16 @@ def plain_entries(prefix: str) -> list[Entry]:
     return out
 
 
+def base_entries(prefix: str) -> list[Entry]:
+    """A container's bottom layer: busybox, /run (else runc makes it in the upper), files."""
+    return busybox_entries() + [directory("run")] + plain_entries(prefix)
+
+
 def convert(tmp: Path, name: str, entries: list[Entry], **opts: object) -> tuple[str, int]:
     """The layer ``name``.erofs of these entries and its count of inodes showing xattrs."""
     out = str(tmp / f"{name}.erofs")
-    result = convert_tar(io.BytesIO(tar_bytes(entries)), out, ConvertOptions(**opts))  # type: ignore[arg-type]
+    options = ConvertOptions(**opts)  # type: ignore[arg-type]
+    result = convert_tar(io.BytesIO(tar_bytes(entries)), out, options)
     return out, result.shown_xattr_inodes
 
 
@@ -265,7 +271,7 @@ def import_image(stack: Stack, name: str, layers: list[list[Entry]]) -> list[byt
 
 def test_committed_xattr_free_chain_is_mounted_noxattr(stack: Stack) -> None:
     """ctr import: containerd unpacks, our Commit converts and records the layer xattr-free."""
-    tars = import_image(stack, "free", [busybox_entries() + plain_entries("a"),
+    tars = import_image(stack, "free", [base_entries("a"),
                                         plain_entries("b") + [whiteout("a0")]])
     try:
         probe, entries = run_and_compare(stack, "example.com/noxattr:free", tars)
@@ -282,7 +288,7 @@ def test_one_layer_with_xattrs_keeps_them(stack: Stack) -> None:
         file("c0/user", "u\n", foo="bar"),
         file("c0/cap", b"#!/bin/sh\n", mode=0o755,
              raw_xattrs={"security.capability": CAP_NET_BIND})]
-    tars = import_image(stack, "some", [busybox_entries() + plain_entries("a"), top])
+    tars = import_image(stack, "some", [base_entries("a"), top])
     try:
         probe, entries = run_and_compare(stack, "example.com/noxattr:some", tars)
         assert probe == errno.ENODATA
@@ -295,7 +301,7 @@ def test_one_layer_with_xattrs_keeps_them(stack: Stack) -> None:
 def test_image_import_labels_xattr_free_layers(stack: Stack) -> None:
     """erofs-fuse image import converts the layers itself and says which are xattr-free."""
     layout = Layout(stack.tmp / "layout-client")
-    blobs = [layout.layer(busybox_entries() + plain_entries("x")),
+    blobs = [layout.layer(base_entries("x")),
              layout.layer(plain_entries("y"))]
     layout.write_index([{**layout.image(blobs), **ref("client")}])
     path = archive(layout.root, stack.tmp / "client.tar")

@@ -8,9 +8,8 @@ Stacks, over the same layers: ``fuse`` (erofs-fuse alone), ``overlay`` (kernel o
 the erofs-fuse mount as its one lowerdir, an upperdir and a workdir: what the snapshotter hands
 a container; ``--ovl-opts`` adds mount options; ``--mount-opts`` adds ``-o`` options of
 erofs-fuse mount to both FUSE stacks, e.g. ``noxattr`` as the snapshotter mounts xattr-free
-chains), ``kernel`` (kernel erofs + overlayfs: no FUSE
-requests, wall time only). Workloads: walk, read-all, python (as ``scripts/bench``), each on a
-fresh mount after dropping caches.
+chains), ``kernel`` (kernel erofs + overlayfs: no FUSE requests, wall time only). Workloads:
+walk, read-all, python (as ``scripts/bench``), each on a fresh mount after dropping caches.
 
 Requests are counted with the kernel's ``fuse:fuse_request_send`` tracepoint in a tracefs
 instance of our own (other users of tracing are not disturbed), filtered to the connection of
