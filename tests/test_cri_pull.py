@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,18 @@ class Env:
         """Layers the snapshotter converted so far (its log)."""
         return len(re.findall(r"layer \d+ \(sha256:[0-9a-f]{12}\): converted to ",
                               self.stack.log.read_text(errors="replace")))
+
+    def xattr_free(self, layer: LayerBlob) -> bool:
+        """Whether the snapshotter recorded the layer as showing no xattr (its database)."""
+        name = "layers/sha256-" + layer.diff_id.removeprefix("sha256:") + ".erofs"
+        db = sqlite3.connect(f"file:{self.stack.root / 'metadata.db'}?mode=ro", uri=True)
+        try:
+            (free,) = db.execute("SELECT max(xattr_free) FROM snapshots WHERE layer = ?",
+                                 (name,)).fetchone()
+        finally:
+            db.close()
+        assert free is not None, f"no snapshot has {name}"
+        return bool(free)
 
     def incoming(self) -> list[str]:
         return sorted(p.name for p in (self.stack.root / "incoming").iterdir())
@@ -145,6 +158,8 @@ def test_pull_image_converts_in_the_snapshotter(env_: Env) -> None:
     assert_rootfs_is_kernel_overlay(e.stack, name, e.tars(layers, "cri"),
                                     "/bin/busybox", "sleep", "600")
     assert_no_unpack(e)
+    # the tree's layers show xattrs (security.capability, user.*), the last one none
+    assert [e.xattr_free(layer) for layer in layers] == [False, False, True]
 
 
 def test_second_image_converts_only_its_own_layer(env_: Env) -> None:
@@ -186,6 +201,7 @@ def test_concurrent_pulls_share_a_conversion(env_: Env) -> None:
                           "/bin/busybox", "cat", "/shared.txt")
         assert out == "one conversion\n"
     assert_no_unpack(e)
+    assert e.xattr_free(shared)  # converted by the snapshotter: its chains mount -o noxattr
 
 
 def test_tampered_blob_fails_the_pull(env_: Env) -> None:
