@@ -78,6 +78,13 @@ def test_writer_counts_inodes_showing_xattrs(tmp_path: Path) -> None:
     # an escaped xattr of a nested overlay shows, unescaped (trusted.overlay.x)
     escaped = [file("e", "e\n", raw_xattrs={"trusted.overlay.overlay.x": b"1"})]
     assert convert(tmp_path, "escaped", base + escaped)[1] == 1
+    # erofs-fuse convert -v says so
+    tar = tmp_path / "user.tar"
+    tar.write_bytes(tar_bytes(base + [file("u", "u\n", foo="1")]))
+    proc = subprocess.run([sys.executable, "-m", "erofs_fuse", "convert", "-v", str(tar),
+                           str(tmp_path / "cli.erofs")], capture_output=True, text=True,
+                          env=env())
+    assert proc.returncode == 0 and " inodes (1 showing xattrs), " in proc.stderr, proc.stderr
 
 
 # a direct mount --------------------------------------------------------------------------------
@@ -277,6 +284,7 @@ def test_committed_xattr_free_chain_is_mounted_noxattr(stack: Stack) -> None:
         probe, entries = run_and_compare(stack, "example.com/noxattr:free", tars)
         assert probe == errno.EOPNOTSUPP
         assert "b1/f1" in entries and "a0/f0" not in entries
+        assert "layers, noxattr) at " in stack.snapshotter_log()
     finally:
         stack.ctr("images", "rm", "--sync", "example.com/noxattr:free", check=False)
 

@@ -134,7 +134,8 @@ def convert_main(argv: list[str]) -> int:
     if args.verbose:
         took = time.monotonic() - start
         rate = result.data_bytes / took / 1e6 if took else 0.0
-        print(f"{args.out}: {result.inodes} inodes, {result.image_size} bytes, "
+        print(f"{args.out}: {result.inodes} inodes ({result.shown_xattr_inodes} showing "
+              f"xattrs), {result.image_size} bytes, "
               f"{result.data_bytes} bytes of file data in {took:.2f} s ({rate:.0f} MB/s)"
               + (f", diff_id {result.diff_id}" if result.diff_id else ""), file=sys.stderr)
     return 0

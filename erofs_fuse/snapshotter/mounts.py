@@ -232,8 +232,8 @@ class ChainMounts:
         argv.append(path)
         start = time.monotonic()
         self.forker.mount(argv, f"erofs-fuse mount {top_id} {path}")
-        log.info("mounted chain %d (%d layers) at %s in %.0f ms", top_id, len(layers), path,
-                 (time.monotonic() - start) * 1000)
+        log.info("mounted chain %d (%d layers%s) at %s in %.0f ms", top_id, len(layers),
+                 ", noxattr" if noxattr else "", path, (time.monotonic() - start) * 1000)
         return path
 
     def release(self, top_id: int) -> None:
