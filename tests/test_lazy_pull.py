@@ -15,6 +15,7 @@ The tests run in order on one containerd.
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 import sys
 import time
@@ -131,6 +132,8 @@ def test_lazy_pull_then_run_fetches_no_large_file(env_: Env) -> None:
                 "/bin/busybox", "cat", "/small")
     ran = time.monotonic() - start
     assert out == SMALL
+    # push found no xattr in either layer and said so: the lazy chain is mounted -o noxattr
+    assert re.search(r"mounted chain \d+ \(2 layers, noxattr\) at ", e.stack.log.read_text())
     fetched = e.proxy.blob_bytes
     print(f"\nimage {e.image_bytes} bytes (large file {BIG}); image pull --lazy "
           f"{pulled:.2f} s, {at_pull} blob bytes; ctr run ... cat /small {ran:.2f} s; "

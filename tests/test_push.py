@@ -125,6 +125,10 @@ def test_layers_are_the_sealed_local_conversions(pushed: Pushed, tmp_path: Path)
         tree = _blob(pushed.ref, tree_desc)
         assert tree == Path(str(local) + ".verity").read_bytes()
         assert int(notes[ANNOTATIONS.tree_offset]) == 4096  # a veritysetup superblock first
+    # user.* xattrs in the base and the app layer; the middle one only hides (whiteouts and an
+    # opaque directory are overlayfs's own xattrs): it alone is said to show none
+    assert [desc["annotations"].get(ANNOTATIONS.xattr_free) for desc in manifest["layers"]] \
+        == [None, "true", None]
 
 
 def test_config_names_the_erofs_blobs_as_diff_ids(pushed: Pushed) -> None:

@@ -156,9 +156,11 @@ def _register(client: Client, source: SourceImage, target: Target, settings: Set
     if todo and source.lazy:
         for layer in todo:
             lazy = source.lazy[layer.index]
-            _prepare(sn, layer, layers, {DIFF_ID_LABEL: layer.diff_id,
-                                         VERITY_LABEL: lazy.verity,
-                                         LAZY_LABEL: str(lazy.source)})
+            labels = {DIFF_ID_LABEL: layer.diff_id, VERITY_LABEL: lazy.verity,
+                      LAZY_LABEL: str(lazy.source)}
+            if lazy.xattr_free:
+                labels[XATTR_FREE_LABEL] = "true"
+            _prepare(sn, layer, layers, labels)
     elif todo:
         _convert_and_prepare(sn, source, todo, settings, out)
     top = layers[-1].chain_id if layers else ""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..lazy.layer import lazy_verity
+from ..lazy.layer import lazy_verity, lazy_xattr_free
 from ..lazy.source import LazySource
 from ..oci.image import (CONTAINERD_NAME, LAYER_MEDIA_TYPES, MAX_JSON_BYTES, REF_NAME, Layer,
                          OciError, Platform, ResolvedImage, chain_ids, config_diff_ids,
@@ -40,6 +40,7 @@ class LazyLayer:
 
     source: LazySource
     verity: str
+    xattr_free: bool = False  # push's annotation says the layer shows no xattr
 
 
 @dataclass(frozen=True)
@@ -133,5 +134,5 @@ def native_layers(ref: Reference, got: Resolved, diff_ids: list[str],
         if diff_id != desc.digest:
             raise OciError(f"{name}: its diff_id {diff_id[:19]} is not its blob's digest "
                            f"{desc.digest[:19]}, as erofs-fuse push writes the config")
-        out.append(LazyLayer(LazySource(pinned, k, plain_http), verity))
+        out.append(LazyLayer(LazySource(pinned, k, plain_http), verity, lazy_xattr_free(desc)))
     return tuple(out)

@@ -92,6 +92,12 @@ def lazy_verity(desc: Descriptor, where: str) -> str:
     return str(_tree_info(desc, where).verity)
 
 
+def lazy_xattr_free(desc: Descriptor) -> bool:
+    """Whether push found that the layer shows no xattr (its annotation; the manifest is
+    pinned by digest, so it is as trusted as the layer's fs-verity digest)."""
+    return desc.annotations.get(ANNOTATIONS.xattr_free) == "true"
+
+
 def _tree_info(desc: Descriptor, where: str) -> _TreeInfo:
     if desc.media_type != LAYER_MEDIA_TYPE:
         raise RemoteLayerError(f"{where}: media type {desc.media_type}, not a native EROFS "

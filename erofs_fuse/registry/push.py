@@ -52,6 +52,7 @@ from typing import Any, Mapping, TextIO
 
 from ..erofs.errors import ErofsError
 from ..erofs.image import Image
+from ..erofs.overlay_xattrs import shows_xattrs
 from ..mkfs import ConvertOptions
 from ..oci.image import Platform, resolve_image
 from ..oci.layers_file import load_layers_file
@@ -86,6 +87,9 @@ class Annotations:
     tree_size: str = "org.erofs-fuse.verity.tree.size"  # its bytes (decimal)
     tree_offset: str = "org.erofs-fuse.verity.tree.offset"  # where the tree starts in it
     diff_id: str = "org.erofs-fuse.tar.diff-id"  # the layer tar this blob was made from
+    # "true": the layer shows no xattr (none but overlayfs's own): a lazy pull's chain of such
+    # layers is mounted -o noxattr; absent: not known
+    xattr_free: str = "org.erofs-fuse.xattr-free"
 
 
 ANNOTATIONS = Annotations()
@@ -117,13 +121,17 @@ class Sealed:
     tree_digest: str
     tree_size: int
     tree_offset: int
+    xattr_free: bool = False  # shows no xattr (the writer's count, or a walk of the layer)
 
     def descriptor(self) -> dict[str, Any]:
         a = ANNOTATIONS
+        annotations = {a.verity: self.verity, a.tree: self.tree_digest,
+                       a.tree_size: str(self.tree_size), a.tree_offset: str(self.tree_offset),
+                       a.diff_id: self.diff_id}
+        if self.xattr_free:
+            annotations[a.xattr_free] = "true"
         return {"mediaType": LAYER_MEDIA_TYPE, "digest": self.digest, "size": self.size,
-                "annotations": {a.verity: self.verity, a.tree: self.tree_digest,
-                                a.tree_size: str(self.tree_size),
-                                a.tree_offset: str(self.tree_offset), a.diff_id: self.diff_id}}
+                "annotations": annotations}
 
     def tree_descriptor(self) -> dict[str, Any]:
         return {"mediaType": TREE_MEDIA_TYPE, "digest": self.tree_digest,
@@ -166,12 +174,14 @@ def _from_image(req: PushRequest, tmp: str, out: TextIO
     finally:
         view.close()
     verity = {job.layer.diff_id: results[job.key].verity for job in jobs}
+    free = {job.layer.diff_id: results[job.key].shown_xattr_inodes == 0 for job in jobs}
     layers = []
     for layer in image.layers:
         path = os.path.join(tmp, output_name(layer.diff_id))
         digest = verity.get(layer.diff_id)
         assert digest is not None  # sealed conversions always report it
-        layers.append(_sealed(path, path + ".verity", digest, layer.diff_id))
+        layers.append(_sealed(path, path + ".verity", digest, layer.diff_id,
+                              free[layer.diff_id]))
     return layers, image.config_content
 
 
@@ -182,14 +192,14 @@ def _from_layers_file(path: str, tmp: str, out: TextIO, quiet: bool
     layers = []
     for k, layer in enumerate(listed.layers):
         where = f"{path}: layer {k} ({layer.path})"
-        _refuse_metadata_only(layer.path, where)
+        xattr_free = _checked_layer(layer.path, where)
         sidecar = os.path.join(tmp, f"{k}.verity")
         before = _identity(layer.path)
         result = seal(layer.path, sidecar)
         if layer.verity is not None and result.digest != layer.verity:
             raise PushError(f"{where}: has fs-verity digest {result.digest}, the file lists "
                             f"{layer.verity}: changed since it was converted")
-        sealed = _sealed(layer.path, sidecar, result.digest, layer.diff_id)
+        sealed = _sealed(layer.path, sidecar, result.digest, layer.diff_id, xattr_free)
         if _identity(layer.path) != before:  # the tree and the digest would not pair
             raise PushError(f"{where}: changed while it was being read")
         layers.append(sealed)
@@ -204,9 +214,11 @@ def _identity(path: str) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _refuse_metadata_only(path: str, where: str) -> None:
-    """A layer written with ``--objects`` keeps its files' bytes in an object store: pushed
-    alone it would be an image without file contents."""
+def _checked_layer(path: str, where: str) -> bool:
+    """Whether the layer shows no xattr, once its every inode is checked: a layer written with
+    ``--objects`` keeps its files' bytes in an object store, and pushed alone it would be an
+    image without file contents, so it is refused."""
+    shown = False
     try:
         with contextlib.closing(Image.open(path)) as image:
             for name, inode in image.walk():
@@ -214,8 +226,11 @@ def _refuse_metadata_only(path: str, where: str) -> None:
                     raise PushError(f"{where}: metadata-only ({name.decode(errors='replace')} "
                                     "has its bytes in an object store): convert without "
                                     "--objects to push it")
+                if not shown and inode.info.xattr_icount:
+                    shown = shows_xattrs(xname for xname, _ in inode.xattrs())
     except ErofsError as exc:
         raise PushError(f"{where}: {exc}") from None
+    return not shown
 
 
 def _config_of(image: str, digest: str, where: str) -> Mapping[str, Any]:
@@ -232,7 +247,7 @@ def _config_of(image: str, digest: str, where: str) -> Mapping[str, Any]:
         raise PushError(f"{where}: its image's config is needed: {exc}") from None
 
 
-def _sealed(path: str, tree_path: str, verity: str, diff_id: str) -> Sealed:
+def _sealed(path: str, tree_path: str, verity: str, diff_id: str, xattr_free: bool) -> Sealed:
     with open(tree_path, "rb") as f:
         head = f.read(4096)
     offset = 0
@@ -240,7 +255,7 @@ def _sealed(path: str, tree_path: str, verity: str, diff_id: str) -> Sealed:
         sb = parse_verity_superblock(head)
         offset = hash_area_offset(0, sb.hash_block_size, True)
     return Sealed(path, tree_path, verity, diff_id, _file_digest(path), os.path.getsize(path),
-                  _file_digest(tree_path), os.path.getsize(tree_path), offset)
+                  _file_digest(tree_path), os.path.getsize(tree_path), offset, xattr_free)
 
 
 def _file_digest(path: str) -> str:

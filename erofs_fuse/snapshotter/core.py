@@ -390,9 +390,11 @@ class Snapshotter:
             return False
         if source.lazy:  # pushed by erofs-fuse push: the layer stays in its registry
             lazy = source.lazy[layer.index]
-            self._commit_remote(target, parent, {**labels, DIFF_ID_LABEL: layer.diff_id,
-                                                 VERITY_LABEL: lazy.verity,
-                                                 LAZY_LABEL: str(lazy.source)})
+            own = {**labels, DIFF_ID_LABEL: layer.diff_id, VERITY_LABEL: lazy.verity,
+                   LAZY_LABEL: str(lazy.source)}
+            if lazy.xattr_free:  # push's annotation
+                own[XATTR_FREE_LABEL] = "true"
+            self._commit_remote(target, parent, own)
             return True
         with self.lock:
             held = self._held_diff_ids()
