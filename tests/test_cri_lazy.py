@@ -38,7 +38,7 @@ from cri import Cri
 from ctrstack import CRI_NS, containerd_stack, direct_snapshotter
 from erofs_fuse.containerd.api import snapshots_pb2 as pb
 from erofs_fuse.containerd.labels import (CRI_IMAGE_REF, CRI_LAYER, CRI_LAYERS, CRI_MANIFEST,
-                                          LAZY_LABEL, SNAPSHOT_REF)
+                                          LAZY_LABEL, SNAPSHOT_REF, XATTR_FREE_LABEL)
 from erofs_fuse.lazy import DEFAULT_UNIT as UNIT
 from erofs_fuse.oci.image import chain_ids
 from erofs_fuse.registry.push import ANNOTATIONS
@@ -191,6 +191,10 @@ def test_cri_pull_of_a_pushed_image_is_lazy(env_: Env) -> None:
         lazy = sorted(i.labels[LAZY_LABEL] for i in every_row(stub) if LAZY_LABEL in i.labels)
         repo = e.lazy.name.rpartition(":")[0]
         assert lazy == [f"lazy:{repo}@{e.lazy.manifest}#{k}" for k in range(len(e.blobs))]
+        # push's annotation: the tree's layers show xattrs, the last one none
+        free = {i.labels[LAZY_LABEL].rpartition("#")[2]: i.labels.get(XATTR_FREE_LABEL)
+                for i in every_row(stub) if LAZY_LABEL in i.labels}
+        assert free == {"0": None, "1": None, "2": "true"}, free
         for k, chain in enumerate(e.lazy.chains):
             assert re.search(rf"committed \S*{chain[7:]}\S* \({e.lazy.diff_ids[k]}\) from "
                              rf"lazy:\S+@{e.lazy.manifest}#{k}", log), log
@@ -217,6 +221,8 @@ def test_cri_pull_of_a_pushed_image_is_lazy(env_: Env) -> None:
             ours = view_of_dir(str(root))
         diff = kernel.diff(ours)
         assert not diff, "the lazy chain differs from the kernel's overlay:\n" + "\n".join(diff)
+        # a layer shows xattrs: the chain is not mounted -o noxattr
+        assert re.search(r"mounted chain \d+ \(3 layers\) at ", stack.log.read_text())
         assert stack.chain_mounts() == [], "the view's chain goes with it (no linger)"
 
 
