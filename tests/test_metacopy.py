@@ -384,7 +384,7 @@ def test_open_objects_are_bounded(stack: Stack) -> None:
         for _ in range(2):
             for path, name in EXPECTED.items():
                 assert tree.read(node_at(tree, path), 0, 1 << 30) == content(name)
-                assert len(store._open) <= 2 and store._open.currsize <= 3 * BS
+                assert len(store._open) <= 2 and store.open_bytes <= 3 * BS
     finally:
         store.close()
         for im in images:
