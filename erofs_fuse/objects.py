@@ -37,6 +37,7 @@ import logging
 import os
 import stat
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Sequence
 
 from cachetools import LRUCache
@@ -62,6 +63,7 @@ TREE_SUFFIX = ".verity"  # an object's Merkle tree, beside it: ab/cdef....verity
 WHOLE_OBJECT_BYTES = 128 << 10
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_FD_COST = 4096  # what an open object without a tree weighs in the cache of open objects
 # the object is not in this data dir: try the next one (ELOOP: a symlink, refused, as the
 # kernel's LOOKUP_NO_SYMLINKS refuses it)
 _NOT_HERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
@@ -132,9 +134,13 @@ class ObjectStore:
         self.require_verity = require_verity
         self._fds: list[int] = []
         self._lock = threading.Lock()
-        # (redirect, digest) -> open object; weighed by its tree's bytes (plus one block)
-        self._open: LRUCache[tuple[bytes, bytes | None], Blob] = LRUCache(
-            maxsize=cache_bytes, getsizeof=lambda b: getattr(b, "cost", 4096))
+        # (redirect, digest) -> open object, least recently used first, at most
+        # ``open_objects`` of them weighing at most ``cache_bytes`` (an object weighs its tree's
+        # bytes plus one block: ``_FD_COST``). An OrderedDict, not a cachetools LRUCache: a hit is
+        # one C call instead of a few Python ones, on every read.
+        self._open: OrderedDict[tuple[bytes, bytes | None], Blob] = OrderedDict()
+        self.open_bytes = 0  # what the open objects weigh
+        self._cache_bytes = cache_bytes
         self._max_open = open_objects
         # objects that failed their digest at open, by key: (identity of the file then, the
         # error); the same file is refused again without being hashed again
@@ -154,6 +160,7 @@ class ObjectStore:
             os.close(fd)
         self._fds = []
         self._open.clear()
+        self.open_bytes = 0
 
     def __enter__(self) -> ObjectStore:
         return self
@@ -194,28 +201,43 @@ class ObjectStore:
         key = (meta.redirect or b"", meta.digest)
         with self._lock:
             blob = self._open.get(key)
+            if blob is not None:
+                self._open.move_to_end(key)
         if blob is not None and blob.size == inode.size:
             return blob, None
         blob, whole = self._open_object(key, meta, inode.size)
-        with self._lock:
-            if len(self._open) >= self._max_open:
-                self._open.popitem()
-            if getattr(blob, "cost", 4096) <= self._open.maxsize:
-                self._open[key] = blob
+        self._keep(key, blob)
         return blob, whole
+
+    def _keep(self, key: tuple[bytes, bytes | None], blob: Blob) -> None:
+        """Remember an object just opened, dropping the least recently used ones over the
+        bounds (dropped, an object is closed when the last read using it returns)."""
+        cost = getattr(blob, "cost", _FD_COST)
+        if cost > self._cache_bytes:
+            return
+        with self._lock:
+            opened = self._open
+            old = opened.pop(key, None)
+            if old is not None:
+                self.open_bytes -= getattr(old, "cost", _FD_COST)
+            while opened and (len(opened) >= self._max_open
+                              or self.open_bytes + cost > self._cache_bytes):
+                self.open_bytes -= getattr(opened.popitem(last=False)[1], "cost", _FD_COST)
+            opened[key] = blob
+            self.open_bytes += cost
 
     def _open_object(self, key: tuple[bytes, bytes | None], meta: Metacopy,
                      size: int) -> tuple[Blob, bytes | None]:
-        shown = (meta.redirect or b"").decode(errors="replace")
         if meta.digest is None and self.require_verity:
-            raise MetacopyError(f"object {shown} has no fs-verity digest in its metacopy "
+            raise MetacopyError(f"object {_shown(meta)} has no fs-verity digest in its metacopy "
                                 "xattr, and object verity is required")
         parts = redirect_components(meta.redirect)
         if not self._fds:
-            raise MetacopyError(f"object {shown}: no data dir given")
+            raise MetacopyError(f"object {_shown(meta)}: no data dir given")
+        rel = "/".join(parts)  # the path under a data dir (validated: no empty, . or ..)
+        with_tree = meta.digest is not None and size > WHOLE_OBJECT_BYTES
         for root, fd in zip(self.dirs, self._fds):
-            found = self._open_in(fd, parts, os.path.join(root, *parts),
-                                  with_tree=meta.digest is not None and size > WHOLE_OBJECT_BYTES)
+            found = self._open_in(fd, parts, f"{root.rstrip('/')}/{rel}", with_tree=with_tree)
             if found is None:
                 continue
             blob, tree_file = found
@@ -227,8 +249,10 @@ class ObjectStore:
             if meta.digest is None:
                 return blob, None
             identity = blob.identity()
-            with self._lock:
-                failed = self._failed.get(key)
+            failed = None
+            if self._failed:  # usually empty: no lookup (and lock) per object opened
+                with self._lock:
+                    failed = self._failed.get(key)
             if failed is not None and failed[0] == identity:
                 raise failed[1]  # unchanged since it failed: not hashed again
             try:
@@ -239,7 +263,7 @@ class ObjectStore:
                 with self._lock:
                     self._failed[key] = (identity, exc)
                 raise
-        raise MetacopyError(f"object {shown} is in none of the data dirs "
+        raise MetacopyError(f"object {_shown(meta)} is in none of the data dirs "
                             f"({', '.join(self.dirs)})")
 
     def _open_in(self, root_fd: int, parts: list[str], name: str, *,
@@ -287,6 +311,10 @@ def _regular_file(part: str, dir_fd: int, name: str) -> FdBlob | None:
         return None  # only a regular file is an object (as in the kernel)
     return FdBlob(fd, st.st_size, name if not part.endswith(TREE_SUFFIX) else name + TREE_SUFFIX,
                   _identity(st))
+
+
+def _shown(meta: Metacopy) -> str:
+    return (meta.redirect or b"").decode(errors="replace")
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:

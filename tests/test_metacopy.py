@@ -384,11 +384,42 @@ def test_open_objects_are_bounded(stack: Stack) -> None:
         for _ in range(2):
             for path, name in EXPECTED.items():
                 assert tree.read(node_at(tree, path), 0, 1 << 30) == content(name)
-                assert len(store._open) <= 2 and store._open.currsize <= 3 * BS
+                assert len(store._open) <= 2 and store.open_bytes <= 3 * BS
     finally:
         store.close()
         for im in images:
             im.close()
+
+
+def test_open_objects_least_recently_used_goes_first(stack: Stack) -> None:
+    """The open objects are kept least recently used first: a read of an open object keeps it,
+    the next object opened past the bound closes the one unused longest; ``open_bytes`` is
+    what those kept weigh (a tree, or one block for an object without one)."""
+    images = [Image.open(p) for p in stack.layers]
+    store = ObjectStore([stack.objects, stack.second], open_objects=2)
+    try:
+        tree = MergedTree(images, objects=store)
+
+        def read(path: str) -> None:
+            assert tree.read(node_at(tree, path), 0, 1 << 30) == content(EXPECTED[path])
+
+        def kept() -> set[str]:
+            return {key[0].decode() for key in store._open}
+
+        small, nodigest, second = (node_at(tree, p).inode.metacopy() for p in
+                                   ("sub/small", "nodigest", "in-second"))
+        assert small and nodigest and second and small.redirect and nodigest.redirect
+        read("sub/small")
+        read("nodigest")
+        read("sub/small")  # used again: now the most recent
+        read("in-second")  # the bound is 2: "nodigest" goes, not "sub/small"
+        assert kept() == {small.redirect.decode(), (second.redirect or b"").decode()}
+        assert store.open_bytes == sum(getattr(b, "cost", BS) for b in store._open.values())
+    finally:
+        store.close()
+        for im in images:
+            im.close()
+    assert store.open_bytes == 0 and not store._open
 
 
 def test_merged_xattrs_hide_metacopy_and_unescape(stack: Stack) -> None:

@@ -40,6 +40,7 @@ from erofs_fuse.verity import (
     read_digests_file,
     seal,
 )
+from erofs_fuse.verity.build import hash_blocks
 from erofs_fuse.verity.formats import geometry
 
 from helpers import corpus, flip
@@ -94,6 +95,18 @@ def sample(tmp_path: Path, case: str | int) -> str:
     dest = tmp_path / case
     shutil.copyfile(corpus(case), dest)
     return str(dest)
+
+
+@pytest.mark.parametrize("size", [1, BS - 1, BS, BS + 1, 3 * BS + 5])
+def test_hash_blocks_pads_only_the_last_block(size: int) -> None:
+    """hash_blocks hashes whole blocks in place and a zero-padded copy of a partial last one:
+    the same hashes as over the data zero-padded whole, as fs-verity defines them."""
+    data = payload(size)
+    padded = data + bytes(-size % BS)
+    params = HashParams.fsverity()
+    hasher = params.hasher()
+    want = b"".join(hasher(padded[k:k + BS]) for k in range(0, len(padded), BS))
+    assert hash_blocks(hasher, data, BS, params.slot_size) == want
 
 
 # sealing against the reference tools ----------------------------------------------------------

@@ -82,3 +82,24 @@ def test_fixture_with_long_prefixes_and_digests() -> None:
         # the content fingerprint is a hidden (index 0) long-prefix entry: never listed
         for _, node in image.walk():
             assert all(not name.startswith(b"erofs.") for name in node.listxattr())
+
+
+def test_inline_region_is_read_once() -> None:
+    """An inode's inline xattr region is read with one call (one pass through the block cache,
+    once per metadata-only file opened), its entries cut from those bytes; only shared entries
+    are read apart, from the shared area."""
+    data = region(entry(d.XATTR_INDEX_TRUSTED, b"overlay.metacopy", b"")
+                  + entry(d.XATTR_INDEX_TRUSTED, b"overlay.redirect", b"/ab/cdef")
+                  + entry(d.XATTR_INDEX_USER, b"x", b"1"), shared=[0])
+    shared = entry(d.XATTR_INDEX_USER, b"common", b"v")
+    base = 4096
+    calls: list[tuple[int, int]] = []
+
+    def read(off: int, n: int) -> bytes:
+        calls.append((off, n))
+        return data[off - base:off - base + n]
+
+    got = reader(shared=shared).items(read, base, len(data))
+    assert got == [(b"trusted.overlay.metacopy", b""), (b"trusted.overlay.redirect", b"/ab/cdef"),
+                   (b"user.x", b"1"), (b"user.common", b"v")]
+    assert calls == [(base, len(data))]

@@ -254,10 +254,12 @@ class Inode:
 
     # xattrs -----------------------------------------------------------------------------------
     def xattrs(self) -> list[tuple[bytes, bytes]]:
-        with self.image.context(self.nid):
-            return self.image._xattrs.items(
-                self.space.read, self.info.pos + self.info.isize, self.info.xattr_isize
-            )
+        info = self.info
+        try:  # not image.context(): once per metadata-only file opened, a hot path
+            return self.image._xattrs.items(self.space.read, info.pos + info.isize,
+                                            info.xattr_isize)
+        except Exception as exc:
+            self.image.reraise(exc, self.nid)
 
     def listxattr(self) -> list[bytes]:
         return [name for name, _ in self.xattrs()]

@@ -33,10 +33,11 @@ def hash_blocks(hasher: Callable[[bytes | memoryview], bytes], data: bytes, bloc
                 slot_size: int) -> bytes:
     """The concatenated slot-padded hashes of the blocks of ``data`` (a partial last block is
     zero-padded, as fs-verity does)."""
-    if len(data) % block_size:
-        data = data + bytes(-len(data) % block_size)
     mv = memoryview(data)
-    digests = [hasher(mv[k:k + block_size]) for k in range(0, len(data), block_size)]
+    whole = len(data) - len(data) % block_size
+    digests = [hasher(mv[k:k + block_size]) for k in range(0, whole, block_size)]
+    if whole < len(data):  # only the partial last block is copied to be padded, not all data
+        digests.append(hasher(bytes(mv[whole:]) + bytes(whole + block_size - len(data))))
     pad = slot_size - len(digests[0]) if digests else 0
     if pad:
         digests = [d + bytes(pad) for d in digests]

@@ -214,7 +214,8 @@ def fsverity_descriptor(params: HashParams, data_size: int, root: bytes) -> byte
 
 def fsverity_digest(params: HashParams, data_size: int, root: bytes) -> bytes:
     """The file digest ``fsverity digest`` prints: H(descriptor)."""
-    return hashlib.new(params.alg, fsverity_descriptor(params, data_size, root)).digest()
+    ctor: Callable[[bytes], hashlib._Hash] = getattr(hashlib, params.alg)  # not hashlib.new:
+    return ctor(fsverity_descriptor(params, data_size, root)).digest()  # no lookup by name
 
 
 def parse_fsverity_descriptor(raw: bytes) -> FsVerityDescriptor:

@@ -14,7 +14,7 @@ from typing import Callable
 from ..blob import Blob
 from ..erofs.errors import ErofsError
 from .blob import MerkleTree, VerifiedBlob
-from .build import build_tree, tree_from_stored
+from .build import build_tree, hash_blocks, tree_from_leaves, tree_from_stored
 from .formats import VERITY_MAGIC, HashParams, data_blocks_of, geometry, hash_area_offset
 from .trust import FsVerityDigest, IntegrityError
 
@@ -30,19 +30,20 @@ def verified_object(blob: Blob, alg: str, digest: bytes, tree_file: Blob | None,
     params = _params(alg)
     tree = None
     whole: bytes | None = None
-    read: Callable[[int, int], bytes] = blob.read
     if tree_file is not None:
         try:
             tree = _stored_tree(tree_file, blob.size, params, digest)
         finally:
             tree_file.close()
     elif blob.size <= whole_limit:
-        data = whole = blob.read(0, blob.size)  # one pread; served only once it gives the digest
-
-        def read(pos: int, length: int) -> bytes:
-            return data[pos:pos + length]
+        whole = blob.read(0, blob.size)  # one pread; served only once it gives the digest
     if tree is None:
-        built = build_tree(read, blob.size, params)
+        if whole is not None:  # most objects: hashed straight from the bytes just read
+            leaves = hash_blocks(_hasher(params), whole, params.data_block_size,
+                                 params.slot_size)
+            built = tree_from_leaves(leaves, blob.size, params)
+        else:
+            built = build_tree(blob.read, blob.size, params)
         if built.fsverity_digest != digest:
             # checked here, not by the tree's anchor, whose words are a layer's and its sidecar's
             want = FsVerityDigest(alg, digest)
@@ -98,6 +99,11 @@ class _Deferred:
 @functools.lru_cache(maxsize=None)
 def _params(alg: str) -> HashParams:
     return HashParams.fsverity(alg)  # validated once per algorithm, not once per object
+
+
+@functools.lru_cache(maxsize=None)
+def _hasher(params: HashParams) -> Callable[[bytes | memoryview], bytes]:
+    return params.hasher()  # made once per algorithm, not once per object
 
 
 def _stored_tree(tree_file: Blob, data_size: int, params: HashParams,
