@@ -310,6 +310,58 @@ def test_a_tampered_cache_is_caught_and_fetched_again(clean: Stack, tmp_path: Pa
     assert_cache_consistent(tmp_path)
 
 
+def _ranges(stack: Stack, since: int) -> set[str]:
+    return {s.headers.get("Range", "") for s in stack.proxy.seen[since:]
+            if "/blobs/" in s.path and s.headers.get("Range")}
+
+
+def test_a_sequential_read_is_served_while_its_read_ahead_is_fetched(
+        clean: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The second of two adjacent misses fetches its own unit in one request and the next
+    unit in another, which the read does not wait for; the read that gets there is served
+    the verified bytes from memory, not read back from the cache (changed here on disk)."""
+    unit = 256 << 10
+    local = FileBlob(clean.local[0])
+    with lazy_blobs(clean, tmp_path) as blobs:
+        blob = blobs[0]
+        assert blob.size >= 4 * unit
+        since = len(clean.proxy.seen)
+        assert blob.read(0, 4096) == local.read(0, 4096)
+        assert blob.read(unit, 4096) == local.read(unit, 4096)
+        ahead = f"bytes={2 * unit}-{3 * unit - 1}"
+        assert f"bytes={unit}-{2 * unit - 1}" in _ranges(clean, since)  # its own unit only
+        wait_until(lambda: ahead in _ranges(clean, since) and blob.requests == 3, 30,
+                   "the read-ahead")
+        entry = next(p for p in tmp_path.iterdir() if (p / DATA).stat().st_size == local.size)
+        with open(entry / DATA, "r+b") as f:
+            f.seek(2 * unit)
+            f.write(bytes(4096))
+        since = len(clean.proxy.seen)
+        assert blob.read(2 * unit, 4096) == local.read(2 * unit, 4096)
+        assert ahead not in _ranges(clean, since)  # not fetched again
+    assert "cached block failed its hash" not in caplog.text
+    local.close()
+
+
+def test_a_store_in_flight_when_the_daemon_forks_does_not_hold_it_up(tmp_path: Path) -> None:
+    """The mount forks its daemon after reading the superblock, possibly while a read-ahead
+    is storing blocks: the daemon must not inherit the cache entry's lock held."""
+    entry = BlockCache(str(tmp_path)).open_entry(f"sha256-{9:064x}", 1 << 20, 4096,
+                                                 bytes(32))
+    entry.store(0, b"x" * 4096)
+    with entry._lock:  # noqa: SLF001  # a fetch thread storing blocks
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)  # a child that waits for the lock dies of SIGALRM, never hangs
+            try:
+                entry.close()
+            finally:
+                os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    entry.close()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
 # the registry's own store tampered with ---------------------------------------------------------
 def _blob_files(registry_root: Path) -> list[Path]:
     return list((registry_root / "data").rglob("blobs/sha256/*/*/data"))

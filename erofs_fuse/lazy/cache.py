@@ -30,6 +30,7 @@ import shutil
 import struct
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 log = logging.getLogger("erofs_fuse")
@@ -171,6 +172,7 @@ class CacheEntry:
         self._data_fd = -1
         self._bitmap_fd = -1
         self._lock_fd = self._lock_shared()
+        _ENTRIES.add(self)
         try:
             os.utime(self._lock_fd)  # last use, for eviction
             self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -330,6 +332,21 @@ class CacheEntry:
                     pass
                 os.close(self._lock_fd)
                 self._lock_fd = -1
+
+
+_ENTRIES: weakref.WeakSet[CacheEntry] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child (the mount's daemon) no thread of the parent runs: a fetch that was
+    storing blocks when the parent forked (read-ahead goes on in the background) would hold
+    the lock forever. Its bits are set only after its bytes are written, so what the child
+    sees is consistent (a batch both flush is made durable and marked twice, harmlessly)."""
+    for entry in list(_ENTRIES):
+        entry._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _set_bits(bits: bytearray, first: int, end: int, value: bool) -> None:
