@@ -25,7 +25,7 @@ from typing import Iterator
 import pytest
 
 from erofs_fuse.lazy import BlockCache, LazyBlob, LazyOptions, open_layers, resolve_pinned
-from erofs_fuse.lazy.cache import BITMAP, DATA, HEADER_BYTES, TREE
+from erofs_fuse.lazy.cache import BITMAP, DATA, HEADER_BYTES, TREE, _set_bits
 from erofs_fuse.registry import Reference, RegistryClient, RetryPolicy
 from erofs_fuse.blob import FileBlob
 from erofs_fuse.verity.blob import MerkleTree, VerifiedBlob
@@ -482,6 +482,27 @@ def test_daemon_killed_mid_fetch_leaves_a_consistent_cache(clean: Stack,
             kernel_overlay(list(reversed(mounts))) as ovl, lazy_mount(clean.ref, cache) as m:
         assert view_of_dir(m.mountpoint).diff(view_of_dir(ovl)) == []
     assert_cache_consistent(Path(cache))
+
+
+def test_bitmap_ranges_agree_with_bit_by_bit(tmp_path: Path) -> None:
+    """present() and the bits set or cleared work on whole bytes where they can: the same
+    answers as block by block, at every alignment."""
+    entry = BlockCache(str(tmp_path)).open_entry(f"sha256-{5:064x}", 200 * 4096, 4096,
+                                                 bytes(32))
+    rng = random.Random(7)
+    model = [False] * entry.blocks
+    try:
+        for _ in range(3000):
+            first = rng.randrange(entry.blocks)
+            end = rng.randrange(first, entry.blocks + 1)
+            if rng.random() < 0.5:
+                value = rng.random() < 0.7
+                _set_bits(entry._bits, first, end, value)  # noqa: SLF001
+                model[first:end] = [value] * (end - first)
+            assert entry.present(first, end) == all(model[first:end]), (first, end)
+        assert entry.missing() == [b for b, on in enumerate(model) if not on]
+    finally:
+        entry.close()
 
 
 def test_size_limit_evicts_whole_layers_not_in_use(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def one(args: list[str], mnt: str, walk: str, spy: str | None) -> dict[str, floa
     if spy:
         cmd = ["py-spy", "record", "-r", "200", "-s", *(["--gil"] if os.environ.get("SPY_GIL") else []), "-o", spy,
                "-f", "raw" if spy.endswith(".txt") else "flamegraph", "--"] + cmd
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stderr=None if os.environ.get("SHOWERR") else subprocess.DEVNULL)
     while not mounted(mnt):
         if proc.poll() is not None:
             raise SystemExit(f"mount failed: {' '.join(cmd)}")
