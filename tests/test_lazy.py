@@ -28,6 +28,7 @@ from erofs_fuse.lazy import BlockCache, LazyBlob, LazyOptions, open_layers, reso
 from erofs_fuse.lazy.cache import BITMAP, DATA, HEADER_BYTES, TREE, _set_bits
 from erofs_fuse.registry import Reference, RegistryClient, RetryPolicy
 from erofs_fuse.blob import FileBlob
+from erofs_fuse.erofs.image import Image
 from erofs_fuse.verity.blob import MerkleTree, VerifiedBlob
 from erofs_fuse.verity.formats import HashParams
 from erofs_fuse.verity.trust import FsVerityDigest
@@ -341,6 +342,44 @@ def test_a_sequential_read_is_served_while_its_read_ahead_is_fetched(
         assert ahead not in _ranges(clean, since)  # not fetched again
     assert "cached block failed its hash" not in caplog.text
     local.close()
+
+
+def _meta_base(path: str) -> int:
+    image = Image(FileBlob(path))
+    try:
+        return image.superblock.meta_base
+    finally:
+        image.close()
+
+
+def test_the_fill_fetches_the_metadata_first(clean: Stack, tmp_path: Path) -> None:
+    unit = 256 << 10
+    meta = _meta_base(clean.local[0])
+    assert meta > unit  # our writer puts the metadata after the data
+    with lazy_blobs(clean, tmp_path) as blobs:
+        since = len(clean.proxy.seen)
+        blobs[0].start_fill(threads=1, first=meta)
+        wait_until(lambda: not blobs[0]._entry.missing(), 30, "the fill")  # noqa: SLF001
+    ranges = [s.headers["Range"] for s in clean.proxy.seen[since:] if "Range" in s.headers]
+    assert ranges[0].startswith(f"bytes={meta // unit * unit}-"), ranges
+    assert ranges[1].startswith("bytes=0-"), ranges
+
+
+def test_a_mount_prefetches_the_metadata_and_a_walk_fetches_nothing(clean: Stack,
+                                                                     tmp_path: Path) -> None:
+    """Once serving, the mount fetches each layer's metadata region (inodes, directories;
+    after the data, from the superblock's meta_blkaddr) in the background: a walk of the
+    whole tree then needs no fetch."""
+    layers = [p for p in clean.local if _meta_base(p) > 0]
+    with lazy_mount(clean.ref, str(tmp_path / "cache")) as m:
+        wait_until(lambda: m.log_text().count("prefetched") == len(layers), 30,
+                   "the metadata prefetch")
+        since = len(clean.proxy.seen)
+        for root, dirs, files in os.walk(m.mountpoint):
+            for name in dirs + files:
+                os.lstat(os.path.join(root, name))
+                os.listxattr(os.path.join(root, name), follow_symlinks=False)
+        assert not _ranges(clean, since)
 
 
 def test_a_store_in_flight_when_the_daemon_forks_does_not_hold_it_up(tmp_path: Path) -> None:

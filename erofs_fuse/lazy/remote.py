@@ -31,6 +31,7 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..blob import BlobIOError, WouldBlock, may_block
 from ..erofs.errors import CorruptImageError, ErofsError
@@ -153,10 +154,10 @@ class LazyBlob:
                 raise fetch.bad[block]
         return bytes(fetch.data[lo - base:hi - base])
 
-    def _ensure(self, first: int, end: int) -> dict[int, _Fetch]:
+    def _ensure(self, first: int, end: int, reader: bool = True) -> dict[int, _Fetch]:
         """Fetch the units holding blocks ``first``..``end - 1`` that are not all present;
-        the fetches of the units that were missing, by unit (waited for). Starts the
-        read-ahead the read calls for (not waited for)."""
+        the fetches of the units that were missing, by unit (waited for). For a ``reader``
+        (not the background fill) also starts the read-ahead it calls for (not waited for)."""
         ub = self._unit_blocks
         mine: list[int] = []
         waits: dict[int, _Fetch] = {}
@@ -173,7 +174,7 @@ class LazyBlob:
                     fetch = self._inflight[unit] = _Fetch()
                     mine.append(unit)
                 waits[unit] = fetch
-            ahead = self._read_ahead(first_unit, last_unit, mine)
+            ahead = self._read_ahead(first_unit, last_unit, mine) if reader else []
             extra = {unit: self._inflight[unit] for unit in ahead}
         longest = max(MAX_REQUEST // self._unit, 1)
         # Each fetch runs in a thread of its own, so that this read can give up after its
@@ -328,16 +329,56 @@ class LazyBlob:
             log.warning("%s: cache %s not written: %s", self.name, self._entry.path, exc)
 
     # background fill --------------------------------------------------------------------------
-    def start_fill(self, threads: int = FILL_THREADS) -> None:
+    def start_fill(self, threads: int = FILL_THREADS, first: int = 0) -> None:
         """Fetch every missing unit in the background (``threads`` requests at a time),
-        retrying after failures until done or closed. Call in the process that serves."""
-        units = sorted({b // self._unit_blocks for b in self._entry.missing()})
+        retrying after failures until done or closed, those from byte ``first`` on first
+        (an EROFS layer's metadata, see ``prefetch``). Call in the process that serves."""
+        head = self._missing_units(first, self.size)
+        units = head + self._missing_units(0, first)
         if not units:
             log.info("%s: all in the cache", self.name)
             return
+        started = time.monotonic()
+
+        def done() -> None:
+            missing = len(self._entry.missing())
+            if missing:  # blocks that failed their hash twice
+                log.warning("%s: fill done, %d blocks could not be verified", self.name,
+                            missing)
+            else:
+                log.info("%s: all in the cache (%d bytes fetched, %.1f s)", self.name,
+                         self.fetched_bytes, time.monotonic() - started)
+        self._fetch_in_background(units, threads, done)
+
+    def prefetch(self, start: int, stop: int, threads: int = FILL_THREADS) -> None:
+        """Fetch the missing units of bytes ``start``..``stop`` in the background, as the fill
+        does. For the metadata of a layer our writer made (inodes, directories and xattrs
+        after the data, from the superblock's ``meta_blkaddr``): a walk of the tree then
+        finds them cached instead of waiting for them one round trip at a time, and its
+        misses no longer break up a reader's sequential data."""
+        units = self._missing_units(start, stop)
+        started = time.monotonic()
+
+        def done() -> None:
+            log.info("%s: bytes %d-%d prefetched (%d units fetched, %.2f s)", self.name,
+                     start, stop - 1, len(units), time.monotonic() - started)
+        if units:
+            self._fetch_in_background(units, threads, done)
+        else:
+            done()
+
+    def _missing_units(self, start: int, stop: int) -> list[int]:
+        ub, blocks = self._unit_blocks, self._entry.blocks
+        first, last = start // self._unit, -(-min(stop, self.size) // self._unit)
+        return [u for u in range(first, last)
+                if not self._entry.present(u * ub, min((u + 1) * ub, blocks))]
+
+    def _fetch_in_background(self, units: list[int], threads: int,
+                             done: Callable[[], None]) -> None:
+        """``units`` fetched in runs by ``threads`` threads, in order; ``done`` after the last
+        (and a flush of the cache)."""
         todo = iter(_runs(units, max(MAX_REQUEST // self._unit, 1)))
         lock = threading.Lock()
-        started = time.monotonic()
         left = [threads]
 
         def work() -> None:
@@ -354,13 +395,7 @@ class LazyBlob:
                         self._entry.flush()
                     except OSError as exc:
                         log.warning("%s: cache not flushed: %s", self.name, exc)
-                    missing = len(self._entry.missing())
-                    if missing:  # blocks that failed their hash twice
-                        log.warning("%s: fill done, %d blocks could not be verified", self.name,
-                                    missing)
-                    else:
-                        log.info("%s: all in the cache (%d bytes fetched, %.1f s)", self.name,
-                                 self.fetched_bytes, time.monotonic() - started)
+                    done()
 
         for k in range(threads):
             t = threading.Thread(target=work, name=f"fill-{k}", daemon=True)
@@ -373,7 +408,7 @@ class LazyBlob:
         while not self._stop.is_set():
             error: ErofsError | None = None
             try:
-                fetches = self._ensure(first, end)
+                fetches = self._ensure(first, end, reader=False)
             except ErofsError as exc:
                 error = exc
             else:
