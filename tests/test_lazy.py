@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import random
 import signal
@@ -380,6 +381,46 @@ def test_a_mount_prefetches_the_metadata_and_a_walk_fetches_nothing(clean: Stack
                 os.lstat(os.path.join(root, name))
                 os.listxattr(os.path.join(root, name), follow_symlinks=False)
         assert not _ranges(clean, since)
+        assert m.log_text().count("prefetched") == len(layers)  # once per layer, no more
+
+
+def test_reading_a_small_file_after_a_large_one_fetches_little_ahead(
+        clean: Stack, tmp_path: Path) -> None:
+    """A new sequential stream starts with a read-ahead of one unit, however far the last
+    stream's windows had grown."""
+    unit = 256 << 10
+    with lazy_blobs(clean, tmp_path) as blobs:
+        blob = blobs[0]
+        units = blob.size // unit
+        assert units >= 14
+        for k in range(6):  # a stream whose windows grow to 4 units, read to unit 8
+            blob.read(k * unit, unit)
+        wait_until(lambda: not blob._inflight, 30, "the read-ahead")  # noqa: SLF001
+        since = len(clean.proxy.seen)
+        far = units - 5  # a new stream past what was read ahead, 4 units from the end
+        blob.read(far * unit, 4096)
+        blob.read((far + 1) * unit, 4096)
+        wait_until(lambda: not blob._inflight, 30, "the read-ahead")  # noqa: SLF001
+        assert _ranges(clean, since) == {f"bytes={u * unit}-{(u + 1) * unit - 1}"
+                                         for u in (far, far + 1, far + 2)}
+
+
+def test_the_image_read_around_hint_starts_no_fetch(clean: Stack, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """``Image`` hints each metadata window to its blob (``Blob.prefetch(offset, length)``,
+    a page-cache hint for files); a lazy layer's metadata is prefetched once, by the mount,
+    never again per window."""
+    caplog.set_level(logging.INFO, logger="erofs_fuse")
+    with lazy_blobs(clean, tmp_path) as blobs:
+        image = Image(blobs[0], name="layer 0")
+        meta = image.superblock.meta_base
+        assert meta > 0
+        hint = getattr(blobs[0], "prefetch", None)
+        if hint is not None:
+            for window in (0, meta // 2, meta):
+                hint(window, 256 << 10)
+        assert not blobs[0]._fillers  # noqa: SLF001
+    assert "prefetched" not in caplog.text
 
 
 def test_a_store_in_flight_when_the_daemon_forks_does_not_hold_it_up(tmp_path: Path) -> None:

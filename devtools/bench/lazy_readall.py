@@ -6,7 +6,9 @@ Usage: python3 -m devtools.bench.lazy_readall --image REF@sha256:D --layers @FIL
            [--runs N] [--fetch-unit SIZE] [--py-spy OUT.svg|.txt] [--extra ARG]...
 Each run: kernel caches dropped, the lazy cache emptied, ``erofs-fuse mount --foreground``
 started, ``tar -C MNT -cf - . | wc -c`` timed, unmounted; the daemon's CPU time from wait4.
-Also times the mount until ready and a ``find MNT`` walk on a fresh cold lazy mount.
+``--walk find``: a ``find MNT`` walk instead; ``--walk ssl``: ``chroot MNT python3 -c 'import
+ssl'`` (first output of a program). After the walk, with ``--warm``: caches dropped and the
+read-all again (the block cache now full). Bytes fetched: the blocks allocated in the cache.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def mounted(path: str) -> bool:
         return any(line.split()[4] == path for line in f)
 
 
-def one(args: list[str], mnt: str, walk: str, spy: str | None) -> dict[str, float]:
+def one(args: list[str], mnt: str, walk: str, spy: str | None,
+        warm: bool) -> dict[str, float]:
     drop_caches()
     t0 = time.monotonic()
     cmd = ERofs + ["mount", "--foreground", *args, mnt]
@@ -46,18 +49,34 @@ def one(args: list[str], mnt: str, walk: str, spy: str | None) -> dict[str, floa
             raise SystemExit(f"mount failed: {' '.join(cmd)}")
         time.sleep(0.005)
     ready = time.monotonic() - t0
-    t1 = time.monotonic()
-    if walk == "tar":
-        out = subprocess.run(f"tar -C {mnt} -cf - . | wc -c", shell=True, check=True,
-                             capture_output=True, text=True).stdout.strip()
-    else:
-        out = subprocess.run(f"find {mnt} | wc -l", shell=True, check=True,
-                             capture_output=True, text=True).stdout.strip()
-    wall = time.monotonic() - t1
+    wall, out = timed(WALKS[walk].format(mnt=mnt))
+    row = {"ready": ready, "wall": wall, "out": float(out or 0)}
+    if warm:
+        drop_caches()
+        row["warm"], _ = timed(WALKS["tar"].format(mnt=mnt))
     subprocess.run(["fusermount", "-u", mnt], check=True)
     _, status, usage = os.wait4(proc.pid, 0)
-    return {"ready": ready, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
-            "out": float(out)}
+    row["cpu"] = usage.ru_utime + usage.ru_stime
+    return row
+
+
+WALKS = {"tar": "tar -C {mnt} -cf - . | wc -c", "find": "find {mnt} | wc -l",
+         "ssl": "chroot {mnt} python3 -c 'import ssl'"}
+
+
+def timed(command: str) -> tuple[float, str]:
+    started = time.monotonic()
+    out = subprocess.run(command, shell=True, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    return time.monotonic() - started, out
+
+
+def allocated(root: str) -> int:
+    total = 0
+    for path, _, files in os.walk(root):
+        total += sum(os.lstat(os.path.join(path, f)).st_blocks * 512 for f in files
+                     if f == "data")
+    return total
 
 
 def main() -> None:
@@ -65,7 +84,8 @@ def main() -> None:
     ap.add_argument("--image", required=True)
     ap.add_argument("--layers", required=True)
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--walk", choices=["tar", "find"], default="tar")
+    ap.add_argument("--walk", choices=sorted(WALKS), default="tar")
+    ap.add_argument("--warm", action="store_true")
     ap.add_argument("--py-spy")
     ap.add_argument("--extra", action="append", default=[])
     ap.add_argument("--only", choices=["lazy", "local"])
@@ -85,10 +105,14 @@ def main() -> None:
                 else:
                     args = ["--layers", ns.layers]
                 spy = ns.py_spy if case == "lazy" else None
-                rows[case] = one(args, mnt, ns.walk, spy)
+                rows[case] = one(args, mnt, ns.walk, spy, ns.warm)
+                if case == "lazy":
+                    rows[case]["fetched"] = allocated(cache) / 1e6
             load = os.getloadavg()[0]
             line = "  ".join(f"{c}: ready {r['ready']:.2f} s, {ns.walk} {r['wall']:.2f} s, "
-                             f"cpu {r['cpu']:.2f} s ({r['out']:.0f})" for c, r in rows.items())
+                             + (f"warm {r['warm']:.2f} s, " if "warm" in r else "")
+                             + (f"fetched {r['fetched']:.1f} MB, " if "fetched" in r else "")
+                             + f"cpu {r['cpu']:.2f} s ({r['out']:.0f})" for c, r in rows.items())
             if len(rows) == 2:
                 line += (f"  ratio wall {rows['lazy']['wall'] / rows['local']['wall']:.2f}x"
                          f" cpu {rows['lazy']['cpu'] / rows['local']['cpu']:.2f}x")

@@ -29,7 +29,6 @@ class RemoteImage:
     fill: bool
     fetch_timeout: float
     fetch_unit: int
-    prefetch_metadata: bool = True
 
 
 MAX_FETCH_UNIT = 16 << 20
@@ -147,8 +146,8 @@ def _lazy_reads(remote: RemoteImage, cfg: MountConfig, images: list[Image]) -> N
         for blob, (start, stop) in lazy:
             if remote.fill:
                 blob.start_fill(first=start)
-            elif stop > start and remote.prefetch_metadata:
-                blob.prefetch(start, stop)
+            elif stop > start:
+                blob.start_prefetch(start, stop)
     cfg.on_serve.append(fetch)
 
 

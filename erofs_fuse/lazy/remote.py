@@ -49,9 +49,9 @@ log = logging.getLogger("erofs_fuse")
 # per-request cost dominates below 256 KiB, and larger units fetch more than a small file needs.
 DEFAULT_UNIT = 256 << 10
 MAX_REQUEST = 4 << 20  # adjacent missing units merged into one Range request, up to this
-# Verified units kept in memory per layer: the window being read, the one read ahead and the one
-# after it (each up to MAX_REQUEST), so that a sequential reader is served from memory.
-RECENT_BYTES = 3 * MAX_REQUEST
+# Verified units a reader fetched, kept in memory per layer: the read-ahead window being read
+# and the next one (each up to MAX_REQUEST), so that a sequential reader is served from memory.
+RECENT_BYTES = 2 * MAX_REQUEST
 FILL_THREADS = 2
 FILL_RETRY_WAIT = 5.0
 
@@ -182,9 +182,9 @@ class LazyBlob:
         # goes on, and what it brings is cached for the next read. The read-ahead is not
         # waited for: it is fetched while this read and the next ones are served.
         for run in _runs(mine, longest):
-            self._start_fetch(run, [waits[u] for u in run])
+            self._start_fetch(run, [waits[u] for u in run], reader)
         for run in _runs(ahead, longest):
-            self._start_fetch(run, [extra[u] for u in run])
+            self._start_fetch(run, [extra[u] for u in run], reader)
         until = time.monotonic() + self._deadline
         for unit, fetch in waits.items():
             if not fetch.done.wait(max(until - time.monotonic(), 0)):
@@ -192,35 +192,36 @@ class LazyBlob:
                                   f"{self._deadline:.0f} s", image=self.name)
         return waits
 
-    def _start_fetch(self, run: list[int], fetches: list[_Fetch]) -> None:
-        threading.Thread(target=self._fetch_run, args=(run, fetches), name="fetch",
+    def _start_fetch(self, run: list[int], fetches: list[_Fetch], reader: bool) -> None:
+        threading.Thread(target=self._fetch_run, args=(run, fetches, reader), name="fetch",
                          daemon=True).start()
 
     def _read_ahead(self, first_unit: int, last_unit: int, mine: list[int]) -> list[int]:
         """Units to fetch in the background for a read of units ``first_unit``..``last_unit``
-        that misses ``mine`` (called under the lock; their fetches are registered here). As
-        the kernel's read-ahead does: a miss right after the previous miss (or after the
-        last window) is a sequential read and gets a window of the units after it; a read
-        reaching a window's first unit gets the next window, while that one is still being
-        fetched or served, so that fetching and serving overlap. Windows double up to
-        ``MAX_REQUEST``, one request each (reading a whole cold layer took 8.1 s without
-        read-ahead, 4.0-4.9 s with read-ahead waited for by the read that asked for it). A
-        miss elsewhere (a directory block read between two files) leaves the window alone."""
+        that misses ``mine`` (called under the lock; their fetches are registered here). Much
+        as the kernel's read-ahead: a miss right after the previous miss starts a stream, with
+        a window of one unit after it; a read reaching the middle of the last window starts
+        the next one, twice as large (up to ``MAX_REQUEST``, one request each), while the
+        rest of the current one is served, so that fetching and serving overlap; a miss right
+        after the last window (the reader outran it) goes on with the stream. Reading a whole
+        cold layer took 8.1 s without read-ahead, 4.0-4.9 s with read-ahead fetched in the
+        request of the miss that asked for it, which waited for all of it. A miss elsewhere (a
+        directory block read between two files) leaves the stream alone."""
         longest = max(MAX_REQUEST // self._unit, 1)
         if mine:
-            sequential = mine[0] in (self._last_miss, self._ra_next)
+            outran, starts = mine[0] == self._ra_next, mine[0] == self._last_miss
             self._last_miss = mine[-1] + 1
-            if not sequential:
+            if not (outran or starts):
                 return []
-            self._ahead = min(max(self._ahead * 2, 1), longest)
+            self._ahead = min(self._ahead * 2, longest) if outran else 1
             start = mine[-1] + 1
         elif self._ra_mark <= last_unit < self._ra_next:
-            self._ahead = min(max(self._ahead * 2, 1), longest)
+            self._ahead = min(self._ahead * 2, longest)
             start = self._ra_next
         else:
             return []
         stop = min(start + self._ahead, self._units)
-        self._ra_mark, self._ra_next = start, stop
+        self._ra_mark, self._ra_next = start + (stop - start) // 2, stop
         ub, blocks = self._unit_blocks, self._entry.blocks
         units = [unit for unit in range(start, stop)
                  if unit not in self._inflight and unit not in self._recent
@@ -229,7 +230,9 @@ class LazyBlob:
             self._inflight[unit] = _Fetch()
         return units
 
-    def _fetch_run(self, run: list[int], fetches: list[_Fetch]) -> None:
+    def _fetch_run(self, run: list[int], fetches: list[_Fetch], reader: bool = True) -> None:
+        """Fetch, verify and cache the units of ``run``; a ``reader``'s (not the fill's) are
+        also kept in memory for the reads that follow."""
         start = run[0] * self._unit
         stop = min((run[-1] + 1) * self._unit, self.size)
         try:
@@ -248,7 +251,7 @@ class LazyBlob:
         finally:
             with self._lock:
                 for unit, fetch in zip(run, fetches):
-                    if fetch.error is None and not fetch.bad and fetch.data:
+                    if reader and fetch.error is None and not fetch.bad and fetch.data:
                         self._remember(unit, memoryview(fetch.data))
                     self._inflight.pop(unit, None)
             for fetch in fetches:
@@ -332,7 +335,7 @@ class LazyBlob:
     def start_fill(self, threads: int = FILL_THREADS, first: int = 0) -> None:
         """Fetch every missing unit in the background (``threads`` requests at a time),
         retrying after failures until done or closed, those from byte ``first`` on first
-        (an EROFS layer's metadata, see ``prefetch``). Call in the process that serves."""
+        (an EROFS layer's metadata, see ``start_prefetch``). Call in the process that serves."""
         head = self._missing_units(first, self.size)
         units = head + self._missing_units(0, first)
         if not units:
@@ -350,7 +353,7 @@ class LazyBlob:
                          self.fetched_bytes, time.monotonic() - started)
         self._fetch_in_background(units, threads, done)
 
-    def prefetch(self, start: int, stop: int, threads: int = FILL_THREADS) -> None:
+    def start_prefetch(self, start: int, stop: int, threads: int = FILL_THREADS) -> None:
         """Fetch the missing units of bytes ``start``..``stop`` in the background, as the fill
         does. For the metadata of a layer our writer made (inodes, directories and xattrs
         after the data, from the superblock's ``meta_blkaddr``): a walk of the tree then
