@@ -54,6 +54,7 @@ def one(args: list[str], mnt: str, walk: str, spy: str | None,
     if warm:
         drop_caches()
         row["warm"], _ = timed(WALKS["tar"].format(mnt=mnt))
+    row["pss"] = pss_mb(proc.pid)
     subprocess.run(["fusermount", "-u", mnt], check=True)
     _, status, usage = os.wait4(proc.pid, 0)
     row["cpu"] = usage.ru_utime + usage.ru_stime
@@ -69,6 +70,15 @@ def timed(command: str) -> tuple[float, str]:
     out = subprocess.run(command, shell=True, check=True, capture_output=True,
                          text=True).stdout.strip()
     return time.monotonic() - started, out
+
+
+def pss_mb(pid: int) -> float:
+    """The daemon's proportional set size after the walk (0 under py-spy: not our child)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
 
 
 def allocated(root: str) -> int:
@@ -112,7 +122,8 @@ def main() -> None:
             line = "  ".join(f"{c}: ready {r['ready']:.2f} s, {ns.walk} {r['wall']:.2f} s, "
                              + (f"warm {r['warm']:.2f} s, " if "warm" in r else "")
                              + (f"fetched {r['fetched']:.1f} MB, " if "fetched" in r else "")
-                             + f"cpu {r['cpu']:.2f} s ({r['out']:.0f})" for c, r in rows.items())
+                             + f"cpu {r['cpu']:.2f} s, PSS {r['pss']:.0f} MB ({r['out']:.0f})"
+                             for c, r in rows.items())
             if len(rows) == 2:
                 line += (f"  ratio wall {rows['lazy']['wall'] / rows['local']['wall']:.2f}x"
                          f" cpu {rows['lazy']['cpu'] / rows['local']['cpu']:.2f}x")

@@ -5,6 +5,7 @@ and opening a registry image's layers lazily (``erofs_fuse.lazy``), for ``mount`
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ def _lazy_reads(remote: RemoteImage, cfg: MountConfig, images: list[Image]) -> N
     from ..lazy import LazyBlob
 
     cfg.blocking_reads = True
+    _few_malloc_arenas()
     lazy = [(image.blob, metadata_region(image)) for image in images
             if isinstance(image.blob, LazyBlob)]
 
@@ -152,6 +154,21 @@ def _lazy_reads(remote: RemoteImage, cfg: MountConfig, images: list[Image]) -> N
 
 
 MAX_METADATA_PREFETCH = 64 << 20
+M_ARENA_MAX = -8  # glibc's mallopt() parameter
+MALLOC_ARENAS = 2
+
+
+def _few_malloc_arenas() -> None:
+    """Fetch threads come and go, each holding up to 4 MiB of a layer for a moment; glibc
+    gives threads arenas of their own (up to 8 per core) and keeps what they freed in each:
+    the daemon held 140-174 MB after a cold read-all of the python image, 95 MB with two
+    arenas, for no more CPU. A hint: without glibc, nothing."""
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        pass
+
+
 
 
 def metadata_region(image: Image) -> tuple[int, int]:
