@@ -3,7 +3,9 @@
 at most 2x), both in the same run: the daemon's wall and CPU time.
 
 Usage: python3 -m devtools.bench.lazy_readall --image REF@sha256:D --layers @FILE.layers
-           [--runs N] [--fetch-unit SIZE] [--py-spy OUT.svg|.txt] [--extra ARG]...
+           [--runs N] [--walk tar|find|ssl] [--warm] [--only lazy|local]
+           [--py-spy OUT.svg|OUT.txt] [--extra=--fetch-unit=1M]...
+(``--extra``: more mount options for the lazy mount; SPY_GIL=1: py-spy samples the GIL holder)
 Each run: kernel caches dropped, the lazy cache emptied, ``erofs-fuse mount --foreground``
 started, ``tar -C MNT -cf - . | wc -c`` timed, unmounted; the daemon's CPU time from wait4.
 ``--walk find``: a ``find MNT`` walk instead; ``--walk ssl``: ``chroot MNT python3 -c 'import
@@ -21,7 +23,7 @@ import sys
 import tempfile
 import time
 
-ERofs = [sys.executable, "-m", "erofs_fuse.cli.main"]
+CLI = [sys.executable, "-m", "erofs_fuse.cli.main"]
 
 
 def drop_caches() -> None:
@@ -39,7 +41,7 @@ def one(args: list[str], mnt: str, walk: str, spy: str | None,
         warm: bool) -> dict[str, float]:
     drop_caches()
     t0 = time.monotonic()
-    cmd = ERofs + ["mount", "--foreground", *args, mnt]
+    cmd = CLI + ["mount", "--foreground", *args, mnt]
     if spy:
         cmd = ["py-spy", "record", "-r", "200", "-s", *(["--gil"] if os.environ.get("SPY_GIL") else []), "-o", spy,
                "-f", "raw" if spy.endswith(".txt") else "flamegraph", "--"] + cmd

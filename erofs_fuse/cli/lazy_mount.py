@@ -169,8 +169,6 @@ def _few_malloc_arenas() -> None:
         pass
 
 
-
-
 def metadata_region(image: Image) -> tuple[int, int]:
     """Where a layer's inodes, inline directories and xattrs are, if cheap to know: from the
     superblock's ``meta_blkaddr`` to the end, as our writer places them after the data (at
