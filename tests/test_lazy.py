@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import random
 import signal
@@ -25,9 +26,10 @@ from typing import Iterator
 import pytest
 
 from erofs_fuse.lazy import BlockCache, LazyBlob, LazyOptions, open_layers, resolve_pinned
-from erofs_fuse.lazy.cache import BITMAP, DATA, HEADER_BYTES, TREE
+from erofs_fuse.lazy.cache import BITMAP, DATA, HEADER_BYTES, TREE, _set_bits
 from erofs_fuse.registry import Reference, RegistryClient, RetryPolicy
 from erofs_fuse.blob import FileBlob
+from erofs_fuse.erofs.image import Image
 from erofs_fuse.verity.blob import MerkleTree, VerifiedBlob
 from erofs_fuse.verity.formats import HashParams
 from erofs_fuse.verity.trust import FsVerityDigest
@@ -310,6 +312,136 @@ def test_a_tampered_cache_is_caught_and_fetched_again(clean: Stack, tmp_path: Pa
     assert_cache_consistent(tmp_path)
 
 
+def _ranges(stack: Stack, since: int) -> set[str]:
+    return {s.headers.get("Range", "") for s in stack.proxy.seen[since:]
+            if "/blobs/" in s.path and s.headers.get("Range")}
+
+
+def test_a_sequential_read_is_served_while_its_read_ahead_is_fetched(
+        clean: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The second of two adjacent misses fetches its own unit in one request and the next
+    unit in another, which the read does not wait for; the read that gets there is served
+    the verified bytes from memory, not read back from the cache (changed here on disk)."""
+    unit = 256 << 10
+    local = FileBlob(clean.local[0])
+    with lazy_blobs(clean, tmp_path) as blobs:
+        blob = blobs[0]
+        assert blob.size >= 4 * unit
+        since = len(clean.proxy.seen)
+        assert blob.read(0, 4096) == local.read(0, 4096)
+        assert blob.read(unit, 4096) == local.read(unit, 4096)
+        ahead = f"bytes={2 * unit}-{3 * unit - 1}"
+        assert f"bytes={unit}-{2 * unit - 1}" in _ranges(clean, since)  # its own unit only
+        wait_until(lambda: ahead in _ranges(clean, since) and blob.requests == 3, 30,
+                   "the read-ahead")
+        entry = next(p for p in tmp_path.iterdir() if (p / DATA).stat().st_size == local.size)
+        with open(entry / DATA, "r+b") as f:
+            f.seek(2 * unit)
+            f.write(bytes(4096))
+        since = len(clean.proxy.seen)
+        assert blob.read(2 * unit, 4096) == local.read(2 * unit, 4096)
+        assert ahead not in _ranges(clean, since)  # not fetched again
+    assert "cached block failed its hash" not in caplog.text
+    local.close()
+
+
+def _meta_base(path: str) -> int:
+    image = Image(FileBlob(path))
+    try:
+        return image.superblock.meta_base
+    finally:
+        image.close()
+
+
+def test_the_fill_fetches_the_metadata_first(clean: Stack, tmp_path: Path) -> None:
+    unit = 256 << 10
+    meta = _meta_base(clean.local[0])
+    assert meta > unit  # our writer puts the metadata after the data
+    with lazy_blobs(clean, tmp_path) as blobs:
+        since = len(clean.proxy.seen)
+        blobs[0].start_fill(threads=1, first=meta)
+        wait_until(lambda: not blobs[0]._entry.missing(), 30, "the fill")  # noqa: SLF001
+    ranges = [s.headers["Range"] for s in clean.proxy.seen[since:] if "Range" in s.headers]
+    assert ranges[0].startswith(f"bytes={meta // unit * unit}-"), ranges
+    assert ranges[1].startswith("bytes=0-"), ranges
+
+
+def test_a_mount_prefetches_the_metadata_and_a_walk_fetches_nothing(clean: Stack,
+                                                                     tmp_path: Path) -> None:
+    """Once serving, the mount fetches each layer's metadata region (inodes, directories;
+    after the data, from the superblock's meta_blkaddr) in the background: a walk of the
+    whole tree then needs no fetch."""
+    layers = [p for p in clean.local if _meta_base(p) > 0]
+    with lazy_mount(clean.ref, str(tmp_path / "cache")) as m:
+        wait_until(lambda: m.log_text().count("prefetched") == len(layers), 30,
+                   "the metadata prefetch")
+        since = len(clean.proxy.seen)
+        for root, dirs, files in os.walk(m.mountpoint):
+            for name in dirs + files:
+                os.lstat(os.path.join(root, name))
+                os.listxattr(os.path.join(root, name), follow_symlinks=False)
+        assert not _ranges(clean, since)
+        assert m.log_text().count("prefetched") == len(layers)  # once per layer, no more
+
+
+def test_reading_a_small_file_after_a_large_one_fetches_little_ahead(
+        clean: Stack, tmp_path: Path) -> None:
+    """A new sequential stream starts with a read-ahead of one unit, however far the last
+    stream's windows had grown."""
+    unit = 256 << 10
+    with lazy_blobs(clean, tmp_path) as blobs:
+        blob = blobs[0]
+        units = blob.size // unit
+        assert units >= 14
+        for k in range(6):  # a stream whose windows grow to 4 units, read to unit 8
+            blob.read(k * unit, unit)
+        wait_until(lambda: not blob._inflight, 30, "the read-ahead")  # noqa: SLF001
+        since = len(clean.proxy.seen)
+        far = units - 5  # a new stream past what was read ahead, 4 units from the end
+        blob.read(far * unit, 4096)
+        blob.read((far + 1) * unit, 4096)
+        wait_until(lambda: not blob._inflight, 30, "the read-ahead")  # noqa: SLF001
+        assert _ranges(clean, since) == {f"bytes={u * unit}-{(u + 1) * unit - 1}"
+                                         for u in (far, far + 1, far + 2)}
+
+
+def test_the_image_read_around_hint_starts_no_fetch(clean: Stack, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """``Image`` hints each metadata window to its blob (``Blob.prefetch(offset, length)``,
+    a page-cache hint for files); a lazy layer's metadata is prefetched once, by the mount,
+    never again per window."""
+    caplog.set_level(logging.INFO, logger="erofs_fuse")
+    with lazy_blobs(clean, tmp_path) as blobs:
+        image = Image(blobs[0], name="layer 0")
+        meta = image.superblock.meta_base
+        assert meta > 0
+        hint = getattr(blobs[0], "prefetch", None)
+        if hint is not None:
+            for window in (0, meta // 2, meta):
+                hint(window, 256 << 10)
+        assert not blobs[0]._fillers  # noqa: SLF001
+    assert "prefetched" not in caplog.text
+
+
+def test_a_store_in_flight_when_the_daemon_forks_does_not_hold_it_up(tmp_path: Path) -> None:
+    """The mount forks its daemon after reading the superblock, possibly while a read-ahead
+    is storing blocks: the daemon must not inherit the cache entry's lock held."""
+    entry = BlockCache(str(tmp_path)).open_entry(f"sha256-{9:064x}", 1 << 20, 4096,
+                                                 bytes(32))
+    entry.store(0, b"x" * 4096)
+    with entry._lock:  # noqa: SLF001  # a fetch thread storing blocks
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)  # a child that waits for the lock dies of SIGALRM, never hangs
+            try:
+                entry.close()
+            finally:
+                os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    entry.close()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
 # the registry's own store tampered with ---------------------------------------------------------
 def _blob_files(registry_root: Path) -> list[Path]:
     return list((registry_root / "data").rglob("blobs/sha256/*/*/data"))
@@ -430,6 +562,27 @@ def test_daemon_killed_mid_fetch_leaves_a_consistent_cache(clean: Stack,
             kernel_overlay(list(reversed(mounts))) as ovl, lazy_mount(clean.ref, cache) as m:
         assert view_of_dir(m.mountpoint).diff(view_of_dir(ovl)) == []
     assert_cache_consistent(Path(cache))
+
+
+def test_bitmap_ranges_agree_with_bit_by_bit(tmp_path: Path) -> None:
+    """present() and the bits set or cleared work on whole bytes where they can: the same
+    answers as block by block, at every alignment."""
+    entry = BlockCache(str(tmp_path)).open_entry(f"sha256-{5:064x}", 200 * 4096, 4096,
+                                                 bytes(32))
+    rng = random.Random(7)
+    model = [False] * entry.blocks
+    try:
+        for _ in range(3000):
+            first = rng.randrange(entry.blocks)
+            end = rng.randrange(first, entry.blocks + 1)
+            if rng.random() < 0.5:
+                value = rng.random() < 0.7
+                _set_bits(entry._bits, first, end, value)  # noqa: SLF001
+                model[first:end] = [value] * (end - first)
+            assert entry.present(first, end) == all(model[first:end]), (first, end)
+        assert entry.missing() == [b for b, on in enumerate(model) if not on]
+    finally:
+        entry.close()
 
 
 def test_size_limit_evicts_whole_layers_not_in_use(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ import shutil
 import struct
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 log = logging.getLogger("erofs_fuse")
@@ -171,6 +172,7 @@ class CacheEntry:
         self._data_fd = -1
         self._bitmap_fd = -1
         self._lock_fd = self._lock_shared()
+        _ENTRIES.add(self)
         try:
             os.utime(self._lock_fd)  # last use, for eviction
             self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -233,9 +235,14 @@ class CacheEntry:
 
     # bits -------------------------------------------------------------------------------------
     def present(self, first: int, end: int) -> bool:
-        """Whether blocks ``first`` .. ``end - 1`` are all marked present."""
+        """Whether blocks ``first`` .. ``end - 1`` are all marked present (asked for every
+        read: the whole bitmap bytes among them compared at once)."""
         bits = self._bits
-        return all(bits[b >> 3] >> (b & 7) & 1 for b in range(first, end))
+        lo, hi = -(-first // 8), end // 8  # the whole bytes inside the range
+        if lo >= hi:
+            return _all_set(bits, first, end)
+        return (bits[lo:hi].count(0xFF) == hi - lo and _all_set(bits, first, lo * 8)
+                and _all_set(bits, hi * 8, end))
 
     def missing(self) -> list[int]:
         bits = self._bits
@@ -255,9 +262,10 @@ class CacheEntry:
         with self._lock:  # a fetch finishing after close must not write to a reused fd
             if self._data_fd < 0:
                 raise OSError(errno.EBADF, "cache entry closed")
+            view = memoryview(data)  # a short write's rest, not a copy of it
             written = 0
             while written < len(data):
-                written += os.pwrite(self._data_fd, data[written:], offset + written)
+                written += os.pwrite(self._data_fd, view[written:], offset + written)
             _set_bits(self._bits, first, end, True)
             if not self._pending:
                 self._pending_since = time.monotonic()
@@ -332,8 +340,33 @@ class CacheEntry:
                 self._lock_fd = -1
 
 
+_ENTRIES: weakref.WeakSet[CacheEntry] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child (the mount's daemon) no thread of the parent runs: a fetch that was
+    storing blocks when the parent forked (read-ahead goes on in the background) would hold
+    the lock forever. Its bits are set only after its bytes are written, so what the child
+    sees is consistent (a batch both flush is made durable and marked twice, harmlessly)."""
+    for entry in list(_ENTRIES):
+        entry._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _all_set(bits: bytearray, first: int, end: int) -> bool:
+    return all(bits[b >> 3] >> (b & 7) & 1 for b in range(first, end))
+
+
 def _set_bits(bits: bytearray, first: int, end: int, value: bool) -> None:
-    for b in range(first, end):
+    """Blocks ``first`` .. ``end - 1`` set or cleared (whole bytes at once: a fetch of 4 MiB
+    is 1024 blocks)."""
+    lo, hi = -(-first // 8), end // 8
+    edges = range(first, end) if lo >= hi else (*range(first, lo * 8), *range(hi * 8, end))
+    if lo < hi:
+        bits[lo:hi] = (b"\xff" if value else b"\0") * (hi - lo)
+    for b in edges:
         if value:
             bits[b >> 3] |= 1 << (b & 7)
         else:
