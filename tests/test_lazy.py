@@ -368,11 +368,11 @@ def test_the_fill_fetches_the_metadata_first(clean: Stack, tmp_path: Path) -> No
 
 def test_a_mount_prefetches_the_metadata_and_a_walk_fetches_nothing(clean: Stack,
                                                                      tmp_path: Path) -> None:
-    """Once serving, the mount fetches each layer's metadata region (inodes, directories;
-    after the data, from the superblock's meta_blkaddr) in the background: a walk of the
-    whole tree then needs no fetch."""
+    """With --fill-metadata, once serving, the mount fetches each layer's metadata region
+    (inodes, directories; after the data, from the superblock's meta_blkaddr) in the
+    background: a walk of the whole tree then needs no fetch."""
     layers = [p for p in clean.local if _meta_base(p) > 0]
-    with lazy_mount(clean.ref, str(tmp_path / "cache")) as m:
+    with lazy_mount(clean.ref, str(tmp_path / "cache"), "--fill-metadata") as m:
         wait_until(lambda: m.log_text().count("prefetched") == len(layers), 30,
                    "the metadata prefetch")
         since = len(clean.proxy.seen)
@@ -382,6 +382,26 @@ def test_a_mount_prefetches_the_metadata_and_a_walk_fetches_nothing(clean: Stack
                 os.listxattr(os.path.join(root, name), follow_symlinks=False)
         assert not _ranges(clean, since)
         assert m.log_text().count("prefetched") == len(layers)  # once per layer, no more
+
+
+@pytest.mark.parametrize("fill,hooks", [((), 0), (("--fill-metadata",), 1), (("--fill",), 1)])
+def test_background_fetches_only_with_fill(clean: Stack, tmp_path: Path, fill: tuple[str, ...],
+                                           hooks: int) -> None:
+    """By default a mount fetches only what is read (a container start's bytes stay few);
+    --fill-metadata and --fill schedule their background fetch for when it serves."""
+    from erofs_fuse.cli.lazy_mount import open_remote
+    from erofs_fuse.cli.mount import parse_mount
+
+    cfg, remote = parse_mount(["--image", clean.ref, "--cache", str(tmp_path / "cache"),
+                               *fill, str(tmp_path)])
+    assert remote is not None
+    assert remote.fill == {(): "", ("--fill",): "all"}.get(fill, "metadata")
+    images = open_remote(remote, cfg)
+    try:
+        assert len(cfg.on_serve) == hooks
+    finally:
+        for image in images:
+            image.close()
 
 
 def test_reading_a_small_file_after_a_large_one_fetches_little_ahead(

@@ -159,8 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-size", default="10G", metavar="SIZE",
                    help="bytes the cache may hold (K, M, G, T suffixes; default %(default)s); "
                    "whole layers not in use are evicted, least recently used first")
-    r.add_argument("--fill", action="store_true",
-                   help="fetch the rest of every layer in the background")
+    r.add_argument("--fill", dest="fill", action="store_const", const="all", default="",
+                   help="fetch the rest of every layer in the background once the mount "
+                   "serves, its metadata first")
+    r.add_argument("--fill-metadata", dest="fill", action="store_const", const="metadata",
+                   help="fetch each layer's metadata (inodes, directories, xattrs) in the "
+                   "background once the mount serves: a first walk then fetches nothing")
     r.add_argument("--fetch-unit", default="256K", metavar="SIZE",
                    help="the smallest range fetched, a multiple of 4K (default %(default)s); "
                    "adjacent missing units are fetched in one request")

@@ -29,7 +29,7 @@ def remote_of(args: argparse.Namespace) -> RemoteImage:
         raise CliError(f"{args.command}: --image and --device exclude each other")
     return RemoteImage(args.remote, args.plain_http,
                        os.path.abspath(args.cache_dir or DEFAULT_CACHE_DIR), DEFAULT_CACHE_SIZE,
-                       False, DEFAULT_FETCH_TIMEOUT, DEFAULT_UNIT)
+                       "", DEFAULT_FETCH_TIMEOUT, DEFAULT_UNIT)
 
 
 def with_images(args: argparse.Namespace, use: Callable[[list[Image]], int]) -> int:
