@@ -202,7 +202,7 @@ def main() -> int:
             for stack in stacks:
                 r = measure(stack, wl)
                 reqs = " ".join(f"{k} {v}" for k, v in r["requests"].items())  # type: ignore
-                print(f"{r['stack']:8} {wl:9} {r['seconds']:.3f} s  daemon CPU {r['cpu']:.2f} s"
+                print(f"{r['stack']:8} {wl:9} {r['seconds']:.3f} s  daemon CPU {r['cpu']:.3f} s"
                       f"  peak RSS {r['rss_mib']:.0f} MiB"
                       f"  load {r['load']:.1f}  requests {r['total']}: {reqs}  [{r['result']}]",
                       flush=True)
