@@ -13,11 +13,12 @@ import fcntl
 import os
 import termios
 import threading
+from pathlib import Path
 
 import pytest
 
 from devtools.bench.requests import RequestTrace, kernel_dev
-from devtools.bench.stacks import cpu_seconds
+from devtools.bench.stacks import ErofsFuseStack, cpu_seconds
 from helpers import corpus, kernel_erofs
 from mounting import fuse_mount
 
@@ -100,3 +101,21 @@ def test_isatty_costs_an_ioctl_request_each_time_and_answers_as_the_kernel() -> 
     assert answers == [False] * 3
     assert fuse_error.value.errno == kernel_error.value.errno == errno.ENOTTY
     assert counts["IOCTL"] == 4, counts
+
+
+def test_the_bench_mounts_this_checkout_from_any_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "python -m erofs_fuse" puts the working directory first on the import path: a bench run
+    # from another checkout (the shell's default here is the main one) measured that one's code
+    decoy = tmp_path / "other-checkout" / "erofs_fuse"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("")
+    (decoy / "__main__.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(decoy.parent)
+    stack = ErofsFuseStack([Path(os.path.relpath(corpus("plain.erofs")))], Path("stack"))
+    stack.mount()
+    try:
+        assert "big" in os.listdir(stack.mnt)
+        assert stack.mnt == str(decoy.parent / "stack" / "merged")
+    finally:
+        stack.unmount()

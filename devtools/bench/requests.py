@@ -109,8 +109,8 @@ class OverlayOverFuse(ErofsFuseStack):
                  extra: list[str] | None = None) -> None:
         super().__init__(layers, base, extra, name="overlay", label="overlay over erofs-fuse")
         self.options = options
-        self.fuse_mnt = str(base / "merged")
-        self.mnt = str(base / "container")
+        self.fuse_mnt = str(self.base / "merged")
+        self.mnt = str(self.base / "container")
 
     def mount(self) -> None:
         super().mount()

@@ -17,6 +17,9 @@ from devtools import ROOT
 
 
 def env() -> dict[str, str]:
+    """This checkout first on the import path. Commands run as ``python -m erofs_fuse`` also run
+    from it (``cwd=ROOT``): ``-m`` puts the working directory before PYTHONPATH, so started from
+    another checkout they would measure that one's code."""
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     return e
@@ -110,9 +113,10 @@ class Stack:
     fuse = True
 
     def __init__(self, layers: list[Path], base: Path) -> None:
-        self.layers = [str(p) for p in layers]
-        self.base = base
-        self.mnt = str(base / "merged")
+        # absolute: the erofs-fuse commands run from the checkout (see ``env``)
+        self.layers = [os.path.abspath(p) for p in layers]
+        self.base = Path(os.path.abspath(base))
+        self.mnt = str(self.base / "merged")
         self._mounts: list[str] = []  # in mount order
 
     def _dir(self, name: str) -> str:
@@ -212,12 +216,13 @@ class ErofsFuseStack(Stack):
     def mount(self) -> None:
         mnt = self._dir("merged")
         if self.profile is None:
-            check([sys.executable, "-m", "erofs_fuse", "mount", *self.args(mnt)], env=env())
+            check([sys.executable, "-m", "erofs_fuse", "mount", *self.args(mnt)], env=env(),
+                  cwd=ROOT)
             self._mounts.append(mnt)
             return
         cmd = [sys.executable, "-m", "devtools.bench.profiled_mount", self.profile,
                "--foreground", *self.args(mnt)]
-        self._proc = subprocess.Popen(cmd, env=env(), stderr=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(cmd, env=env(), stderr=subprocess.DEVNULL, cwd=ROOT)
         self._mounts.append(mnt)
         while not mounted(mnt):
             if self._proc.poll() is not None:
@@ -239,7 +244,7 @@ class ErofsFuseStack(Stack):
 def supports(option: str) -> bool:
     """Whether ``erofs-fuse mount`` of this checkout accepts ``option``."""
     proc = subprocess.run([sys.executable, "-m", "erofs_fuse", "mount", "--help"],
-                          capture_output=True, text=True, env=env())
+                          capture_output=True, text=True, env=env(), cwd=ROOT)
     return option in proc.stdout
 
 
@@ -251,7 +256,7 @@ def seal(layers: list[Path], work: Path) -> Path:
             Path(f"{p}.verity").exists() for p in layers):
         return roots
     proc = subprocess.run([sys.executable, "-m", "erofs_fuse", "seal", *map(str, layers)],
-                          capture_output=True, text=True, env=env())
+                          capture_output=True, text=True, env=env(), cwd=ROOT)
     if proc.returncode:
         raise RuntimeError(f"erofs-fuse seal failed: {proc.stderr.strip()}")
     roots.write_text(proc.stdout)
