@@ -266,3 +266,33 @@ def test_chain_mount_lingers_after_its_last_user() -> None:
         assert len(stack.chain_mounts()) == 1
         stub.Remove(pb.RemoveSnapshotRequest(key=name))
         assert stack.chain_mounts() == []
+
+
+def test_a_committed_chain_is_mounted_ahead_and_lingers() -> None:
+    """With --mount-linger, Commit mounts the chain it made in the background: the unpack's
+    next layer and the image's first container find it mounted; without, nothing is mounted
+    ahead (the api fixture's linger is 0, and its tests see no mount after a Commit)."""
+    with direct_snapshotter("efs-ahead-", linger=30.0) as (stub_obj, stack):
+        stub: Any = stub_obj
+        log = stack.tmp / "snapshotter.log"
+        names = []
+        parent = ""
+        for n in range(2):  # a two-layer unpack, as the walking differ does it
+            key = f"ns/{n}/extract-{n} sha256:u{n}"
+            r = stub.Prepare(pb.PrepareSnapshotRequest(key=key, parent=parent))
+            upper = Path(r.mounts[0].source if r.mounts[0].type == "bind"
+                         else dict(o.split("=", 1) for o in r.mounts[0].options)["upperdir"])
+            (upper / f"f{n}").write_text(f"{n}\n")
+            parent = f"ns/{n}/sha256:u{n}"
+            stub.Commit(pb.CommitSnapshotRequest(name=parent, key=key))
+            names.append(parent)
+            deadline = time.monotonic() + 30
+            while len(stack.chain_mounts()) != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(stack.chain_mounts()) == 1, "the new chain only, the lower one released"
+        r = stub.Prepare(pb.PrepareSnapshotRequest(key="ns/9/ctr", parent=names[-1]))
+        assert sorted(os.listdir(lowerdir(r.mounts[0]))) == ["f0", "f1"]
+        assert log.read_text().count(": mounted chain") == 2, "each chain mounted once, ahead"
+        stub.Remove(pb.RemoveSnapshotRequest(key="ns/9/ctr"))
+        stub.Remove(pb.RemoveSnapshotRequest(key=names[-1]))
+        assert stack.chain_mounts() == []

