@@ -14,8 +14,9 @@ annotations).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..exports import lazy_exports
 
 # Public names and the module of each, loaded on first use (PEP 562), as in ``verity``: a
 # module that needs one small part (``source``, which every ``erofs-fuse mount`` consults to
@@ -39,10 +40,4 @@ __all__ = ["DEFAULT_CACHE_DIR", "DEFAULT_CACHE_SIZE", "DEFAULT_UNIT", "BlockCach
            "open_layers", "resolve_pinned"]
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # looked up once
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

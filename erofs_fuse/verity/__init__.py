@@ -40,8 +40,9 @@ if ``require``), else a ``VerifiedBlob`` whose ``size`` is the authenticated dat
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..exports import lazy_exports
 
 # Public names and the module of each. They are loaded on first use (PEP 562), so a module that
 # needs one part (the mount: ``trust`` for its options, ``layer`` only for a trusted layer) does
@@ -87,10 +88,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # looked up once
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
