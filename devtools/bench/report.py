@@ -117,7 +117,8 @@ def chart(results: Results, stacks: list[str], workloads: list[tuple[str, str]],
     nrows = -(-len(shown) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows + 1.0),
                              squeeze=False)
-    colors = plt.get_cmap("tab10").colors
+    tab10 = plt.get_cmap("tab10")  # a listed map: index k gives its k-th color
+    colors = [tab10(k) for k in range(tab10.N)]
     for ax, (wl, unit) in zip(axes.flat, shown):
         xs, meds, lo, hi, cols = [], [], [], [], []
         for k, s in enumerate(stacks):
