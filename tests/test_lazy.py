@@ -341,6 +341,11 @@ def test_a_sequential_read_is_served_while_its_read_ahead_is_fetched(
         since = len(clean.proxy.seen)
         assert blob.read(2 * unit, 4096) == local.read(2 * unit, 4096)
         assert ahead not in _ranges(clean, since)  # not fetched again
+        # a read across two missing units: one request for both, each unit kept apart
+        assert blob.read(9 * unit - 10, 20) == local.read(9 * unit - 10, 20)
+        kept = list(blob._recent.values())  # noqa: SLF001
+        # each unit kept holds its own bytes, not a view keeping its whole request alive
+        assert kept and all(len(view.obj) == len(view) <= unit for view in kept)
     assert "cached block failed its hash" not in caplog.text
     local.close()
 

@@ -252,7 +252,9 @@ class LazyBlob:
             with self._lock:
                 for unit, fetch in zip(run, fetches):
                     if reader and fetch.error is None and not fetch.bad and fetch.data:
-                        self._remember(unit, memoryview(fetch.data))
+                        # a copy: a slice would keep its whole request (up to MAX_REQUEST)
+                        # alive, 16 times RECENT_BYTES when the units kept are of many
+                        self._remember(unit, memoryview(bytes(fetch.data)))
                     self._inflight.pop(unit, None)
             for fetch in fetches:
                 fetch.done.set()
