@@ -20,6 +20,11 @@ once more; blocks that still fail are never served (``IntegrityError``, EIO at t
 their good neighbours are. Registry failures (after the client's bounded retries) are
 ``BlobIOError`` for that read: the next read tries again, so the mount recovers when the
 registry does. A read never waits longer than ``deadline`` seconds for another's fetch.
+
+One module just past the house's ~450 lines on purpose: the read path, the read-ahead, the
+units kept in memory and the background fill are one ``LazyBlob``'s, sharing its lock, its
+table of fetches in flight and its cache entry; split apart, each would reach into the others'
+state. The registry client (``registry``) and the cache (``cache``) are rooms of their own.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ snapshot being committed is marked busy meanwhile (Remove refuses it, the sweep 
 One module past the house's ~450 lines on purpose: remote snapshots (a client's file, a lazy
 layer, a CRI fetch) are Prepare and Remove under the same lock, store rows and sweep as local
 ones, and split apart each half would reach into the other's state; the fetching itself lives
-in ``fetch``, the mounts in ``mounts``, the rows in ``store``.
+in ``fetch``, the mounts in ``mounts``, the rows in ``store``, the shared layer files in
+``layerfiles``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from ..lazy.cache import DEFAULT_CACHE_SIZE
 from ..lazy.source import LazySource, LazySourceError, is_lazy
 from ..oci.image import OciError
 from .fetch import Fetcher, wants_fetch
+from .layerfiles import SharedLayers
 from .mounts import ChainMounts, Forker
 from .store import (REF_LABEL, AlreadyExists, FailedPrecondition, InvalidArgument, Kind,
                     NotFound, Snapshot, Store)
@@ -72,7 +74,6 @@ from .store import (REF_LABEL, AlreadyExists, FailedPrecondition, InvalidArgumen
 log = logging.getLogger("erofs_fuse.snapshotter")
 
 LAYER = "layer.erofs"
-LAYERS = "layers"
 # Labels of a client's Prepare through containerd (only containerd.io/snapshot/* labels reach a
 # snapshotter): the converted and sealed layer file (its tree beside it, FILE.verity), the
 # diff_id it was checked against, and its fs-verity digest, the mount's trusted root.
@@ -98,17 +99,16 @@ class Snapshotter:
         self.linger = linger
         self.lingering: dict[int, threading.Timer] = {}
         self.snapshots_dir = os.path.join(self.root, "snapshots")
-        self.layers_dir = os.path.join(self.root, LAYERS)
         self.empty_dir = os.path.join(self.root, "empty")
-        for d in (self.snapshots_dir, self.layers_dir, self.empty_dir):
+        for d in (self.snapshots_dir, self.empty_dir):
             os.makedirs(d, exist_ok=True)
         self.busy: set[int] = set()  # ids of snapshots being committed (outside the lock)
-        self.installing: set[str] = set()  # temporary files of layers being taken in
         self.store = Store(os.path.join(self.root, "metadata.db"))
         self.chains = ChainMounts(self.root, forker, os.path.join(self.root, "cache"),
                                   cache_size)
         self.fetcher = Fetcher(self.root)  # CRI's pulls: layers we fetch ourselves
         self.lock = threading.RLock()
+        self.layers = SharedLayers(self.root, self.lock)  # layers/: one file per diff_id
         with self.lock:
             self._sweep()
 
@@ -198,9 +198,9 @@ class Snapshotter:
                     timer.cancel()
                 self.chains.release(snap.id)  # its own chain mount, if any user left one
             self._remove_files(snap)
-            if snap.layer is not None and self._shared(snap.layer) \
+            if snap.layer is not None and self.layers.is_shared(snap.layer) \
                     and self.store.layer_users(snap.layer) == 0:
-                self._remove_layer(snap.layer)
+                self.layers.remove(snap.layer)
             log.info("removed %s", key)
 
     def stat(self, key: str) -> Snapshot:
@@ -225,7 +225,7 @@ class Snapshotter:
         d = self.snapshot_dir(snap)
         if snap.kind == Kind.COMMITTED:
             size = inodes = 0
-            if snap.layer is not None and self._shared(snap.layer):
+            if snap.layer is not None and self.layers.is_shared(snap.layer):
                 return size, inodes  # a shared file is no one snapshot's own
             for name in (LAYER, LAYER + ".verity"):
                 with contextlib.suppress(OSError):
@@ -359,7 +359,7 @@ class Snapshotter:
                     else:
                         with contextlib.suppress(OSError):
                             os.unlink(p)
-        self._sweep_layers()
+        self.layers.sweep(self.store.layers())
         needed = {s.parent_id for s in snaps.values()
                   if s.kind != Kind.COMMITTED and s.parent_id is not None}
         for top_id in self.chains.existing():
@@ -419,7 +419,7 @@ class Snapshotter:
             self._commit_remote(target, parent, own)
             return True
         with self.lock:
-            held = self._held_diff_ids()
+            held = self.layers.held_diff_ids(self.store.layers())
         fetch = self.fetcher.start(source, layer, labels, held)
         own = {**labels, DIFF_ID_LABEL: layer.diff_id}
         if fetch is None:
@@ -435,18 +435,12 @@ class Snapshotter:
             self.fetcher.taken(fetch)
         return True
 
-    def _held_diff_ids(self) -> set[str]:
-        """The diff_ids of the shared layer files the store names."""
-        prefix = os.path.join(LAYERS, "sha256-")
-        return {"sha256:" + layer[len(prefix):].removesuffix(".erofs")
-                for layer in self.store.layers() if layer.startswith(prefix)}
-
     def _shared_layer(self, labels: dict[str, str]) -> tuple[str, str, bool]:
         """The shared layer file of the labels' diff_id (relative to the root), its
         fs-verity digest and whether it is known to show no xattr: the one we hold, else the
         labels' file taken in (xattr-free if the labels say so)."""
         diff_id = _sha256_label(labels, DIFF_ID_LABEL)
-        layer = os.path.join(LAYERS, f"sha256-{diff_id.removeprefix('sha256:')}.erofs")
+        layer = self.layers.name_of(diff_id)
         said_free = labels.get(XATTR_FREE_LABEL) == "true"
         with self.lock:
             held = self.store.layer_digest(layer)
@@ -463,57 +457,8 @@ class Snapshotter:
                 or not os.path.isfile(source + ".verity"):
             raise InvalidArgument(f"{LAYER_LABEL}={source!r}: not a sealed layer file "
                                   "(FILE and FILE.verity)")
-        self._take_in(source, os.path.join(self.root, layer))
+        self.layers.take_in(source, layer)
         return layer, digest, said_free
-
-    def _take_in(self, source: str, dest: str) -> None:
-        """Link (or, across file systems, copy) ``source`` and its tree to ``dest``: the tree
-        first, each under a temporary name renamed when complete and durable."""
-        for suffix in (".verity", ""):
-            tmp = f"{dest}{suffix}.{os.getpid()}-{threading.get_ident()}.tmp"
-            with self.lock:
-                self.installing.add(tmp)
-            try:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                try:
-                    os.link(source + suffix, tmp)
-                except OSError:
-                    shutil.copyfile(source + suffix, tmp)
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, dest + suffix)
-            finally:
-                with self.lock:
-                    self.installing.discard(tmp)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-
-    @staticmethod
-    def _shared(layer: str) -> bool:
-        return layer.startswith(LAYERS + os.sep)
-
-    def _remove_layer(self, layer: str) -> None:
-        for suffix in ("", ".verity"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.root, layer + suffix))
-        log.info("removed %s: no snapshot uses it", layer)
-
-    def _sweep_layers(self) -> None:
-        """Remove shared layer files no row names (a crash before the row, or after its
-        removal) and temporary files no take-in is writing."""
-        used = self.store.layers()
-        for name in os.listdir(self.layers_dir):
-            path = os.path.join(self.layers_dir, name)
-            rel = os.path.join(LAYERS, name.removesuffix(".verity"))
-            if path in self.installing or (rel in used and not name.endswith(".tmp")):
-                continue
-            log.info("removing %s: no snapshot uses it", path)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
 
 
 def _is_unpack(key: str) -> bool:
