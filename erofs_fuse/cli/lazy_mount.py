@@ -5,7 +5,6 @@ and opening a registry image's layers lazily (``erofs_fuse.lazy``), for ``mount`
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -168,6 +167,8 @@ def _few_malloc_arenas() -> None:
     gives threads arenas of their own (up to 8 per core) and keeps what they freed in each:
     the daemon held 140-174 MB after a cold read-all of the python image, 95 MB with two
     arenas, for no more CPU. A hint: without glibc, nothing."""
+    import ctypes  # here: every mount imports this module, few are lazy
+
     try:
         ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
     except (OSError, AttributeError):

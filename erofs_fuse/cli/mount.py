@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 from typing import TYPE_CHECKING
 
 from ..console import PROG, CliError, OneLineParser, print_error
@@ -415,6 +414,8 @@ def main(argv: list[str]) -> int:
 
 def umount_main(argv: list[str]) -> int:
     """``erofs-fuse umount MOUNTPOINT``: fusermount3 -u; a lazy unmount if the daemon is dead."""
+    import subprocess  # here: the mount command does not need it
+
     parser = OneLineParser(prog=f"{PROG} umount", description="Unmount an erofs-fuse mount.")
     parser.add_argument("mountpoint")
     try:

@@ -30,15 +30,18 @@ import itertools
 import logging
 import os
 import stat
-from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Concatenate, Coroutine, ParamSpec, Sequence, \
+    TypeVar
 
 import pyfuse3
-import trio
 
 from ..blob import WouldBlock, nonblocking
 from ..erofs.errors import ErofsError
 from .idmap import ACL_XATTRS, IDENTITY, IdMap
 from .overlay import Ino, MergedTree, Node
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,6 @@ class Operations(pyfuse3.Operations):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         read_threads: int = DEFAULT_READ_THREADS,
-        on_ready: Callable[[], None] | None = None,
         idmap: IdMap = IDENTITY,
         stateless_open: bool = STATELESS_OPEN,
         blocking_reads: bool = False,
@@ -134,7 +136,6 @@ class Operations(pyfuse3.Operations):
         self.tree = tree
         self.idmap = idmap  # the owners and groups reported (fuse/idmap.py)
         self.timeout = timeout
-        self._on_ready = on_ready
         # handles are inode numbers and open/opendir answer ENOSYS (see STATELESS_OPEN)
         self.stateless_open = stateless_open
         # the tree shows no xattr (mount -o noxattr): getxattr answers ENOSYS, after which the
@@ -149,9 +150,12 @@ class Operations(pyfuse3.Operations):
         self.blocking_reads = blocking_reads
         if blocking_reads and read_threads <= 0:
             read_threads = BLOCKING_READ_THREADS
-        self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
+        self.read_threads = read_threads
+        # made by the first read sent to a thread: trio is not loaded before the mount is made
+        # (daemon.serve imports it after pyfuse3.init, so the mount command returns sooner)
+        self._limiter: trio.CapacityLimiter | None = None
         # for pyfuse3.main(): a read waiting for a thread must not hold up other requests
-        self.max_tasks = CONCURRENT_TASKS if self._limiter is not None else SERIAL_TASKS
+        self.max_tasks = CONCURRENT_TASKS if read_threads > 0 else SERIAL_TASKS
         # the attributes of every node the kernel holds (built once: the tree never changes)
         self._attrs: dict[Ino, pyfuse3.EntryAttributes] = {}
         self._nodes: dict[Ino, Node] = {tree.root.ino: tree.root}
@@ -163,8 +167,6 @@ class Operations(pyfuse3.Operations):
     def init(self) -> None:
         # called while the kernel's INIT request is served: the mount answers from now on
         self.initialized = True
-        if self._on_ready is not None:
-            self._on_ready()
 
     # inode numbers ----------------------------------------------------------------------------
     def _to_fuse(self, ino: Ino) -> int:
@@ -254,7 +256,14 @@ class Operations(pyfuse3.Operations):
                 return fn(*args, **kwargs)
         except WouldBlock:
             pass
-        call = functools.partial(fn, *args, **kwargs)
+        return await self._in_thread(functools.partial(fn, *args, **kwargs))
+
+    async def _in_thread(self, call: Callable[[], R]) -> R:
+        """``call()`` in a worker thread, at most ``read_threads`` of them at once."""
+        import trio  # loaded already: this runs inside trio.run
+
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(self.read_threads)
         result: R = await trio.to_thread.run_sync(call, limiter=self._limiter)
         return result
 
@@ -410,12 +419,9 @@ class Operations(pyfuse3.Operations):
         inode = node.inode
         if self.blocking_reads:
             return await self._call(self.tree.read, node, off, size)
-        if (self._limiter is not None and size >= THREAD_MIN_BYTES
+        if (self.read_threads > 0 and size >= THREAD_MIN_BYTES
                 and inode.info.is_compressed and off < inode.size):
-            data: bytes = await trio.to_thread.run_sync(
-                self.tree.read, node, off, size, limiter=self._limiter
-            )
-            return data
+            return await self._in_thread(functools.partial(self.tree.read, node, off, size))
         return self.tree.read(node, off, size)
 
     @_boundary

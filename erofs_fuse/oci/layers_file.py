@@ -27,7 +27,6 @@ are ignored, so later versions may add some without changing ``format``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -80,6 +79,8 @@ class LayersFile:
         doc = {"format": FORMAT, "image": self.image, "name": self.name, "ref": self.ref,
                "manifest": self.manifest, "config": self.config, "platform": self.platform,
                "layers": [layer.to_json() for layer in self.layers]}
+        import json  # here, as below: every mount imports this module, few name a file
+
         return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -143,6 +144,8 @@ def _read_doc(path: str) -> dict[str, Any]:
         raise LayersFileError(f"{path}: {exc.strerror}") from None
     if len(raw) > MAX_FILE_BYTES:
         raise LayersFileError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+    import json
+
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as exc:

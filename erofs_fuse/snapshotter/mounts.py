@@ -129,7 +129,10 @@ def serve_forks(sock: socket.socket, mount_main: MountMain) -> None:
     per line out."""
     import signal
 
+    from ..fuse.daemon import import_serving_modules
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C of a foreground snapshotter: it stops us
+    import_serving_modules()  # once here, not in every forked mount
     reader = sock.makefile("rb")
     for line in reader:
         request = json.loads(line)
