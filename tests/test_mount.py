@@ -355,6 +355,18 @@ def test_mount_start_up_imports_no_trio_lazy_registry_or_writer_code() -> None:
         assert run_umount(mnt).returncode == 0
 
 
+def test_unmount_before_the_daemon_has_served_anything() -> None:
+    # the command returns once the mount is made, before the daemon has loaded trio and
+    # answered INIT: an unmount right then must still end the mount and the daemon
+    require_fuse()
+    with empty_dir() as mnt:
+        for _ in range(3):
+            assert run_mount("--layers", corpus("plain.erofs"), mnt).returncode == 0
+            assert run_umount(mnt).returncode == 0
+            assert not is_mounted(mnt)
+            wait_until(lambda: not daemon_pids(mnt), what="the daemon to exit")
+
+
 def test_sigterm_unmounts_cleanly() -> None:
     require_fuse()
     with empty_dir() as mnt:
