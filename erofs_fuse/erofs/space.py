@@ -7,7 +7,7 @@ same space, selected by bit 63 of its nid.
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from typing import Iterable, Protocol
 
 from .errors import CorruptImageError
 from .lru import Lru
@@ -57,6 +57,18 @@ class BlockCachedSpace:
         data = b"".join(self._block(i) for i in range(first, last + 1))
         start = offset - (first << bits)
         return data[start : start + length]
+
+    def missing(self, offsets: Iterable[int]) -> list[int]:
+        """The block indexes of ``offsets`` not in the cache, sorted, each once (for a
+        prefetch: a block we hold needs no read)."""
+        bits = self._bits
+        with self._lock:
+            cache = self._cache
+            return sorted({o >> bits for o in offsets if (o >> bits) not in cache})
+
+    @property
+    def block_bits(self) -> int:
+        return self._bits
 
     def _block(self, index: int) -> bytes:
         with self._lock:

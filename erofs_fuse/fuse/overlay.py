@@ -309,8 +309,12 @@ class MergedTree:
         stack): the table's rows reduce to "a whiteout does not show", without the probing."""
         ((layer, dinode),) = node.dirs
         image = self.images[layer]
+        entries = self._layer_listing(layer, dinode).entries
+        # their inodes are parsed one by one below: asked for together first, the cold blocks
+        # are read in parallel (the python imports' listings: 74 -> 4 waits on a block read)
+        image.prefetch_inodes(entry.nid for entry in entries.values())
         out: list[tuple[bytes, Node]] = []
-        for name, entry in self._layer_listing(layer, dinode).entries.items():
+        for name, entry in entries.items():
             inode = image.inode(entry.nid)
             if inode.is_dir:
                 child = Node(make_ino(layer, inode.nid), layer, inode, ((layer, inode),), node.ino)
@@ -328,6 +332,8 @@ class MergedTree:
         """The listing of a directory merged from several layers: each name through the table
         (``_resolve``), from the top layer's names down."""
         listings = [self._layer_listing(layer, dinode) for layer, dinode in node.dirs]
+        for listing in listings:
+            self.images[listing.layer].prefetch_inodes(e.nid for e in listing.entries.values())
         out: list[tuple[bytes, Node]] = []
         seen: set[bytes] = set()
         for listing in listings:
