@@ -32,6 +32,7 @@ from .inode import InodeInfo, parse_inode
 from .lru import Lru
 from .metacopy import METACOPY_XATTR, REDIRECT_XATTR, Metacopy, parse_metacopy
 from .reader import DEFAULT_EXTENT_CACHE_BYTES, DataReader
+from .decompress import load_codecs
 from .space import BlockCachedSpace, Space
 from .superblock import parse_superblock
 from .xattr import XattrReader, parse_prefix_table
@@ -479,6 +480,16 @@ class Image:
                 start = block
             prev = block
         prefetch(start << bits, (prev + 1 - start) << bits)
+
+    def load_decoders(self) -> None:
+        """Import now what reading this image's compressed files needs (the compressed
+        mappers, the codecs of its algorithms), not at its first compressed read; nothing for
+        an image whose superblock shows no compression (no 0-padding, no configurations)."""
+        if not self.superblock.has_incompat(d.INCOMPAT_ZERO_PADDING | d.INCOMPAT_COMPR_CFGS):
+            return
+        from . import zmap  # noqa: F401  # as _mapper imports it at the first compressed file
+
+        load_codecs(self.superblock.available_algorithms)
 
     def _mapper(self, inode: Inode) -> Mapper:
         mapper = inode._mapper

@@ -397,6 +397,11 @@ class MergedTree:
             return None
         return node.inode.getxattr(name)
 
+    def load_decoders(self) -> None:
+        """Load what reading the layers' compressed files needs (``Image.load_decoders``)."""
+        for image in self.images:
+            image.load_decoders()
+
     # whole tree -------------------------------------------------------------------------------
     @property
     def block_size(self) -> int:
