@@ -112,3 +112,25 @@ def test_cached_inodes_are_not_hinted_again(layers: list[str]) -> None:
         assert blob.events == []
     finally:
         image.close()
+
+
+def test_a_metadata_block_is_read_before_its_window_is_hinted(layers: list[str]) -> None:
+    # hinted first, the block would be read as part of the whole window and wait for all of it
+    blob = WatchedBlob(layers[0])
+    image = Image(blob)
+    try:
+        d_entry = image.root.lookup(b"d")
+        assert d_entry is not None
+        far = max(e.nid for e in image.inode(d_entry.nid).readdir())  # in a window not read
+        blob.events.clear()
+        image.inode(far)
+        kinds = [kind for kind, _, _ in blob.events]
+        assert kinds and kinds[0] == "read", blob.events
+        window = 256 << 10
+        for k, (kind, offset, length) in enumerate(blob.events):
+            if kind == "prefetch":
+                assert length == window and offset % window == 0
+                before = blob.events[k - 1]
+                assert before[0] == "read" and offset <= before[1] < offset + window
+    finally:
+        image.close()

@@ -52,8 +52,8 @@ _STRAY_ERRORS = (struct.error, IndexError, ValueError, OverflowError, KeyError, 
                  MemoryError)
 
 
-# Metadata read-around: a metadata block missing from our cache is read alone, but the kernel is
-# first asked (``Blob.prefetch``) to read the aligned window around it into its page cache. mkfs
+# Metadata read-around: a metadata block missing from our cache is read alone, and the kernel is
+# then asked (``Blob.prefetch``) to read the aligned window around it into its page cache. mkfs
 # puts inodes, inline data and directories near their parents, so the blocks asked for next are
 # mostly there already: a cold walk of the bench rootfs issued ~2300 random 4 KiB reads, one disk
 # round trip each (0.84 s of a 1.7 s walk); with 256 KiB windows it took 1.1 s -> 0.89 s in-process.
@@ -80,7 +80,12 @@ class _ReadAround:
             window = offset >> self._bits
             if window != self._last:
                 self._last = window
+                # the block first, then the hint: hinted first, the block would come with the
+                # window's read, waiting for all 256 KiB of it (a cold lookup's inode block
+                # waited 0.42 ms on average, 0.30 ms read first)
+                data = self._blob.read(offset, length)
                 self._prefetch(window << self._bits, 1 << self._bits)
+                return data
         return self._blob.read(offset, length)
 
 
