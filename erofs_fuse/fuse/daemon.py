@@ -17,6 +17,7 @@ nowhere else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -217,26 +218,23 @@ def configure_logging(cfg: MountConfig, *, daemon: bool) -> None:
 
 
 # serving --------------------------------------------------------------------------------------
-async def _serve_until_done(ops: Operations, mountpoint: str) -> None:
+async def _serve_until_done(ops: Operations) -> None:
     import trio
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
-        nursery.start_soon(_after_init, ops, mountpoint)
+        nursery.start_soon(_after_init, ops)
         await pyfuse3.main(max_tasks=ops.max_tasks)
         nursery.cancel_scope.cancel()
 
 
-async def _after_init(ops: Operations, mountpoint: str) -> None:
-    # the kernel sets a FUSE mount's read-ahead when it takes the INIT reply (it can only lower
-    # it there): raise it once that reply is sent, i.e. once the loop has served INIT
+async def _after_init(ops: Operations) -> None:
+    # the mount answers: load the decompressors at the loop's first idle moment, which the first
+    # compressed read would otherwise wait for (3 ms of CPU, more with the modules' files cold)
     import trio
 
     while not ops.initialized:
         await trio.sleep(0.01)
-    _raise_readahead(mountpoint)
-    # the mount answers and nothing has asked yet: load the decompressors now, which the first
-    # compressed read would otherwise wait for (3 ms of CPU, more with the modules' files cold)
     try:
         ops.tree.load_decoders()
     except Exception:  # a hint: a read that needs a codec loads (or misses) it again
@@ -276,6 +274,11 @@ def serve(cfg: MountConfig, images: list[Image], on_mounted: Callable[[], None] 
     ops = Operations(tree, timeout=cfg.timeout, read_threads=cfg.read_threads,
                      idmap=cfg.idmap, blocking_reads=cfg.blocking_reads, noxattr=cfg.noxattr)
     _init(ops, cfg)
+    # the kernel sets a FUSE mount's read-ahead when it takes the INIT reply (it can only lower
+    # it there): raised by the first request served after that reply, which the kernel held
+    # until INIT was answered (a poll of the loop every 10 ms left the start of a workload,
+    # the mmaps of its executables, at 128 KiB: 80 more READs of the python imports)
+    ops.after_init = functools.partial(_raise_readahead, cfg.mountpoint)
     # until trio's handler is installed, a SIGTERM would kill the daemon and leave the mount
     # dead ("Transport endpoint is not connected"): held until then, also by the threads that
     # on_serve starts (they inherit the mask)
@@ -288,7 +291,7 @@ def serve(cfg: MountConfig, images: list[Image], on_mounted: Callable[[], None] 
             on_mounted()
         import trio  # after the mount is made: see the module's docstring
 
-        trio.run(_serve_until_done, ops, cfg.mountpoint)
+        trio.run(_serve_until_done, ops)
     finally:
         pyfuse3.close(unmount=True)
         for image in images:

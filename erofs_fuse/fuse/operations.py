@@ -83,6 +83,8 @@ def _boundary(op: Handler[P, R]) -> Handler[P, R]:
     name = op.__name__
 
     async def handler(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self.after_init is not None:
+            self._run_after_init()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s%s", name, _describe(args))
         try:
@@ -145,6 +147,9 @@ class Operations(pyfuse3.Operations):
         # as "no ACL" (fs/fuse/acl.c)
         self.noxattr = noxattr
         self.initialized = False  # the kernel's INIT request has been served
+        # run by the first request served (the kernel has taken the INIT reply by then): what
+        # must follow that reply, such as raising the read-ahead it sets (daemon.serve)
+        self.after_init: Callable[[], None] | None = None
         # layers whose reads may wait on a network (lazy layers): every read goes to a thread,
         # so that a fetch in progress holds up neither cached reads nor other requests
         self.blocking_reads = blocking_reads
@@ -167,6 +172,14 @@ class Operations(pyfuse3.Operations):
     def init(self) -> None:
         # called while the kernel's INIT request is served: the mount answers from now on
         self.initialized = True
+
+    def _run_after_init(self) -> None:
+        hook, self.after_init = self.after_init, None
+        try:
+            if hook is not None:
+                hook()
+        except Exception:  # the request it precedes is still served
+            log.exception("after the INIT reply")
 
     # inode numbers ----------------------------------------------------------------------------
     def _to_fuse(self, ino: Ino) -> int:
