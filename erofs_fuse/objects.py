@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Sequence
 from cachetools import LRUCache
 
 from .blob import BlobIOError
+from .object_prefetch import Prefetcher
 from .erofs.errors import CorruptImageError, ErofsError, MetacopyError
 from .erofs.metacopy import Metacopy, redirect_components
 from .verity.objects import verified_object
@@ -55,6 +56,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OBJECT_CACHE_BYTES = 64 << 20  # trees of open verified objects
 DEFAULT_OPEN_OBJECTS = 256  # descriptors kept open
+# Directories of a data dir kept open (composefs's layout has 256: ``00`` to ``ff``), so that
+# opening an object is one openat relative to its directory's descriptor, not an openat and a
+# close of the directory as well. They are never closed before the store is (a descriptor still
+# in use by another thread could otherwise be reused for something else); past this many, a
+# directory is opened and closed for each object as before.
+MAX_DIR_FDS = 512
 TREE_SUFFIX = ".verity"  # an object's Merkle tree, beside it: ab/cdef....verity
 # A verified object up to this size is read whole when opened (one pread, the bytes hashed as
 # they arrive) and the read that opened it is served from those bytes: at most one FUSE read
@@ -95,6 +102,10 @@ class FdBlob:
     def size(self) -> int:
         return self._size
 
+    @property
+    def fd(self) -> int:
+        return self._fd
+
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self._size:
             raise CorruptImageError(f"read of {length} bytes past the end of the object "
@@ -134,6 +145,11 @@ class ObjectStore:
         self.require_verity = require_verity
         self._fds: list[int] = []
         self._lock = threading.Lock()
+        # (index of the data dir, directory components) -> descriptor (``MAX_DIR_FDS``)
+        self._dir_fds: dict[tuple[int, tuple[str, ...]], int] = {}
+        # objects opened ahead of their reads (``prefetch``), made at the first use
+        self.prefetcher: Prefetcher[tuple[bytes, bytes | None], tuple[Metacopy, int]] | None \
+            = None
         # (redirect, digest) -> open object, least recently used first, at most
         # ``open_objects`` of them weighing at most ``cache_bytes`` (an object weighs its tree's
         # bytes plus one block: ``_FD_COST``). An OrderedDict, not a cachetools LRUCache: a hit is
@@ -156,9 +172,16 @@ class ObjectStore:
             raise
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+        with self._lock:
+            dir_fds, self._dir_fds = self._dir_fds, {}
+        for fd in dir_fds.values():
+            os.close(fd)
         self._open.clear()
         self.open_bytes = 0
 
@@ -236,8 +259,12 @@ class ObjectStore:
             raise MetacopyError(f"object {_shown(meta)}: no data dir given")
         rel = "/".join(parts)  # the path under a data dir (validated: no empty, . or ..)
         with_tree = meta.digest is not None and size > WHOLE_OBJECT_BYTES
-        for root, fd in zip(self.dirs, self._fds):
-            found = self._open_in(fd, parts, f"{root.rstrip('/')}/{rel}", with_tree=with_tree)
+        # opened ahead: found by the same search, and checked below as if opened here
+        ahead = self.prefetcher.take(key) if self.prefetcher is not None else None
+        for index, root in enumerate(self.dirs):
+            found = ahead or self._open_in(index, parts, f"{root.rstrip('/')}/{rel}",
+                                           with_tree=with_tree)
+            ahead = None
             if found is None:
                 continue
             blob, tree_file = found
@@ -266,10 +293,81 @@ class ObjectStore:
         raise MetacopyError(f"object {_shown(meta)} is in none of the data dirs "
                             f"({', '.join(self.dirs)})")
 
-    def _open_in(self, root_fd: int, parts: list[str], name: str, *,
-                 with_tree: bool) -> tuple[FdBlob, FdBlob | None] | None:
-        """The object ``parts`` beneath ``root_fd`` and, ``with_tree``, its stored tree (None
-        when there is none); None when this dir has no such object."""
+    # read-ahead -------------------------------------------------------------------------------
+    def prefetch(self, inodes: Sequence[Inode]) -> None:
+        """Have the objects of these metadata-only files (about to be read, in this order)
+        opened ahead by worker threads (``object_prefetch.Prefetcher``), which have the kernel
+        read their first bytes meanwhile. Nothing is checked or served there: each file's read
+        takes its object as if it had opened it, and checks and verifies it the same way."""
+        if not self._fds:
+            return
+        jobs = []
+        for inode in inodes:
+            try:
+                meta = inode.metacopy()
+            except ErofsError:
+                continue  # its read says why
+            if meta is None or (meta.digest is None and self.require_verity):
+                continue
+            key = (meta.redirect or b"", meta.digest)
+            if key not in self._open:
+                jobs.append((key, (meta, inode.size)))
+        if not jobs:
+            return
+        if self.prefetcher is None:
+            self.prefetcher = Prefetcher(self._open_ahead, _advice)
+        self.prefetcher.want(jobs)
+
+    def _open_ahead(self, job: tuple[Metacopy, int]) -> tuple[FdBlob, FdBlob | None] | None:
+        """What ``_open_object`` would open for this object (quietly), in a worker thread."""
+        meta, size = job
+        parts = redirect_components(meta.redirect)
+        rel = "/".join(parts)
+        with_tree = meta.digest is not None and size > WHOLE_OBJECT_BYTES
+        for index, root in enumerate(self.dirs):
+            found = self._open_in(index, parts, f"{root.rstrip('/')}/{rel}",
+                                  with_tree=with_tree, quiet=True)
+            if found is not None:
+                return found
+        return None
+
+    def _open_in(self, index: int, parts: list[str], name: str, *, with_tree: bool,
+                 quiet: bool = False) -> tuple[FdBlob, FdBlob | None] | None:
+        """The object ``parts`` beneath data dir ``index`` and, ``with_tree``, its stored tree
+        (None when there is none); None when this dir has no such object. ``quiet``: no log
+        line (opened ahead: the read logs)."""
+        try:
+            fd, kept = self._dir_of(index, parts)
+        except OSError as exc:
+            if exc.errno in _NOT_HERE:  # a directory on the way is missing (or a symlink)
+                if exc.errno == errno.ELOOP and not quiet:
+                    log.warning("%s: a symlink on the way to an object: refused", name)
+                return None
+            raise MetacopyError(f"object {name}: {exc.strerror}") from exc
+        try:
+            obj = _regular_file(parts[-1], fd, name, quiet)
+            if obj is None:
+                return None
+            tree = (_regular_file(parts[-1] + TREE_SUFFIX, fd, name, quiet) if with_tree
+                    else None)
+            return obj, tree
+        except OSError as exc:
+            raise MetacopyError(f"object {name}: {exc.strerror}") from exc
+        finally:
+            if not kept:
+                os.close(fd)
+
+    def _dir_of(self, index: int, parts: list[str]) -> tuple[int, bool]:
+        """A descriptor of the directory holding the object ``parts`` of data dir ``index``,
+        each component opened relative to its parent without following a symlink; and whether
+        it is kept open (``MAX_DIR_FDS``) rather than the caller's to close."""
+        root_fd = self._fds[index]
+        if len(parts) == 1:
+            return root_fd, True
+        key = (index, tuple(parts[:-1]))
+        fd = self._dir_fds.get(key)  # one dict lookup: atomic under the GIL
+        if fd is not None:
+            return fd, True
         fd = root_fd
         try:
             for part in parts[:-1]:
@@ -277,23 +375,20 @@ class ObjectStore:
                 if fd != root_fd:
                     os.close(fd)
                 fd = sub
-            obj = _regular_file(parts[-1], fd, name)
-            if obj is None:
-                return None
-            tree = _regular_file(parts[-1] + TREE_SUFFIX, fd, name) if with_tree else None
-            return obj, tree
-        except OSError as exc:
-            if exc.errno in _NOT_HERE:  # a directory on the way is missing (or a symlink)
-                if exc.errno == errno.ELOOP:
-                    log.warning("%s: a symlink on the way to an object: refused", name)
-                return None
-            raise MetacopyError(f"object {name}: {exc.strerror}") from exc
-        finally:
+        except BaseException:
             if fd != root_fd:
                 os.close(fd)
+            raise
+        with self._lock:
+            if len(self._dir_fds) >= MAX_DIR_FDS or not self._fds:
+                return fd, False
+            held = self._dir_fds.setdefault(key, fd)
+        if held != fd:  # another thread opened it meanwhile: keep one
+            os.close(fd)
+        return held, True
 
 
-def _regular_file(part: str, dir_fd: int, name: str) -> FdBlob | None:
+def _regular_file(part: str, dir_fd: int, name: str, quiet: bool = False) -> FdBlob | None:
     """The regular file ``part`` in ``dir_fd``, opened without following a symlink; None when
     there is none (or a symlink, refused as the kernel's ``LOOKUP_NO_SYMLINKS`` refuses it).
     Other errors (EACCES, EIO) are raised: the object may be there, unreadable."""
@@ -301,7 +396,7 @@ def _regular_file(part: str, dir_fd: int, name: str) -> FdBlob | None:
         fd = os.open(part, _FILE_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno in _NOT_HERE:
-            if exc.errno == errno.ELOOP:
+            if exc.errno == errno.ELOOP and not quiet:
                 log.warning("%s: a symlink on the way to an object: refused", name)
             return None
         raise
@@ -311,6 +406,12 @@ def _regular_file(part: str, dir_fd: int, name: str) -> FdBlob | None:
         return None  # only a regular file is an object (as in the kernel)
     return FdBlob(fd, st.st_size, name if not part.endswith(TREE_SUFFIX) else name + TREE_SUFFIX,
                   _identity(st))
+
+
+def _advice(blob: FdBlob) -> int:
+    """How much of an object opened ahead to have the kernel read: what its first read takes
+    (a small object whole, read at open)."""
+    return min(blob.size, WHOLE_OBJECT_BYTES)
 
 
 def _shown(meta: Metacopy) -> str:
