@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Sequence
 from cachetools import LRUCache
 
 from .blob import BlobIOError
-from .object_prefetch import Prefetcher
+from .object_prefetch import DEFAULT_AHEAD, Prefetcher
 from .erofs.errors import CorruptImageError, ErofsError, MetacopyError
 from .erofs.metacopy import Metacopy, redirect_components
 from .verity.objects import verified_object
@@ -140,7 +140,8 @@ class ObjectStore:
 
     def __init__(self, dirs: Sequence[str], *, require_verity: bool = False,
                  cache_bytes: int = DEFAULT_OBJECT_CACHE_BYTES,
-                 open_objects: int = DEFAULT_OPEN_OBJECTS) -> None:
+                 open_objects: int = DEFAULT_OPEN_OBJECTS,
+                 prefetch_ahead: int = DEFAULT_AHEAD) -> None:
         self.dirs = list(dirs)
         self.require_verity = require_verity
         self._fds: list[int] = []
@@ -150,6 +151,7 @@ class ObjectStore:
         # objects opened ahead of their reads (``prefetch``), made at the first use
         self.prefetcher: Prefetcher[tuple[bytes, bytes | None], tuple[Metacopy, int]] | None \
             = None
+        self._prefetch_ahead = prefetch_ahead  # at most this many open ahead, not yet read
         # (redirect, digest) -> open object, least recently used first, at most
         # ``open_objects`` of them weighing at most ``cache_bytes`` (an object weighs its tree's
         # bytes plus one block: ``_FD_COST``). An OrderedDict, not a cachetools LRUCache: a hit is
@@ -315,7 +317,7 @@ class ObjectStore:
         if not jobs:
             return
         if self.prefetcher is None:
-            self.prefetcher = Prefetcher(self._open_ahead, _advice)
+            self.prefetcher = Prefetcher(self._open_ahead, _advice, ahead=self._prefetch_ahead)
         self.prefetcher.want(jobs)
 
     def _open_ahead(self, job: tuple[Metacopy, int]) -> tuple[FdBlob, FdBlob | None] | None:
