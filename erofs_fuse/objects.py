@@ -256,50 +256,56 @@ class ObjectStore:
         if meta.digest is None and self.require_verity:
             raise MetacopyError(f"object {_shown(meta)} has no fs-verity digest in its metacopy "
                                 "xattr, and object verity is required")
-        parts = redirect_components(meta.redirect)
         if not self._fds:
             raise MetacopyError(f"object {_shown(meta)}: no data dir given")
+        # opened ahead (``prefetch``): found by the same search, checked below as if opened here
+        found = self.prefetcher.take(key) if self.prefetcher is not None else None
+        if found is None:
+            found = self._find(meta, size, quiet=False)
+        if found is None:
+            raise MetacopyError(f"object {_shown(meta)} is in none of the data dirs "
+                                f"({', '.join(self.dirs)})")
+        blob, tree_file = found
+        if blob.size != size:
+            if tree_file is not None:
+                tree_file.close()
+            raise MetacopyError(f"object {blob.name} has {blob.size} bytes, the file {size}")
+        if meta.digest is None:
+            return blob, None
+        identity = blob.identity()
+        failed = None
+        if self._failed:  # usually empty: no lookup (and lock) per object opened
+            with self._lock:
+                failed = self._failed.get(key)
+        if failed is not None and failed[0] == identity:
+            raise failed[1]  # unchanged since it failed: not hashed again
+        try:
+            assert meta.alg is not None
+            return verified_object(blob, meta.alg, meta.digest, tree_file, WHOLE_OBJECT_BYTES)
+        except ErofsError as exc:
+            with self._lock:
+                self._failed[key] = (identity, exc)
+            raise
+
+    def _find(self, meta: Metacopy, size: int, *,
+              quiet: bool) -> tuple[FdBlob, FdBlob | None] | None:
+        """The object (and, when it has a digest and is big, its stored tree) in the first data
+        dir holding it; None when none does. ``quiet``: no log line (opened ahead)."""
+        parts = redirect_components(meta.redirect)
         rel = "/".join(parts)  # the path under a data dir (validated: no empty, . or ..)
         with_tree = meta.digest is not None and size > WHOLE_OBJECT_BYTES
-        # opened ahead: found by the same search, and checked below as if opened here
-        ahead = self.prefetcher.take(key) if self.prefetcher is not None else None
         for index, root in enumerate(self.dirs):
-            found = ahead or self._open_in(index, parts, f"{root.rstrip('/')}/{rel}",
-                                           with_tree=with_tree)
-            ahead = None
-            if found is None:
-                continue
-            blob, tree_file = found
-            if blob.size != size:
-                if tree_file is not None:
-                    tree_file.close()
-                raise MetacopyError(f"object {blob.name} has {blob.size} bytes, the file "
-                                    f"{size}")
-            if meta.digest is None:
-                return blob, None
-            identity = blob.identity()
-            failed = None
-            if self._failed:  # usually empty: no lookup (and lock) per object opened
-                with self._lock:
-                    failed = self._failed.get(key)
-            if failed is not None and failed[0] == identity:
-                raise failed[1]  # unchanged since it failed: not hashed again
-            try:
-                assert meta.alg is not None
-                return verified_object(blob, meta.alg, meta.digest, tree_file,
-                                       WHOLE_OBJECT_BYTES)
-            except ErofsError as exc:
-                with self._lock:
-                    self._failed[key] = (identity, exc)
-                raise
-        raise MetacopyError(f"object {_shown(meta)} is in none of the data dirs "
-                            f"({', '.join(self.dirs)})")
+            found = self._open_in(index, parts, f"{root.rstrip('/')}/{rel}",
+                                  with_tree=with_tree, quiet=quiet)
+            if found is not None:
+                return found
+        return None
 
     # read-ahead -------------------------------------------------------------------------------
     def prefetch(self, inodes: Sequence[Inode]) -> None:
         """Have the objects of these metadata-only files (about to be read, in this order)
-        opened ahead by worker threads (``object_prefetch.Prefetcher``), which have the kernel
-        read their first bytes meanwhile. Nothing is checked or served there: each file's read
+        opened now (``object_prefetch.Prefetcher``) and the kernel start reading their first
+        bytes, without waiting for them. Nothing is checked or served there: each file's read
         takes its object as if it had opened it, and checks and verifies it the same way."""
         if not self._fds:
             return
@@ -321,17 +327,8 @@ class ObjectStore:
         self.prefetcher.want(jobs)
 
     def _open_ahead(self, job: tuple[Metacopy, int]) -> tuple[FdBlob, FdBlob | None] | None:
-        """What ``_open_object`` would open for this object (quietly), in a worker thread."""
-        meta, size = job
-        parts = redirect_components(meta.redirect)
-        rel = "/".join(parts)
-        with_tree = meta.digest is not None and size > WHOLE_OBJECT_BYTES
-        for index, root in enumerate(self.dirs):
-            found = self._open_in(index, parts, f"{root.rstrip('/')}/{rel}",
-                                  with_tree=with_tree, quiet=True)
-            if found is not None:
-                return found
-        return None
+        """What ``_open_object`` would find for this object, quietly (its read logs)."""
+        return self._find(*job, quiet=True)
 
     def _open_in(self, index: int, parts: list[str], name: str, *, with_tree: bool,
                  quiet: bool = False) -> tuple[FdBlob, FdBlob | None] | None:

@@ -45,7 +45,9 @@ class ObjectReadAhead:
         # directory ino -> its regular files in listing order, and how far they were asked for
         self._files: dict[Ino, tuple[Node, ...]] = {}
         self._asked: dict[Ino, int] = {}
-        self._recent: deque[Ino] = deque(maxlen=4 * window)  # files asked for lately
+        # the files asked for lately (a set beside it: looked up at every file's first read)
+        self._recent: deque[Ino] = deque(maxlen=4 * window)
+        self._recent_set: set[Ino] = set()
         self._last: tuple[Ino, int] | None = None  # the place of the last file read from 0
         self.streaming = False
 
@@ -76,7 +78,7 @@ class ObjectReadAhead:
         if place is None:
             return
         last, self._last = self._last, place
-        in_order = node.ino in self._recent or (
+        in_order = node.ino in self._recent_set or (
             last is not None and last[0] == place[0] and last[1] < place[1])
         self.streaming = in_order
         if in_order:
@@ -96,7 +98,12 @@ class ObjectReadAhead:
             self._asked[dir_ino] = stop
             chosen = files[start:stop]
         picked = [node for node in chosen if _is_metacopy(node)]
-        self._recent.extend(node.ino for node in picked)
+        with self._lock:
+            for node in picked:
+                if len(self._recent) == self._recent.maxlen:
+                    self._recent_set.discard(self._recent[0])  # pushed out by the append
+                self._recent.append(node.ino)
+                self._recent_set.add(node.ino)
         if picked:
             self.store.prefetch([node.inode for node in picked])
 
