@@ -74,7 +74,7 @@ def inputs(source: Path, work: Path) -> dict[str, Path]:
 
 def warm_up(paths: dict[str, Path]) -> None:
     """Every byte a read-all can ask for, in the page cache."""
-    subprocess.run(["sh", "-c", 'cat "$1" "$2" >/dev/null; find "$3" -type f -exec cat {} + '
+    subprocess.run(["sh", "-c", 'cat "$1" "$2" >/dev/null; find "$3/" -type f -exec cat {} + '
                     '>/dev/null', "sh", str(paths["full"]), str(paths["meta"]),
                     str(paths["store"])], check=True)
 
