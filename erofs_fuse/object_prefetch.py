@@ -5,8 +5,8 @@ objects one after another; the daemon serves each read in its one thread, so, co
 object is a disk read that nothing overlaps (a full layer is one file, which the kernel reads
 ahead). A ``Prefetcher`` is told which objects are about to be read (``fuse/readahead.py``
 guesses it from the order of a listing): it opens them at once and has the kernel start
-reading their first bytes (``POSIX_FADV_WILLNEED``: what the first read of each takes, and a
-big object's stored tree whole) into its page cache, without waiting for them, while the
+reading their first bytes (``POSIX_FADV_WILLNEED``: what the first read of each takes, or
+more when files are being read whole, and a big object's stored tree whole) into its page cache, without waiting for them, while the
 daemon serves the reads before them. The read of each file then takes its object already open
 (``take``) and checks and verifies it exactly as if it had opened it itself: this only warms
 the page cache and saves nothing but the time; it never serves, hashes or judges a byte. What
@@ -39,30 +39,31 @@ A = TypeVar("A")  # what opening it takes
 
 
 class Prefetcher(Generic[K, A]):
-    """``want((key, what), ...)`` opens ``opener(what)`` for each (None: no such object) and
-    hints the kernel to read ``advice(blob)`` first bytes of it; ``take(key)`` hands one over."""
+    """``want((key, what), ..., limit)`` opens ``opener(what)`` for each (None: no such object)
+    and hints the kernel to read its first ``limit`` bytes; ``take(key)`` hands one over."""
 
-    def __init__(self, opener: Callable[[A], Opened | None], advice: Callable[[FdBlob], int],
-                 *, ahead: int = DEFAULT_AHEAD) -> None:
+    def __init__(self, opener: Callable[[A], Opened | None], *,
+                 ahead: int = DEFAULT_AHEAD) -> None:
         self._opener = opener
-        self._advice = advice
         self._max_ahead = ahead
         self._ahead: OrderedDict[K, Opened] = OrderedDict()
         self._lock = threading.Lock()  # reads may run in threads (``--blocking-reads``)
         self.opened = 0  # objects opened ahead (tests, debugging)
         self.taken = 0  # of which a read took (the guess was right)
         self.most_open = 0  # the most objects open ahead at once
+        self.advised = 0  # bytes of objects the kernel was asked to read ahead
 
     @property
     def open_ahead(self) -> int:
         return len(self._ahead)
 
-    def want(self, jobs: Sequence[tuple[K, A]]) -> None:
-        """Open these objects (in this order), unless open ahead already."""
+    def want(self, jobs: Sequence[tuple[K, A]], limit: int) -> None:
+        """Open these objects (in this order), unless open ahead already, and have the kernel
+        read the first ``limit`` bytes of each."""
         for key, what in jobs:
             if key in self._ahead:
                 continue
-            opened = self._open(key, what)
+            opened = self._open(key, what, limit)
             if opened is None:
                 continue
             dropped = []
@@ -95,16 +96,17 @@ class Prefetcher(Generic[K, A]):
         for opened in left:
             _close(opened)
 
-    def _open(self, key: K, what: A) -> Opened | None:
+    def _open(self, key: K, what: A, limit: int) -> Opened | None:
         try:
             opened = self._opener(what)
             if opened is None:
                 return None
             blob, tree = opened
             try:
-                length = self._advice(blob)
+                length = min(blob.size, limit)
                 if length > 0:
                     os.posix_fadvise(blob.fd, 0, length, os.POSIX_FADV_WILLNEED)
+                    self.advised += length
                 if tree is not None:
                     os.posix_fadvise(tree.fd, 0, tree.size, os.POSIX_FADV_WILLNEED)
             except BaseException:

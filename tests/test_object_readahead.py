@@ -23,7 +23,7 @@ from erofs_fuse.erofs.errors import ErofsError, MetacopyError
 from erofs_fuse.erofs.image import Image
 from erofs_fuse.fuse.overlay import MergedTree, Node
 from erofs_fuse.fuse.readahead import ObjectReadAhead
-from erofs_fuse.objects import ObjectStore, object_name
+from erofs_fuse.objects import WHOLE_OBJECT_BYTES, ObjectStore, object_name
 from erofs_fuse.verity.trust import IntegrityError
 from helpers import kernel_erofs
 from mounting import env, fuse_mount, require_overlay
@@ -128,6 +128,25 @@ def test_listing_or_reading_out_of_order_opens_nothing_ahead(tree: Tree) -> None
         for path, node in reversed(files):  # read backwards: never two in listing order
             assert read_whole(merged_tree, node) == tree.data[path]
         assert store.prefetcher is None
+
+
+def test_more_is_read_ahead_only_when_files_are_read_whole(tree: Tree) -> None:
+    """Reading each file's first bytes (``file *``) has the kernel read ahead at most what
+    those first reads take; reading files whole, whole objects (the big ones too)."""
+    store = ObjectStore([tree.store])
+    with merged(tree.layer, store, window=4) as merged_tree:
+        for path, node in in_order(merged_tree):  # every file has more than 64 bytes
+            assert merged_tree.read(node, 0, 64) == tree.data[path][:64]
+        assert store.prefetcher is not None
+        opened, first_bytes = store.prefetcher.opened, store.prefetcher.advised
+        assert opened > 0 and first_bytes <= opened * WHOLE_OBJECT_BYTES
+    store = ObjectStore([tree.store])
+    with merged(tree.layer, store, window=4) as merged_tree:
+        for path, node in in_order(merged_tree):
+            assert read_whole(merged_tree, node) == tree.data[path]
+        assert store.prefetcher is not None and store.prefetcher.opened == opened
+        big = len(tree.data["b/big0"]) + len(tree.data["b/big1"])
+        assert store.prefetcher.advised >= first_bytes + big - 2 * WHOLE_OBJECT_BYTES
 
 
 @pytest.fixture

@@ -365,8 +365,12 @@ class MergedTree:
     def read(self, node: Node, offset: int, size: int) -> bytes:
         inode = node.inode
         if self.objects is not None and inode.is_metacopy:
-            if offset == 0 and self.readahead is not None:
-                self.readahead.started(node)
+            readahead = self.readahead
+            if readahead is not None:
+                if offset == 0:
+                    readahead.started(node)
+                if offset + size >= inode.size:
+                    readahead.finished(node)
             return self.objects.read(inode, offset, size)
         return inode.read(offset, size)  # a metadata-only file: MetacopyError
 

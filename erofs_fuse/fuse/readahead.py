@@ -6,7 +6,9 @@ object, and cold that waits on the disk with nothing overlapping it. So when rea
 order" (a file read from its start is later in its listing than the file read from its start
 just before it, or is one that was opened ahead), the objects of the next ``window`` files of
 the listing are given to the store's prefetcher (``ObjectStore.prefetch``), and so are the first
-``window`` of each directory listed while that lasts. A read out of order stops it until two
+``window`` of each directory listed while that lasts; when the file before was read up to
+its end (a read-all, not ``file *`` or ``head``), more of each object is read ahead than its
+first read takes (``ObjectStore.prefetch(whole=True)``). A read out of order stops it until two
 reads are in order again: a program reading a few files here and there costs nothing but
 remembering where files sit in their listing (at most ``places`` of them, forgotten all at once
 past that, and only for listings of this mount with regular files).
@@ -49,7 +51,10 @@ class ObjectReadAhead:
         self._recent: deque[Ino] = deque(maxlen=4 * window)
         self._recent_set: set[Ino] = set()
         self._last: tuple[Ino, int] | None = None  # the place of the last file read from 0
+        self._last_ino: Ino | None = None  # that file
+        self._finished: Ino | None = None  # the last file read up to its end
         self.streaming = False
+        self.whole = False  # and the files before were read to their end: a read-all
 
     def listed(self, dir_ino: Ino, entries: Sequence[tuple[bytes, Node]]) -> None:
         """A directory's merged listing was made: remember where its regular files sit."""
@@ -78,11 +83,17 @@ class ObjectReadAhead:
         if place is None:
             return
         last, self._last = self._last, place
+        self.whole = self._last_ino is not None and self._finished == self._last_ino
+        self._last_ino = node.ino
         in_order = node.ino in self._recent_set or (
             last is not None and last[0] == place[0] and last[1] < place[1])
         self.streaming = in_order
         if in_order:
             self._ask(place[0], place[1] + 1)
+
+    def finished(self, node: Node) -> None:
+        """A metadata-only file was read up to its end."""
+        self._finished = node.ino
 
     def _ask(self, dir_ino: Ino, start: int) -> None:
         """Ask for the files of ``dir_ino`` from index ``start`` up to ``window`` of them,
@@ -105,7 +116,7 @@ class ObjectReadAhead:
                 self._recent.append(node.ino)
                 self._recent_set.add(node.ino)
         if picked:
-            self.store.prefetch([node.inode for node in picked])
+            self.store.prefetch([node.inode for node in picked], whole=self.whole)
 
 
 def _is_metacopy(node: Node) -> bool:
