@@ -73,6 +73,12 @@ WHOLE_OBJECT_BYTES = 128 << 10
 # the Debian base cold, in-process: 1.0-1.2 s with 128 KiB, 0.92-1.05 s with 4 MiB (19 of its
 # objects are over 1 MiB, 84 MB of its 198).
 PREFETCH_WHOLE_BYTES = 8 << 20
+# An object with a digest but no usable stored tree (mkcomposefs's stores) is hashed whole at
+# its first open; up to this size that pass is one read whose verified bytes are kept (at most
+# DEFAULT_KEPT_BYTES of them, least recently used dropped first) and serve the reads that follow,
+# instead of every block being read and hashed a second time through its tree.
+PASS_KEPT_BYTES = 8 << 20
+DEFAULT_KEPT_BYTES = 16 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _FD_COST = 4096  # what an open object without a tree weighs in the cache of open objects
@@ -146,7 +152,8 @@ class ObjectStore:
     def __init__(self, dirs: Sequence[str], *, require_verity: bool = False,
                  cache_bytes: int = DEFAULT_OBJECT_CACHE_BYTES,
                  open_objects: int = DEFAULT_OPEN_OBJECTS,
-                 prefetch_ahead: int = DEFAULT_AHEAD) -> None:
+                 prefetch_ahead: int = DEFAULT_AHEAD,
+                 kept_bytes: int = DEFAULT_KEPT_BYTES) -> None:
         self.dirs = list(dirs)
         self.require_verity = require_verity
         self._fds: list[int] = []
@@ -157,6 +164,10 @@ class ObjectStore:
         self.prefetcher: Prefetcher[tuple[bytes, bytes | None], tuple[Metacopy, int]] | None \
             = None
         self._prefetch_ahead = prefetch_ahead  # at most this many open ahead, not yet read
+        # verified bytes of objects hashed whole for want of a stored tree (PASS_KEPT_BYTES)
+        self._kept: OrderedDict[tuple[bytes, bytes | None], bytes] = OrderedDict()
+        self.kept_bytes = 0
+        self._max_kept = kept_bytes
         # (redirect, digest) -> open object, least recently used first, at most
         # ``open_objects`` of them weighing at most ``cache_bytes`` (an object weighs its tree's
         # bytes plus one block: ``_FD_COST``). An OrderedDict, not a cachetools LRUCache: a hit is
@@ -191,6 +202,8 @@ class ObjectStore:
             os.close(fd)
         self._open.clear()
         self.open_bytes = 0
+        self._kept.clear()
+        self.kept_bytes = 0
 
     def __enter__(self) -> ObjectStore:
         return self
@@ -209,7 +222,7 @@ class ObjectStore:
                 return b""
             blob, whole = self._object(inode)
             length = min(size, inode.size - offset)
-            if whole is not None:  # just opened, read whole and verified: no second read
+            if whole is not None:  # read whole and verified (just now, or kept): no second read
                 return whole[offset:offset + length]
             return blob.read(offset, length)
         except Exception as exc:
@@ -224,7 +237,7 @@ class ObjectStore:
 
     def _object(self, inode: Inode) -> tuple[Blob, bytes | None]:
         """The open object, and its verified bytes when it was just opened by reading it
-        whole (``WHOLE_OBJECT_BYTES``)."""
+        whole (``WHOLE_OBJECT_BYTES``) or they are kept (``PASS_KEPT_BYTES``)."""
         meta = inode.metacopy()
         if meta is None:
             raise MetacopyError("not a metadata-only file")
@@ -234,10 +247,25 @@ class ObjectStore:
             if blob is not None:
                 self._open.move_to_end(key)
         if blob is not None and blob.size == inode.size:
-            return blob, None
+            return blob, self._kept.get(key) if self._kept else None
         blob, whole = self._open_object(key, meta, inode.size)
         self._keep(key, blob)
+        if whole is not None and len(whole) > WHOLE_OBJECT_BYTES:
+            self._keep_bytes(key, whole)
         return blob, whole
+
+    def _keep_bytes(self, key: tuple[bytes, bytes | None], whole: bytes) -> None:
+        """Keep the verified bytes of an object hashed whole (``PASS_KEPT_BYTES``)."""
+        if len(whole) > self._max_kept:
+            return
+        with self._lock:
+            old = self._kept.pop(key, None)
+            if old is not None:
+                self.kept_bytes -= len(old)
+            while self._kept and self.kept_bytes + len(whole) > self._max_kept:
+                self.kept_bytes -= len(self._kept.popitem(last=False)[1])
+            self._kept[key] = whole
+            self.kept_bytes += len(whole)
 
     def _keep(self, key: tuple[bytes, bytes | None], blob: Blob) -> None:
         """Remember an object just opened, dropping the least recently used ones over the
@@ -286,7 +314,8 @@ class ObjectStore:
             raise failed[1]  # unchanged since it failed: not hashed again
         try:
             assert meta.alg is not None
-            return verified_object(blob, meta.alg, meta.digest, tree_file, WHOLE_OBJECT_BYTES)
+            return verified_object(blob, meta.alg, meta.digest, tree_file, WHOLE_OBJECT_BYTES,
+                                   min(PASS_KEPT_BYTES, self._max_kept))
         except ErofsError as exc:
             with self._lock:
                 self._failed[key] = (identity, exc)

@@ -23,7 +23,7 @@ from erofs_fuse.erofs.errors import ErofsError, MetacopyError
 from erofs_fuse.erofs.image import Image
 from erofs_fuse.fuse.overlay import MergedTree, Node
 from erofs_fuse.fuse.readahead import ObjectReadAhead
-from erofs_fuse.objects import WHOLE_OBJECT_BYTES, ObjectStore, object_name
+from erofs_fuse.objects import PASS_KEPT_BYTES, WHOLE_OBJECT_BYTES, ObjectStore, object_name
 from erofs_fuse.verity.trust import IntegrityError
 from helpers import kernel_erofs
 from mounting import env, fuse_mount, require_overlay
@@ -240,3 +240,49 @@ def read_errno_or_bytes(path: str) -> bytes | int:
             return f.read()
     except OSError as exc:
         return exc.errno or -1
+
+
+# stores without trees (mkcomposefs's) ----------------------------------------------------------
+@pytest.fixture
+def treeless(tree: Tree, tmp_path: Path) -> Tree:
+    """A copy of the store without the trees kept beside big objects."""
+    store = tmp_path / "objects"
+    shutil.copytree(tree.store, store, ignore=shutil.ignore_patterns("*.verity"))
+    return Tree(tree.layer, str(store), tree.data)
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through read(2)/pread(2) so far (``rchar``)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_object_without_tree_is_read_and_hashed_once(treeless: Tree) -> None:
+    """Hashed whole at its first open for want of a tree, a big object is read once, in one
+    read, and its verified bytes serve the reads after the first: not read (and hashed) a
+    second time block by block."""
+    data = treeless.data["b/big0"]
+    assert WHOLE_OBJECT_BYTES < len(data) <= PASS_KEPT_BYTES
+    with Image.open(treeless.layer) as image, ObjectStore([treeless.store]) as objects:
+        inode = image.lookup("b/big0")
+        inode.metacopy()
+        before = bytes_read()
+        got = b"".join(objects.read(inode, offset, CHUNK) for offset in range(0, len(data), CHUNK))
+        assert got == data
+        assert bytes_read() - before < len(data) + 64 * 1024  # was twice the object
+        assert objects.kept_bytes == len(data)
+
+
+def test_kept_bytes_are_bounded_and_a_changed_object_is_refused(treeless: Tree) -> None:
+    big0, big1 = treeless.data["b/big0"], treeless.data["b/big1"]
+    with Image.open(treeless.layer) as image, \
+            ObjectStore([treeless.store], kept_bytes=len(big0) + 1000) as objects:
+        for name, data in (("b/big0", big0), ("b/big1", big1)):
+            assert objects.read(image.lookup(name), 0, len(data)) == data
+            assert objects.kept_bytes <= len(big0) + 1000
+    flip(object_of(treeless, "b/big1"), 3 * 4096 + 5)
+    with Image.open(treeless.layer) as image, ObjectStore([treeless.store]) as objects:
+        for offset in (0, 4096 * 40):  # no block of it is served, the changed one or another
+            with pytest.raises(IntegrityError):
+                objects.read(image.lookup("b/big1"), offset, 4096)
+        assert objects.kept_bytes == 0
