@@ -23,11 +23,19 @@ object itself is not read before its first read. A tree that is missing (mkcompo
 none), malformed or does not give the digest is not used: the object is then hashed whole on
 first open (about 1.2 s per GB) and its root checked against the digest; an object changed
 before that open fails it and no block of it is served, since no trusted tree exists to tell
-good blocks from bad ones. Trees live in memory, in an LRU bounded by bytes (a tree is about
+good blocks from bad ones; up to ``PASS_KEPT_BYTES`` that pass is one read, and the verified
+bytes are kept (bounded) to serve the reads that follow, so the object is read and hashed once.
+Trees live in memory, in an LRU bounded by bytes (a tree is about
 1/128 of its object: 64 MiB of trees cover about 8 GiB of open objects); an evicted object
 gets its tree again on its next open. An object of at most ``WHOLE_OBJECT_BYTES`` has no
 stored tree: it is read whole at open (one pread), hashed, checked, and the read that opened it
 is served from those bytes. The checks themselves are in ``verity/objects.py``.
+
+Opening is cheap: a data dir's directories stay open (``MAX_DIR_FDS``), so an object is one
+``openat`` away. When a tree is read in listing order (``fuse/readahead.py`` decides),
+``prefetch`` opens the objects of the next files before their reads and has the kernel start
+reading them (``object_prefetch.py``); each read takes its object from there and checks it as
+if it had opened it.
 """
 
 from __future__ import annotations
