@@ -14,7 +14,8 @@ remembering where files sit in their listing (at most ``places`` of them, forgot
 past that, and only for listings of this mount with regular files).
 
 Only a guess about what comes next: a wrong guess costs the opens and page-cache reads of at
-most ``window`` objects; a file's bytes never come from here.
+most ``window`` objects (their first 128 KiB, or up to 8 MiB each while files were being read
+whole); a file's bytes never come from here.
 """
 
 from __future__ import annotations
