@@ -77,6 +77,7 @@ from ..erofs.image import Image, Inode
 from ..erofs.overlay_xattrs import ESCAPED_XATTR_PREFIX, SHOWN_ESCAPED_PREFIX
 from ..erofs.overlay_xattrs import is_hidden_xattr as is_hidden_xattr
 from ..erofs.overlay_xattrs import shown_xattr as shown_xattr
+from .readahead import ObjectReadAhead
 
 if TYPE_CHECKING:
     from ..objects import ObjectStore
@@ -227,6 +228,8 @@ class MergedTree:
             raise ValueError(f"{len(images)} layers; at most {MAX_LAYERS} are supported")
         self.images = list(images)
         self.objects = objects  # where metadata-only files get their bytes
+        # which objects to open ahead of their reads (a read-all, cold, waits on each)
+        self.readahead = ObjectReadAhead(objects) if objects is not None else None
         self._lock = threading.Lock()
         self._dirs: LRUCache[Ino, MergedDir] = LRUCache(
             maxsize=dir_cache_entries, getsizeof=lambda m: len(m.entries) + 1
@@ -357,6 +360,8 @@ class MergedTree:
         if not node.is_dir:
             raise NotADirectoryError(f"inode {node.ino} is not a directory")
         merged = self._merge(node)
+        if self.readahead is not None:
+            self.readahead.listed(node.ino, merged.entries)
         if len(merged.entries) < self._dirs.maxsize:  # a bigger one would not fit at all
             with self._lock:
                 self._dirs[node.ino] = merged
@@ -366,6 +371,12 @@ class MergedTree:
     def read(self, node: Node, offset: int, size: int) -> bytes:
         inode = node.inode
         if self.objects is not None and inode.is_metacopy:
+            readahead = self.readahead
+            if readahead is not None:
+                if offset == 0:
+                    readahead.started(node)
+                if offset + size >= inode.size:
+                    readahead.finished(node)
             return self.objects.read(inode, offset, size)
         return inode.read(offset, size)  # a metadata-only file: MetacopyError
 

@@ -22,11 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def verified_object(blob: Blob, alg: str, digest: bytes, tree_file: Blob | None,
-                    whole_limit: int) -> tuple[Blob, bytes | None]:
+                    whole_limit: int, pass_limit: int = 0) -> tuple[Blob, bytes | None]:
     """``blob`` (an object of fs-verity digest ``alg:digest``) behind a ``VerifiedBlob`` whose
     tree, stored beside it (``tree_file``, which this closes) or built now, gives the digest
     (``IntegrityError`` when the object does not give it); and the object's bytes when, with
-    no stored tree and at most ``whole_limit`` bytes, it was read whole for that."""
+    no stored tree and at most ``whole_limit`` bytes, it was read whole for that; or, with no
+    usable stored tree, at most ``pass_limit`` bytes: the pass over it is then one read whose
+    bytes, hashed once, can serve its reads too."""
     params = _params(alg)
     tree = None
     whole: bytes | None = None
@@ -38,6 +40,8 @@ def verified_object(blob: Blob, alg: str, digest: bytes, tree_file: Blob | None,
     elif blob.size <= whole_limit:
         whole = blob.read(0, blob.size)  # one pread; served only once it gives the digest
     if tree is None:
+        if whole is None and blob.size <= pass_limit:
+            whole = blob.read(0, blob.size)  # one pread; served only once it gives the digest
         if whole is not None:  # most objects: hashed straight from the bytes just read
             leaves = hash_blocks(_hasher(params), whole, params.data_block_size,
                                  params.slot_size)
