@@ -31,7 +31,7 @@ from erofs_fuse.fuse.overlay import MergedTree, Node
 from erofs_fuse.verity.build import build_tree
 from erofs_fuse.verity.formats import HashParams
 from erofs_fuse.verity.sealing import seal
-from helpers import kernel_erofs, mkfs_erofs, require_tool
+from helpers import flip, kernel_erofs, mkfs_erofs, require_tool
 from mounting import env, fuse_mount, require_overlay
 
 BS = 4096
@@ -326,14 +326,6 @@ def test_require_object_verity(stack: Stack) -> None:
             tree.read(node_at(tree, "nodigest"), 0, 10)
 
 
-def flip_bit(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x10]))
-
-
 def object_path(store: str, digest: str) -> str:
     return os.path.join(store, name_of(digest))
 
@@ -344,8 +336,8 @@ def test_tampered_object_fails_only_its_blocks(stack: Stack, own_store: str) -> 
         node = node_at(tree, "usr/shared-top")
         assert tree.read(node, 0, len(data)) == data  # first open: tree built and checked
         obj = object_path(own_store, stack.digests["shared"])
-        flip_bit(obj, 2 * BS + 77)          # the middle
-        flip_bit(obj, 5 * BS + 999)         # the last (partial) block
+        flip(obj, 2 * BS + 77, 0x10)          # the middle
+        flip(obj, 5 * BS + 999, 0x10)         # the last (partial) block
         for block in range(6):
             if block in (2, 5):
                 with pytest.raises(ErofsError, match=f"data block {block}"):
@@ -360,7 +352,7 @@ def test_tampered_object_fails_only_its_blocks(stack: Stack, own_store: str) -> 
 
 
 def test_object_tampered_before_first_open_is_refused(stack: Stack, own_store: str) -> None:
-    flip_bit(object_path(own_store, stack.digests["big"]), 64 * BS + 5)
+    flip(object_path(own_store, stack.digests["big"]), 64 * BS + 5, 0x10)
     with merged(stack, own_store) as tree:
         node = node_at(tree, "usr/big")
         with pytest.raises(ErofsError, match="digest mismatch") as info:
@@ -371,7 +363,7 @@ def test_object_tampered_before_first_open_is_refused(stack: Stack, own_store: s
         with pytest.raises(ErofsError, match="digest mismatch"):
             tree.read(node, BS, BS)  # refused again (without hashing it again)
     # put right, it is served again
-    flip_bit(object_path(own_store, stack.digests["big"]), 64 * BS + 5)
+    flip(object_path(own_store, stack.digests["big"]), 64 * BS + 5, 0x10)
     with merged(stack, own_store) as tree:
         assert tree.read(node_at(tree, "usr/big"), 0, 1 << 30) == content("big")
 
@@ -496,8 +488,8 @@ def test_mount_tampered_object_per_block(stack: Stack, own_store: str) -> None:
         with open(path, "rb") as f:
             assert f.read() == data
         obj = object_path(own_store, stack.digests["shared"])
-        flip_bit(obj, 2 * BS + 77)
-        flip_bit(obj, 5 * BS + 999)
+        flip(obj, 2 * BS + 77, 0x10)
+        flip(obj, 5 * BS + 999, 0x10)
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # forget the good pages
@@ -738,9 +730,9 @@ def test_bad_stored_tree_is_not_used(written: Written, written_store: str, damag
     tree = written.tree(written_store, "huge")
     tree_size = os.path.getsize(tree)
     if damage == "leaf":
-        flip_bit(tree, tree_size - 3 * BS + 100)  # a leaf block: the root check alone misses it
+        flip(tree, tree_size - 3 * BS + 100, 0x10)  # a leaf block: the root check alone misses it
     elif damage == "top":
-        flip_bit(tree, 10)
+        flip(tree, 10, 0x10)
     elif damage == "truncated":
         os.truncate(tree, tree_size - BS)
     elif damage == "other":
@@ -761,7 +753,7 @@ def test_object_tampered_with_a_stored_tree_fails_only_that_block(
     """Tampered before its first open: with a trusted tree, only the changed block is
     refused (without one the whole object is: test_object_tampered_before_first_open)."""
     payload = written.data["huge"]
-    flip_bit(written.obj(written_store, "huge"), HUGE_BLOCK * BS + 17)
+    flip(written.obj(written_store, "huge"), HUGE_BLOCK * BS + 17, 0x10)
     with Image.open(written.layer) as image, ObjectStore([written_store]) as objects:
         inode = image.lookup("huge")
         for block in (0, HUGE_BLOCK - 1, HUGE_BLOCK + 1):
@@ -775,8 +767,8 @@ def test_object_tampered_with_a_stored_tree_fails_only_that_block(
 def test_mount_reads_through_stored_trees(written: Written, written_store: str) -> None:
     """A store written by convert --objects, mounted: every file reads whole; a tampered
     block of a big object is EIO alone; a big object with a bad tree still reads."""
-    flip_bit(written.obj(written_store, "huge"), HUGE_BLOCK * BS + 17)
-    flip_bit(written.tree(written_store, "medium"), 100)
+    flip(written.obj(written_store, "huge"), HUGE_BLOCK * BS + 17, 0x10)
+    flip(written.tree(written_store, "medium"), 100, 0x10)
     with fuse_mount([written.layer], "--data-dir", written_store,
                     "--require-object-verity") as fm:
         for name in ("medium", "little"):

@@ -25,7 +25,7 @@ from erofs_fuse.fuse.overlay import MergedTree, Node
 from erofs_fuse.fuse.readahead import ObjectReadAhead
 from erofs_fuse.objects import PASS_KEPT_BYTES, WHOLE_OBJECT_BYTES, ObjectStore, object_name
 from erofs_fuse.verity.trust import IntegrityError
-from helpers import kernel_erofs
+from helpers import flip, kernel_erofs
 from mounting import env, fuse_mount, require_overlay
 
 CHUNK = 128 << 10  # what the kernel asks for at a time
@@ -156,18 +156,10 @@ def damaged(tree: Tree, tmp_path: Path) -> Tree:
     store = tmp_path / "objects"
     shutil.copytree(tree.store, store)
     copy = Tree(tree.layer, str(store), tree.data)
-    flip(object_of(copy, "a/f05"), 100)
+    flip(object_of(copy, "a/f05"), 100, 0x20)
     os.unlink(object_of(copy, "a/f07"))
-    flip(object_of(copy, "b/big0"), 4096 + 17)
+    flip(object_of(copy, "b/big0"), 4096 + 17, 0x20)
     return copy
-
-
-def flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x20]))
 
 
 def test_changed_or_missing_objects_fail_their_reads_when_opened_ahead(damaged: Tree) -> None:
@@ -280,7 +272,7 @@ def test_kept_bytes_are_bounded_and_a_changed_object_is_refused(treeless: Tree) 
         for name, data in (("b/big0", big0), ("b/big1", big1)):
             assert objects.read(image.lookup(name), 0, len(data)) == data
             assert objects.kept_bytes <= len(big0) + 1000
-    flip(object_of(treeless, "b/big1"), 3 * 4096 + 5)
+    flip(object_of(treeless, "b/big1"), 3 * 4096 + 5, 0x20)
     with Image.open(treeless.layer) as image, ObjectStore([treeless.store]) as objects:
         for offset in (0, 4096 * 40):  # no block of it is served, the changed one or another
             with pytest.raises(IntegrityError):

@@ -7,11 +7,14 @@ exits 0, or with the daemon's one line (2 for bad input, 1 otherwise). As with l
 daemons (``fuse_daemonize``), "made" is the mount(2) call: the kernel holds every request to
 the mount until the daemon has answered its INIT, so the first access waits for that instead
 of the command. That lets trio (about 40 ms of imports, a third of the command's start-up) load
-after the mount is made, while the caller goes on. The daemon configures logging (to ``--log FILE`` or ``-o log=FILE``,
-else syslog, else a file under /run or the user's state directory: never nowhere), serves until
-unmounted or signalled (SIGTERM, SIGINT and SIGHUP end the main loop with ``pyfuse3.terminate``)
-and always finishes with ``pyfuse3.close(unmount=True)``. Logging is configured here and
-nowhere else.
+after the mount is made, while the caller goes on. The daemon configures logging (to ``--log
+FILE`` or ``-o log=FILE``, else syslog, else a file under /run or the user's state directory:
+never nowhere), serves until unmounted or signalled (SIGTERM, SIGINT and SIGHUP end the main
+loop with ``pyfuse3.terminate``) and always finishes with ``pyfuse3.close(unmount=True)``.
+Logging is configured here and nowhere else.
+
+One module of about 460 lines: the life cycle is one sequence (open, fork, mount, report,
+serve, unmount) whose steps share the config, the report pipe and the order of their failures.
 """
 
 from __future__ import annotations
