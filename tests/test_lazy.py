@@ -95,6 +95,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     lay.write_index([{**lay.image(blobs), **ref("example.com/lazy:1")}])
     registry = Registry(root / "server")
     proxy = FaultProxy(registry.host)
+    made: Stack | None = None
     try:
         digest = _push(root, lay, registry.host, "lazy")
         local = []
@@ -106,10 +107,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             assert proc.returncode == 0, proc.stderr
             local.append(str(out))
         size = sum(os.path.getsize(p) for p in local)
-        yield Stack(registry, proxy, root, f"{proxy.host}/test/lazy@{digest}", local, size)
+        made = Stack(registry, proxy, root, f"{proxy.host}/test/lazy@{digest}", local, size)
+        yield made
     finally:
         proxy.stop()
         registry.stop()
+        if made is not None:  # a test may have restarted it (test_registry_down_then_restarted)
+            made.registry.stop()
 
 
 @pytest.fixture
