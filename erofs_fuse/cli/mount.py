@@ -16,7 +16,7 @@ from ..console import PROG, CliError, OneLineParser, print_error
 from ..fuse.daemon import SUBTYPE, MountConfig, default_log_file, mount
 from ..fuse.idmap import IdMap, IdMapError, kernel_overflow_ids, parse_id
 from ..fuse.mountinfo import is_stale, mounted_fuse, mountpoint_path
-from ..fuse.operations import DEFAULT_READ_THREADS, DEFAULT_TIMEOUT
+from ..fuse.operations import DEFAULT_READ_THREADS, DEFAULT_SPIN_US, DEFAULT_TIMEOUT
 from ..fuse.overlay import MAX_LAYERS
 from ..oci.layers_file import LayersFileError, expand_layers, with_listed_digests
 from .lazy_mount import (RemoteImage, lazy_indexes, lazy_settings, open_mixed, open_remote,
@@ -36,6 +36,8 @@ OWN_OPTIONS = ("uidmapping", "gidmapping", "squash_to_uid", "squash_to_gid", "sq
 LOG_OPTION = "log"  # -o log=FILE: --log for mount(8) and fstab lines
 DATADIR_OPTION = "datadir"  # -o datadir=DIR: --data-dir for mount(8) and fstab lines
 NOXATTR_OPTION = "noxattr"  # -o noxattr: --no-xattr for mount(8) and fstab lines
+SPIN_OPTION = "spin"  # -o spin=USEC: --spin for mount(8) and fstab lines
+MAX_SPIN_US = 1_000_000  # a second of polling between requests is already past any use
 # -o forms of the integrity options (for mount(8) and fstab lines): -o NAME is --NAME with
 # dashes, the same attribute of the parsed arguments; flags take no value, the others one each
 INTEGRITY_FLAGS = ("require_verity", "require_object_verity", "trust_dmverity_sidecar")
@@ -83,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="how long the kernel may cache entries and attributes "
                    "(default %(default)s)")
+    p.add_argument("--spin", dest="spin_us", type=int, metavar="USEC",
+                   help="how long the daemon polls for the next request before it sleeps, "
+                   "= -o spin=USEC (0: never; default %d): a request that comes sooner is "
+                   "served without waking a sleeping thread, which costs tens of µs on "
+                   "virtual machines; costs CPU while requests come" % DEFAULT_SPIN_US)
     p.add_argument("--no-xattr", dest="noxattr", action="store_true",
                    help="show no extended attributes (= -o noxattr): getxattr fails with "
                    "EOPNOTSUPP and listxattr lists none; for layers known to show none (the "
@@ -232,6 +239,7 @@ def _config(ns: argparse.Namespace, layers: list[str], trust: list[TrustSpec], *
         timeout=ns.timeout,
         idmap=parse_idmap(ns),
         noxattr=parse_noxattr(ns),
+        spin_us=parse_spin(ns),
     )
 
 
@@ -324,13 +332,30 @@ def parse_noxattr(ns: argparse.Namespace) -> bool:
     return noxattr
 
 
+def parse_spin(ns: argparse.Namespace) -> int:
+    """--spin USEC, else the last -o spin=USEC, else DEFAULT_SPIN_US; 0 up to 1 s."""
+    spin: int | None = ns.spin_us
+    for value in ns.options:
+        for opt in value.split(","):
+            name, eq, arg = opt.partition("=")
+            if name == SPIN_OPTION:
+                if not eq or not arg.isdigit():
+                    raise CliError(f"mount: -o {opt}: expected -o spin=USEC (0 or more)")
+                spin = spin if ns.spin_us is not None else int(arg)
+    if spin is None:
+        return DEFAULT_SPIN_US
+    if not 0 <= spin <= MAX_SPIN_US:
+        raise CliError(f"mount: --spin {spin}: expected 0 to {MAX_SPIN_US} microseconds")
+    return spin
+
+
 def parse_options(values: list[str]) -> set[str]:
     """The FUSE mount options: the defaults, changed by the -o lists (our own ones left out)."""
     options = set(DEFAULT_OPTIONS)
     for value in values:
         for opt in filter(None, value.split(",")):
             if opt.partition("=")[0] in (*OWN_OPTIONS, LOG_OPTION, DATADIR_OPTION,
-                                         NOXATTR_OPTION, *INTEGRITY_FLAGS, *INTEGRITY_VALUES):
+                                         NOXATTR_OPTION, SPIN_OPTION, *INTEGRITY_FLAGS, *INTEGRITY_VALUES):
                 continue
             opt = _ALIASES.get(opt, opt)
             refused = _REFUSED_OPTIONS.get(opt.partition("=")[0])

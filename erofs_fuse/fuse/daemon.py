@@ -37,7 +37,7 @@ from ..erofs.errors import ErofsError
 from ..erofs.image import Image
 from .idmap import IDENTITY, IdMap
 from .mountinfo import unescape_mount_path
-from .operations import DEFAULT_READ_THREADS, DEFAULT_TIMEOUT, Operations
+from .operations import DEFAULT_READ_THREADS, DEFAULT_SPIN_US, DEFAULT_TIMEOUT, Operations
 from .overlay import MergedTree
 
 if TYPE_CHECKING:
@@ -75,6 +75,8 @@ class MountConfig:
     blocking_reads: bool = False
     # the tree shows no xattr: getxattr answers ENOSYS once, and the kernel asks no more
     noxattr: bool = False
+    # µs the request loop polls for the next request before it sleeps (DEFAULT_SPIN_US)
+    spin_us: int = DEFAULT_SPIN_US
     # run in the serving process (after the fork) before it serves: background work such as
     # a lazy layer's fill, whose threads would not survive the fork
     on_serve: list[Callable[[], None]] = field(default_factory=list)
@@ -275,7 +277,8 @@ def serve(cfg: MountConfig, images: list[Image], on_mounted: Callable[[], None] 
             raise CliError(f"data dir {exc.filename}: {exc.strerror}") from exc
     tree = MergedTree(images, objects=objects)
     ops = Operations(tree, timeout=cfg.timeout, read_threads=cfg.read_threads,
-                     idmap=cfg.idmap, blocking_reads=cfg.blocking_reads, noxattr=cfg.noxattr)
+                     idmap=cfg.idmap, blocking_reads=cfg.blocking_reads, noxattr=cfg.noxattr,
+                     spin_us=cfg.spin_us)
     _init(ops, cfg)
     # the kernel sets a FUSE mount's read-ahead when it takes the INIT reply (it can only lower
     # it there): raised by the first request served after that reply, which the kernel held
