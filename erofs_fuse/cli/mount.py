@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spin", dest="spin_us", type=int, metavar="USEC",
                    help="how long the daemon polls for the next request before it sleeps, "
                    "= -o spin=USEC (0: never; default %d): a request that comes sooner is "
-                   "served without waking a sleeping thread, which costs tens of µs on "
-                   "virtual machines; costs CPU while requests come" % DEFAULT_SPIN_US)
+                   "served without waking a sleeping thread, which costs tens of microseconds "
+                   "on virtual machines; costs CPU while requests come" % DEFAULT_SPIN_US)
     p.add_argument("--no-xattr", dest="noxattr", action="store_true",
                    help="show no extended attributes (= -o noxattr): getxattr fails with "
                    "EOPNOTSUPP and listxattr lists none; for layers known to show none (the "
