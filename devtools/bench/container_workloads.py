@@ -2,7 +2,8 @@
 """Cold workloads in long-lived containers: erofs-fuse's snapshotter against containerd's
 overlayfs snapshotter, many rounds, for differences too small for ``scripts/bench-snapshotter``.
 
-Usage: python3 -m devtools.bench.container_workloads [--rounds N] [--workloads python,find,read-all]
+Usage: python3 -m devtools.bench.container_workloads [--rounds N]
+           [--workloads python,find,read-all]
 
 One containerd of its own (``tests/ctrstack.py``) imports ``scripts/bench-snapshotter``'s python
 image into each snapshotter once and starts one container on each (``sleep infinity``). Then,

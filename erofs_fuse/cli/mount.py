@@ -355,7 +355,8 @@ def parse_options(values: list[str]) -> set[str]:
     for value in values:
         for opt in filter(None, value.split(",")):
             if opt.partition("=")[0] in (*OWN_OPTIONS, LOG_OPTION, DATADIR_OPTION,
-                                         NOXATTR_OPTION, SPIN_OPTION, *INTEGRITY_FLAGS, *INTEGRITY_VALUES):
+                                         NOXATTR_OPTION, SPIN_OPTION, *INTEGRITY_FLAGS,
+                                         *INTEGRITY_VALUES):
                 continue
             opt = _ALIASES.get(opt, opt)
             refused = _REFUSED_OPTIONS.get(opt.partition("=")[0])
