@@ -69,8 +69,8 @@ DEFAULT_READ_THREADS = 0
 # costs tens of µs on a virtual machine whose idle CPUs halt: on this project's 2-CPU VM a
 # pipe round trip between two processes took 52-56 µs, 8-9 µs with the guest polling before it
 # halts. In a container's overlay over a chain mount, read-all took 1.31 s instead of 1.85 s
-# and find 0.206 s instead of 0.214 s with 200 µs, for 16% more daemon CPU on read-all
-# (1.19 s against 1.03 s); 1000 µs gained no more.
+# with 200 µs, for 16% more daemon CPU (1.19 s against 1.03 s); 500 and 1000 µs gained no
+# more in wall time and cost more CPU.
 DEFAULT_SPIN_US = 200
 # Reads in flight at once when layers are remote (``blocking_reads``): each may wait for a fetch.
 BLOCKING_READ_THREADS = 8
