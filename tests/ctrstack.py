@@ -9,6 +9,7 @@ everything under the temporary directory, whatever happened. Used by
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -155,6 +156,18 @@ class Stack:
     def stop_snapshotter(self, sig: int = signal.SIGTERM) -> None:
         stop(self.snapshotter, sig=sig)
         self.snapshotter = None
+
+
+def chain_daemon(mountpoint: str) -> int:
+    """The pid of the mount daemon of ``mountpoint``: the process holding its --log file."""
+    log = mountpoint + ".log"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == log:
+                        return int(pid)
+    raise AssertionError(f"no process holds {log}")
 
 
 def mounts_under(prefix: str) -> list[str]:

@@ -98,6 +98,18 @@ class FuseMount:
             return ""
 
 
+def states_after_lookups(pid: int, directory: str, samples: int) -> str:
+    """The state letter (R, S, ...) of daemon ``pid``'s serving thread just after each of
+    ``samples`` lookups of new names in ``directory`` (each one LOOKUP round trip)."""
+    stat = f"/proc/{pid}/task/{pid}/stat"  # the main thread runs trio and pyfuse3's loop
+    states = []
+    for i in range(samples):
+        assert not os.path.exists(f"{directory}/missing-{i}")
+        with open(stat, encoding="ascii") as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
+    return "".join(states)
+
+
 @contextlib.contextmanager
 def fuse_mount(layers: Sequence[str], *args: str) -> Iterator[FuseMount]:
     """``erofs-fuse mount --layers ...`` in the background; always unmounted afterwards."""

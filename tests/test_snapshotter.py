@@ -14,7 +14,6 @@ to a snapshotter of its own.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -28,8 +27,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from ctrstack import (NS, SNAPSHOTTER, Stack, containerd_stack, direct_snapshotter, mounts_under,
-                      unmount_all, wait_for)
+from ctrstack import (NS, SNAPSHOTTER, Stack, chain_daemon, containerd_stack, direct_snapshotter,
+                      mounts_under, unmount_all, wait_for)
 from helpers import ROOT
 from mounting import env
 from ocilayout import (
@@ -540,18 +539,6 @@ def test_stale_socket_taken_and_a_successors_kept(scratch: Path) -> None:
                 s.snapshotter_log()
     finally:
         s.stop_snapshotter()
-
-
-def chain_daemon(mountpoint: str) -> int:
-    """The pid of the mount daemon of ``mountpoint``: the process holding its --log file."""
-    log = mountpoint + ".log"
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == log:
-                        return int(pid)
-    raise AssertionError(f"no process holds {log}")
 
 
 def test_one_snapshotter_per_root(direct_stack: tuple[Any, Stack]) -> None:

@@ -24,10 +24,11 @@ from typing import Any
 import grpc
 import pytest
 
-from ctrstack import direct_snapshotter, mounts_under
+from ctrstack import chain_daemon, direct_snapshotter, mounts_under
 from erofs_fuse.mkfs import ConvertOptions, convert_tar
 from erofs_fuse.containerd.api import snapshots_pb2 as pb
 from erofs_fuse.snapshotter.core import DIFF_ID_LABEL, LAYER_LABEL, VERITY_LABEL
+from mounting import states_after_lookups
 from ocilayout import Entry, directory, file, many_files_tar, tar_bytes, whiteout
 
 REF = "containerd.io/snapshot.ref"
@@ -266,6 +267,21 @@ def test_chain_mount_lingers_after_its_last_user() -> None:
         assert len(stack.chain_mounts()) == 1
         stub.Remove(pb.RemoveSnapshotRequest(key=name))
         assert stack.chain_mounts() == []
+
+
+def test_mount_spin_reaches_the_chain_mounts() -> None:
+    """--mount-spin: each chain mount gets it as its --spin (0 here: the daemon sleeps right
+    after answering, where mount's default spin keeps it running a while)."""
+    with direct_snapshotter("efs-spin-", args=("--mount-spin", "0")) as (stub_obj, stack):
+        stub: Any = stub_obj
+        name = remote_prepare(stub, "ns/1/extract sha256:s", "", "sha256:s",
+                              sealed_layer(stack.tmp, "l", [file("a", "a\n")]))
+        stub.View(pb.ViewSnapshotRequest(key="ns/2/v", parent=name))
+        (mountpoint,) = stack.chain_mounts()
+        assert ", spin 0 us) at " + mountpoint in (stack.tmp / "snapshotter.log").read_text()
+        states = states_after_lookups(chain_daemon(mountpoint), mountpoint, 30)
+        assert states.count("R") <= 10, states
+        stub.Remove(pb.RemoveSnapshotRequest(key="ns/2/v"))
 
 
 def test_a_committed_chain_is_mounted_ahead_and_lingers() -> None:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from helpers import mkfs_erofs
-from mounting import daemon_pids, env, fuse_mount
+from mounting import daemon_pids, env, fuse_mount, states_after_lookups
 
 SAMPLES = 30
 
@@ -28,16 +28,8 @@ def make_layer(tmp: Path) -> str:
 
 
 def serving_thread_states(mountpoint: str) -> str:
-    """The state letter of the daemon's serving thread just after each of SAMPLES requests
-    (a lookup of a new name: each is one LOOKUP round trip)."""
     (pid,) = daemon_pids(mountpoint)
-    stat = f"/proc/{pid}/task/{pid}/stat"  # the main thread runs trio and pyfuse3's loop
-    states = []
-    for i in range(SAMPLES):
-        assert not os.path.exists(f"{mountpoint}/missing-{i}")
-        with open(stat, encoding="ascii") as f:
-            states.append(f.read().rsplit(")", 1)[1].split()[0])
-    return "".join(states)
+    return states_after_lookups(pid, mountpoint, SAMPLES)
 
 
 def test_daemon_polls_before_it_sleeps(tmp_path: Path) -> None:

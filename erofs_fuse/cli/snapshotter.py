@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes the block cache of lazy layers (ROOT/cache) may hold, as "
                    "mount's --cache-size (K, M, G, T suffixes; default %(default)s); whole "
                    "layers no mount uses are evicted, least recently used first")
+    p.add_argument("--mount-spin", type=int, metavar="USEC",
+                   help="how long each chain mount's daemon polls for the next request before "
+                   "it sleeps, as mount's --spin (default: mount's, 200; 0: never)")
     p.add_argument("--debug", action="store_true",
                    help="log every call: method, key, parent, outcome and time")
     return p
@@ -53,13 +56,17 @@ def main(argv: list[str]) -> int:
     try:
         from . import mount  # before the fork server starts: each mount's worker starts warm
         from .lazy_mount import parse_size
+        from .mount import MAX_SPIN_US
 
         if ns.mount_linger < 0:
             raise CliError("snapshotter: --mount-linger must be 0 or more")
+        if ns.mount_spin is not None and not 0 <= ns.mount_spin <= MAX_SPIN_US:
+            raise CliError(f"snapshotter: --mount-spin {ns.mount_spin}: expected 0 to "
+                           f"{MAX_SPIN_US} microseconds")
         cache_size = parse_size(ns.cache_size, "--cache-size", "snapshotter")
         root = state_dir(os.path.abspath(ns.root))
         return serve(root, os.path.abspath(ns.address), mount.main, linger=ns.mount_linger,
-                     cache_size=cache_size)
+                     cache_size=cache_size, spin_us=ns.mount_spin)
     except CliError as exc:
         print_error(str(exc))
         return exc.code

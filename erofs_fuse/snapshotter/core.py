@@ -92,7 +92,7 @@ class Snapshotter:
     """All operations; each holds one lock (sqlite and the mount table are not concurrent)."""
 
     def __init__(self, root: str, forker: Forker, *, linger: float = 0.0,
-                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+                 cache_size: int = DEFAULT_CACHE_SIZE, spin_us: int | None = None) -> None:
         self.root = os.path.abspath(root)
         # seconds a chain mount outlives its last user: the next container of the same image
         # (ctr run after ctr run, or the first one after image pull warmed it) finds it mounted
@@ -105,7 +105,7 @@ class Snapshotter:
         self.busy: set[int] = set()  # ids of snapshots being committed (outside the lock)
         self.store = Store(os.path.join(self.root, "metadata.db"))
         self.chains = ChainMounts(self.root, forker, os.path.join(self.root, "cache"),
-                                  cache_size)
+                                  cache_size, spin_us)
         self.fetcher = Fetcher(self.root)  # CRI's pulls: layers we fetch ourselves
         self.lock = threading.RLock()
         self.layers = SharedLayers(self.root, self.lock)  # layers/: one file per diff_id

@@ -196,12 +196,13 @@ class ChainMounts:
     """Mountpoints ``<root>/mounts/<id>`` of chains, each a merged erofs-fuse mount."""
 
     def __init__(self, root: str, forker: Forker, cache_dir: str,
-                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+                 cache_size: int = DEFAULT_CACHE_SIZE, spin_us: int | None = None) -> None:
         self.dir = os.path.join(root, "mounts")
         os.makedirs(self.dir, exist_ok=True)
         self.forker = forker
         self.cache_dir = cache_dir  # lazy layers' block cache
         self.cache_size = cache_size  # its limit in bytes (snapshotter --cache-size)
+        self.spin_us = spin_us  # each mount's --spin (snapshotter --mount-spin); None: default
 
     def path(self, top_id: int) -> str:
         return os.path.join(self.dir, str(top_id))
@@ -232,11 +233,15 @@ class ChainMounts:
             argv += ["--cache", self.cache_dir, "--cache-size", str(self.cache_size)]
         if noxattr:
             argv.append("--no-xattr")
+        if self.spin_us is not None:
+            argv += ["--spin", str(self.spin_us)]
         argv.append(path)
         start = time.monotonic()
         self.forker.mount(argv, f"erofs-fuse mount {top_id} {path}")
-        log.info("mounted chain %d (%d layers%s) at %s in %.0f ms", top_id, len(layers),
-                 ", noxattr" if noxattr else "", path, (time.monotonic() - start) * 1000)
+        log.info("mounted chain %d (%d layers%s%s) at %s in %.0f ms", top_id, len(layers),
+                 ", noxattr" if noxattr else "",
+                 "" if self.spin_us is None else f", spin {self.spin_us} us", path,
+                 (time.monotonic() - start) * 1000)
         return path
 
     def release(self, top_id: int) -> None:

@@ -34,10 +34,11 @@ GRACE = 10.0  # seconds in-flight calls get at SIGTERM
 
 
 def serve(root: str, address: str, mount_main: MountMain, *, linger: float = 0.0,
-          cache_size: int = DEFAULT_CACHE_SIZE) -> int:
+          cache_size: int = DEFAULT_CACHE_SIZE, spin_us: int | None = None) -> int:
     """Serve until SIGTERM or SIGINT; ``mount_main`` is ``erofs-fuse mount``'s entry point,
     which the forker runs for each chain mount; ``cache_size``: the bytes the lazy layers'
-    block cache may hold (each chain mount with a lazy layer gets it as --cache-size)."""
+    block cache may hold (each chain mount with a lazy layer gets it as --cache-size);
+    ``spin_us``: each chain mount's --spin (None: mount's default)."""
     from .mounts import Forker
 
     os.makedirs(root, mode=0o700, exist_ok=True)
@@ -59,7 +60,8 @@ def serve(root: str, address: str, mount_main: MountMain, *, linger: float = 0.0
         from .core import Snapshotter
         from .service import Service
 
-        snapshotter = Snapshotter(root, forker, linger=linger, cache_size=cache_size)
+        snapshotter = Snapshotter(root, forker, linger=linger, cache_size=cache_size,
+                                  spin_us=spin_us)
         stack.callback(snapshotter.close)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
                              options=[("grpc.max_receive_message_length", MAX_MESSAGE),
