@@ -99,3 +99,13 @@ def flip(path: str, offset: int, mask: int) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ mask]))
+
+
+def read_or_errno(path: str) -> bytes | int:
+    """The bytes of file ``path``, or the errno its open or read failed with (EIO from a mount
+    that refuses unverified bytes, say)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        return exc.errno or -1

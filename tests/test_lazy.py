@@ -33,6 +33,7 @@ from erofs_fuse.erofs.image import Image
 from erofs_fuse.verity.blob import MerkleTree, VerifiedBlob
 from erofs_fuse.verity.formats import HashParams
 from erofs_fuse.verity.trust import FsVerityDigest
+from helpers import read_or_errno
 from mounting import MOUNT_CMD, daemon_pids, env, force_unmount, is_mounted, \
     kernel_erofs_stack, kernel_overlay, require_fuse, wait_until
 from ocilayout import Layout, directory, file, hardlink, opaque, ref, symlink, whiteout
@@ -154,14 +155,6 @@ def lazy_mount(image: str, cache: str, *args: str) -> Iterator[LazyMount]:
         os.rmdir(mnt)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(log)
-
-
-def read_or_errno(path: str) -> bytes | int:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        return exc.errno or -1
 
 
 def expected(stack: Stack, rel: str) -> bytes:

@@ -25,7 +25,7 @@ from erofs_fuse.fuse.overlay import MergedTree, Node
 from erofs_fuse.fuse.readahead import ObjectReadAhead
 from erofs_fuse.objects import PASS_KEPT_BYTES, WHOLE_OBJECT_BYTES, ObjectStore, object_name
 from erofs_fuse.verity.trust import IntegrityError
-from helpers import flip, kernel_erofs
+from helpers import flip, kernel_erofs, read_or_errno
 from mounting import env, fuse_mount, require_overlay
 
 CHUNK = 128 << 10  # what the kernel asks for at a time
@@ -197,7 +197,7 @@ def test_mount_read_all_matches_kernel_overlay_and_fails_bad_objects(tree: Tree,
                        check=True)
         try:
             for path in walk_order(fm.mountpoint):
-                got = read_errno_or_bytes(os.path.join(fm.mountpoint, path))
+                got = read_or_errno(os.path.join(fm.mountpoint, path))
                 if path in bad:
                     assert got == errno.EIO, path
                 else:
@@ -224,14 +224,6 @@ def walk_order(top: str, prefix: str = "") -> Iterator[str]:
             yield from walk_order(top, path + "/")
         elif entry.is_file(follow_symlinks=False):
             yield path
-
-
-def read_errno_or_bytes(path: str) -> bytes | int:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        return exc.errno or -1
 
 
 # stores without trees (mkcomposefs's) ----------------------------------------------------------

@@ -4,13 +4,17 @@ Order of events: parse the arguments into a ``MountConfig`` (``erofs_fuse.fuse.d
 then opens and validates every layer and checks the mountpoint (any failure so far is one line
 ``erofs-fuse: ...`` and exit 2) and serves the mount, from a forked daemon unless
 ``--foreground``.
+
+One module of about 460 lines: the argument parser, the -o form of each option (for mount(8)
+and fstab lines) and the ``MountConfig`` they build are one translation, read together whenever
+an option is added; the mounting itself lives in ``fuse/daemon``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Container, Iterator
 
 from ..console import PROG, CliError, OneLineParser, print_error
 from ..fuse.daemon import SUBTYPE, MountConfig, default_log_file, mount
@@ -243,20 +247,29 @@ def _config(ns: argparse.Namespace, layers: list[str], trust: list[TrustSpec], *
     )
 
 
+def own_options(ns: argparse.Namespace,
+                names: Container[str]) -> Iterator[tuple[str, str, str | None]]:
+    """(the -o item, its name, its value or None without '=') of each -o item named in
+    ``names``, in the order written: erofs-fuse's own -o options, never handed to FUSE."""
+    for value in ns.options:
+        for opt in filter(None, value.split(",")):
+            name, eq, arg = opt.partition("=")
+            if name in names:
+                yield opt, name, arg if eq else None
+
+
 def apply_integrity_options(ns: argparse.Namespace) -> argparse.Namespace:
     """Fold the -o forms of the integrity options into their long forms (after them, in the
     order written): an fstab line must be able to require verity as the command line can."""
-    for value in ns.options:
-        for opt in value.split(","):
-            name, eq, arg = opt.partition("=")
-            if name in INTEGRITY_FLAGS:
-                if eq:
-                    raise CliError(f"mount: -o {opt}: {name} takes no value")
-                setattr(ns, name, True)
-            elif name in INTEGRITY_VALUES:
-                if not eq or not arg:
-                    raise CliError(f"mount: -o {opt}: expected -o {name}={INTEGRITY_VALUES[name]}")
-                getattr(ns, name).append(arg)
+    for opt, name, arg in own_options(ns, (*INTEGRITY_FLAGS, *INTEGRITY_VALUES)):
+        if name in INTEGRITY_FLAGS:
+            if arg is not None:
+                raise CliError(f"mount: -o {opt}: {name} takes no value")
+            setattr(ns, name, True)
+        else:
+            if not arg:
+                raise CliError(f"mount: -o {opt}: expected -o {name}={INTEGRITY_VALUES[name]}")
+            getattr(ns, name).append(arg)
     return ns
 
 
@@ -292,13 +305,10 @@ def parse_devices(specs: list[str], nlayers: int) -> dict[int, list[str]]:
 def parse_log_file(ns: argparse.Namespace) -> str | None:
     """--log FILE, else the last -o log=FILE; absolute, as the daemon runs in /."""
     path: str | None = ns.log_file
-    for value in ns.options:
-        for opt in value.split(","):
-            name, eq, arg = opt.partition("=")
-            if name == LOG_OPTION:
-                if not eq or not arg:
-                    raise CliError(f"mount: -o {opt}: expected -o log=FILE")
-                path = path if ns.log_file else arg
+    for opt, _, arg in own_options(ns, (LOG_OPTION,)):
+        if not arg:
+            raise CliError(f"mount: -o {opt}: expected -o log=FILE")
+        path = path if ns.log_file else arg
     return os.path.abspath(path) if path else None
 
 
@@ -306,13 +316,10 @@ def parse_data_dirs(ns: argparse.Namespace) -> list[str]:
     """--data-dir DIRs then -o datadir=DIR ones, absolute (the daemon runs in /); each must be
     a directory."""
     dirs: list[str] = list(ns.data_dirs)
-    for value in ns.options:
-        for opt in value.split(","):
-            name, eq, arg = opt.partition("=")
-            if name == DATADIR_OPTION:
-                if not eq or not arg:
-                    raise CliError(f"mount: -o {opt}: expected -o datadir=DIR")
-                dirs.append(arg)
+    for opt, _, arg in own_options(ns, (DATADIR_OPTION,)):
+        if not arg:
+            raise CliError(f"mount: -o {opt}: expected -o datadir=DIR")
+        dirs.append(arg)
     for path in dirs:
         if not os.path.isdir(path):
             raise CliError(f"mount: data dir {path}: not a directory")
@@ -322,26 +329,20 @@ def parse_data_dirs(ns: argparse.Namespace) -> list[str]:
 def parse_noxattr(ns: argparse.Namespace) -> bool:
     """--no-xattr, or -o noxattr (which takes no value)."""
     noxattr: bool = ns.noxattr
-    for value in ns.options:
-        for opt in value.split(","):
-            name, eq, _ = opt.partition("=")
-            if name == NOXATTR_OPTION:
-                if eq:
-                    raise CliError(f"mount: -o {opt}: noxattr takes no value")
-                noxattr = True
+    for opt, _, arg in own_options(ns, (NOXATTR_OPTION,)):
+        if arg is not None:
+            raise CliError(f"mount: -o {opt}: noxattr takes no value")
+        noxattr = True
     return noxattr
 
 
 def parse_spin(ns: argparse.Namespace) -> int:
     """--spin USEC, else the last -o spin=USEC, else DEFAULT_SPIN_US; 0 up to 1 s."""
     spin: int | None = ns.spin_us
-    for value in ns.options:
-        for opt in value.split(","):
-            name, eq, arg = opt.partition("=")
-            if name == SPIN_OPTION:
-                if not eq or not arg.isdigit():
-                    raise CliError(f"mount: -o {opt}: expected -o spin=USEC (0 or more)")
-                spin = spin if ns.spin_us is not None else int(arg)
+    for opt, _, arg in own_options(ns, (SPIN_OPTION,)):
+        if arg is None or not arg.isdigit():
+            raise CliError(f"mount: -o {opt}: expected -o spin=USEC (0 or more)")
+        spin = spin if ns.spin_us is not None else int(arg)
     if spin is None:
         return DEFAULT_SPIN_US
     if not 0 <= spin <= MAX_SPIN_US:
@@ -398,22 +399,19 @@ def parse_idmap(ns: argparse.Namespace) -> IdMap:
     gidmap: list[str] = list(ns.gidmap)
     squash_root: bool = ns.squash_to_root
     squash: dict[str, str | None] = {"uid": ns.squash_to_uid, "gid": ns.squash_to_gid}
-    for value in ns.options:
-        for opt in filter(None, value.split(",")):
-            name, eq, arg = opt.partition("=")
-            if name not in OWN_OPTIONS:
-                continue
-            if (name == "squash_to_root") == bool(eq) or (eq and not arg):
-                form = name if name == "squash_to_root" else f"{name}=VALUE"
-                raise CliError(f"mount: -o {opt}: expected -o {form}")
-            if name == "uidmapping":
-                uidmap.append(arg)
-            elif name == "gidmapping":
-                gidmap.append(arg)
-            elif name == "squash_to_root":
-                squash_root = True
-            else:
-                squash[name.removeprefix("squash_to_")] = arg
+    for opt, name, arg in own_options(ns, OWN_OPTIONS):
+        if name == "squash_to_root":
+            if arg is not None:
+                raise CliError(f"mount: -o {opt}: expected -o {name}")
+            squash_root = True
+        elif not arg:
+            raise CliError(f"mount: -o {opt}: expected -o {name}=VALUE")
+        elif name == "uidmapping":
+            uidmap.append(arg)
+        elif name == "gidmapping":
+            gidmap.append(arg)
+        else:
+            squash[name.removeprefix("squash_to_")] = arg
     try:
         return IdMap.from_options(
             uidmap, gidmap, squash_to_root=squash_root,
