@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import struct
 
-import pytest
+import bisect
 
-from erofs_fuse.erofs.dirent import DirBlock, DirEntry, lookup_in_blocks, parse_dir_block
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from erofs_fuse.erofs.dirent import DirBlock, DirEntry, first_not_below, lookup_in_blocks, \
+    parse_dir_block
 from erofs_fuse.erofs.errors import CorruptImageError
 
 
@@ -107,3 +112,43 @@ def test_lookup_over_lazy_blocks_decodes_few_entries() -> None:
         assert found is not None and found.nid == idx
         assert decoded <= 3 + 7  # first entries of <= 3 blocks, <= log2(50) + 1 inside one
     assert lookup_in_blocks(len(raws), lambda i: Counting(raws[i]), b"n0001") is None
+
+
+def test_lazy_block_decodes_each_entry_once() -> None:
+    """A cached block serves later searches from the entries it decoded before."""
+    raw = block([(b"n%03d" % i, i, 1) for i in range(40)])
+    decoded: list[int] = []
+
+    class Counting(DirBlock):
+        def _decode(self, i: int) -> DirEntry:
+            decoded.append(i)
+            return super()._decode(i)
+
+    lazy = Counting(raw)
+    first = [lazy[i] for i in range(len(lazy))]
+    assert [lazy[i] for i in range(len(lazy))] == first == parse_dir_block(raw)
+    assert sorted(decoded) == list(range(40))
+
+
+def names_of(alphabet: bytes, min_size: int, max_size: int) -> st.SearchStrategy[bytes]:
+    return st.lists(st.sampled_from(alphabet), min_size=min_size, max_size=max_size).map(bytes)
+
+
+NAMES = st.lists(names_of(b".whab", 1, 6), min_size=1, max_size=60, unique=True).map(sorted)
+
+
+@given(NAMES, st.lists(st.integers(1, 9), min_size=1, max_size=60),
+       names_of(b".whabc", 0, 7))
+def test_first_not_below_is_the_first_name_not_sorting_before_the_key(
+        names: list[bytes], sizes: list[int], key: bytes) -> None:
+    entries = [DirEntry(name, i, 1) for i, name in enumerate(names)]
+    blocks: list[list[DirEntry]] = []
+    start = 0
+    for size in sizes * len(entries):  # cut the sorted names into blocks of these sizes
+        if start >= len(entries):
+            break
+        blocks.append(entries[start:start + size])
+        start += size
+    at = bisect.bisect_left(names, key)
+    expected = entries[at] if at < len(entries) else None
+    assert first_not_below(len(blocks), lambda i: blocks[i], key) == expected

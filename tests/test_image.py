@@ -242,3 +242,36 @@ def test_random_trees_read_back_equal(options: tuple[str, ...], tree: dict[str, 
         want = view_of_dir(src, with_mtime=False)
         # mkfs makes the root of the image from src itself
         assert want.diff(got) == []
+
+
+def test_lookups_read_each_directory_block_once(tmp_path: Path) -> None:
+    """Decoded directory blocks are kept: python's imports probe dozens of names in one
+    directory, and each search read its blocks again through the data path (with a verified
+    layer, hashing them again)."""
+    from erofs_fuse.blob import FileBlob
+
+    src = tmp_path / "src"
+    (src / "big").mkdir(parents=True)
+    names = [f"module_{k:04d}.cpython-311.pyc" for k in range(600)]
+    for name in names:
+        (src / "big" / name).write_bytes(b"")
+    image_path = str(tmp_path / "big.erofs")
+    mkfs_erofs(str(src), image_path, "-T0")
+
+    class CountingBlob(FileBlob):
+        reads = 0
+
+        def read(self, offset: int, length: int) -> bytes:
+            CountingBlob.reads += 1
+            return super().read(offset, length)
+
+    with Image(CountingBlob(image_path)) as image:
+        big = image.inode(image.lookup_entry(image.root, b"big").nid)  # type: ignore[union-attr]
+        assert big.size > 4 * image.superblock.block_size  # several blocks to search
+        for name in names:
+            assert big.lookup(name.encode()) is not None
+        CountingBlob.reads = 0
+        for name in names:
+            assert big.lookup(name.encode()) is not None
+            assert big.lookup(name.encode() + b"x") is None
+        assert CountingBlob.reads == 0

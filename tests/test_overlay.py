@@ -270,6 +270,31 @@ def test_oci_whiteout_keeps_the_layers_own_entry(layers: list[Layer]) -> None:
     assert f is not None and tree.read(f, 0, 10) == b"new"
 
 
+def test_lookups_probe_for_whiteouts_only_where_a_layer_holds_some(
+        layers: list[Layer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lookups alone (no listing cached): an upper layer's directory without ``.wh.`` names
+    is not searched for ``.wh.NAME``; whiteouts and opaque markers still act where held."""
+    l0, l1, l2 = layers
+    l0.file("d/dlow").file("e/low").file("e/gone").file("o/low")
+    l1.file("d/dmid").file("e/.wh.gone", b"").file("o/.wh..wh..opq", b"").file("o/mine")
+    l2.file("d/dtop").file("e/top").file("o/top")
+    tree = stack(l0, l1, l2)
+    searched: list[bytes] = []
+    real = Image.lookup_entry
+
+    def counting(image: Image, inode: object, name: bytes) -> object:
+        searched.append(name)
+        return real(image, inode, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image, "lookup_entry", counting)
+    for path in ("d/dlow", "d/dmid", "d/dtop", "e/low", "e/top", "o/mine", "o/top"):
+        assert node_at(tree, path) is not None, path
+    for path in ("e/gone", "o/low"):
+        assert node_at(tree, path) is None, path
+    assert not {b".wh.dlow", b".wh.dmid", b".wh.dtop"} & set(searched)  # d holds no .wh. names
+    assert b".wh.gone" in searched  # e of l1 does
+
+
 def test_root_opaque_is_ignored_like_the_kernel(layers: list[Layer]) -> None:
     l0, l1, _ = layers
     l0.file("low")

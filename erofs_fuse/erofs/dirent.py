@@ -62,19 +62,23 @@ def parse_dir_block(block: bytes, nid: int | None = None, offset: int = 0) -> li
 
 
 class DirBlock:
-    """One directory block whose entries are decoded when asked for (``len``, ``[i]``).
+    """One directory block whose entries are decoded when asked for (``len``, ``[i]``), each
+    once: the image keeps its hot blocks (``Image``'s directory block cache), so python's
+    imports, probing dozens of names in one ``__pycache__``, decode a block's middle entries
+    once rather than on every search.
 
     A name lookup looks at the first entry of about log2(blocks) blocks and at about log2(n)
     entries of one: decoding whole blocks for it cost ~100 us per lookup in a large directory
     (python's imports probe many names), most of it building entries never compared."""
 
-    __slots__ = ("_block", "_count", "_nid", "_offset")
+    __slots__ = ("_block", "_count", "_nid", "_offset", "_entries")
 
     def __init__(self, block: bytes, nid: int | None = None, offset: int = 0) -> None:
         self._block = block
         self._count = _entry_count(block, nid, offset)
         self._nid = nid
         self._offset = offset
+        self._entries: list[DirEntry | None] = [None] * self._count
 
     def __len__(self) -> int:
         return self._count
@@ -82,6 +86,12 @@ class DirBlock:
     def __getitem__(self, i: int) -> DirEntry:
         if not 0 <= i < self._count:
             raise IndexError(i)
+        entry = self._entries[i]
+        if entry is None:
+            entry = self._entries[i] = self._decode(i)
+        return entry
+
+    def _decode(self, i: int) -> DirEntry:
         size = d.DIRENT.size
         child, nameoff, ftype, _ = d.DIRENT.unpack_from(self._block, i * size)
         end = d.DIRENT.unpack_from(self._block, (i + 1) * size)[1] if i + 1 < self._count else None
@@ -126,4 +136,37 @@ def lookup_in_blocks(nblocks: int, read_block: BlockReader, name: bytes) -> DirE
             lo = mid + 1
         else:
             hi = mid - 1
+    return None
+
+
+def first_not_below(nblocks: int, read_block: BlockReader, key: bytes) -> DirEntry | None:
+    """The first entry, in the directory's sorted order, whose name is ``key`` or sorts after
+    it; None if every name sorts before ``key``. With a prefix as ``key``: whether any name has
+    that prefix, in one search (the overlay asks whether a layer's directory holds whiteouts)."""
+    lo, hi = 0, nblocks - 1
+    start = 0  # the last block whose first name sorts before key (or block 0)
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        entries = read_block(mid)
+        first = entries[0]
+        if first.name == key:
+            return first
+        if first.name < key:
+            start = mid
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    # in block ``start``, or the first entry of the block after it (whose first name sorts
+    # after key: the search above found no later block starting below it)
+    for index in range(start, min(start + 2, nblocks)):
+        entries = read_block(index)
+        lo, hi = 0, len(entries)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if entries[mid].name < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < len(entries):
+            return entries[lo]
     return None

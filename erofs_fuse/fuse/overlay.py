@@ -56,7 +56,9 @@ so it is stable across remounts and hardlinks within a layer share it. Kernel ov
 xino) instead reports the real inode number with a per-layer st_dev for non-directories and
 numbers of its own for directories; only the hardlink structure can be compared.
 
-This module is pure and synchronous: no FUSE, no trio.
+This module is pure and synchronous: no FUSE, no trio. It is past the house's ~450 lines on
+purpose: the rules, the lookup that applies them name by name and the listing that applies them
+to a whole directory share the probes, the caches and the lock declared here, and must agree.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ from ..erofs import ondisk as d
 from ..erofs.dirent import DirEntry
 from ..erofs.errors import CorruptImageError
 from ..erofs.image import Image, Inode
+from ..erofs.lru import Lru
 # the xattr rules, declared with the format so that the writer can apply them too
 from ..erofs.overlay_xattrs import ESCAPED_XATTR_PREFIX, SHOWN_ESCAPED_PREFIX
 from ..erofs.overlay_xattrs import is_hidden_xattr as is_hidden_xattr
@@ -102,6 +105,10 @@ _NID_BITS = 64 - LAYER_BITS - 2
 FIRST_INO = 2
 
 DEFAULT_DIR_CACHE_ENTRIES = 1 << 18
+# Layer directories remembered as holding no ``.wh.`` name at all (``MergedTree._marked``): a
+# lookup in a directory merged from several layers otherwise searched each upper layer's
+# directory twice, for the name and for its whiteout ``.wh.NAME``; nearly all hold none.
+MARKED_CACHE_ENTRIES = 1 << 16
 
 
 # the rules, named -----------------------------------------------------------------------------
@@ -136,10 +143,17 @@ def is_opaque(inode: Inode) -> bool:
     """A directory that hides the directories below it (either xattr form, or the OCI marker)."""
     if not inode.is_dir:
         return False
+    return has_opaque_xattr(inode) or inode.lookup(OPAQUE_MARKER) is not None
+
+
+def has_opaque_xattr(inode: Inode) -> bool:
+    """The aufs/overlayfs form of ``is_opaque``: an opaque xattr equal to ``y``."""
+    if not inode.info.xattr_icount:  # no xattr region: most directories, nothing to parse
+        return False
     for name, value in inode.xattrs():
         if name in OPAQUE_XATTRS and value == b"y":
             return True
-    return inode.lookup(OPAQUE_MARKER) is not None
+    return False
 
 
 def make_ino(layer: int, nid: int) -> Ino:
@@ -231,6 +245,7 @@ class MergedTree:
         # which objects to open ahead of their reads (a read-all, cold, waits on each)
         self.readahead = ObjectReadAhead(objects) if objects is not None else None
         self._lock = threading.Lock()
+        self._marked: Lru[tuple[int, int], bool] = Lru(MARKED_CACHE_ENTRIES)
         self._dirs: LRUCache[Ino, MergedDir] = LRUCache(
             maxsize=dir_cache_entries, getsizeof=lambda m: len(m.entries) + 1
         )
@@ -251,7 +266,7 @@ class MergedTree:
         dirs: list[tuple[int, Inode]] = []
         for probe in probes:
             if probe.entry is not None:
-                if dirs and is_opaque(dirs[-1][1]):
+                if dirs and self._opaque(*dirs[-1]):
                     break
                 inode = self._inode(probe.layer, probe.entry.nid)
                 if is_whiteout(inode):
@@ -276,8 +291,27 @@ class MergedTree:
             entry = dinode.lookup(name)
             # the bottom layer's .wh.NAME would hide nothing: not looked for (half the
             # directory searches of a lookup in a directory of one layer)
-            whited_out = check_wh and k < last and dinode.lookup(wh_name) is not None
+            whited_out = (check_wh and k < last and self._marked_dir(layer, dinode)
+                          and dinode.lookup(wh_name) is not None)
             yield _Probe(layer, entry, whited_out)
+
+    def _marked_dir(self, layer: int, dinode: Inode) -> bool:
+        """Whether a layer's directory holds any ``.wh.`` name (OCI whiteouts, the opaque
+        marker); remembered, as most hold none."""
+        key = (layer, dinode.nid)
+        with self._lock:
+            known = self._marked.get(key)
+        if known is None:
+            known = dinode.has_name_prefixed(WHITEOUT_PREFIX)
+            with self._lock:
+                self._marked.put(key, known)
+        return known
+
+    def _opaque(self, layer: int, dinode: Inode) -> bool:
+        """``is_opaque`` for a directory of layer ``layer``, its OCI marker searched for only
+        in a directory that holds ``.wh.`` names."""
+        return has_opaque_xattr(dinode) or (
+            self._marked_dir(layer, dinode) and dinode.lookup(OPAQUE_MARKER) is not None)
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         """The visible entry ``name`` of directory ``parent``, or None."""
