@@ -68,7 +68,7 @@ PREFETCH_GAP_BLOCKS = 4
 # each block), half the daemon CPU of a lookup in a container's python imports, most of them in
 # a few ``__pycache__`` directories. Those imports touch 75 blocks of the bench stack's three
 # layers. Bounded: a block keeps its bytes and the entries asked for, at worst ~45 KiB (4 KiB of
-# one-byte names, every entry decoded), so at most ~11 MiB per image.
+# two-byte names, every entry decoded: measured), so at most ~11 MiB per image.
 DIR_BLOCK_CACHE = 256
 
 
