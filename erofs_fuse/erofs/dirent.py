@@ -110,33 +110,10 @@ BlockReader = Callable[[int], Entries]
 
 
 def lookup_in_blocks(nblocks: int, read_block: BlockReader, name: bytes) -> DirEntry | None:
-    """Binary search over sorted directory blocks, then inside the candidate block."""
-    lo, hi = 0, nblocks - 1
-    candidate: Entries | None = None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        entries = read_block(mid)
-        first = entries[0].name
-        if name == first:
-            return entries[0]
-        if name > first:
-            candidate = entries
-            lo = mid + 1
-        else:
-            hi = mid - 1
-    if candidate is None:
-        return None
-    lo, hi = 1, len(candidate) - 1
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        entry = candidate[mid]
-        if name == entry.name:
-            return entry
-        if name > entry.name:
-            lo = mid + 1
-        else:
-            hi = mid - 1
-    return None
+    """The entry called ``name`` of sorted directory blocks, or None: ``first_not_below``,
+    then one comparison."""
+    entry = first_not_below(nblocks, read_block, name)
+    return entry if entry is not None and entry.name == name else None
 
 
 def first_not_below(nblocks: int, read_block: BlockReader, key: bytes) -> DirEntry | None:
