@@ -47,6 +47,9 @@ MAX_SPIN_US = 1_000_000  # a second of polling between requests is already past 
 INTEGRITY_FLAGS = ("require_verity", "require_object_verity", "trust_dmverity_sidecar")
 INTEGRITY_VALUES = {"verity": "LAYER=sha256:HEX", "verity_roots": "FILE",
                     "dm_verity": "LAYER=ROOT:BLOCKS", "verity_sidecar": "LAYER=PATH"}
+# every -o name erofs-fuse takes itself: parsed by ``own_options``, never handed to FUSE
+NOT_FOR_FUSE = frozenset((*OWN_OPTIONS, LOG_OPTION, DATADIR_OPTION, NOXATTR_OPTION, SPIN_OPTION,
+                          *INTEGRITY_FLAGS, *INTEGRITY_VALUES))
 FUSE_CONF = "/etc/fuse.conf"  # fusermount3's: user_allow_other, mount_max
 _REFUSED_OPTIONS = {
     "rw": "the tree is read-only",
@@ -343,10 +346,13 @@ def parse_spin(ns: argparse.Namespace) -> int:
         if arg is None or not arg.isdigit():
             raise CliError(f"mount: -o {opt}: expected -o spin=USEC (0 or more)")
         spin = spin if ns.spin_us is not None else int(arg)
-    if spin is None:
-        return DEFAULT_SPIN_US
+    return DEFAULT_SPIN_US if spin is None else checked_spin(spin, "mount: --spin")
+
+
+def checked_spin(spin: int, given_as: str) -> int:
+    """``spin`` µs, refused (naming it ``given_as``) outside 0 up to MAX_SPIN_US."""
     if not 0 <= spin <= MAX_SPIN_US:
-        raise CliError(f"mount: --spin {spin}: expected 0 to {MAX_SPIN_US} microseconds")
+        raise CliError(f"{given_as} {spin}: expected 0 to {MAX_SPIN_US} microseconds")
     return spin
 
 
@@ -355,9 +361,7 @@ def parse_options(values: list[str]) -> set[str]:
     options = set(DEFAULT_OPTIONS)
     for value in values:
         for opt in filter(None, value.split(",")):
-            if opt.partition("=")[0] in (*OWN_OPTIONS, LOG_OPTION, DATADIR_OPTION,
-                                         NOXATTR_OPTION, SPIN_OPTION, *INTEGRITY_FLAGS,
-                                         *INTEGRITY_VALUES):
+            if opt.partition("=")[0] in NOT_FOR_FUSE:
                 continue
             opt = _ALIASES.get(opt, opt)
             refused = _REFUSED_OPTIONS.get(opt.partition("=")[0])

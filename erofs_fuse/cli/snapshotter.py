@@ -56,13 +56,12 @@ def main(argv: list[str]) -> int:
     try:
         from . import mount  # before the fork server starts: each mount's worker starts warm
         from .lazy_mount import parse_size
-        from .mount import MAX_SPIN_US
+        from .mount import checked_spin
 
         if ns.mount_linger < 0:
             raise CliError("snapshotter: --mount-linger must be 0 or more")
-        if ns.mount_spin is not None and not 0 <= ns.mount_spin <= MAX_SPIN_US:
-            raise CliError(f"snapshotter: --mount-spin {ns.mount_spin}: expected 0 to "
-                           f"{MAX_SPIN_US} microseconds")
+        if ns.mount_spin is not None:
+            checked_spin(ns.mount_spin, "snapshotter: --mount-spin")
         cache_size = parse_size(ns.cache_size, "--cache-size", "snapshotter")
         root = state_dir(os.path.abspath(ns.root))
         return serve(root, os.path.abspath(ns.address), mount.main, linger=ns.mount_linger,
