@@ -139,15 +139,8 @@ def is_unsafe_name(name: bytes) -> bool:
     return not name or name in (b".", b"..") or b"/" in name or b"\0" in name
 
 
-def is_opaque(inode: Inode) -> bool:
-    """A directory that hides the directories below it (either xattr form, or the OCI marker)."""
-    if not inode.is_dir:
-        return False
-    return has_opaque_xattr(inode) or inode.lookup(OPAQUE_MARKER) is not None
-
-
 def has_opaque_xattr(inode: Inode) -> bool:
-    """The aufs/overlayfs form of ``is_opaque``: an opaque xattr equal to ``y``."""
+    """The aufs/overlayfs form of ``MergedTree.is_opaque``: an opaque xattr equal to ``y``."""
     if not inode.info.xattr_icount:  # no xattr region: most directories, nothing to parse
         return False
     for name, value in inode.xattrs():
@@ -266,7 +259,7 @@ class MergedTree:
         dirs: list[tuple[int, Inode]] = []
         for probe in probes:
             if probe.entry is not None:
-                if dirs and self._opaque(*dirs[-1]):
+                if dirs and self.is_opaque(*dirs[-1]):
                     break
                 inode = self._inode(probe.layer, probe.entry.nid)
                 if is_whiteout(inode):
@@ -307,9 +300,10 @@ class MergedTree:
                 self._marked.put(key, known)
         return known
 
-    def _opaque(self, layer: int, dinode: Inode) -> bool:
-        """``is_opaque`` for a directory of layer ``layer``, its OCI marker searched for only
-        in a directory that holds ``.wh.`` names."""
+    def is_opaque(self, layer: int, dinode: Inode) -> bool:
+        """Whether directory ``dinode`` of layer ``layer`` hides the directories below it:
+        either xattr form, or the OCI marker (searched for only in a directory that holds
+        ``.wh.`` names)."""
         return has_opaque_xattr(dinode) or (
             self._marked_dir(layer, dinode) and dinode.lookup(OPAQUE_MARKER) is not None)
 
