@@ -98,13 +98,17 @@ class FuseMount:
             return ""
 
 
-def states_after_lookups(pid: int, directory: str, samples: int) -> str:
-    """The state letter (R, S, ...) of daemon ``pid``'s serving thread just after each of
-    ``samples`` lookups of new names in ``directory`` (each one LOOKUP round trip)."""
+def states_after_lookups(pid: int, directory: str, samples: int, settle: float = 0.002) -> str:
+    """The state letter (R, S, ...) of daemon ``pid``'s serving thread ``settle`` seconds after
+    each of ``samples`` lookups of new names in ``directory`` (each one LOOKUP round trip).
+    Sampled at once, a busy machine wakes this process so fast that a daemon still on its way
+    back to sleep reads R (28 of 30 in a full test run with spin 0); 2 ms later it has slept,
+    unless it is polling for longer than that."""
     stat = f"/proc/{pid}/task/{pid}/stat"  # the main thread runs trio and pyfuse3's loop
     states = []
     for i in range(samples):
         assert not os.path.exists(f"{directory}/missing-{i}")
+        time.sleep(settle)
         with open(stat, encoding="ascii") as f:
             states.append(f.read().rsplit(")", 1)[1].split()[0])
     return "".join(states)

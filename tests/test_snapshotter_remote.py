@@ -270,17 +270,17 @@ def test_chain_mount_lingers_after_its_last_user() -> None:
 
 
 def test_mount_spin_reaches_the_chain_mounts() -> None:
-    """--mount-spin: each chain mount gets it as its --spin (0 here: the daemon sleeps right
-    after answering, where mount's default spin keeps it running a while)."""
-    with direct_snapshotter("efs-spin-", args=("--mount-spin", "0")) as (stub_obj, stack):
+    """--mount-spin: each chain mount gets it as its --spin (50 ms here: the daemon is still
+    polling 2 ms after answering, where mount's default 200 µs has let it sleep)."""
+    with direct_snapshotter("efs-spin-", args=("--mount-spin", "50000")) as (stub_obj, stack):
         stub: Any = stub_obj
         name = remote_prepare(stub, "ns/1/extract sha256:s", "", "sha256:s",
                               sealed_layer(stack.tmp, "l", [file("a", "a\n")]))
         stub.View(pb.ViewSnapshotRequest(key="ns/2/v", parent=name))
         (mountpoint,) = stack.chain_mounts()
-        assert ", spin 0 us) at " + mountpoint in (stack.tmp / "snapshotter.log").read_text()
+        assert ", spin 50000 us) at " + mountpoint in (stack.tmp / "snapshotter.log").read_text()
         states = states_after_lookups(chain_daemon(mountpoint), mountpoint, 30)
-        assert states.count("R") <= 10, states
+        assert states.count("R") >= 20, states
         stub.Remove(pb.RemoveSnapshotRequest(key="ns/2/v"))
 
 
