@@ -371,7 +371,8 @@ class ObjectStore:
             return
         if self.prefetcher is None:
             self.prefetcher = Prefetcher(self._open_ahead, ahead=self._prefetch_ahead)
-        self.prefetcher.want(jobs, PREFETCH_WHOLE_BYTES if whole else WHOLE_OBJECT_BYTES)
+        self.prefetcher.want(jobs, PREFETCH_WHOLE_BYTES if whole else WHOLE_OBJECT_BYTES,
+                             WHOLE_OBJECT_BYTES)
 
     def _open_ahead(self, job: tuple[Metacopy, int]) -> tuple[FdBlob, FdBlob | None] | None:
         """What ``_open_object`` would find for this object, quietly (its read logs)."""

@@ -115,12 +115,14 @@ def states_after_lookups(pid: int, directory: str, samples: int, settle: float =
 
 
 @contextlib.contextmanager
-def fuse_mount(layers: Sequence[str], *args: str) -> Iterator[FuseMount]:
-    """``erofs-fuse mount --layers ...`` in the background; always unmounted afterwards."""
+def fuse_mount(layers: Sequence[str], *args: str,
+               prefix: Sequence[str] = ()) -> Iterator[FuseMount]:
+    """``erofs-fuse mount --layers ...`` in the background (run by ``prefix``, a command such
+    as ``prlimit``, if given); always unmounted afterwards."""
     require_fuse()
     mnt = tempfile.mkdtemp(prefix="erofs-fuse-test-")
     log = mnt + ".log"
-    cmd = [*MOUNT_CMD, "--layers", ",".join(layers), "--log", log, *args, mnt]
+    cmd = [*prefix, *MOUNT_CMD, "--layers", ",".join(layers), "--log", log, *args, mnt]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=60)
         assert proc.returncode == 0, f"mount failed ({proc.returncode}): {proc.stderr}"

@@ -23,10 +23,13 @@ from erofs_fuse.erofs.errors import ErofsError, MetacopyError
 from erofs_fuse.erofs.image import Image
 from erofs_fuse.fuse.overlay import MergedTree, Node
 from erofs_fuse.fuse.readahead import ObjectReadAhead
-from erofs_fuse.objects import PASS_KEPT_BYTES, WHOLE_OBJECT_BYTES, ObjectStore, object_name
+from erofs_fuse.object_prefetch import Prefetcher
+from erofs_fuse.objects import (
+    PASS_KEPT_BYTES, WHOLE_OBJECT_BYTES, FdBlob, ObjectStore, object_name,
+)
 from erofs_fuse.verity.trust import IntegrityError
 from helpers import flip, kernel_erofs, read_or_errno
-from mounting import env, fuse_mount, require_overlay
+from mounting import daemon_pids, env, fuse_mount, require_overlay
 
 CHUNK = 128 << 10  # what the kernel asks for at a time
 
@@ -270,3 +273,47 @@ def test_kept_bytes_are_bounded_and_a_changed_object_is_refused(treeless: Tree) 
             with pytest.raises(IntegrityError):
                 objects.read(image.lookup("b/big1"), offset, 4096)
         assert objects.kept_bytes == 0
+
+
+def test_hints_for_objects_open_ahead_stay_within_their_bound(tmp_path: Path) -> None:
+    """Past ``hint_bytes`` hinted for the objects open ahead and not read yet, an object gets a
+    hint of its first read's bytes only; the bound frees as reads take their objects."""
+    sizes = [3 << 20, 3 << 20, 3 << 20, 3 << 20]
+    for k, size in enumerate(sizes):
+        (tmp_path / f"o{k}").write_bytes(bytes(size))
+
+    def opener(k: int) -> tuple[FdBlob, None]:
+        path = str(tmp_path / f"o{k}")
+        return FdBlob(os.open(path, os.O_RDONLY), os.path.getsize(path), path), None
+
+    least = WHOLE_OBJECT_BYTES
+    ahead: Prefetcher[int, int] = Prefetcher(opener, ahead=8, hint_bytes=5 << 20)
+    try:
+        ahead.want([(0, 0), (1, 1)], 8 << 20, least)  # 3 MiB, then 3 MiB more: over the bound
+        assert ahead.hinted == 6 << 20
+        ahead.want([(2, 2)], 8 << 20, least)
+        assert ahead.hinted == (6 << 20) + least  # only what its first read takes
+        taken = ahead.take(0)
+        assert taken is not None
+        taken[0].close()
+        assert ahead.hinted == (3 << 20) + least
+        ahead.want([(3, 3)], 8 << 20, least)  # under the bound again: all of it
+        assert ahead.hinted == (6 << 20) + least
+        assert ahead.advised == (9 << 20) + least
+    finally:
+        ahead.close()
+    assert ahead.hinted == 0 and ahead.open_ahead == 0
+
+
+def test_a_mount_with_an_object_store_raises_its_open_files_limit(tree: Tree) -> None:
+    """A store holds hundreds of descriptors (objects open and opened ahead, its directories):
+    the daemon raises its soft limit of open files to the hard one, so that a login shell's
+    1024 never makes a read fail with EMFILE; reads go on as before."""
+    with fuse_mount([tree.layer], "--data-dir", tree.store,
+                    prefix=["prlimit", "--nofile=256:4096"]) as fm:
+        (pid,) = daemon_pids(fm.mountpoint)
+        with open(f"/proc/{pid}/limits", encoding="ascii") as f:
+            limit = next(line.split()[3:5] for line in f if line.startswith("Max open files"))
+        assert limit == ["4096", "4096"]
+        for path, data in tree.data.items():
+            assert Path(fm.mountpoint, path).read_bytes() == data

@@ -13,7 +13,7 @@ never nowhere), serves until unmounted or signalled (SIGTERM, SIGINT and SIGHUP 
 loop with ``pyfuse3.terminate``) and always finishes with ``pyfuse3.close(unmount=True)``.
 Logging is configured here and nowhere else.
 
-One module of about 460 lines: the life cycle is one sequence (open, fork, mount, report,
+One module of about 480 lines: the life cycle is one sequence (open, fork, mount, report,
 serve, unmount) whose steps share the config, the report pipe and the order of their failures.
 """
 
@@ -23,6 +23,7 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import signal
 import stat
 import sys
@@ -275,6 +276,7 @@ def serve(cfg: MountConfig, images: list[Image], on_mounted: Callable[[], None] 
             objects = ObjectStore(cfg.data_dirs, require_verity=cfg.require_object_verity)
         except OSError as exc:
             raise CliError(f"data dir {exc.filename}: {exc.strerror}") from exc
+        raise_open_files_limit()
     tree = MergedTree(images, objects=objects)
     ops = Operations(tree, timeout=cfg.timeout, read_threads=cfg.read_threads,
                      idmap=cfg.idmap, blocking_reads=cfg.blocking_reads, noxattr=cfg.noxattr,
@@ -449,6 +451,19 @@ def mount(cfg: MountConfig, open_images: Callable[[], list[Image]] | None = None
     if cfg.foreground:
         return run_foreground(cfg, images)
     return run_daemon(cfg, images)
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit of open files to the hard one, as containerd and other daemons do:
+    an object store holds up to about 900 descriptors (256 objects open, 128 opened ahead with
+    their trees, 256-512 directories), against a soft limit of 1024 in a login shell. A read
+    would fail with EMFILE, never wait, past it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):  # above the kernel's nr_open: the soft limit stays
+            pass
 
 
 def check_mountpoint(path: str) -> None:
