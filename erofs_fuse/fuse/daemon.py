@@ -455,9 +455,9 @@ def mount(cfg: MountConfig, open_images: Callable[[], list[Image]] | None = None
 
 def raise_open_files_limit() -> None:
     """Raise the soft limit of open files to the hard one, as containerd and other daemons do:
-    an object store holds up to about 900 descriptors (256 objects open, 128 opened ahead with
-    their trees, 256-512 directories), against a soft limit of 1024 in a login shell. A read
-    would fail with EMFILE, never wait, past it."""
+    an object store may hold about 800-1,000 descriptors (256 objects open, 128 opened ahead
+    with their trees, 256 to 512 directories), against a soft limit of 1024 in many login
+    shells, past which a read would fail with EMFILE."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         try:
