@@ -37,7 +37,7 @@ Opening is cheap: a data dir's directories stay open (``MAX_DIR_FDS``), so an ob
 reading them (``object_prefetch.py``); each read takes its object from there and checks it as
 if it had opened it.
 
-One module of about 450 lines: finding, opening and verifying an object share the store's
+One module of about 460 lines: finding, opening and verifying an object share the store's
 descriptors and its byte-bounded caches; what can live apart does (the read-ahead in
 ``object_prefetch.py``, the digest and tree checks in ``verity/objects.py``).
 """

@@ -459,11 +459,12 @@ def raise_open_files_limit() -> None:
     with their trees, 256 to 512 directories), against a soft limit of 1024 in many login
     shells, past which a read would fail with EMFILE."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError):  # above the kernel's nr_open: the soft limit stays
-            pass
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):  # an infinite hard limit is above the kernel's nr_open
+        pass
 
 
 def check_mountpoint(path: str) -> None:

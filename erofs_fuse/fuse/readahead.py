@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from .overlay import Ino, Node
 
 # Files asked for ahead. A cold read-all of the Debian base (objects_readall, interleaved runs):
-# 64 took 0.87-0.97x the time of 16 in three sets of 9 runs (each against the full layer, per
-# run) and 0.94x in 15 (directly, per run); 128 took longer than 64
+# 64 took 0.87-0.97x the time of 16 in sets of 5, 9 and 9 runs (each against the full layer,
+# per run) and 0.94x in 15 (directly, per run); 128 took longer than 64
 DEFAULT_WINDOW = 64
 DEFAULT_PLACES = 1 << 16
 
