@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import pyfuse3
 
+from erofs_fuse.blob import FileBlob
 from erofs_fuse.erofs.image import Inode
 from erofs_fuse.erofs.superblock import crc32c_raw
 
@@ -32,6 +33,25 @@ def corpus(name: str) -> str:
     path = CORPUS / name
     assert path.exists(), f"fixture {path} is missing"
     return str(path)
+
+
+class WatchedBlob(FileBlob):
+    """A layer file that notes each read and each prefetch hint, in order."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.events: list[tuple[str, int, int]] = []
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.events.append(("read", offset, length))
+        return super().read(offset, length)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        self.events.append(("prefetch", offset, length))
+        super().prefetch(offset, length)
+
+    def hints(self) -> list[tuple[int, int]]:
+        return [(offset, length) for kind, offset, length in self.events if kind == "prefetch"]
 
 
 def read_through(node: Inode, chunk: int) -> None:

@@ -15,9 +15,9 @@ import pyfuse3
 import pytest
 
 from erofs_fuse.erofs.image import Image
-from erofs_fuse.fuse.operations import Operations
+from erofs_fuse.fuse.operations import LOOKUP_PREFETCH_BYTES, Operations
 from erofs_fuse.fuse.overlay import MergedTree
-from helpers import corpus, resolve
+from helpers import WatchedBlob, corpus, resolve
 
 ROOT = pyfuse3.ROOT_INODE
 
@@ -222,6 +222,39 @@ async def test_large_compressed_reads(threads: int, stateless: bool) -> None:
     fh = await open_file(ops, attr.st_ino)
     data = b"".join([await ops.read(fh, off, 131072) for off in range(0, want.size, 131072)])
     assert data == want.read(0, want.size)
+
+
+async def test_a_file_looked_up_is_hinted_and_its_rest_after_its_first_read() -> None:
+    # the layer file is asked (Blob.prefetch) for a file's first bytes at its lookup, and for
+    # the rest after a first read that did not reach its end; directories and later reads get
+    # no hint (read-around windows off, so that only these hints show)
+    blob = WatchedBlob(corpus("noinline.erofs"))
+    image = Image(blob, readaround_bytes=0)
+    ops = Operations(MergedTree([image]))
+    inode = image.lookup("big/zeros-with-tail.bin")
+    start = inode.info.startblk * image.superblock.block_size
+    big = await resolve(ops, "big")
+    blob.events.clear()
+    attr = await ops.lookup(big.st_ino, b"zeros-with-tail.bin")
+    assert blob.hints() == [(start, min(inode.size, LOOKUP_PREFETCH_BYTES))]
+    fh = await open_file(ops, attr.st_ino)
+    blob.events.clear()
+    assert await ops.read(fh, 0, 65536) == inode.read(0, 65536)
+    assert blob.hints() == [(start + 65536, inode.size - 65536)]
+    blob.events.clear()
+    await ops.read(fh, 65536, 65536)  # not a first read
+    await ops.read(fh, 0, inode.size)  # one that reaches the end
+    await ops.lookup(ROOT, b"big")  # a directory
+    assert blob.hints() == []
+
+
+async def test_lookups_of_remote_layers_hint_nothing() -> None:
+    # blocking reads: a remote layer's blob has no page cache to fill, and a lookup must not
+    # map extents that may wait for a fetch
+    blob = WatchedBlob(corpus("noinline.erofs"))
+    ops = Operations(MergedTree([Image(blob, readaround_bytes=0)]), blocking_reads=True)
+    await resolve(ops, "big/zeros-with-tail.bin")
+    assert blob.hints() == []
 
 
 async def test_readlink(layered: Operations) -> None:

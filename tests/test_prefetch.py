@@ -1,9 +1,11 @@
-"""Metadata prefetch: the inodes of a listed directory are asked for at once.
+"""Prefetch: what the kernel is asked to read from a layer file before we read it.
 
 ``Image.prefetch_inodes`` hints the blocks of many inodes to the blob (``Blob.prefetch``, a
 page-cache hint for files) in coalesced ranges, before they are parsed one by one, so that cold
-blocks are read in parallel instead of one disk round trip each. These tests watch the hints a
-real layer file gets (read-around windows off, so that only these hints show).
+blocks are read in parallel instead of one disk round trip each. ``Image.prefetch_data`` hints
+where a range of a file's bytes is stored (blocks, chunks on extra devices, compressed
+pclusters), as the FUSE operations do when a file is looked up or first read. These tests watch
+the hints a real layer file gets (read-around windows off, so that only these hints show).
 """
 
 from __future__ import annotations
@@ -12,29 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from erofs_fuse.blob import FileBlob
 from erofs_fuse.erofs import ondisk as d
+from erofs_fuse.erofs.errors import CorruptImageError
 from erofs_fuse.erofs.image import Image
 from erofs_fuse.fuse.overlay import MergedTree
-from helpers import mkfs_erofs
+from helpers import WatchedBlob, corpus, mkfs_erofs
 
 FILES = 300
-
-
-class WatchedBlob(FileBlob):
-    """A layer file that notes each read and each prefetch hint, in order."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self.events: list[tuple[str, int, int]] = []
-
-    def read(self, offset: int, length: int) -> bytes:
-        self.events.append(("read", offset, length))
-        return super().read(offset, length)
-
-    def prefetch(self, offset: int, length: int) -> None:
-        self.events.append(("prefetch", offset, length))
-        super().prefetch(offset, length)
 
 
 @pytest.fixture(scope="module")
@@ -132,5 +118,116 @@ def test_a_metadata_block_is_read_before_its_window_is_hinted(layers: list[str])
                 assert length == window and offset % window == 0
                 before = blob.events[k - 1]
                 assert before[0] == "read" and offset <= before[1] < offset + window
+    finally:
+        image.close()
+
+
+# file data ----------------------------------------------------------------------------------
+
+def _covered(hints: list[tuple[int, int]], offset: int, length: int) -> bool:
+    return any(start <= offset and offset + length <= start + count for start, count in hints)
+
+
+# one image per way of storing bytes: blocks (with and without inline tails, 512-byte blocks),
+# chunks, and compressed pclusters of each codec (big ones too)
+DATA_LAYOUTS = ["plain.erofs", "noinline.erofs", "b512.erofs", "chunked.erofs", "lz4hc.erofs",
+                "lz4-bigpcluster.erofs", "deflate.erofs", "zstd.erofs", "lzma.erofs"]
+
+
+@pytest.mark.parametrize("name", DATA_LAYOUTS)
+@pytest.mark.parametrize("offset", [0, 5000])
+def test_the_bytes_a_read_takes_from_the_layer_were_hinted_first(name: str, offset: int) -> None:
+    blob = WatchedBlob(corpus(name))
+    image = Image(blob, readaround_bytes=0)
+    try:
+        files = [inode for _, inode in image.walk() if inode.is_reg and inode.size > offset]
+        data_reads = 0
+        for inode in files:
+            blob.events.clear()
+            image.prefetch_data(inode, offset, 16 << 10)
+            hints, mark = blob.hints(), len(blob.events)
+            assert all(0 <= start and start + count <= blob.size for start, count in hints)
+            inode.read(offset, 16 << 10)
+            # what the read took from the blob after the hint: file bytes only (the mapping
+            # read its metadata while hinting), each of them hinted
+            for kind, start, count in blob.events[mark:]:
+                assert kind == "read"
+                assert _covered(hints, start, count), (inode, start, count, hints)
+                data_reads += 1
+        assert data_reads >= 5  # most files are inline: these had blocks or pclusters
+    finally:
+        image.close()
+
+
+def test_a_files_blocks_are_hinted_as_one_range_from_where_the_read_starts() -> None:
+    blob = WatchedBlob(corpus("noinline.erofs"))
+    image = Image(blob, readaround_bytes=0)
+    try:
+        inode = image.lookup("big/mixed.bin")
+        start = inode.info.startblk * image.superblock.block_size
+        blob.events.clear()
+        image.prefetch_data(inode, 0, 1 << 20)  # more than the file: cut at its end
+        image.prefetch_data(inode, 4096, 8192)
+        image.prefetch_data(inode, inode.size, 4096)  # at the end: nothing
+        assert blob.hints() == [(start, inode.size), (start + 4096, 8192)]
+        assert not any(kind == "read" for kind, _, _ in blob.events)  # flat: nothing to map
+    finally:
+        image.close()
+
+
+def test_chunks_on_an_extra_device_are_hinted_to_that_device() -> None:
+    primary, device = WatchedBlob(corpus("blobdev.erofs")), WatchedBlob(corpus("blobdev.blob"))
+    image = Image(primary, [device], readaround_bytes=0)
+    try:
+        inode = image.lookup("big/mixed.bin")
+        primary.events.clear()
+        image.prefetch_data(inode, 0, 32768)
+        assert primary.hints() == []
+        hints = device.hints()
+        assert hints and sum(count for _, count in hints) >= 32768
+        mark = len(device.events)
+        assert inode.read(0, 32768)
+        assert all(_covered(hints, start, count) for _, start, count in device.events[mark:])
+    finally:
+        image.close()
+
+
+def test_a_hint_maps_a_bounded_number_of_extents(monkeypatch: pytest.MonkeyPatch) -> None:
+    import erofs_fuse.erofs.image as image_module
+
+    monkeypatch.setattr(image_module, "PREFETCH_MAX_EXTENTS", 2)
+    blob = WatchedBlob(corpus("lz4hc.erofs"))
+    image = Image(blob, readaround_bytes=0)
+    try:
+        inode = image.lookup("big/mixed.bin")
+        extents = list(image._mapper(inode).extents(0, inode.size))
+        assert len(extents) > 2
+        blob.events.clear()
+        image.prefetch_data(inode, 0, inode.size)
+        allowed = {pa for e in extents[:2] for pa in range(e.pa, e.pa + e.plen)}
+        hinted = {pa for start, count in blob.hints() for pa in range(start, start + count)}
+        assert hinted and hinted <= allowed
+    finally:
+        image.close()
+
+
+def test_a_hint_for_bytes_past_the_layers_end_is_not_sent(tmp_path: Path) -> None:
+    # the image cut where its last file's blocks begin: that file fails to read, and its hint
+    # neither raises nor asks for what is not there
+    with Image.open(corpus("noinline.erofs")) as whole:
+        path, last = max(((p, i) for p, i in whole.walk() if i.is_reg and i.size),
+                         key=lambda found: found[1].info.startblk)
+        end = last.info.startblk * whole.superblock.block_size
+    cut = tmp_path / "cut.erofs"
+    cut.write_bytes(Path(corpus("noinline.erofs")).read_bytes()[:end])
+    blob = WatchedBlob(str(cut))
+    image = Image(blob, readaround_bytes=0)
+    try:
+        inode = image.lookup(path)
+        blob.events.clear()
+        image.prefetch_data(inode, 0, inode.size)
+        assert blob.hints() == []
+        with pytest.raises(CorruptImageError):
+            inode.read(0, 4096)
     finally:
         image.close()

@@ -43,7 +43,7 @@ from erofs_fuse.verity import (
 from erofs_fuse.verity.build import hash_blocks
 from erofs_fuse.verity.formats import geometry
 
-from helpers import corpus, flip
+from helpers import WatchedBlob, corpus, flip
 
 BS = 4096
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
@@ -263,6 +263,33 @@ def test_raw_fsverity_tree_with_descriptor(tmp_path: Path) -> None:
     os.unlink(side + ".desc")  # without it the defaults (4096, no salt) are assumed: refused
     with pytest.raises(IntegrityError):
         open_layer_blob(layer, spec, require=True)
+
+
+def test_a_hint_asks_for_the_leaves_that_check_its_bytes_unless_cached(tmp_path: Path) -> None:
+    per_leaf = BS * (BS // 32)  # the data one SHA-256 leaf block checks: 512 KiB
+    data = payload(3 * per_leaf + 5 * BS)  # four leaves under the top block
+    layer = write(tmp_path / "layer", data)
+    side = str(tmp_path / "layer.verity")
+    digest = fsverity_digest(layer, f"--out-merkle-tree={side}").split()[0]
+    inner, tree_file = WatchedBlob(layer), WatchedBlob(side)
+    blob = VerifiedBlob(inner, fsverity_tree(inner, FsVerityDigest.parse(digest), tree_file))
+    def leaf(index: int) -> int:
+        return BS * (1 + index)  # the sidecar holds the top block, then the leaves
+
+    try:
+        tree_file.events.clear()
+        blob.prefetch(per_leaf + 10, per_leaf)  # bytes checked by leaves 1 and 2
+        assert inner.hints() == [(per_leaf + 10, per_leaf)]
+        assert tree_file.hints() == [(leaf(1), 2 * BS)]
+        assert blob.read(per_leaf, per_leaf + BS) == data[per_leaf:2 * per_leaf + BS]
+        tree_file.events.clear()
+        blob.prefetch(per_leaf + 10, per_leaf)  # both verified and kept: not asked for again
+        blob.prefetch(len(data), BS)  # past the data: no leaf
+        assert tree_file.hints() == []
+        blob.prefetch(0, 1)
+        assert tree_file.hints() == [(leaf(0), BS)]
+    finally:
+        blob.close()
 
 
 @pytest.mark.parametrize("opts", [

@@ -27,7 +27,7 @@ from .errors import (
     NotADirectoryErofsError,
     NotFoundError,
 )
-from .extent import ChunkMapper, FlatMapper, Mapper, Source, nblocks
+from .extent import C_RAW, S_DEVICE, ChunkMapper, FlatMapper, Mapper, Source, nblocks
 from .inode import InodeInfo, parse_inode
 from .lru import Lru
 from .metacopy import METACOPY_XATTR, REDIRECT_XATTR, Metacopy, parse_metacopy
@@ -63,6 +63,10 @@ READAROUND_BYTES = 256 << 10
 # (mkfs 1.5 interleaves metadata with file data), are read in parallel instead of one disk
 # round trip each. Runs of blocks closer than this are asked for as one range.
 PREFETCH_GAP_BLOCKS = 4
+# A file's data asked for ahead (``Image.prefetch_data``) maps at most this many extents: a
+# compressed file's first MiB may be hundreds of pclusters, each mapped in Python; the hint is
+# worth a few, not the time of the read it hints for.
+PREFETCH_MAX_EXTENTS = 16
 # Directory blocks kept decoded (``DirBlock``) per image: a lookup otherwise read its blocks
 # through the data path again (extent map, block cache, and on a verified layer a SHA-256 of
 # each block), half the daemon CPU of a lookup in a container's python imports, most of them in
@@ -424,6 +428,11 @@ class Image:
                 )
 
     def _read_device(self, device_id: int, pa: int, length: int) -> bytes:
+        blob, offset = self._device_blob(device_id, pa)
+        return blob.read(offset, length)
+
+    def _device_blob(self, device_id: int, pa: int) -> tuple[Blob, int]:
+        """The blob holding byte ``pa`` of device ``device_id`` and that byte's offset in it."""
         sb = self.superblock
         bs = sb.block_size
         if device_id > 0:
@@ -434,15 +443,15 @@ class Image:
             # mkfs.erofs 1.5 writes 0): the device file, or in flattened form the image's
             # file, ends the read.
             if self.device_blobs:
-                return self.device_blobs[device_id - 1].read(pa, length)
-            return self.blob.read(pa + dev.uniaddr * bs, length)
+                return self.device_blobs[device_id - 1], pa
+            return self.blob, pa + dev.uniaddr * bs
         for k, dev in enumerate(sb.devices):
             base = dev.uniaddr * bs
             if dev.uniaddr and base <= pa < base + dev.blocks * bs:
                 if self.device_blobs:
-                    return self.device_blobs[k].read(pa - base, length)
+                    return self.device_blobs[k], pa - base
                 break
-        return self.blob.read(pa, length)
+        return self.blob, pa
 
     # inodes -----------------------------------------------------------------------------------
     def _space_of(self, nid: int) -> Space:
@@ -500,6 +509,45 @@ class Image:
                 start = block
             prev = block
         prefetch(start << bits, (prev + 1 - start) << bits)
+
+    def prefetch_data(self, inode: Inode, offset: int, length: int) -> None:
+        """Have the blobs start reading what bytes ``[offset, offset + length)`` of file
+        ``inode`` are stored in: its blocks, or its compressed pclusters (a hint, as
+        ``prefetch_inodes``: nothing is read or checked here, and what cannot be mapped is left
+        to the read, which reports it). At most ``PREFETCH_MAX_EXTENTS`` extents are mapped."""
+        info = inode.info
+        end = min(offset + length, info.size)
+        if not info.has_data or offset < 0 or offset >= end:
+            return
+        runs: list[tuple[Blob, int, int]] = []
+        try:
+            extents = self._mapper(inode).extents(offset, end)
+            pos = offset
+            for _ in range(PREFETCH_MAX_EXTENTS):
+                ext = next(extents, None)
+                if ext is None or not ext.la <= pos < ext.la + ext.llen:
+                    break  # the end, or a bad map: the read will say which
+                if ext.source == S_DEVICE:
+                    if ext.codec == C_RAW:
+                        start, count = ext.pa + pos - ext.la, min(end, ext.end) - pos
+                    else:  # a pcluster the read would refuse is not asked for
+                        start, count = ext.pa, min(ext.plen, d.Z_PCLUSTER_MAX_SIZE)
+                    blob, at = self._device_blob(ext.device, start)
+                    last = runs[-1] if runs else None
+                    if last is not None and last[0] is blob and last[1] + last[2] == at:
+                        runs[-1] = (blob, last[1], last[2] + count)
+                    else:
+                        runs.append((blob, at, count))
+                pos = ext.end
+                if pos >= end:
+                    break
+        except Exception as exc:  # what a read of these bytes would raise: it will, and say so
+            if not isinstance(exc, ErofsError) and (_STRICT or not isinstance(exc, _STRAY_ERRORS)):
+                raise
+        for blob, at, count in runs:
+            prefetch = getattr(blob, "prefetch", None)
+            if prefetch is not None and 0 <= at < blob.size:
+                prefetch(at, min(count, blob.size - at))
 
     def load_decoders(self) -> None:
         """Import now what reading this image's compressed files needs (the compressed

@@ -72,6 +72,17 @@ DEFAULT_READ_THREADS = 0
 # with 200 µs, for 16% more daemon CPU (1.19 s against 1.03 s); 500 and 1000 µs gained no
 # more in wall time and cost more CPU.
 DEFAULT_SPIN_US = 200
+# A file looked up is usually read next (an import, an exec, a library's open): the kernel is
+# asked to start reading its first LOOKUP_PREFETCH_BYTES from the layer while the reply goes
+# back, and after its first read the rest, up to FIRST_READ_PREFETCH_BYTES (a library: ld.so
+# reads its header, then maps it and faults pages in, a 1 MiB request each). A container's
+# cold python imports over a chain mount of its sealed layers, A/B of 21 interleaved rounds:
+# 6.6% and 8.1% faster with the first hint (1 MiB, 256 KiB), 4.7-5.7% more with the second,
+# 11.3% with both; read-all of those layers 1.4% faster, and of the bench stack mounted
+# directly 2.7% (its imports 2.7%, its walk the same). A read-ahead only: it moves no bytes to
+# us and verifies nothing; the reads do.
+LOOKUP_PREFETCH_BYTES = 1 << 20
+FIRST_READ_PREFETCH_BYTES = 8 << 20
 # Reads in flight at once when layers are remote (``blocking_reads``): each may wait for a fetch.
 BLOCKING_READ_THREADS = 8
 
@@ -306,6 +317,8 @@ class Operations(pyfuse3.Operations):
         if node is None:
             return self._negative()
         self._remember(node)
+        if not self.blocking_reads:  # a remote layer has no page cache to fill
+            self.tree.prefetch(node, 0, LOOKUP_PREFETCH_BYTES)
         return self.attributes(node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -446,7 +459,10 @@ class Operations(pyfuse3.Operations):
         if (self.read_threads > 0 and size >= THREAD_MIN_BYTES
                 and inode.info.is_compressed and off < inode.size):
             return await self._in_thread(functools.partial(self.tree.read, node, off, size))
-        return self.tree.read(node, off, size)
+        data = self.tree.read(node, off, size)
+        if off == 0 and inode.size > size:
+            self.tree.prefetch(node, size, FIRST_READ_PREFETCH_BYTES - size)
+        return data
 
     @_boundary
     async def release(self, fh: int) -> None:

@@ -408,6 +408,14 @@ class MergedTree:
             return self.objects.read(inode, offset, size)
         return inode.read(offset, size)  # a metadata-only file: MetacopyError
 
+    def prefetch(self, node: Node, offset: int, length: int) -> None:
+        """Have the kernel start reading the layer bytes of ``node``'s ``[offset, offset +
+        length)`` (a hint; see ``Image.prefetch_data``). Not for a metadata-only file: its
+        object store reads ahead by itself (``readahead``)."""
+        inode = node.inode
+        if inode.info.is_reg and not inode.is_metacopy:
+            inode.image.prefetch_data(inode, offset, length)
+
     def readlink(self, node: Node) -> bytes:
         return node.inode.readlink()
 

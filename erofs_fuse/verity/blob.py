@@ -78,10 +78,27 @@ class VerifiedBlob:
         return self._root
 
     def prefetch(self, offset: int, length: int) -> None:
-        """Pass a read-ahead hint down (see ``FileBlob.prefetch``): it moves no bytes to us."""
+        """Pass a read-ahead hint down (see ``FileBlob.prefetch``): it moves no bytes to us.
+        The Merkle leaves that will check those bytes are asked for too, unless all are cached
+        (verified) here already."""
         prefetch = getattr(self._inner, "prefetch", None)
         if prefetch is not None:
             prefetch(offset, length)
+        source = self._tree.source
+        tree_prefetch = getattr(source, "prefetch", None)
+        if (tree_prefetch is None or self._geo.levels < 2 or length <= 0
+                or not 0 <= offset < self._tree.data_size):
+            return  # with one level, the one tree block is the top, kept from the start
+        per_leaf = self._params.data_block_size * self._geo.hashes_per_block
+        first = offset // per_leaf
+        last = min((offset + length - 1) // per_leaf, self._geo.counts[0] - 1)
+        if first > last:
+            return
+        with self._lock:
+            if all((0, index) in self._cache for index in range(first, last + 1)):
+                return
+        start = self._tree_block_pos(0, first)
+        tree_prefetch(start, self._tree_block_pos(0, last + 1) - start)
 
     def close(self) -> None:
         self._inner.close()
