@@ -17,7 +17,7 @@ import pytest
 from erofs_fuse.erofs.image import Image
 from erofs_fuse.fuse.operations import LOOKUP_PREFETCH_BYTES, Operations
 from erofs_fuse.fuse.overlay import MergedTree
-from helpers import WatchedBlob, corpus, resolve
+from helpers import WatchedBlob, corpus, mkfs_erofs, resolve
 
 ROOT = pyfuse3.ROOT_INODE
 
@@ -246,6 +246,28 @@ async def test_a_file_looked_up_is_hinted_and_its_rest_after_its_first_read() ->
     await ops.read(fh, 0, inode.size)  # one that reaches the end
     await ops.lookup(ROOT, b"big")  # a directory
     assert blob.hints() == []
+
+
+async def test_a_file_whose_xattrs_are_unreadable_is_still_looked_up(tmp_path: Path) -> None:
+    # the hint at lookup asks whether the file is metadata-only, which parses its xattrs: when
+    # they are corrupt the lookup still answers, and the read reports the damage (EIO)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(20000))
+    os.setxattr(src / "f", "user.k", b"v" * 8)
+    image_path = str(tmp_path / "layer.erofs")
+    mkfs_erofs(str(src), image_path)
+    with Image.open(image_path) as image:
+        info = image.lookup("f").info
+    data = bytearray(Path(image_path).read_bytes())
+    data[info.pos + (64 if info.extended else 32) + 4] = 200  # shared xattr ids past the region
+    Path(image_path).write_bytes(data)
+    ops = Operations(MergedTree([Image.open(image_path)]))
+    attr = await ops.lookup(ROOT, b"f")
+    assert attr.st_size == 20000
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await ops.read(await open_file(ops, attr.st_ino), 0, 4096)
+    assert exc.value.errno == errno.EIO
 
 
 async def test_lookups_of_remote_layers_hint_nothing() -> None:

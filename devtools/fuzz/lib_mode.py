@@ -166,6 +166,7 @@ def lib_merged(images: list[Image], timer: Timer) -> None:
             elif node.inode.is_reg and budget > 0:
                 want = min(node.inode.size, 1 << 20, budget)
                 budget -= want
+                timer.run(f"merged prefetch {name!r}", partial(tree.prefetch, node, 0, want))
                 timer.run(f"merged read {name!r}", partial(tree.read, node, 0, want))
             elif node.inode.is_symlink:
                 timer.run(f"merged readlink {name!r}", partial(tree.readlink, node))

@@ -73,7 +73,7 @@ from cachetools import LRUCache
 
 from ..erofs import ondisk as d
 from ..erofs.dirent import DirEntry
-from ..erofs.errors import CorruptImageError
+from ..erofs.errors import CorruptImageError, ErofsError
 from ..erofs.image import Image, Inode
 from ..erofs.lru import Lru
 # the xattr rules, declared with the format so that the writer can apply them too
@@ -413,8 +413,12 @@ class MergedTree:
         length)`` (a hint; see ``Image.prefetch_data``). Not for a metadata-only file: its
         object store reads ahead by itself (``readahead``)."""
         inode = node.inode
-        if inode.info.is_reg and not inode.is_metacopy:
-            inode.image.prefetch_data(inode, offset, length)
+        try:
+            if not inode.info.is_reg or inode.is_metacopy:
+                return
+        except ErofsError:  # unreadable xattrs: the read will report them, a hint never does
+            return
+        inode.image.prefetch_data(inode, offset, length)
 
     def readlink(self, node: Node) -> bytes:
         return node.inode.readlink()
