@@ -541,8 +541,10 @@ class Image:
                 pos = ext.end
                 if pos >= end:
                     break
-        except Exception as exc:  # what a read of these bytes would raise: it will, and say so
-            if not isinstance(exc, ErofsError) and (_STRICT or not isinstance(exc, _STRAY_ERRORS)):
+        except ErofsError:
+            pass  # what a read of these bytes would raise: it will, and say so
+        except _STRAY_ERRORS:
+            if _STRICT:  # as ``reraise``: the fuzzer is to see them
                 raise
         for blob, at, count in runs:
             prefetch = getattr(blob, "prefetch", None)
