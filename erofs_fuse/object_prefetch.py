@@ -10,7 +10,10 @@ more when files are being read whole, and a big object's stored tree whole) into
 daemon serves the reads before them. The read of each file then takes its object already open
 (``take``) and checks and verifies it exactly as if it had opened it itself: this only warms
 the page cache and saves nothing but the time; it never serves, hashes or judges a byte. What
-cannot be opened ahead is forgotten (the read meets it again, and raises and logs).
+cannot be opened ahead is forgotten (the read meets it again, and raises and logs). Small
+objects with a digest go to the object worker instead (``object_worker.py``), which also
+reads and hashes them; these are the others (big ones, objects without a digest), and all of
+them when there is no worker.
 
 In the daemon's own thread, not in worker threads: measured on the Debian base, worker threads
 cost more CPU in handing the GIL back and forth (every open and hint is a system call that

@@ -33,9 +33,10 @@ is served from those bytes. The checks themselves are in ``verity/objects.py``.
 
 Opening is cheap: a data dir's directories stay open (``MAX_DIR_FDS``), so an object is one
 ``openat`` away. When a tree is read in listing order (``fuse/readahead.py`` decides),
-``prefetch`` opens the objects of the next files before their reads and has the kernel start
-reading them (``object_prefetch.py``); each read takes its object from there and checks it as
-if it had opened it.
+``prefetch`` hands the small objects with a digest of the next files to a worker process that
+reads and verifies them (``object_worker.py``; the read takes the verified bytes), and opens
+the others before their reads and has the kernel start reading them (``object_prefetch.py``;
+the read takes its object from there and checks it as if it had opened it).
 
 One module of about 460 lines: finding, opening and verifying an object share the store's
 descriptors and its byte-bounded caches; what can live apart does (the read-ahead in
@@ -50,12 +51,13 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from cachetools import LRUCache
 
 from .blob import BlobIOError
 from .object_prefetch import DEFAULT_AHEAD, Prefetcher
+from .object_worker import WORKER_MAX_BYTES, VerifyWorker
 from .erofs.errors import CorruptImageError, ErofsError, MetacopyError
 from .erofs.metacopy import Metacopy, redirect_components
 from .verity.objects import verified_object
@@ -165,9 +167,17 @@ class ObjectStore:
                  cache_bytes: int = DEFAULT_OBJECT_CACHE_BYTES,
                  open_objects: int = DEFAULT_OPEN_OBJECTS,
                  prefetch_ahead: int = DEFAULT_AHEAD,
-                 kept_bytes: int = DEFAULT_KEPT_BYTES) -> None:
+                 kept_bytes: int = DEFAULT_KEPT_BYTES,
+                 worker: bool | Callable[[Sequence[int]], VerifyWorker] = False) -> None:
         self.dirs = list(dirs)
         self.require_verity = require_verity
+        # objects read ahead are verified in a worker process (``object_worker``), made at the
+        # first use; with ``worker`` only (a mount's daemon: not a one-off ``cat``), by it
+        # when it is a callable (tests: other bounds)
+        self._use_worker = bool(worker)
+        self._make_worker: Callable[[Sequence[int]], VerifyWorker] = (
+            worker if callable(worker) else VerifyWorker)
+        self.worker: VerifyWorker | None = None
         self._fds: list[int] = []
         self._lock = threading.Lock()
         # (index of the data dir, directory components) -> descriptor (``MAX_DIR_FDS``)
@@ -201,10 +211,21 @@ class ObjectStore:
             self.close()
             raise
 
+    @classmethod
+    def from_fds(cls, fds: Sequence[int]) -> ObjectStore:
+        """A store over data dirs already open (the worker's, inherited), now its own."""
+        store = cls([])
+        store._fds = list(fds)
+        store.dirs = [f"data dir {k + 1}" for k in range(len(fds))]
+        return store
+
     def close(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.close()
             self.prefetcher = None
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
         for fd in self._fds:
             os.close(fd)
         self._fds = []
@@ -260,6 +281,12 @@ class ObjectStore:
                 self._open.move_to_end(key)
         if blob is not None and blob.size == inode.size:
             return blob, self._kept.get(key) if self._kept else None
+        if self.worker is not None:  # read and verified ahead, in the worker
+            whole = self.worker.take(key)
+            if whole is not None and len(whole) == inode.size:
+                blob = _VerifiedBytes(whole, _shown(meta))
+                self._keep(key, blob)
+                return blob, whole
         blob, whole = self._open_object(key, meta, inode.size)
         self._keep(key, blob)
         if whole is not None and len(whole) > WHOLE_OBJECT_BYTES:
@@ -333,13 +360,38 @@ class ObjectStore:
                 self._failed[key] = (identity, exc)
             raise
 
-    def _find(self, meta: Metacopy, size: int, *,
-              quiet: bool) -> tuple[FdBlob, FdBlob | None] | None:
-        """The object (and, when it has a digest and is big, its stored tree) in the first data
-        dir holding it; None when none does. ``quiet``: no log line (opened ahead)."""
+    def opened(self, meta: Metacopy, size: int) -> FdBlob | None:
+        """The object of ``meta`` open, when some data dir holds it with ``size`` bytes; None
+        otherwise, quietly (the worker's: the daemon then opens it itself, and says why)."""
+        try:
+            found = self._find(meta, size, quiet=True, trees=False)
+        except (ErofsError, OSError):
+            return None
+        if found is not None and found[0].size == size:
+            return found[0]
+        if found is not None:
+            found[0].close()
+        return None
+
+    @staticmethod
+    def verified_bytes(blob: FdBlob, meta: Metacopy) -> bytes | None:
+        """All of ``blob`` (the object of ``meta``, with a digest), when it gives the digest;
+        None otherwise, quietly (as ``opened``)."""
+        if meta.digest is None or meta.alg is None:
+            return None
+        try:
+            return verified_object(blob, meta.alg, meta.digest, None, blob.size)[1]
+        except (ErofsError, OSError):
+            return None
+
+    def _find(self, meta: Metacopy, size: int, *, quiet: bool,
+              trees: bool = True) -> tuple[FdBlob, FdBlob | None] | None:
+        """The object (and, when it has a digest and is big, its stored tree, unless not
+        ``trees``) in the first data dir holding it; None when none does. ``quiet``: no log
+        line (opened ahead)."""
         parts = redirect_components(meta.redirect)
         rel = "/".join(parts)  # the path under a data dir (validated: no empty, . or ..)
-        with_tree = meta.digest is not None and size > WHOLE_OBJECT_BYTES
+        with_tree = trees and meta.digest is not None and size > WHOLE_OBJECT_BYTES
         for index, root in enumerate(self.dirs):
             found = self._open_in(index, parts, f"{root.rstrip('/')}/{rel}",
                                   with_tree=with_tree, quiet=quiet)
@@ -357,6 +409,8 @@ class ObjectStore:
         if not self._fds:
             return
         jobs = []
+        verify = []  # for the worker: read whole and verified there
+        most = WORKER_MAX_BYTES if whole else WHOLE_OBJECT_BYTES
         for inode in inodes:
             try:
                 meta = inode.metacopy()
@@ -365,8 +419,19 @@ class ObjectStore:
             if meta is None or (meta.digest is None and self.require_verity):
                 continue
             key = (meta.redirect or b"", meta.digest)
-            if key not in self._open:
+            if key in self._open:
+                continue
+            if self._use_worker and meta.digest is not None and 0 < inode.size <= most:
+                verify.append((key, meta, inode.size))
+            else:
                 jobs.append((key, (meta, inode.size)))
+        if verify:
+            if self.worker is None:
+                self.worker = self._make_worker(self._fds)
+            self.worker.ask(verify)
+            if self.worker.dead:  # it could not start, or stopped: opened ahead here instead
+                self._use_worker = False
+                jobs += [(key, (meta, size)) for key, meta, size in verify]
         if not jobs:
             return
         if self.prefetcher is None:
@@ -453,6 +518,26 @@ def _regular_file(part: str, dir_fd: int, name: str, quiet: bool = False) -> FdB
         return None  # only a regular file is an object (as in the kernel)
     return FdBlob(fd, st.st_size, name if not part.endswith(TREE_SUFFIX) else name + TREE_SUFFIX,
                   _identity(st))
+
+
+class _VerifiedBytes:
+    """An object read whole and verified (by the worker): served from memory, where it
+    weighs its bytes in the cache of open objects."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self._data = data
+        self.name = name
+        self.cost = len(data)
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._data[offset:offset + length]
+
+    def close(self) -> None:
+        pass
 
 
 def _shown(meta: Metacopy) -> str:

@@ -84,11 +84,36 @@ def vm_hwm_kib(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid``'s threads so far, to the nanosecond: the scheduler's
-    run time of each (``/proc/PID/task/TID/schedstat``). ``/proc/PID/stat`` counts clock ticks,
-    10 ms each here, too coarse for the 0.05-0.1 s a daemon spends on a workload such as the
-    python imports; it is the fallback. A thread that has exited is no longer counted (the
-    daemons keep theirs: pyfuse3's workers, trio's thread cache, fuse-overlayfs's)."""
+    """User + system CPU time of ``pid``'s threads so far, and of the processes it started that
+    still run (erofs-fuse's object worker), to the nanosecond: the scheduler's run time of each
+    (``/proc/PID/task/TID/schedstat``). ``/proc/PID/stat`` counts clock ticks, 10 ms each here,
+    too coarse for the 0.05-0.1 s a daemon spends on a workload such as the python imports; it
+    is the fallback. A thread or process that has exited is no longer counted (the daemons keep
+    theirs: pyfuse3's workers, trio's thread cache, fuse-overlayfs's, the object worker)."""
+    return sum(_own_cpu_seconds(p) for p in [pid, *children_of(pid)])
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes ``pid`` started (and theirs), still running."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _own_cpu_seconds(pid: int) -> float:
     total = 0
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):

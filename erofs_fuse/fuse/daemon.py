@@ -273,7 +273,8 @@ def serve(cfg: MountConfig, images: list[Image], on_mounted: Callable[[], None] 
         from ..objects import ObjectStore
 
         try:
-            objects = ObjectStore(cfg.data_dirs, require_verity=cfg.require_object_verity)
+            objects = ObjectStore(cfg.data_dirs, require_verity=cfg.require_object_verity,
+                                  worker=os.environ.get("EROFS_FUSE_OBJECT_WORKER", "1") != "0")
         except OSError as exc:
             raise CliError(f"data dir {exc.filename}: {exc.strerror}") from exc
         raise_open_files_limit()

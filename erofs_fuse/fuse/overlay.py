@@ -236,7 +236,8 @@ class MergedTree:
         self.images = list(images)
         self.objects = objects  # where metadata-only files get their bytes
         # which objects to open ahead of their reads (a read-all, cold, waits on each)
-        self.readahead = ObjectReadAhead(objects) if objects is not None else None
+        self.readahead = (ObjectReadAhead(objects, lister=self._listing) if objects is not None
+                          else None)
         self._lock = threading.Lock()
         self._marked: Lru[tuple[int, int], bool] = Lru(MARKED_CACHE_ENTRIES)
         self._dirs: LRUCache[Ino, MergedDir] = LRUCache(
@@ -394,6 +395,9 @@ class MergedTree:
             with self._lock:
                 self._dirs[node.ino] = merged
         return merged
+
+    def _listing(self, node: Node) -> tuple[tuple[bytes, Node], ...]:
+        return self.listdir(node).entries
 
     # contents ---------------------------------------------------------------------------------
     def read(self, node: Node, offset: int, size: int) -> bytes:
