@@ -146,11 +146,15 @@ class VerifyWorker:
         if seq is None or self.dead:
             return None
         try:
-            self._send([REQUEST.pack(URGENT, seq, 0, 0, 0, 0)])
-            deadline = time.monotonic() + self._wait
+            deadline = None
             while True:
                 got = self._parsed()
                 if got is None:
+                    if self._pull(0.0):
+                        continue
+                    if deadline is None:  # not come yet: asked for next, then waited for
+                        self._send([REQUEST.pack(URGENT, seq, 0, 0, 0, 0)])
+                        deadline = time.monotonic() + self._wait
                     if not self._pull(deadline - time.monotonic()):
                         raise WorkerError(f"no reply in {self._wait:g} s")
                     continue
