@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 # 198.
 WORKER_MAX_BYTES = 1 << 20
 MAX_PENDING = 256  # objects asked of the worker and not answered yet
-READY_BYTES = 32 << 20  # verified bytes read past on the way to a wanted object, kept
+# verified bytes read past on the way to a wanted object, kept (and the last one read, whatever
+# its size)
+READY_BYTES = 32 << 20
 WAIT_SECONDS = 10.0  # a worker silent this long with a read waiting on it is stopped
 OPEN_AHEAD = 32  # objects the worker opens and starts reading before it reads the first
 PIPE_BYTES = 1 << 20  # the reply pipe: how far the worker may run ahead of the reads

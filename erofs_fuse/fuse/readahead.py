@@ -57,6 +57,7 @@ class ObjectReadAhead:
                  lister: Callable[[Node], Listing] | None = None) -> None:
         self.store = store
         self.window = window
+        self._batch = max(1, window // 4)  # files asked for at once, at least, once streaming
         self._max_places = places
         self._lister = lister
         self._lock = threading.Lock()
@@ -100,6 +101,8 @@ class ObjectReadAhead:
                     if ino == node.ino:
                         break
             self.streaming = True
+            if len(self._outstanding) > self.window - self._batch:
+                return  # asked for in batches: each ask has a cost of its own
         else:
             self.streaming = last is not None and last[0] == place[0] and last[1] < place[1]
             if not self.streaming:
