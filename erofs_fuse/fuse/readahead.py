@@ -57,7 +57,7 @@ class ObjectReadAhead:
                  lister: Callable[[Node], Listing] | None = None) -> None:
         self.store = store
         self.window = window
-        self._batch = max(1, window // 4)  # files asked for at once, at least, once streaming
+        self._batch = max(1, window // 2)  # files asked for at once, at least, once streaming
         self._max_places = places
         self._lister = lister
         self._lock = threading.Lock()
