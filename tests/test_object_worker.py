@@ -8,6 +8,7 @@ daemon, and nothing it holds is unbounded or outlives its mount.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -25,6 +26,8 @@ from erofs_fuse.object_worker import VerifyWorker
 from erofs_fuse.objects import ObjectStore
 from erofs_fuse.verity.trust import IntegrityError
 from mounting import daemon_pids, fuse_mount
+
+HOSTILE = Path(__file__).resolve().parent.parent / "fixtures" / "hostile"
 from test_object_readahead import (  # noqa: F401 - fixtures
     Tree, damaged, in_order, read_whole, tree, walk_order,
 )
@@ -209,3 +212,20 @@ def children(pid: int) -> list[int]:
 def cmdline(pid: int) -> bytes:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         return f.read()
+
+
+@pytest.mark.parametrize("name", ["loop-self.erofs", "loop-root.erofs", "loop-ancestor.erofs"])
+def test_the_cursor_walks_a_corrupt_layer_s_directory_loop_once(name: str,
+                                                               tmp_path: Path) -> None:
+    """A directory that is its own ancestor (``fixtures/hostile``) is gone into once: the walk
+    ahead ends, instead of going round forever, or, going up, without ever yielding."""
+    with Image.open(str(HOSTILE / name)) as image, ObjectStore([str(tmp_path)]) as store:
+        merged_tree = MergedTree([image], objects=store)
+        readahead = merged_tree.readahead
+        assert readahead is not None
+        d = merged_tree.lookup(merged_tree.root, b"d")
+        assert d is not None
+        merged_tree.listdir(merged_tree.root)
+        for start in range(-1, len(merged_tree.listdir(d).entries)):
+            walked = list(itertools.islice(readahead._walk_from(d.ino, start), 1000))
+            assert len(walked) < 30, (start, len(walked))

@@ -22,8 +22,8 @@ forgotten all at once past that, and only for listings with regular files or dir
 Only a guess about what comes next: a wrong guess costs the opens and page-cache reads of at
 most ``window`` objects (their first 128 KiB, or up to 8 MiB each while files were being read
 whole, and 128 MiB in all: ``object_prefetch.DEFAULT_HINT_BYTES``) and the listings of the
-directories the cursor went into (at most ``4 * window`` entries looked at per read); a file's
-bytes never come from here.
+directories the cursor went into (at most ``4 * window`` entries looked at per ask, files
+asked for in batches of half the window); a file's bytes never come from here.
 """
 
 from __future__ import annotations
@@ -164,18 +164,21 @@ class ObjectReadAhead:
     def _walk_from(self, dir_ino: Ino, index: int) -> Iterator[Node]:
         """The entries after entry ``index`` of directory ``dir_ino`` as a walk meets them
         (a subdirectory's entries right after it), then those after the directory in its
-        parent's listing, and so on up."""
+        parent's listing, and so on up. Each directory is gone into or up to once: a corrupt
+        layer's directory that is its own ancestor ends the walk there, not in a loop."""
+        seen = {dir_ino}
         while True:
             listing = self._listings.get(dir_ino)
             if listing is None:
                 return
-            yield from self._subtree_after(listing, index)
+            yield from self._subtree_after(listing, index, seen)
             up = self._places.get(dir_ino)
-            if up is None:
+            if up is None or up[0] in seen:
                 return
             dir_ino, index = up
+            seen.add(dir_ino)
 
-    def _subtree_after(self, listing: Listing, index: int) -> Iterator[Node]:
+    def _subtree_after(self, listing: Listing, index: int, seen: set[Ino]) -> Iterator[Node]:
         stack = [(listing, index + 1)]
         while stack:
             entries, k = stack.pop()
@@ -184,7 +187,8 @@ class ObjectReadAhead:
             stack.append((entries, k + 1))
             node = entries[k][1]
             yield node
-            if node.dirs:
+            if node.dirs and node.ino not in seen:
+                seen.add(node.ino)
                 stack.append((self._list(node), 0))
 
     def _list(self, node: Node) -> Listing:
