@@ -30,6 +30,32 @@ class Blob(Protocol):
     def close(self) -> None: ...
 
 
+class BytesBlob:
+    """Bytes held in memory, as a blob: a one-block layer (whose tree is its root alone), a
+    Merkle tree checked whole, an object verified whole. ``cost``: what it weighs."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self.name = name
+        self._data = data
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    @property
+    def cost(self) -> int:
+        return len(self._data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > len(self._data):
+            raise CorruptImageError(f"read past the end ({len(self._data)} bytes)",
+                                    image=self.name, offset=offset)
+        return self._data[offset:offset + length]
+
+    def close(self) -> None:
+        pass
+
+
 class BlobIOError(ErofsError):
     """The layer file could not be read (an OS error, not a format error)."""
 

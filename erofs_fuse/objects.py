@@ -38,9 +38,11 @@ reads and verifies them (``object_worker.py``; the read takes the verified bytes
 the others before their reads and has the kernel start reading them (``object_prefetch.py``;
 the read takes its object from there and checks it as if it had opened it).
 
-One module of about 460 lines: finding, opening and verifying an object share the store's
-descriptors and its byte-bounded caches; what can live apart does (the read-ahead in
-``object_prefetch.py``, the digest and tree checks in ``verity/objects.py``).
+One module of about 530 lines: finding, opening and verifying an object share the store's
+descriptors and its byte-bounded caches, and the worker's objects (``object_worker.py``) are
+taken into the same cache; what can live apart does (the read-ahead in ``object_prefetch.py``,
+the worker's pipes and process in ``object_worker.py``, the digest and tree checks in
+``verity/objects.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from cachetools import LRUCache
 
-from .blob import BlobIOError
+from .blob import BlobIOError, BytesBlob
 from .object_prefetch import DEFAULT_AHEAD, Prefetcher
 from .object_worker import WORKER_MAX_BYTES, VerifyWorker
 from .erofs.errors import CorruptImageError, ErofsError, MetacopyError
@@ -284,7 +286,7 @@ class ObjectStore:
         if self.worker is not None:  # read and verified ahead, in the worker
             whole = self.worker.take(key)
             if whole is not None and len(whole) == inode.size:
-                blob = _VerifiedBytes(whole, _shown(meta))
+                blob = BytesBlob(whole, _shown(meta))  # weighs its bytes in the cache
                 self._keep(key, blob)
                 return blob, whole
         blob, whole = self._open_object(key, meta, inode.size)
@@ -518,26 +520,6 @@ def _regular_file(part: str, dir_fd: int, name: str, quiet: bool = False) -> FdB
         return None  # only a regular file is an object (as in the kernel)
     return FdBlob(fd, st.st_size, name if not part.endswith(TREE_SUFFIX) else name + TREE_SUFFIX,
                   _identity(st))
-
-
-class _VerifiedBytes:
-    """An object read whole and verified (by the worker): served from memory, where it
-    weighs its bytes in the cache of open objects."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        self._data = data
-        self.name = name
-        self.cost = len(data)
-
-    @property
-    def size(self) -> int:
-        return len(self._data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._data[offset:offset + length]
-
-    def close(self) -> None:
-        pass
 
 
 def _shown(meta: Metacopy) -> str:

@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from ..blob import Blob, FileBlob, write_atomic
+from ..blob import Blob, BytesBlob, FileBlob, write_atomic
 from ..oci.image import Descriptor, Platform
 from ..registry.client import RegistryClient, Resolved
 from ..registry.errors import AuthError, NotFound, RegistryError
@@ -22,7 +22,7 @@ from ..verity.blob import MerkleTree, VerifiedBlob
 from ..verity.formats import FormatError, HashParams
 from ..verity.trust import FsVerityDigest, IntegrityError
 from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE, EVICT_EVERY, BlockCache, entry_key
-from .remote import DEFAULT_UNIT, BytesBlob, LazyBlob
+from .remote import DEFAULT_UNIT, LazyBlob
 
 MAX_TREE_SLACK = 64 << 10  # bytes a tree blob may hold beyond offset + tree (a superblock)
 

@@ -467,24 +467,3 @@ def _runs(units: list[int], longest: int) -> list[list[int]]:
             runs.append([unit])
     return runs
 
-
-class BytesBlob:
-    """A layer held in memory (a one-block layer, whose tree is its root alone)."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        self.name = name
-        self._data = data
-
-    @property
-    def size(self) -> int:
-        return len(self._data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > len(self._data):
-            raise CorruptImageError("read past the end of the layer", image=self.name,
-                                    offset=offset)
-        return self._data[offset:offset + length]
-
-    def close(self) -> None:
-        pass
-

@@ -11,7 +11,7 @@ import logging
 import threading
 from typing import Callable
 
-from ..blob import Blob
+from ..blob import Blob, BytesBlob
 from ..erofs.errors import ErofsError
 from .blob import MerkleTree, VerifiedBlob
 from .build import build_tree, hash_blocks, tree_from_leaves, tree_from_stored
@@ -59,7 +59,7 @@ def verified_object(blob: Blob, alg: str, digest: bytes, tree_file: Blob | None,
 
     def verifier() -> Blob:
         want = FsVerityDigest(alg, digest)
-        merkle = MerkleTree(params, blob.size, _MemoryBlob(checked, blob.name + " (tree)"), 0,
+        merkle = MerkleTree(params, blob.size, BytesBlob(checked, blob.name + " (tree)"), 0,
                             want)
         return VerifiedBlob(blob, merkle, name=blob.name, kind=f"object {want}",
                             cache_bytes=16 * params.hash_block_size)
@@ -137,21 +137,3 @@ def _stored_tree(tree_file: Blob, data_size: int, params: HashParams,
     log.warning("%s: a Merkle tree %s (changed, or not this object's), not used: hashing the "
                 "object whole", tree_file.name, why)
     return None
-
-
-class _MemoryBlob:
-    """A tree held in memory, as the ``source`` of a ``MerkleTree``."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        self._data = data
-        self.name = name
-
-    @property
-    def size(self) -> int:
-        return len(self._data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._data[offset:offset + length]
-
-    def close(self) -> None:
-        pass
