@@ -38,7 +38,7 @@ reads and verifies them (``object_worker.py``; the read takes the verified bytes
 the others before their reads and has the kernel start reading them (``object_prefetch.py``;
 the read takes its object from there and checks it as if it had opened it).
 
-One module of about 530 lines: finding, opening and verifying an object share the store's
+One module of about 520 lines: finding, opening and verifying an object share the store's
 descriptors and its byte-bounded caches, and the worker's objects (``object_worker.py``) are
 taken into the same cache; what can live apart does (the read-ahead in ``object_prefetch.py``,
 the worker's pipes and process in ``object_worker.py``, the digest and tree checks in
@@ -374,17 +374,6 @@ class ObjectStore:
         if found is not None:
             found[0].close()
         return None
-
-    @staticmethod
-    def verified_bytes(blob: FdBlob, meta: Metacopy) -> bytes | None:
-        """All of ``blob`` (the object of ``meta``, with a digest), when it gives the digest;
-        None otherwise, quietly (as ``opened``)."""
-        if meta.digest is None or meta.alg is None:
-            return None
-        try:
-            return verified_object(blob, meta.alg, meta.digest, None, blob.size)[1]
-        except (ErofsError, OSError):
-            return None
 
     def _find(self, meta: Metacopy, size: int, *, quiet: bool,
               trees: bool = True) -> tuple[FdBlob, FdBlob | None] | None:

@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 
 import pytest
 
+from devtools.bench.stacks import alive, children_of
 from erofs_fuse.erofs.image import Image, Inode
 from erofs_fuse.fuse.overlay import MergedTree, Node
 from erofs_fuse.fuse.readahead import ObjectReadAhead
@@ -38,14 +39,6 @@ def merged_with_cursor(layer: str, store: ObjectStore, window: int) -> Iterator[
         merged_tree.readahead = ObjectReadAhead(
             store, window=window, lister=lambda node: merged_tree.listdir(node).entries)
         yield merged_tree
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def gone_soon(pid: int) -> bool:
@@ -176,22 +169,9 @@ def test_a_mount_s_worker_is_its_child_and_ends_with_it(tree: Tree) -> None:
         for path in walk_order(fm.mountpoint):
             assert Path(fm.mountpoint, path).read_bytes() == tree.data[path]
         (daemon,) = daemon_pids(fm.mountpoint)
-        workers = [pid for pid in children(daemon) if b"erofs_fuse.object_worker" in cmdline(pid)]
+        workers = [pid for pid in children_of(daemon) if b"erofs_fuse.object_worker" in cmdline(pid)]
         assert len(workers) == 1
     assert gone_soon(workers[0])
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, ValueError):
-                continue
-    return out
 
 
 def cmdline(pid: int) -> bytes:
