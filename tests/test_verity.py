@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from erofs_fuse.blob import Blob, FileBlob
 from erofs_fuse.erofs import ondisk as d
@@ -40,8 +42,9 @@ from erofs_fuse.verity import (
     read_digests_file,
     seal,
 )
-from erofs_fuse.verity.build import hash_blocks
-from erofs_fuse.verity.formats import geometry
+from erofs_fuse.verity import build
+from erofs_fuse.verity.build import hash_blocks, hash_blocks_python
+from erofs_fuse.verity.formats import HASH_ALGS, SaltMode, geometry
 
 from helpers import WatchedBlob, corpus, flip
 
@@ -98,15 +101,63 @@ def sample(tmp_path: Path, case: str | int) -> str:
 
 
 @pytest.mark.parametrize("size", [1, BS - 1, BS, BS + 1, 3 * BS + 5])
-def test_hash_blocks_pads_only_the_last_block(size: int) -> None:
+@pytest.mark.parametrize("how", ["accelerated", "python"])
+def test_hash_blocks_pads_only_the_last_block(size: int, how: str) -> None:
     """hash_blocks hashes whole blocks in place and a zero-padded copy of a partial last one:
-    the same hashes as over the data zero-padded whole, as fs-verity defines them."""
+    the same hashes as over the data zero-padded whole, as fs-verity defines them (both the
+    compiled hasher and the hashlib one)."""
     data = payload(size)
     padded = data + bytes(-size % BS)
     params = HashParams.fsverity()
     hasher = params.hasher()
     want = b"".join(hasher(padded[k:k + BS]) for k in range(0, len(padded), BS))
-    assert hash_blocks(hasher, data, BS, params.slot_size) == want
+    got = (hash_blocks(params, data, BS, params.slot_size) if how == "accelerated"
+           else hash_blocks_python(hasher, data, BS, params.slot_size))
+    assert got == want
+
+
+def test_block_hasher_is_built() -> None:
+    """pip install builds the compiled block hasher (setup.py; OpenSSL's headers from
+    libssl-dev): without it every verified read hashes in Python, 1.7x slower on large reads.
+    Only EROFS_FUSE_HASH=python may turn it off."""
+    assert os.environ.get("EROFS_FUSE_HASH") != "python", "the suite runs the compiled hasher"
+    assert build._digests is not None, "erofs_fuse/verity/_blockhash.c was not built"
+
+
+@settings(max_examples=60, deadline=None)
+@given(alg=st.sampled_from(sorted(HASH_ALGS)), mode=st.sampled_from(list(SaltMode)),
+       salt=st.binary(max_size=40), log_block=st.integers(9, 16),
+       size=st.sampled_from([0, 1, 511, 4096, 4097, 65536 + 3, 256 << 10, (256 << 10) + 1,
+                             (1 << 20) - 7]),
+       slot_extra=st.sampled_from([0, 12]), threads=st.sampled_from([1, 2]))
+def test_block_hasher_agrees_with_hashlib(alg: str, mode: SaltMode, salt: bytes, log_block: int,
+                                          size: int, slot_extra: int, threads: int) -> None:
+    """The compiled hasher gives hashlib's digests for every algorithm, salt mode (prefix,
+    padded prefix, suffix), block size, partial last block and slot padding, on one thread or
+    two (buffers of 256 KiB and more are split)."""
+    assert build._digests is not None
+    block = 1 << log_block
+    if mode is SaltMode.FSVERITY:
+        assume(HASH_ALGS[alg][0] and len(salt) <= 32)
+    params = HashParams(alg, block, block, salt, mode)
+    data = random.Random(size ^ block).randbytes(size)
+    slot = params.digest_size + slot_extra
+    prefix, suffix = params.salt_affixes
+    got = build._digests(alg, prefix, suffix, data, block, slot, threads)
+    assert got == hash_blocks_python(params.hasher(), data, block, slot)
+
+
+def test_block_hasher_refuses_bad_arguments() -> None:
+    """An unknown algorithm, a block size out of range or a slot shorter than the digest or
+    past any format's (whose size times the block count could overflow) is a ValueError, not a
+    crash or a short result."""
+    digests = build._digests
+    assert digests is not None
+    for args in (("md0", 4096, 32), ("sha256", 0, 32), ("sha256", 1 << 17, 32),
+                 ("sha256", 4096, 31), ("sha256", 4096, 1 << 62)):
+        alg, block, slot = args
+        with pytest.raises(ValueError):
+            digests(alg, b"", b"", b"x" * 10, block, slot, 1)
 
 
 # sealing against the reference tools ----------------------------------------------------------

@@ -29,7 +29,7 @@ import tempfile
 from typing import Iterable
 
 from ..objects import WHOLE_OBJECT_BYTES, object_name, tree_name
-from ..verity.build import BuiltTree, tree_from_leaves
+from ..verity.build import BuiltTree, hash_blocks, tree_from_leaves
 from ..verity.formats import HashParams
 from .errors import BadInputError
 
@@ -58,7 +58,6 @@ class ObjectWriter:
         self.root = root
         os.makedirs(root, exist_ok=True)
         self.params = HashParams.fsverity()
-        self.hasher = self.params.hasher()
         self.stored = 0       # objects written
         self.deduplicated = 0  # contents found already there
         self.bytes_written = 0
@@ -87,14 +86,14 @@ class ObjectWriter:
             written += len(piece)
             data = partial + bytes(piece) if partial else bytes(piece)
             whole = len(data) - len(data) % BLOCK
-            mv = memoryview(data)
-            hashes.extend(self.hasher(mv[k:k + BLOCK]) for k in range(0, whole, BLOCK))
+            hashes.append(hash_blocks(self.params, memoryview(data)[:whole], BLOCK,
+                                      self.params.slot_size))
             partial = data[whole:]
         if written != size:
             raise BadInputError(f"tar truncated: {size} bytes of data declared, {written} "
                                 "found", entry=entry, offset=offset)
         if partial:
-            hashes.append(self.hasher(partial + bytes(BLOCK - len(partial))))
+            hashes.append(hash_blocks(self.params, partial, BLOCK, self.params.slot_size))
         return b"".join(hashes)
 
     def _commit(self, tmp: str, built: BuiltTree, size: int) -> None:

@@ -131,7 +131,7 @@ class VerifiedBlob:
             root = self._hasher(self._top)
         elif geo.data_blocks == 1:
             data = self._inner.read(0, self._tree.data_size)
-            root = hash_blocks(self._hasher, data, params.data_block_size,
+            root = hash_blocks(params, data, params.data_block_size,
                                params.digest_size)
         else:
             root = bytes(params.digest_size)
@@ -227,7 +227,7 @@ class VerifiedBlob:
         """Check the blocks of ``buf`` (data blocks ``first``, ...) against their leaf hashes,
         one leaf tree block at a time (one leaf covers 512 KiB with SHA-256 and 4 KiB)."""
         ds, hpb = self._params.digest_size, self._geo.hashes_per_block
-        got = hash_blocks(self._hasher, buf, self._params.data_block_size, ds)
+        got = hash_blocks(self._params, buf, self._params.data_block_size, ds)
         end = first + len(got) // ds
         if not self._geo.levels:  # a one-block layer: the block's hash is the root
             if got != self._root:

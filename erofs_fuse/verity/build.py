@@ -5,10 +5,32 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 from .formats import HashParams, data_blocks_of, fsverity_digest, geometry
+
+
+Digests = Callable[[str, bytes, bytes, "bytes | memoryview", int, int, int], bytes]
+
+
+def _accelerator() -> Digests | None:
+    """The compiled block hasher (``_blockhash.c``, built by ``pip install``), unless it is
+    missing or EROFS_FUSE_HASH=python asks for hashlib (to compare the two)."""
+    if os.environ.get("EROFS_FUSE_HASH") == "python":
+        return None
+    try:
+        from . import _blockhash
+    except ImportError:
+        return None
+    return _blockhash.digests
+
+
+_digests = _accelerator()
+# threads per hash_blocks call on a large buffer: a second one only where there is a second CPU
+HASH_THREADS = min(2, os.cpu_count() or 1)
 
 
 ReadFn = Callable[[int, int], bytes]
@@ -29,10 +51,20 @@ class BuiltTree:
         return fsverity_digest(self.params, self.data_size, self.root)
 
 
-def hash_blocks(hasher: Callable[[bytes | memoryview], bytes], data: bytes, block_size: int,
+def hash_blocks(params: HashParams, data: bytes | memoryview, block_size: int,
                 slot_size: int) -> bytes:
     """The concatenated slot-padded hashes of the blocks of ``data`` (a partial last block is
-    zero-padded, as fs-verity does)."""
+    zero-padded, as fs-verity does), hashed as ``params`` say: in C outside the GIL, on two
+    threads for large buffers (``_blockhash``), where that module was built; else in Python."""
+    if _digests is not None:
+        prefix, suffix = params.salt_affixes
+        return _digests(params.alg, prefix, suffix, data, block_size, slot_size, HASH_THREADS)
+    return hash_blocks_python(_hasher(params), data, block_size, slot_size)
+
+
+def hash_blocks_python(hasher: Callable[[bytes | memoryview], bytes], data: bytes | memoryview,
+                       block_size: int, slot_size: int) -> bytes:
+    """``hash_blocks`` with hashlib, one call per block (the GIL is dropped inside each)."""
     mv = memoryview(data)
     whole = len(data) - len(data) % block_size
     digests = [hasher(mv[k:k + block_size]) for k in range(0, whole, block_size)]
@@ -42,6 +74,11 @@ def hash_blocks(hasher: Callable[[bytes | memoryview], bytes], data: bytes, bloc
     if pad:
         digests = [d + bytes(pad) for d in digests]
     return b"".join(digests)
+
+
+@functools.lru_cache(maxsize=16)
+def _hasher(params: HashParams) -> Callable[[bytes | memoryview], bytes]:
+    return params.hasher()  # made once per set of parameters, not once per call
 
 
 def pack_level(hashes: bytes, params: HashParams) -> bytes:
@@ -61,13 +98,12 @@ def pack_level(hashes: bytes, params: HashParams) -> bytes:
 def build_tree(read: ReadFn, data_size: int, params: HashParams, *,
                progress: Progress | None = None, chunk: int = BUILD_CHUNK) -> BuiltTree:
     """Hash ``data_size`` bytes from ``read`` into a tree. Data is read in large chunks and
-    hashed block by block with hashlib (which drops the GIL on each block)."""
+    hashed block by block (``hash_blocks``)."""
     dbs, slot = params.data_block_size, params.slot_size
-    hasher = params.hasher()
     chunk = max(dbs, chunk - chunk % dbs)
     parts: list[bytes] = []
     for pos in range(0, data_size, chunk):
-        parts.append(hash_blocks(hasher, read(pos, min(chunk, data_size - pos)), dbs, slot))
+        parts.append(hash_blocks(params, read(pos, min(chunk, data_size - pos)), dbs, slot))
         if progress is not None:
             progress(min(pos + chunk, data_size), data_size)
     return tree_from_leaves(b"".join(parts), data_size, params)
@@ -77,7 +113,6 @@ def tree_from_leaves(level: bytes, data_size: int, params: HashParams) -> BuiltT
     """The tree over data whose block hashes (slot-padded, in order) are ``level``: for a
     caller that hashed the blocks as they streamed past."""
     hbs, slot = params.hash_block_size, params.slot_size
-    hasher = params.hasher()
     nblocks = data_blocks_of(data_size, params.data_block_size)
     if nblocks == 0:
         return BuiltTree(params, data_size, 0, bytes(params.digest_size), b"")
@@ -89,8 +124,8 @@ def tree_from_leaves(level: bytes, data_size: int, params: HashParams) -> BuiltT
         levels.append(level)
         if len(level) == hbs:
             break
-        level = hash_blocks(hasher, level, hbs, slot)
-    root = hasher(levels[-1])
+        level = hash_blocks(params, level, hbs, slot)
+    root = _hasher(params)(levels[-1])
     return BuiltTree(params, data_size, nblocks, root, b"".join(reversed(levels)))
 
 

@@ -132,22 +132,30 @@ class HashParams:
         return (self.alg, self.data_block_size, self.hash_block_size, self.salt) == (
             "sha256", 4096, 4096, b"")
 
+    @property
+    def salt_affixes(self) -> tuple[bytes, bytes]:
+        """(prefix, suffix): what each block is hashed between, as the salt mode says."""
+        salt = self.salt
+        if not salt:
+            return b"", b""
+        if self.mode is SaltMode.DM_SUFFIX:
+            return b"", salt
+        if self.mode is SaltMode.FSVERITY:
+            return salt + bytes(-len(salt) % HASH_ALGS[self.alg][2]), b""
+        return salt, b""
+
     def hasher(self) -> Callable[[bytes | memoryview], bytes]:
         """A function hashing one block the way this format does (salted state precomputed)."""
-        alg, salt = self.alg, self.salt
-        ctor: Callable[..., hashlib._Hash] = getattr(hashlib, alg)
-        if not salt:
-            return lambda data: ctor(data).digest()
-        if self.mode is SaltMode.DM_SUFFIX:
+        ctor: Callable[..., hashlib._Hash] = getattr(hashlib, self.alg)
+        prefix, suffix = self.salt_affixes
+        if suffix:
             def suffixed(data: bytes | memoryview) -> bytes:
                 h = ctor(data)
-                h.update(salt)
+                h.update(suffix)
                 return h.digest()
             return suffixed
-        prefix = salt
-        if self.mode is SaltMode.FSVERITY:
-            unit = HASH_ALGS[alg][2]
-            prefix = salt + bytes(-len(salt) % unit)
+        if not prefix:
+            return lambda data: ctor(data).digest()
         base = ctor(prefix)
 
         def prefixed(data: bytes | memoryview) -> bytes:

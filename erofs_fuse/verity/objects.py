@@ -43,8 +43,7 @@ def verified_object(blob: Blob, alg: str, digest: bytes, tree_file: Blob | None,
         if whole is None and blob.size <= pass_limit:
             whole = blob.read(0, blob.size)  # one pread; served only once it gives the digest
         if whole is not None:  # most objects: hashed straight from the bytes just read
-            leaves = hash_blocks(_hasher(params), whole, params.data_block_size,
-                                 params.slot_size)
+            leaves = hash_blocks(params, whole, params.data_block_size, params.slot_size)
             built = tree_from_leaves(leaves, blob.size, params)
         else:
             built = build_tree(blob.read, blob.size, params)
@@ -103,11 +102,6 @@ class _Deferred:
 @functools.lru_cache(maxsize=None)
 def _params(alg: str) -> HashParams:
     return HashParams.fsverity(alg)  # validated once per algorithm, not once per object
-
-
-@functools.lru_cache(maxsize=None)
-def _hasher(params: HashParams) -> Callable[[bytes | memoryview], bytes]:
-    return params.hasher()  # made once per algorithm, not once per object
 
 
 def _stored_tree(tree_file: Blob, data_size: int, params: HashParams,

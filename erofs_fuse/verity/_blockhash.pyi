@@ -1,0 +1,3 @@
+# The compiled block hasher (_blockhash.c); optional, see build.hash_blocks.
+def digests(alg: str, prefix: bytes, suffix: bytes, data: bytes | memoryview, block_size: int,
+            slot_size: int, threads: int) -> bytes: ...
