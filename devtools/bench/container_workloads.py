@@ -13,7 +13,9 @@ drop caches, run the workload against the container's root filesystem from the h
 'import ...'``), and note the wall time and the CPU time of the erofs-fuse mount daemons (their
 threads' schedstat). Unlike ``bench-snapshotter`` it never imports again between rounds, so a
 round takes seconds and the chain mount's daemon stays the same process: the figures are the
-request path's, not the import's. Prints medians, minima and the ratio per workload. Needs root.
+request path's, not the import's. A third root takes its turn in each round: the kernel's erofs
+and overlayfs over the ``layer.erofs`` files of erofs-fuse's snapshotter (``kernel-erofs``, as
+in ``bench-snapshotter``). Prints medians, minima and the ratios per workload. Needs root.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ import time
 
 from devtools import ROOT
 from devtools import images as snapshotter_images
-from devtools.bench.stacks import cpu_seconds
+from devtools.bench.stacks import KernelContainerStack, committed_layers, cpu_seconds
 
 sys.path.insert(0, str(ROOT / "tests"))
 from ctrstack import containerd_stack  # noqa: E402
 
 SNAPSHOTTERS = ["erofs-fuse", "overlayfs"]
+REFERENCE = "kernel-erofs"  # the kernel's erofs + overlayfs over erofs-fuse's layer files
+COLUMNS = SNAPSHOTTERS + [REFERENCE]
 WORKLOADS = ["python", "find", "read-all"]
 IMPORTS = "import json, ssl, email.mime.text, http.client, asyncio"  # as scripts/bench
 CHROOT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -80,11 +84,13 @@ def timed_round(workload: str, root: str, daemons: list[int]) -> tuple[float, fl
 
 
 def report(workload: str, walls: dict[str, list[float]], cpus: list[float]) -> None:
-    med = {snap: statistics.median(xs) for snap, xs in walls.items()}
-    for snap in SNAPSHOTTERS:
-        print(f"{workload:9} {snap:11} median {med[snap]:.3f} s  min {min(walls[snap]):.3f} s")
+    med = {column: statistics.median(xs) for column, xs in walls.items()}
+    for column in COLUMNS:
+        print(f"{workload:9} {column:12} median {med[column]:.3f} s  "
+              f"min {min(walls[column]):.3f} s")
     print(f"{workload:9} erofs-fuse daemon CPU median {statistics.median(cpus):.3f} s; "
-          f"ratio {med['erofs-fuse'] / med['overlayfs']:.2f}", flush=True)
+          f"ratio {med['erofs-fuse'] / med['overlayfs']:.2f} "
+          f"({REFERENCE}: {med[REFERENCE] / med['overlayfs']:.2f})", flush=True)
 
 
 def main() -> int:
@@ -99,6 +105,7 @@ def main() -> int:
     with containerd_stack(debug=False, linger=None) as stack:
         roots: dict[str, str] = {}
         cids: list[str] = []
+        reference: KernelContainerStack | None = None
         try:
             for snap in SNAPSHOTTERS:
                 image = f"example.com/workloads-{snap}:v1"
@@ -108,18 +115,23 @@ def main() -> int:
                 stack.ctr("run", "-d", "--snapshotter", snap, image, cid, "sleep", "infinity")
                 cids.append(cid)
                 roots[snap] = str(stack.rootfs(cid))
+            reference = KernelContainerStack(committed_layers(stack.root), stack.tmp / REFERENCE)
+            reference.mount()
+            roots[REFERENCE] = reference.mnt
             daemons = fuse_daemons()
             for workload in workloads:
-                walls: dict[str, list[float]] = {snap: [] for snap in SNAPSHOTTERS}
+                walls: dict[str, list[float]] = {column: [] for column in COLUMNS}
                 cpus: list[float] = []
                 for n in range(ns.rounds):
-                    for snap in SNAPSHOTTERS if n % 2 == 0 else SNAPSHOTTERS[::-1]:
-                        wall, cpu = timed_round(workload, roots[snap], daemons)
-                        walls[snap].append(wall)
-                        if snap == "erofs-fuse":
+                    for column in COLUMNS if n % 2 == 0 else COLUMNS[::-1]:
+                        wall, cpu = timed_round(workload, roots[column], daemons)
+                        walls[column].append(wall)
+                        if column == "erofs-fuse":
                             cpus.append(cpu)
                 report(workload, walls, cpus)
         finally:
+            if reference is not None:
+                reference.unmount()
             for cid in cids:
                 stack.remove_container(cid)
     return 0

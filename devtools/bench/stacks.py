@@ -188,6 +188,31 @@ class KernelStack(Stack):
         self._mounts.append(mnt)
 
 
+class KernelContainerStack(KernelStack):
+    """Kernel erofs + overlayfs with an upper and a work directory: a container's root as
+    containerd's overlayfs snapshotter mounts one, over erofs layers (the container
+    benchmarks' reference for the snapshotter's layers)."""
+
+    name, label = "kernel-erofs", "kernel erofs + overlayfs (upper, work)"
+
+    def mount(self) -> None:
+        dirs = self._kernel_erofs()
+        mnt = self._dir("merged")
+        options = (f"{self._lowerdir(dirs)},upperdir={self._dir('upper')},"
+                   f"workdir={self._dir('work')}")
+        check(["mount", "-t", "overlay", "overlay", "-o", options, mnt])
+        self._mounts.append(mnt)
+
+
+def committed_layers(snapshotter_root: Path) -> list[Path]:
+    """The ``layer.erofs`` files of an erofs-fuse snapshotter holding one image, bottom layer
+    first: snapshot ids grow in the order containerd unpacks the layers."""
+    snapshots = snapshotter_root / "snapshots"
+    ids = sorted(int(d.name) for d in snapshots.iterdir()
+                 if d.name.isdigit() and (d / "layer.erofs").is_file())
+    return [snapshots / str(i) / "layer.erofs" for i in ids]
+
+
 class FuseOverlayStack(Stack):
     name, label = "fuse-overlayfs", "fuse-overlayfs over kernel erofs"
 
