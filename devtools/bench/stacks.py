@@ -184,8 +184,11 @@ class KernelStack(Stack):
     def mount(self) -> None:
         dirs = self._kernel_erofs()
         mnt = self._dir("merged")
-        check(["mount", "-t", "overlay", "overlay", "-o", self._lowerdir(dirs), mnt])
+        check(["mount", "-t", "overlay", "overlay", "-o", self._overlay_options(dirs), mnt])
         self._mounts.append(mnt)
+
+    def _overlay_options(self, dirs: list[str]) -> str:
+        return self._lowerdir(dirs)
 
 
 class KernelContainerStack(KernelStack):
@@ -195,13 +198,9 @@ class KernelContainerStack(KernelStack):
 
     name, label = "kernel-erofs", "kernel erofs + overlayfs (upper, work)"
 
-    def mount(self) -> None:
-        dirs = self._kernel_erofs()
-        mnt = self._dir("merged")
-        options = (f"{self._lowerdir(dirs)},upperdir={self._dir('upper')},"
-                   f"workdir={self._dir('work')}")
-        check(["mount", "-t", "overlay", "overlay", "-o", options, mnt])
-        self._mounts.append(mnt)
+    def _overlay_options(self, dirs: list[str]) -> str:
+        return (f"{self._lowerdir(dirs)},upperdir={self._dir('upper')},"
+                f"workdir={self._dir('work')}")
 
 
 def committed_layers(snapshotter_root: Path) -> list[Path]:
