@@ -15,7 +15,7 @@ import pyfuse3
 import pytest
 
 from erofs_fuse.erofs.image import Image
-from erofs_fuse.fuse.operations import LOOKUP_PREFETCH_BYTES, Operations
+from erofs_fuse.fuse.operations import LOOKUP_PREFETCH_BYTES, MAX_DEFERRED_HINTS, Operations
 from erofs_fuse.fuse.overlay import MergedTree
 from helpers import WatchedBlob, corpus, mkfs_erofs, resolve
 
@@ -230,7 +230,7 @@ async def test_a_file_looked_up_is_hinted_and_its_rest_after_its_first_read() ->
     # no hint (read-around windows off, so that only these hints show)
     blob = WatchedBlob(corpus("noinline.erofs"))
     image = Image(blob, readaround_bytes=0)
-    ops = Operations(MergedTree([image]))
+    ops = Operations(MergedTree([image]), defer_hints=False)
     inode = image.lookup("big/zeros-with-tail.bin")
     start = inode.info.startblk * image.superblock.block_size
     big = await resolve(ops, "big")
@@ -246,6 +246,68 @@ async def test_a_file_looked_up_is_hinted_and_its_rest_after_its_first_read() ->
     await ops.read(fh, 0, inode.size)  # one that reaches the end
     await ops.lookup(ROOT, b"big")  # a directory
     assert blob.hints() == []
+
+
+async def test_hints_wait_for_the_reply() -> None:
+    # with defer_hints (the patched pyfuse3: AFTER_REPLY) a request's hints are given by
+    # after_reply, which the request loop calls once the reply is sent, in the order asked
+    blob = WatchedBlob(corpus("noinline.erofs"))
+    image = Image(blob, readaround_bytes=0)
+    ops = Operations(MergedTree([image]), defer_hints=True)
+    inode = image.lookup("big/zeros-with-tail.bin")
+    start = inode.info.startblk * image.superblock.block_size
+    big = await resolve(ops, "big")
+    blob.events.clear()
+    attr = await ops.lookup(big.st_ino, b"zeros-with-tail.bin")
+    assert blob.hints() == []
+    ops.after_reply()
+    assert blob.hints() == [(start, min(inode.size, LOOKUP_PREFETCH_BYTES))]
+    fh = await open_file(ops, attr.st_ino)
+    blob.events.clear()
+    assert await ops.read(fh, 0, 65536) == inode.read(0, 65536)
+    assert blob.hints() == []
+    ops.after_reply()
+    ops.after_reply()  # given once
+    assert blob.hints() == [(start + 65536, inode.size - 65536)]
+
+
+async def test_hints_nobody_collects_are_given_at_once() -> None:
+    # a loop that never calls after_reply (stock pyfuse3 has no such call) holds at most
+    # MAX_DEFERRED_HINTS of them; past that each is given when asked
+    blob = WatchedBlob(corpus("noinline.erofs"))
+    image = Image(blob, readaround_bytes=0)
+    ops = Operations(MergedTree([image]), defer_hints=True)
+    big = await resolve(ops, "big")
+    ops.after_reply()
+    blob.events.clear()
+    for _ in range(MAX_DEFERRED_HINTS + 3):
+        await ops.lookup(big.st_ino, b"zeros-with-tail.bin")
+    assert len(blob.hints()) == 3
+    ops.after_reply()
+    assert len(blob.hints()) == MAX_DEFERRED_HINTS + 3
+
+
+async def test_a_failing_hint_does_not_reach_the_request_loop(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # after_reply runs outside every handler's errno boundary, in pyfuse3's loop: a hint that
+    # raises (a bug) is noted at debug level and the later hints are still given
+    blob = WatchedBlob(corpus("noinline.erofs"))
+    image = Image(blob, readaround_bytes=0)
+    ops = Operations(MergedTree([image]), defer_hints=True)
+    big = await resolve(ops, "big")
+    await ops.lookup(big.st_ino, b"zeros-with-tail.bin")
+    await ops.lookup(big.st_ino, b"zeros-with-tail.bin")
+    calls = []
+
+    def broken(offset: int, length: int) -> None:
+        calls.append(offset)
+        raise RuntimeError("a bug in a hint")
+
+    blob.prefetch = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.DEBUG, logger="erofs_fuse.fuse.operations"):
+        ops.after_reply()
+    assert len(calls) == 2
+    assert caplog.text.count("read-ahead hint for inode") == 2
 
 
 async def test_a_file_whose_xattrs_are_unreadable_is_still_looked_up(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ Every mount is made in a subprocess and unmounted in a ``finally`` (tests/mounti
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import mmap
 import os
 import re
 import signal
@@ -27,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from erofs_fuse.erofs.image import Image
-from erofs_fuse.fuse.operations import STATELESS_OPEN
+from erofs_fuse.fuse.operations import AFTER_REPLY, STATELESS_OPEN
 from helpers import CORPUS, EXPECTED, corpus, kernel_erofs, mkfs_erofs
 from mounting import (
     MOUNT_CMD,
@@ -454,6 +456,7 @@ def test_files_and_directories_are_served_without_opens() -> None:
     # missing patch fails here.
     assert STATELESS_OPEN, "pyfuse3 lacks the stateless-open patch: run scripts/install-deps"
     assert hasattr(pyfuse3, "INLINE_BATCH"), "pyfuse3 lacks the inline-poll patch"
+    assert AFTER_REPLY, "pyfuse3 lacks the after-reply patch"
     paths = ("big/dup-b.txt", "sizes/text-65543", "sizes/text-4097")
     with Image.open(corpus("plain.erofs")) as image:
         want = {p: image.lookup(p).read(0, image.lookup(p).size) for p in paths}
@@ -476,6 +479,50 @@ def test_files_and_directories_are_served_without_opens() -> None:
     # the second pass is served from the kernel's caches: pages, listings (FOPEN_CACHE_DIR)
     # and symlink targets
     assert both == first
+
+
+def resident_bytes(path: str, offset: int, length: int) -> int:
+    """How many bytes of ``path``'s ``[offset, offset + length)`` are in the page cache
+    (mincore(2) over a mapping of the file; page-aligned ``offset`` and ``length``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    pages = length // mmap.PAGESIZE
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), offset)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            assert libc.mincore(addr, length, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(b & 1 for b in vec) * mmap.PAGESIZE
+        finally:
+            libc.munmap(addr, length)
+
+
+def test_a_lookup_starts_the_read_of_the_files_first_bytes(tmp_path: Path) -> None:
+    # the read-ahead hint of a lookup is given after its reply (pyfuse3's loop calls
+    # Operations.after_reply, third_party/pyfuse3/06-after-reply.patch): looking a file up,
+    # without reading it, brings its first bytes into the layer file's page cache
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(2 << 20))
+    layer = str(tmp_path / "l.erofs")
+    mkfs_erofs(str(src), layer)
+    with Image.open(layer) as image:
+        start = image.lookup("f").info.startblk * image.superblock.block_size
+    # past the window read around the metadata blocks, within the hint's first MiB
+    window = (start + (512 << 10), 256 << 10)
+    with fuse_mount([layer]) as fm:
+        with open(layer, "rb") as f:
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert resident_bytes(layer, *window) == 0
+        os.stat(Path(fm.mountpoint, "f"))
+        wait_until(lambda: resident_bytes(layer, *window) == window[1], 10,
+                   "the hinted bytes in the page cache")
 
 
 def test_corrupt_layer_gives_eio_and_the_mount_keeps_serving(tmp_path: Path) -> None:
