@@ -13,11 +13,12 @@ import fcntl
 import os
 import termios
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from devtools.bench.requests import RequestTrace, answered, kernel_dev
+from devtools.bench.requests import RequestTrace, answered, kernel_dev, report
 from devtools.bench.stacks import ErofsFuseStack, cpu_seconds
 from erofs_fuse.fuse.daemon import READ_AHEAD_KB
 from helpers import corpus, kernel_erofs
@@ -39,11 +40,37 @@ def test_counts_this_mounts_requests_by_opcode() -> None:
     assert counts["READDIRPLUS"] >= 1 and "LOST" not in counts
     assert set(counts) <= {"READDIRPLUS", "LOOKUP", "GETATTR", "OPENDIR", "RELEASEDIR",
                            "GETXATTR", "STATFS", "ACCESS"}
+    # each answered opcode is timed, send to end
+    assert set(trace.waited) == set(counts) and all(t > 0 for t in trace.waited.values())
     with fuse_mount([corpus("plain.erofs")]) as again:
         trace = RequestTrace(kernel_dev(again.mountpoint))
         trace.start()
         counts = trace.stop()
     assert sum(counts.values()) == 0  # nothing done: nothing counted
+
+
+def test_the_time_in_requests_is_the_callers_wait() -> None:
+    # one caller, one request at a time: the waits add up to less than the caller's own time
+    # around them, and a file's read is one READ whose wait is in it
+    path = os.path.join("sizes", "text-65543")
+    with fuse_mount([corpus("plain.erofs")]) as fuse:
+        target = os.path.join(fuse.mountpoint, path)
+        trace = RequestTrace(kernel_dev(fuse.mountpoint))
+        trace.start()
+        try:
+            start = time.monotonic()
+            with open(target, "rb") as f:
+                data = f.read()
+            elapsed = time.monotonic() - start
+        finally:
+            counts = trace.stop()
+    assert len(data) == 65543
+    assert counts["READ"] >= 1 and counts["LOOKUP"] >= 1
+    assert 0 < sum(trace.waited.values()) < elapsed
+    assert report({"stack": "fuse", "workload": "read", "seconds": elapsed, "cpu": 0.0,
+                   "rss_mib": 0.0, "load": 0.0, "requests": dict(counts),
+                   "total": sum(counts.values()), "waited": trace.waited,
+                   "result": "ok"}).count(" ms)") == len(counts)
 
 
 def test_cpu_seconds_counts_every_thread_finer_than_clock_ticks() -> None:

@@ -13,7 +13,9 @@ walk, read-all, python (as ``scripts/bench``), each on a fresh mount after dropp
 
 Requests are counted with the kernel's ``fuse:fuse_request_send`` tracepoint in a tracefs
 instance of our own (other users of tracing are not disturbed), filtered to the connection of
-the erofs-fuse mount. Needs root.
+the erofs-fuse mount. With ``fuse:fuse_request_end`` as well, each opcode's requests are also
+timed from send to end: how long callers waited on the daemon in all (the reply's trip back
+and the caller's wake-up after it are not in it). Needs root.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from devtools.bench.stacks import ErofsFuseStack, KernelStack, Stack, check, cpu_seconds, \
     force_unmount, vm_hwm_kib
 
 TRACEFS = "/sys/kernel/tracing"
 _OPCODE = re.compile(rb"opcode \d+ \((\w+)\)")
+# "<task>-<pid> [cpu] <flags> <seconds>: fuse_request_send: connection N req ID opcode ..."
+_EVENT = re.compile(rb" ([0-9]+\.[0-9]+): fuse_request_(send|end): connection \d+ req (\d+)")
 IMPORTS = "import json, ssl, email.mime.text, http.client, asyncio"
 CHROOT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
@@ -54,7 +58,10 @@ def kernel_dev(mountpoint: str) -> int:
 
 
 class RequestTrace:
-    """Counts FUSE requests sent to one connection, by opcode, between start() and stop()."""
+    """Counts FUSE requests sent to one connection, by opcode, between start() and stop(),
+    and how long they took in all (``waited``: opcode -> seconds, send to end)."""
+
+    EVENTS = ("events/fuse/fuse_request_send/", "events/fuse/fuse_request_end/")
 
     def __init__(self, connection: int, buffer_kb: int = 32768) -> None:
         if not os.path.isdir(os.path.join(TRACEFS, "events")):
@@ -62,6 +69,7 @@ class RequestTrace:
         self.dir = os.path.join(TRACEFS, "instances", f"erofs-fuse-requests-{os.getpid()}")
         self.connection = connection
         self.buffer_kb = buffer_kb
+        self.waited: dict[str, float] = {}
 
     def _write(self, rel: str, value: str) -> None:
         with open(os.path.join(self.dir, rel), "w", encoding="ascii") as f:
@@ -70,26 +78,40 @@ class RequestTrace:
     def start(self) -> None:
         os.mkdir(self.dir)
         self._write("buffer_size_kb", str(self.buffer_kb))
-        event = "events/fuse/fuse_request_send/"
-        self._write(event + "filter", f"connection == {self.connection}")
-        self._write(event + "enable", "1")
+        for event in self.EVENTS:
+            self._write(event + "filter", f"connection == {self.connection}")
+            self._write(event + "enable", "1")
         self._write("tracing_on", "1")
 
     def stop(self) -> collections.Counter[str]:
         self._write("tracing_on", "0")
         counts: collections.Counter[str] = collections.Counter()
+        sent: dict[bytes, tuple[str, float]] = {}
+        waited: dict[str, float] = collections.defaultdict(float)
         with open(os.path.join(self.dir, "trace"), "rb") as f:
             for line in f:
-                m = _OPCODE.search(line)
-                if m:
-                    counts[m.group(1).decode().removeprefix("FUSE_")] += 1
+                found = _EVENT.search(line)
+                if found is None:
+                    continue
+                when, kind, req = float(found.group(1)), found.group(2), found.group(3)
+                if kind == b"send":
+                    m = _OPCODE.search(line)
+                    if m:
+                        op = m.group(1).decode().removeprefix("FUSE_")
+                        counts[op] += 1
+                        sent[req] = (op, when)
+                elif req in sent:  # a FORGET is sent and never ended: it has no reply
+                    op, then = sent.pop(req)
+                    waited[op] += when - then
+        self.waited = dict(waited)
         overrun = 0
         for cpu in os.listdir(os.path.join(self.dir, "per_cpu")):
             with open(os.path.join(self.dir, "per_cpu", cpu, "stats"), encoding="ascii") as st:
                 for text in st:
                     if text.startswith("overrun:"):
                         overrun += int(text.split()[1])
-        self._write("events/fuse/fuse_request_send/enable", "0")
+        for event in self.EVENTS:
+            self._write(event + "enable", "0")
         os.rmdir(self.dir)
         if overrun:
             counts["LOST"] = overrun
@@ -164,13 +186,26 @@ def measure(stack: Stack, wl: str) -> dict[str, object]:
         what = run_workload(wl, stack.mnt)
         secs = time.perf_counter() - t0
         counts = trace.stop() if trace else collections.Counter()
+        waited = trace.waited if trace else {}
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         rss = sum(vm_hwm_kib(p) for p in pids) / 1024
     finally:
         stack.unmount()
     return {"stack": stack.name, "workload": wl, "seconds": secs, "cpu": cpu, "rss_mib": rss, "load": load,
             "requests": dict(counts.most_common()), "total": sum(counts.values()),
-            "result": what}
+            "waited": waited, "result": what}
+
+
+def report(r: dict[str, Any]) -> str:
+    """One line per measurement: wall time, daemon CPU and memory, then per opcode the count
+    and the milliseconds callers waited on it."""
+    waited: dict[str, float] = r["waited"]
+    reqs = " ".join(f"{op} {n}" + (f" ({waited[op] * 1000:.1f} ms)" if op in waited else "")
+                    for op, n in r["requests"].items())
+    in_requests = f"  in requests {sum(waited.values()):.3f} s" if waited else ""
+    return (f"{r['stack']:8} {r['workload']:9} {r['seconds']:.3f} s  daemon CPU {r['cpu']:.3f} s"
+            f"  peak RSS {r['rss_mib']:.0f} MiB  load {r['load']:.1f}{in_requests}"
+            f"  requests {r['total']}: {reqs}  [{r['result']}]")
 
 
 def stacks_named(names: list[str], layers: list[Path], work: Path,
@@ -210,11 +245,7 @@ def main() -> int:
         for wl in ns.workloads.split(","):
             for stack in stacks:
                 r = measure(stack, wl)
-                reqs = " ".join(f"{k} {v}" for k, v in r["requests"].items())  # type: ignore
-                print(f"{r['stack']:8} {wl:9} {r['seconds']:.3f} s  daemon CPU {r['cpu']:.3f} s"
-                      f"  peak RSS {r['rss_mib']:.0f} MiB"
-                      f"  load {r['load']:.1f}  requests {r['total']}: {reqs}  [{r['result']}]",
-                      flush=True)
+                print(report(r), flush=True)
     return 0
 
 
