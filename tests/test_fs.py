@@ -224,59 +224,52 @@ async def test_large_compressed_reads(threads: int, stateless: bool) -> None:
     assert data == want.read(0, want.size)
 
 
-async def test_a_file_looked_up_is_hinted_and_its_rest_after_its_first_read() -> None:
-    # the layer file is asked (Blob.prefetch) for a file's first bytes at its lookup, and for
-    # the rest after a first read that did not reach its end; directories and later reads get
-    # no hint (read-around windows off, so that only these hints show)
+def hinting(defer_hints: bool) -> tuple[WatchedBlob, Image, Operations]:
+    """Operations over noinline.erofs in a blob that notes its hints (read-around windows off,
+    so that only the operations' hints show)."""
     blob = WatchedBlob(corpus("noinline.erofs"))
     image = Image(blob, readaround_bytes=0)
-    ops = Operations(MergedTree([image]), defer_hints=False)
+    return blob, image, Operations(MergedTree([image]), defer_hints=defer_hints)
+
+
+@pytest.mark.parametrize("deferred", [pytest.param(False, id="at-once"),
+                                      pytest.param(True, id="after-reply")])
+async def test_a_file_looked_up_is_hinted_and_its_rest_after_its_first_read(
+        deferred: bool) -> None:
+    # the layer file is asked (Blob.prefetch) for a file's first bytes at its lookup, and for
+    # the rest after a first read that did not reach its end; directories and later reads get
+    # no hint. With defer_hints (the patched pyfuse3: AFTER_REPLY) a request's hints are given
+    # by after_reply, which the request loop calls once the reply is sent, and only once
+    blob, image, ops = hinting(deferred)
+
+    def given() -> list[tuple[int, int]]:
+        if deferred:
+            assert blob.hints() == []
+            ops.after_reply()
+            ops.after_reply()
+        hints = blob.hints()
+        blob.events.clear()
+        return hints
+
     inode = image.lookup("big/zeros-with-tail.bin")
     start = inode.info.startblk * image.superblock.block_size
     big = await resolve(ops, "big")
-    blob.events.clear()
+    given()
     attr = await ops.lookup(big.st_ino, b"zeros-with-tail.bin")
-    assert blob.hints() == [(start, min(inode.size, LOOKUP_PREFETCH_BYTES))]
+    assert given() == [(start, min(inode.size, LOOKUP_PREFETCH_BYTES))]
     fh = await open_file(ops, attr.st_ino)
-    blob.events.clear()
     assert await ops.read(fh, 0, 65536) == inode.read(0, 65536)
-    assert blob.hints() == [(start + 65536, inode.size - 65536)]
-    blob.events.clear()
+    assert given() == [(start + 65536, inode.size - 65536)]
     await ops.read(fh, 65536, 65536)  # not a first read
     await ops.read(fh, 0, inode.size)  # one that reaches the end
     await ops.lookup(ROOT, b"big")  # a directory
-    assert blob.hints() == []
-
-
-async def test_hints_wait_for_the_reply() -> None:
-    # with defer_hints (the patched pyfuse3: AFTER_REPLY) a request's hints are given by
-    # after_reply, which the request loop calls once the reply is sent, in the order asked
-    blob = WatchedBlob(corpus("noinline.erofs"))
-    image = Image(blob, readaround_bytes=0)
-    ops = Operations(MergedTree([image]), defer_hints=True)
-    inode = image.lookup("big/zeros-with-tail.bin")
-    start = inode.info.startblk * image.superblock.block_size
-    big = await resolve(ops, "big")
-    blob.events.clear()
-    attr = await ops.lookup(big.st_ino, b"zeros-with-tail.bin")
-    assert blob.hints() == []
-    ops.after_reply()
-    assert blob.hints() == [(start, min(inode.size, LOOKUP_PREFETCH_BYTES))]
-    fh = await open_file(ops, attr.st_ino)
-    blob.events.clear()
-    assert await ops.read(fh, 0, 65536) == inode.read(0, 65536)
-    assert blob.hints() == []
-    ops.after_reply()
-    ops.after_reply()  # given once
-    assert blob.hints() == [(start + 65536, inode.size - 65536)]
+    assert given() == []
 
 
 async def test_hints_nobody_collects_are_given_at_once() -> None:
     # a loop that never calls after_reply (stock pyfuse3 has no such call) holds at most
     # MAX_DEFERRED_HINTS of them; past that each is given when asked
-    blob = WatchedBlob(corpus("noinline.erofs"))
-    image = Image(blob, readaround_bytes=0)
-    ops = Operations(MergedTree([image]), defer_hints=True)
+    blob, _, ops = hinting(True)
     big = await resolve(ops, "big")
     ops.after_reply()
     blob.events.clear()
@@ -291,9 +284,7 @@ async def test_a_failing_hint_does_not_reach_the_request_loop(
         caplog: pytest.LogCaptureFixture) -> None:
     # after_reply runs outside every handler's errno boundary, in pyfuse3's loop: a hint that
     # raises (a bug) is noted at debug level and the later hints are still given
-    blob = WatchedBlob(corpus("noinline.erofs"))
-    image = Image(blob, readaround_bytes=0)
-    ops = Operations(MergedTree([image]), defer_hints=True)
+    blob, _, ops = hinting(True)
     big = await resolve(ops, "big")
     await ops.lookup(big.st_ino, b"zeros-with-tail.bin")
     await ops.lookup(big.st_ino, b"zeros-with-tail.bin")
