@@ -17,6 +17,7 @@ import threading
 from io import StringIO
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import pytest
 from hypothesis import assume, given, settings
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 from erofs_fuse.blob import Blob, FileBlob
 from erofs_fuse.erofs import ondisk as d
+from erofs_fuse.erofs import space
 from erofs_fuse.erofs.extent import Source
 from erofs_fuse.erofs.image import Image, Inode
 from erofs_fuse.cli import main as cli_main
@@ -669,7 +671,9 @@ def tree_contents(image: Image) -> dict[bytes, tuple[int, bytes, list[tuple[byte
 
 
 class Footprints:
-    """For one image: each entry's contents and the blocks a fresh Image reads to get them."""
+    """For one image: each entry's contents and the blocks a fresh Image needs to get them
+    (metadata read a block at a time: the clusters read ahead are not needed, and a bad block
+    in one must fail only the reads that need it)."""
 
     def __init__(self, path: str) -> None:
         with Image(FileBlob(path)) as image:
@@ -677,12 +681,13 @@ class Footprints:
         self.reference: dict[bytes, object] = {}
         self.blocks: dict[bytes, set[int]] = {}
         rec = RecordingBlob(FileBlob(path))
-        Image(rec)
-        self.open_blocks = set(rec.blocks)
-        for p in self.paths:
-            rec.blocks.clear()
-            self.reference[p] = access(Image(rec), p)
-            self.blocks[p] = set(rec.blocks)
+        with mock.patch.object(space, "CLUSTER_BYTES", BS):
+            Image(rec)
+            self.open_blocks = set(rec.blocks)
+            for p in self.paths:
+                rec.blocks.clear()
+                self.reference[p] = access(Image(rec), p)
+                self.blocks[p] = set(rec.blocks)
         rec.close()
 
 

@@ -52,11 +52,12 @@ _STRAY_ERRORS = (struct.error, IndexError, ValueError, OverflowError, KeyError, 
                  MemoryError)
 
 
-# Metadata read-around: a metadata block missing from our cache is read alone, and the kernel is
-# then asked (``Blob.prefetch``) to read the aligned window around it into its page cache. mkfs
-# puts inodes, inline data and directories near their parents, so the blocks asked for next are
-# mostly there already: a cold walk of the bench rootfs issued ~2300 random 4 KiB reads, one disk
-# round trip each (0.84 s of a 1.7 s walk); with 256 KiB windows it took 1.1 s -> 0.89 s in-process.
+# Metadata read-around: a metadata block missing from our cache is read with its 64 KiB cluster
+# (``space.CLUSTER_BYTES``), and the kernel is then asked (``Blob.prefetch``) to read the
+# aligned window around it into its page cache. mkfs puts inodes, inline data and directories
+# near their parents, so the blocks asked for next are mostly there already: a cold walk of the
+# bench rootfs issued ~2300 random 4 KiB reads, one disk round trip each (0.84 s of a 1.7 s
+# walk); with 256 KiB windows it took 1.1 s -> 0.89 s in-process.
 READAROUND_BYTES = 256 << 10
 # Inodes about to be parsed one after the other (a directory's entries, listed) are first asked
 # for all at once (``Image.prefetch_inodes``): their blocks, which need not be near each other
