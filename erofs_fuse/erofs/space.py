@@ -36,10 +36,10 @@ class BlockCachedSpace:
     Metadata (inodes, xattrs, inline tails, indexes) is read in many small pieces clustered in
     few blocks; reading and caching whole blocks turns those into one read per block, and when
     the underlying blob verifies hashes, into one verification per block. A missing block is
-    read with its cluster (``CLUSTER_BYTES``); a cluster that cannot be read whole (a bad
-    block in it) is read a block at a time from then on, so a bad
-    block fails only its own reads. The cache holds only bytes the underlying space returned,
-    so it never holds unverified bytes.
+    read with its cluster (``CLUSTER_BYTES``); a cluster that cannot be read whole (a bad block
+    in it) is read a block at a time from then on, so a bad block fails only its own reads.
+    The cache holds only bytes the underlying space returned, so it never holds unverified
+    bytes.
     """
 
     def __init__(self, inner: Space, block_size: int = 4096, max_bytes: int = 16 << 20) -> None:
