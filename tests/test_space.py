@@ -1,6 +1,7 @@
 """``erofs/space.py``: metadata read through a cache of whole blocks, a missing block with the
-rest of its aligned cluster (``CLUSTER_BYTES``), and a cluster with a bad block in it a block
-at a time, so that a bad block fails only the reads that cover it."""
+rest of its aligned cluster (``CLUSTER_BYTES``) while the first clusters read show that their
+other blocks get used, and a cluster with a bad block in it a block at a time, so that a bad
+block fails only the reads that cover it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from hypothesis import strategies as st
 import pytest
 
 from erofs_fuse.erofs.errors import CorruptImageError
-from erofs_fuse.erofs.space import CLUSTER_BYTES, BlockCachedSpace
+from erofs_fuse.erofs.space import CLUSTER_BYTES, MIN_USED_PER_CLUSTER, SAMPLE_CLUSTERS, \
+    BlockCachedSpace
 
 BLOCK = 4096
 CLUSTER = CLUSTER_BYTES // BLOCK  # blocks per cluster
@@ -71,6 +73,27 @@ def test_a_bad_block_fails_only_its_own_reads() -> None:
     inner.reads.clear()
     assert space.read(2 * BLOCK, 10) == inner.data[2 * BLOCK:][:10]
     assert inner.reads == [(0, CLUSTER_BYTES)]  # other clusters as before
+
+
+@pytest.mark.parametrize("used", [MIN_USED_PER_CLUSTER - 1, MIN_USED_PER_CLUSTER])
+def test_clusters_go_on_only_while_their_blocks_get_used(used: int) -> None:
+    # metadata interleaved with file data (erofs-utils 1.5): the first SAMPLE_CLUSTERS cluster
+    # reads, of which the reads after use ``used`` blocks each besides the one that missed,
+    # decide whether later misses come with their cluster or alone
+    inner = Inner((SAMPLE_CLUSTERS + 2) * CLUSTER_BYTES)
+    space = BlockCachedSpace(inner, BLOCK)
+    for cluster in range(SAMPLE_CLUSTERS):
+        for block in range(cluster * CLUSTER, cluster * CLUSTER + 1 + used):
+            assert space.read(block * BLOCK, 1) == inner.data[block * BLOCK:][:1]
+    assert len(inner.reads) == SAMPLE_CLUSTERS
+    inner.reads.clear()
+    block = SAMPLE_CLUSTERS * CLUSTER + 2  # the next miss is read as judged
+    assert space.read(block * BLOCK, 1) == inner.data[block * BLOCK:][:1]
+    if used >= MIN_USED_PER_CLUSTER:
+        assert space.clustering and inner.reads == [(SAMPLE_CLUSTERS * CLUSTER_BYTES,
+                                                     CLUSTER_BYTES)]
+    else:
+        assert not space.clustering and inner.reads == [(block * BLOCK, BLOCK)]
 
 
 @settings(max_examples=300, deadline=None)
