@@ -15,17 +15,18 @@ from .lru import Lru
 # A metadata block missing from the cache is read with the rest of its aligned cluster of this
 # many bytes, in one read (one verification, on a verified layer): mkfs puts a directory's
 # inodes, inline data and entries next to each other, so the blocks read next are mostly
-# there. In-process, a walk of the bench stack's verified layers missed 2,998 blocks, which
-# fall in 199 clusters of 64 KiB (the python imports: 376 in 55), for about the same bytes
-# hashed (13 MB against 12 MB) in 15 times fewer calls.
+# there. In-process, a walk of the verified layers our writer made of bench-snapshotter's image
+# missed 2,998 blocks, which fall in 199 clusters of 64 KiB (the python imports: 376 in 55), for
+# about the same bytes hashed (13 MB against 12 MB) in 15 times fewer calls.
 CLUSTER_BYTES = 64 << 10
 # Cluster reads pay only where metadata is packed: erofs-utils 1.5 interleaves it with file data,
-# and there a walk of the bench stack used 3.0 of each cluster's 16 blocks, churned the block
-# cache and took 11-18% longer (our writer's layers: 15.1). So a space's first SAMPLE_CLUSTERS
-# cluster reads are watched: unless later reads asked for MIN_USED_PER_CLUSTER of each one's
-# other blocks on average, the space goes back to a block at a time for good. (Judged on fewer
-# reads, the start of a walk looked sparse even in our layers: the base layer's first 16
-# clusters gave 3.4 blocks each, its first 32 gave 9.0; the bench stack's 1.1 and 0.8.)
+# and there a walk of scripts/bench's stack used 3.0 of each cluster's 16 blocks, churned the
+# block cache and took 11-18% longer (our writer's layers: 15.1). So a space's first
+# SAMPLE_CLUSTERS cluster reads are watched: unless later reads asked for MIN_USED_PER_CLUSTER
+# of each one's other blocks on average, the space goes back to a block at a time for good.
+# (Judged on fewer reads, the start of a walk looked sparse even in our layers: the base
+# layer's first 16 clusters gave 3.4 blocks each, its first 32 gave 9.0; scripts/bench's
+# stack 1.1 and 0.8.)
 SAMPLE_CLUSTERS = 32
 MIN_USED_PER_CLUSTER = 4
 
