@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 import pytest
 
 from erofs_fuse.erofs.errors import CorruptImageError
-from erofs_fuse.erofs.space import CLUSTER_BYTES, MIN_USED_PER_CLUSTER, SAMPLE_CLUSTERS, \
-    BlockCachedSpace
+from erofs_fuse.erofs.space import CLUSTER_BYTES, MAX_FAILED_CLUSTERS, MIN_USED_PER_CLUSTER, \
+    SAMPLE_CLUSTERS, BlockCachedSpace
 
 BLOCK = 4096
 CLUSTER = CLUSTER_BYTES // BLOCK  # blocks per cluster
@@ -73,6 +73,22 @@ def test_a_bad_block_fails_only_its_own_reads() -> None:
     inner.reads.clear()
     assert space.read(2 * BLOCK, 10) == inner.data[2 * BLOCK:][:10]
     assert inner.reads == [(0, CLUSTER_BYTES)]  # other clusters as before
+
+
+def test_a_layer_bad_all_over_is_read_a_block_at_a_time() -> None:
+    # failed clusters are remembered up to MAX_FAILED_CLUSTERS (memory stays bounded on a
+    # hostile layer); past that, no cluster is tried again
+    clusters = MAX_FAILED_CLUSTERS + 3
+    inner = Inner(clusters * CLUSTER_BYTES, {c * CLUSTER for c in range(clusters)})
+    space = BlockCachedSpace(inner, BLOCK)
+    for c in range(clusters):
+        block = c * CLUSTER + 1
+        assert space.read(block * BLOCK, 1) == inner.data[block * BLOCK:][:1]
+    assert not space.clustering
+    # one cluster try per cluster until the limit, then single blocks only
+    assert sum(1 for _, length in inner.reads if length == CLUSTER_BYTES) == MAX_FAILED_CLUSTERS + 1
+    with pytest.raises(CorruptImageError):
+        space.read(0, 1)
 
 
 @pytest.mark.parametrize("used", [MIN_USED_PER_CLUSTER - 1, MIN_USED_PER_CLUSTER])

@@ -29,6 +29,9 @@ CLUSTER_BYTES = 64 << 10
 # stack 1.1 and 0.8.)
 SAMPLE_CLUSTERS = 32
 MIN_USED_PER_CLUSTER = 4
+# Clusters that failed, remembered at most: past this many (a layer damaged all over, or a
+# hostile one) the space reads a block at a time for good, and remembers no more.
+MAX_FAILED_CLUSTERS = 64
 
 
 class Space(Protocol):
@@ -47,7 +50,8 @@ class BlockCachedSpace:
     few blocks; reading and caching whole blocks turns those into one read per block, and when
     the underlying blob verifies hashes, into one verification per block. A missing block is
     read with its cluster (``CLUSTER_BYTES``); a cluster that cannot be read whole (a bad block
-    in it) is read a block at a time from then on, so a bad block fails only its own reads.
+    in it) is read a block at a time from then on (past ``MAX_FAILED_CLUSTERS`` of them, the
+    whole space is), so a bad block fails only its own reads.
     The cache holds only bytes the underlying space returned, so it never holds unverified
     bytes.
     """
@@ -129,7 +133,10 @@ class BlockCachedSpace:
             data = self._inner.read(start, min(1 << self._cluster_bits, self.size - start))
         except ErofsError:
             with self._lock:
-                self._single.add(cluster)
+                if len(self._single) < MAX_FAILED_CLUSTERS:
+                    self._single.add(cluster)
+                else:
+                    self.clustering = False
             return None
         bits, size = self._bits, 1 << self._bits
         first = start >> bits
