@@ -11,18 +11,23 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import termios
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from devtools.bench.requests import RequestTrace, answered, kernel_dev, report
+from devtools.bench.requests import RequestTrace, answered, kernel_dev, measure, report, \
+    stacks_named, warm
 from devtools.bench.stacks import ErofsFuseStack, cpu_seconds
 from erofs_fuse.fuse.daemon import READ_AHEAD_KB
 from helpers import corpus, kernel_erofs
 from mounting import fuse_mount
+
+Counts = dict[str, int]
 
 
 def test_counts_this_mounts_requests_by_opcode() -> None:
@@ -162,3 +167,34 @@ def test_a_workload_is_measured_on_a_mount_that_answers(tmp_path: Path) -> None:
             assert int(f.read()) == READ_AHEAD_KB  # raised by the first request served
     finally:
         stack.unmount()
+
+
+def test_a_held_stack_is_measured_on_one_warmed_daemon_that_verifies(tmp_path: Path) -> None:
+    # --held --verity: a container's view of a snapshotter's chain mount. The same daemon serves
+    # every measurement and keeps its caches while the kernel's are dropped: a walk then reads
+    # no layer bytes, a read of everything reads the files' data again (the kernel asks anew),
+    # and the daemon checks every block against the roots that seal made
+    layer = tmp_path / "plain.erofs"
+    shutil.copyfile(corpus("plain.erofs"), layer)
+    (stack,) = stacks_named(["fuse"], [layer], tmp_path / "work", "", "noxattr", verity=True)
+    stack.mount()
+    try:
+        answered(stack)
+        warm(stack)
+        (pid,) = stack.daemon_pids()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert b"--require-verity" in argv and b"--verity-roots" in argv
+        walk = measure(stack, "walk", held=True)
+        read_all = measure(stack, "read-all", held=True)
+        assert stack.daemon_pids() == [pid]  # still mounted, by the same daemon
+    finally:
+        stack.unmount()
+    walk_requests, read_requests = cast(Counts, walk["requests"]), cast(Counts, read_all["requests"])
+    assert walk["held"] and walk_requests.get("READDIRPLUS", 0) >= 1
+    assert read_requests.get("READ", 0) >= 1
+    walk_read, read_all_read = cast(float, walk["read_mib"]), cast(float, read_all["read_mib"])
+    # the largest file (256 KiB and 4 bytes, not inline in the metadata the daemon keeps) at least
+    assert read_all_read * 2**20 >= 262148
+    assert walk_read < read_all_read
+    assert "read " in report(read_all)

@@ -2,20 +2,32 @@
 """FUSE requests by opcode and daemon CPU per workload: numbers that do not depend on load.
 
 Usage: python3 -m devtools.bench.requests [--stacks fuse,overlay,kernel] [--workloads ...]
-           [--ovl-opts OPTS] [--mount-opts OPTS] [--runs N] [--layers L0,L1,L2] [--work DIR]
+           [--ovl-opts OPTS] [--mount-opts OPTS] [--verity] [--held] [--runs N]
+           [--layers L0,L1,L2] [--work DIR]
 
 Stacks, over the same layers: ``fuse`` (erofs-fuse alone), ``overlay`` (kernel overlayfs with
 the erofs-fuse mount as its one lowerdir, an upperdir and a workdir: what the snapshotter hands
 a container; ``--ovl-opts`` adds mount options; ``--mount-opts`` adds ``-o`` options of
 erofs-fuse mount to both FUSE stacks, e.g. ``noxattr`` as the snapshotter mounts xattr-free
 chains), ``kernel`` (kernel erofs + overlayfs: no FUSE requests, wall time only). Workloads:
-walk, read-all, python (as ``scripts/bench``), each on a fresh mount after dropping caches.
+walk, read-all, python (as ``scripts/bench``), after dropping caches.
+
+``--verity``: the FUSE stacks check every block against ``erofs-fuse seal`` roots
+(``--verity-roots``, ``--require-verity``), as the snapshotter's chain mounts do.
+``--held``: each stack is mounted once and its daemon warmed by one untimed walk and read-all,
+then every measurement drops the kernel's caches only: a container's view of a snapshotter's
+chain mount, which the image's containers share and which outlives each of them. Without it each
+measurement mounts afresh (the daemon's caches cold too, as a first use after ``mount``). The
+two answer different questions: on the bench stack's python imports a fresh mount spent 20 ms
+in READDIRPLUS (listings merged and inodes parsed for the first time), a held one 2 ms.
 
 Requests are counted with the kernel's ``fuse:fuse_request_send`` tracepoint in a tracefs
 instance of our own (other users of tracing are not disturbed), filtered to the connection of
 the erofs-fuse mount. With ``fuse:fuse_request_end`` as well, each opcode's requests are also
 timed from send to end: how long callers waited on the daemon in all (the reply's trip back
-and the caller's wake-up after it are not in it). Needs root.
+and the caller's wake-up after it are not in it). The daemon's read bytes (``rchar`` of
+/proc/PID/io: its layers, and the requests themselves, a few KiB) say how much data crossed it.
+Needs root.
 """
 
 from __future__ import annotations
@@ -31,8 +43,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from devtools.bench.stacks import ErofsFuseStack, KernelStack, Stack, check, cpu_seconds, \
-    force_unmount, vm_hwm_kib
+from devtools.bench.stacks import ErofsFuseStack, KernelStack, Stack, check, children_of, \
+    cpu_seconds, force_unmount, seal, vm_hwm_kib
 
 TRACEFS = "/sys/kernel/tracing"
 _OPCODE = re.compile(rb"opcode \d+ \((\w+)\)")
@@ -169,9 +181,32 @@ def answered(stack: Stack) -> None:
         os.stat(getattr(stack, "fuse_mnt", stack.mnt))
 
 
-def measure(stack: Stack, wl: str) -> dict[str, object]:
+def read_bytes(pid: int) -> int:
+    """Bytes ``pid`` and the processes it started (erofs-fuse's object worker) have read with
+    read syscalls so far (``rchar``); a process that is gone counts 0."""
+    total = 0
+    for p in [pid, *children_of(pid)]:
+        try:
+            with open(f"/proc/{p}/io", encoding="ascii") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+        except (OSError, StopIteration, ValueError):
+            pass
+    return total
+
+
+def warm(stack: Stack) -> None:
+    """What a held chain mount has seen before a container's workload: one walk and one read of
+    everything (untimed)."""
+    for wl in ("walk", "read-all"):
+        run_workload(wl, stack.mnt)
+
+
+def measure(stack: Stack, wl: str, held: bool = False) -> dict[str, object]:
+    """One cold run of ``wl``: on a fresh mount, or (``held``) on the stack's mount as it is,
+    which the caller has made and warmed."""
     drop_caches()
-    stack.mount()
+    if not held:
+        stack.mount()
     try:
         answered(stack)
         fuse_mnt = getattr(stack, "fuse_mnt", stack.mnt)
@@ -179,6 +214,7 @@ def measure(stack: Stack, wl: str) -> dict[str, object]:
         drop_caches()
         pids = stack.daemon_pids()
         cpu0 = sum(cpu_seconds(p) for p in pids)
+        read0 = sum(read_bytes(p) for p in pids)
         if trace:
             trace.start()
         load = os.getloadavg()[0]
@@ -188,10 +224,13 @@ def measure(stack: Stack, wl: str) -> dict[str, object]:
         counts = trace.stop() if trace else collections.Counter()
         waited = trace.waited if trace else {}
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        read = sum(read_bytes(p) for p in pids) - read0
         rss = sum(vm_hwm_kib(p) for p in pids) / 1024
     finally:
-        stack.unmount()
-    return {"stack": stack.name, "workload": wl, "seconds": secs, "cpu": cpu, "rss_mib": rss, "load": load,
+        if not held:
+            stack.unmount()
+    return {"stack": stack.name, "workload": wl, "seconds": secs, "cpu": cpu, "rss_mib": rss,
+            "read_mib": read / 2**20, "load": load, "held": held,
             "requests": dict(counts.most_common()), "total": sum(counts.values()),
             "waited": waited, "result": what}
 
@@ -203,14 +242,18 @@ def report(r: dict[str, Any]) -> str:
     reqs = " ".join(f"{op} {n}" + (f" ({waited[op] * 1000:.1f} ms)" if op in waited else "")
                     for op, n in r["requests"].items())
     in_requests = f"  in requests {sum(waited.values()):.3f} s" if waited else ""
+    read = f"  read {r['read_mib']:.1f} MiB" if r.get("read_mib") else ""
     return (f"{r['stack']:8} {r['workload']:9} {r['seconds']:.3f} s  daemon CPU {r['cpu']:.3f} s"
-            f"  peak RSS {r['rss_mib']:.0f} MiB  load {r['load']:.1f}{in_requests}"
+            f"{read}  peak RSS {r['rss_mib']:.0f} MiB  load {r['load']:.1f}{in_requests}"
             f"  requests {r['total']}: {reqs}  [{r['result']}]")
 
 
 def stacks_named(names: list[str], layers: list[Path], work: Path,
-                 ovl_opts: str, mount_opts: str = "") -> Iterator[Stack]:
+                 ovl_opts: str, mount_opts: str = "", verity: bool = False) -> Iterator[Stack]:
     extra = ["-o", mount_opts] if mount_opts else []
+    if verity and {"fuse", "overlay"} & set(names):
+        work.mkdir(parents=True, exist_ok=True)
+        extra += ["--verity-roots", str(seal(layers, work)), "--require-verity"]
     for name in names:
         base = work / name
         base.mkdir(parents=True, exist_ok=True)
@@ -232,6 +275,10 @@ def main() -> int:
     p.add_argument("--workloads", default="walk,read-all,python")
     p.add_argument("--ovl-opts", default="")
     p.add_argument("--mount-opts", default="", help="-o options of erofs-fuse mount")
+    p.add_argument("--verity", action="store_true",
+                   help="the FUSE stacks verify every block (erofs-fuse seal roots)")
+    p.add_argument("--held", action="store_true",
+                   help="mount each stack once and warm its daemon; drop only kernel caches")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--layers", default=",".join(
         f"/var/tmp/erofs-fuse-bench/layer{k}.erofs" for k in range(3)))
@@ -240,12 +287,22 @@ def main() -> int:
     layers = [Path(x) for x in ns.layers.split(",")]
     work = Path(ns.work)
     stacks = list(stacks_named(ns.stacks.split(","), layers, work, ns.ovl_opts,
-                                ns.mount_opts))
-    for _ in range(ns.runs):
-        for wl in ns.workloads.split(","):
+                                ns.mount_opts, ns.verity))
+    mounted: list[Stack] = []
+    try:
+        if ns.held:
             for stack in stacks:
-                r = measure(stack, wl)
-                print(report(r), flush=True)
+                stack.mount()
+                mounted.append(stack)
+                answered(stack)
+                warm(stack)
+        for _ in range(ns.runs):
+            for wl in ns.workloads.split(","):
+                for stack in stacks:
+                    print(report(measure(stack, wl, held=ns.held)), flush=True)
+    finally:
+        for stack in mounted:
+            stack.unmount()
     return 0
 
 
