@@ -121,3 +121,27 @@ def test_read_ahead_thread_takes_no_signal() -> None:
     finally:
         ahead.close()
     assert {signal.SIGTERM, signal.SIGINT} <= blocked[0]
+
+
+def test_read_ahead_thread_is_born_with_signals_blocked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not blocked by its own first act, which leaves an instant in which the kernel may hand it
+    a process-directed SIGINT: the main thread, asleep in the queue, would never wake. The
+    creating thread's mask is as it was."""
+    import signal
+
+    at_birth: list[set[signal.Signals]] = []
+    run = source._ReadAhead._run
+
+    def probe(self: source._ReadAhead, chunks: Iterator[bytes]) -> None:
+        at_birth.append(signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+        run(self, chunks)
+
+    monkeypatch.setattr(source._ReadAhead, "_run", probe)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    ahead = source._ReadAhead(iter([b"x"]))
+    try:
+        assert ahead.next() == b"x" and ahead.next() == b""
+    finally:
+        ahead.close()
+    assert {signal.SIGINT, signal.SIGTERM} <= at_birth[0]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before

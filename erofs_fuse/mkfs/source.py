@@ -254,7 +254,15 @@ class _ReadAhead:
         self._done = False
         self._thread = threading.Thread(target=self._run, args=(chunks,), daemon=True,
                                         name="erofs-fuse-read-ahead")
-        self._thread.start()
+        # Born with every signal blocked (a thread inherits its creator's mask), not blocking
+        # them as its first act: a SIGINT the kernel handed it in that instant left the main
+        # thread asleep in the queue's lock (only a signal to the main thread interrupts it), and
+        # `convert -` from a pipe held open hung (seen once in .ci/run: test_convert's SIGINT case)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _run(self, chunks: Iterator[bytes]) -> None:
         # Signals are the main thread's: a process-directed one (a worker's SIGTERM, which it
