@@ -255,9 +255,9 @@ class _ReadAhead:
         self._thread = threading.Thread(target=self._run, args=(chunks,), daemon=True,
                                         name="erofs-fuse-read-ahead")
         # Born with every signal blocked (a thread inherits its creator's mask), not blocking
-        # them as its first act: a SIGINT the kernel handed it in that instant left the main
-        # thread asleep in the queue's lock (only a signal to the main thread interrupts it), and
-        # `convert -` from a pipe held open hung (seen once in .ci/run: test_convert's SIGINT case)
+        # them as its first act: a SIGINT the kernel handed it in that instant would leave the
+        # main thread asleep in the queue's lock (only a signal to the main thread interrupts
+        # it), and `convert -` reading a pipe held open would never end
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             self._thread.start()
