@@ -4,5 +4,7 @@ and hash_blocks hashes in Python, with the same results, about 2.5x slower on la
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("erofs_fuse.verity._blockhash", ["erofs_fuse/verity/_blockhash.c"],
-                             libraries=["crypto"], optional=True)])
+setup(ext_modules=[Extension(
+    "erofs_fuse.verity._blockhash",
+    ["erofs_fuse/verity/_blockhash.c", "erofs_fuse/verity/sha256ni.c"],
+    depends=["erofs_fuse/verity/sha256ni.h"], libraries=["crypto"], optional=True)])

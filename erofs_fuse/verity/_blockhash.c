@@ -6,6 +6,10 @@
  * work (they hand the GIL back and forth 256 times per MiB), and the per-block call costs
  * about a tenth on top. Here one call hashes the whole buffer with OpenSSL's EVP API (the
  * same library hashlib uses), the second half on a thread of its own when the buffer is large.
+ * SHA-256 without salt of blocks a multiple of 64 bytes (fs-verity's defaults, erofs-fuse
+ * seal's trees) goes through sha256ni.c instead where the CPU has the SHA extensions: two blocks
+ * at a time on each thread, 1.9x OpenSSL's speed on this project's AMD EPYC VM.
+ * EROFS_FUSE_HASH=openssl (read at import) keeps OpenSSL for all, to compare.
  *
  * digests(alg, prefix, suffix, data, block_size, slot_size, threads) -> bytes
  *   For each block of `data` (a partial last block zero-padded to block_size), the digest of
@@ -15,14 +19,21 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <openssl/evp.h>
+#include <openssl/obj_mac.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include "sha256ni.h"
 
 #define MAX_BLOCK (1 << 16)       /* formats.MAX_BLOCK_SIZE */
 #define MAX_SLOT 128              /* a digest padded to a power of two (dm-verity), at most */
 /* Below this a second thread saves nothing: starting and joining one costs 30-40 us on the
  * 2-CPU VM, and one thread hashes 256 KiB in about 150 us (SHA-256 with SHA-NI). */
 #define TWO_THREADS_MIN (256 << 10)
+/* The same with the SHA extensions, which hash 256 KiB in 81 us on one thread: two took 91 us
+ * there, 115 against 121 at 384 KiB, 134 against 163 at 512 KiB. */
+#define TWO_THREADS_MIN_NI (512 << 10)
 
 static const unsigned char zeros[MAX_BLOCK];
 
@@ -32,18 +43,32 @@ typedef struct {
     size_t prefix_len, suffix_len, len, block, slot;
     size_t first, stop; /* this job's blocks: [first, stop) */
     unsigned char *out;
+    int fast; /* whole blocks go through sha256ni_digests */
     int failed;
 } Job;
+
+static int sha_ni; /* the SHA extensions are there, and EROFS_FUSE_HASH does not say openssl */
 
 static void *hash_range(void *arg)
 {
     Job *job = arg;
+    size_t b = job->first;
+    if (job->fast) {
+        size_t whole = job->len / job->block;
+        size_t stop = job->stop < whole ? job->stop : whole;
+        if (b < stop)
+            sha256ni_digests(job->data, job->block, b, stop, job->out, job->slot);
+        if (stop > b)
+            b = stop;
+        if (b >= job->stop)
+            return NULL;  /* no partial last block left for OpenSSL */
+    }
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     if (ctx == NULL) {
         job->failed = 1;
         return NULL;
     }
-    for (size_t b = job->first; b < job->stop; b++) {
+    for (; b < job->stop; b++) {
         size_t pos = b * job->block;
         size_t n = job->len - pos < job->block ? job->len - pos : job->block;
         if (!EVP_DigestInit_ex(ctx, job->md, NULL)
@@ -110,12 +135,15 @@ static PyObject *digests(PyObject *self, PyObject *args)
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
     if (slot > size)
         memset(out, 0, count * (size_t)slot);
+    int fast = sha_ni && EVP_MD_get_type(md) == NID_sha256 && prefix.len == 0
+               && suffix.len == 0 && block % 64 == 0;
     Job jobs[2];
     for (int k = 0; k < 2; k++)
         jobs[k] = (Job){md, prefix.buf, suffix.buf, data.buf, (size_t)prefix.len,
                         (size_t)suffix.len, (size_t)data.len, (size_t)block, (size_t)slot,
-                        0, count, out, 0};
-    int two = threads > 1 && (size_t)data.len >= TWO_THREADS_MIN && count > 1;
+                        0, count, out, fast, 0};
+    size_t two_min = fast ? TWO_THREADS_MIN_NI : TWO_THREADS_MIN;
+    int two = threads > 1 && (size_t)data.len >= two_min && count > 1;
     Py_BEGIN_ALLOW_THREADS
     pthread_t helper;
     if (two) {
@@ -148,10 +176,15 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_blockhash", "Block digests outside the GIL (see the C source).",
-    -1, methods,
+    -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__blockhash(void)
 {
-    return PyModule_Create(&module);
+    const char *choice = getenv("EROFS_FUSE_HASH");
+    sha_ni = sha256ni_available() && !(choice != NULL && strcmp(choice, "openssl") == 0);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "SHA_NI", sha_ni) < 0)
+        Py_CLEAR(m);
+    return m;
 }

@@ -1,3 +1,6 @@
 # The compiled block hasher (_blockhash.c); optional, see build.hash_blocks.
 def digests(alg: str, prefix: bytes, suffix: bytes, data: bytes | memoryview, block_size: int,
             slot_size: int, threads: int) -> bytes: ...
+
+# 1 where SHA-256 of unsalted 64-byte-multiple blocks runs on the SHA extensions (sha256ni.c)
+SHA_NI: int
