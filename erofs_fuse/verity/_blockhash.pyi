@@ -2,5 +2,5 @@
 def digests(alg: str, prefix: bytes, suffix: bytes, data: bytes | memoryview, block_size: int,
             slot_size: int, threads: int) -> bytes: ...
 
-# 1 where SHA-256 of unsalted 64-byte-multiple blocks runs on the SHA extensions (sha256ni.c)
+# 1 where SHA-256 blocks are hashed on the x86 SHA extensions, two at a time (sha256ni.c)
 SHA_NI: int

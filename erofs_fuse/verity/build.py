@@ -56,8 +56,7 @@ def hash_blocks(params: HashParams, data: bytes | memoryview, block_size: int,
     """The concatenated slot-padded hashes of the blocks of ``data`` (a partial last block is
     zero-padded, as fs-verity does), hashed as ``params`` say: in C outside the GIL, on two
     threads for large buffers and two blocks at a time per thread on the SHA extensions for
-    unsalted SHA-256 (``_blockhash``, ``sha256ni.c``), where that module was built; else in
-    Python."""
+    SHA-256 (``_blockhash``, ``sha256ni.c``), where that module was built; else in Python."""
     if _digests is not None:
         prefix, suffix = params.salt_affixes
         return _digests(params.alg, prefix, suffix, data, block_size, slot_size, HASH_THREADS)

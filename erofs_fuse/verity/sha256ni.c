@@ -1,6 +1,6 @@
 /* SHA-256 of many equal-length messages with the x86 SHA extensions, two messages at a time:
- * the fast path of _blockhash.c for the common Merkle tree (SHA-256, no salt, blocks a
- * multiple of 64 bytes: fs-verity's defaults and erofs-fuse seal's).
+ * the fast path of _blockhash.c for SHA-256 Merkle trees, salted or not (fs-verity's defaults,
+ * erofs-fuse seal's trees, veritysetup's salted ones).
  *
  * Why two at a time: each SHA256RNDS2 waits for the one before it, so one message leaves the
  * CPU's SHA unit idle most of the time. The blocks of a Merkle level are independent messages,
@@ -112,34 +112,79 @@ TARGET static inline void compress2(State *x, State *y, const unsigned char *p,
     y->cdgh = _mm_add_epi32(y->cdgh, cy);
 }
 
-/* The digests of messages p and q, len bytes each (a multiple of 64); `pad` is the one
- * padding chunk every such message ends with. */
-TARGET static void digest2(const unsigned char *p, const unsigned char *q, size_t len,
-                           const unsigned char pad[64], unsigned char *out_p,
-                           unsigned char *out_q)
+/* The messages of a call: prefix || block || suffix (a salt before or after, or neither),
+ * each block `len` bytes, then SHA-256's padding (0x80, zeros, the length in bits). What
+ * follows the block is the same for every message: kept once in `tail`. */
+typedef struct {
+    const unsigned char *prefix;
+    size_t prefix_len, len, chunks;
+    unsigned char tail[SHA256NI_MAX_SUFFIX + 72 + 64];
+} Layout;
+
+/* Chunk i (64 bytes) of the message whose block is at `block`: a pointer into the prefix, the
+ * block or the tail where the chunk lies inside one of them (nearly all chunks), else
+ * assembled in `tmp`. */
+static const unsigned char *chunk(const Layout *m, const unsigned char *block, size_t i,
+                                  unsigned char tmp[64])
 {
+    size_t start = 64 * i, end = start + 64, after = m->prefix_len + m->len;
+    if (end <= m->prefix_len)
+        return m->prefix + start;
+    if (start >= m->prefix_len && end <= after)
+        return block + (start - m->prefix_len);
+    if (start >= after)
+        return m->tail + (start - after);
+    for (size_t k = 0; k < 64; k++) {
+        size_t pos = start + k;
+        tmp[k] = pos < m->prefix_len ? m->prefix[pos]
+                 : pos < after       ? block[pos - m->prefix_len]
+                                     : m->tail[pos - after];
+    }
+    return tmp;
+}
+
+/* The digests of the messages of blocks p and q. */
+TARGET static void digest2(const Layout *m, const unsigned char *p, const unsigned char *q,
+                           unsigned char *out_p, unsigned char *out_q)
+{
+    unsigned char tp[64], tq[64];
     State x = initial_state(), y = x;
-    for (size_t pos = 0; pos < len; pos += 64)
-        compress2(&x, &y, p + pos, q + pos);
-    compress2(&x, &y, pad, pad);
+    /* the chunks inside the block, read in place, in a loop of their own */
+    size_t lo = (m->prefix_len + 63) / 64, hi = (m->prefix_len + m->len) / 64, i = 0;
+    for (; i < lo && i < m->chunks; i++)
+        compress2(&x, &y, chunk(m, p, i, tp), chunk(m, q, i, tq));
+    for (; i < hi; i++)
+        compress2(&x, &y, p + (64 * i - m->prefix_len), q + (64 * i - m->prefix_len));
+    for (; i < m->chunks; i++)
+        compress2(&x, &y, chunk(m, p, i, tp), chunk(m, q, i, tq));
     store_digest(x, out_p);
     store_digest(y, out_q);
 }
 
-void sha256ni_digests(const unsigned char *data, size_t len, size_t first, size_t stop,
+void sha256ni_digests(const unsigned char *prefix, size_t prefix_len,
+                      const unsigned char *suffix, size_t suffix_len,
+                      const unsigned char *data, size_t len, size_t first, size_t stop,
                       unsigned char *out, size_t slot)
 {
-    unsigned char pad[64] = {0x80};
-    unsigned long long bits = (unsigned long long)len * 8;
+    Layout m;
+    m.prefix = prefix;
+    m.prefix_len = prefix_len;
+    m.len = len;
+    size_t total = prefix_len + len + suffix_len;
+    m.chunks = (total + 9 + 63) / 64; /* room for 0x80 and the 8-byte length */
+    size_t tail_len = 64 * m.chunks - (prefix_len + len);
+    memset(m.tail, 0, tail_len);
+    memcpy(m.tail, suffix, suffix_len);
+    m.tail[suffix_len] = 0x80;
+    unsigned long long bits = (unsigned long long)total * 8;
     for (int k = 0; k < 8; k++)
-        pad[63 - k] = (unsigned char)(bits >> (8 * k));
+        m.tail[tail_len - 1 - (size_t)k] = (unsigned char)(bits >> (8 * k));
     size_t b = first;
     for (; b + 1 < stop; b += 2)
-        digest2(data + b * len, data + (b + 1) * len, len, pad, out + b * slot,
-                out + (b + 1) * slot);
+        digest2(&m, data + b * len, data + (b + 1) * len, out + b * slot, out + (b + 1) * slot);
     if (b < stop) { /* an odd one out: hashed alongside itself, one result kept */
         unsigned char spare[32];
-        digest2(data + b * len, data + b * len, len, pad, out + b * slot, spare);
+        digest2(&m, data + b * len, data + b * len, out + b * slot, spare);
     }
 }
 
@@ -150,9 +195,12 @@ int sha256ni_available(void)
     return 0;
 }
 
-void sha256ni_digests(const unsigned char *data, size_t len, size_t first, size_t stop,
+void sha256ni_digests(const unsigned char *prefix, size_t prefix_len,
+                      const unsigned char *suffix, size_t suffix_len,
+                      const unsigned char *data, size_t len, size_t first, size_t stop,
                       unsigned char *out, size_t slot)
 {
+    (void)prefix, (void)prefix_len, (void)suffix, (void)suffix_len;
     (void)data, (void)len, (void)first, (void)stop, (void)out, (void)slot;
 }
 
