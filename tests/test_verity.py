@@ -171,6 +171,29 @@ def test_sha_extensions_hash_where_the_cpu_has_them() -> None:
     assert out.strip() == "0"
 
 
+def test_openssl_keeps_sha256_when_asked() -> None:
+    """With EROFS_FUSE_HASH=openssl the SHA-256 blocks go through OpenSSL again (the path of
+    CPUs without the SHA extensions), with hashlib's digests: salted or not, whole or a
+    partial last block, one thread or two."""
+    code = """if True:
+        import hashlib, random
+        from erofs_fuse.verity import _blockhash
+        assert _blockhash.SHA_NI == 0
+        r = random.Random(5)
+        for size, prefix, suffix, threads in ((8 * 4096, b"", b"", 1), (5000, b"s" * 32, b"", 1),
+                                              ((1 << 20) + 7, b"", b"t" * 32, 2)):
+            data = r.randbytes(size)
+            padded = data + bytes(-size % 4096)
+            want = b"".join(hashlib.sha256(prefix + padded[k:k + 4096] + suffix).digest()
+                            for k in range(0, len(padded), 4096))
+            assert _blockhash.digests("sha256", prefix, suffix, data, 4096, 32, threads) == want
+        print("ok")
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "EROFS_FUSE_HASH": "openssl"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 @settings(max_examples=120, deadline=None)
 @given(log_block=st.integers(6, 16), blocks=st.integers(0, 19), tail=st.integers(0, 100),
        prefix=st.binary(max_size=130), suffix=st.binary(max_size=300),
