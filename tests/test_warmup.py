@@ -5,7 +5,8 @@ that a workload started right after the mount command returns (before INIT: the 
 its first request until then) reads with it from the start. The decompressors (the compressed
 mappers, liblz4 or the codec modules of a layer's algorithms) are loaded at the loop's first
 idle moment; the first compressed read waited for them otherwise (3 ms of CPU, more with the
-modules' files out of the page cache).
+modules' files out of the page cache). Then the objects of start-up are frozen and the cyclic
+collector runs less often (``tune_gc``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import sys
 
 from helpers import ROOT, corpus
-from erofs_fuse.fuse.daemon import READ_AHEAD_KB
+from erofs_fuse.fuse.daemon import GC_THRESHOLDS, READ_AHEAD_KB
 from mounting import daemon_pids, fuse_mount, wait_until
 
 PROBE = """
@@ -66,3 +67,39 @@ def test_the_first_request_served_raises_the_read_ahead() -> None:
     with fuse_mount([corpus("lz4.erofs")]) as m:
         os.stat(m.mountpoint)  # the first request: served after the INIT reply
         assert _read_ahead_kb(m.mountpoint) == READ_AHEAD_KB
+
+
+GC_PROBE = """
+import gc
+from erofs_fuse.fuse.daemon import tune_gc
+tune_gc()
+print(gc.get_freeze_count() > 1000, gc.get_threshold())
+"""
+
+
+def _collector_after_tuning(**env: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", GC_PROBE], capture_output=True, text=True,
+                          cwd=ROOT, check=True, env={**os.environ, **env})
+    return proc.stdout.strip()
+
+
+def test_tune_gc_freezes_start_up_and_collects_less_often() -> None:
+    assert _collector_after_tuning() == f"True {GC_THRESHOLDS}"
+
+
+def test_tune_gc_leaves_the_collector_alone_when_asked() -> None:
+    import gc
+
+    defaults = gc.get_threshold()  # pytest's own interpreter: untouched
+    assert _collector_after_tuning(EROFS_FUSE_GC="default") == f"False {defaults}"
+
+
+def test_a_mount_tunes_its_collector_once_it_answers() -> None:
+    with fuse_mount([corpus("plain.erofs")], "--debug") as m:
+        os.listdir(m.mountpoint)
+
+        def tuned() -> bool:
+            with open(m.log, encoding="utf-8") as f:
+                return "start-up objects frozen" in f.read()
+
+        wait_until(tuned, what="the collector tuned")

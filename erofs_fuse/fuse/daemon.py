@@ -13,7 +13,7 @@ never nowhere), serves until unmounted or signalled (SIGTERM, SIGINT and SIGHUP 
 loop with ``pyfuse3.terminate``) and always finishes with ``pyfuse3.close(unmount=True)``.
 Logging is configured here and nowhere else.
 
-One module of about 480 lines: the life cycle is one sequence (open, fork, mount, report,
+One module of about 510 lines: the life cycle is one sequence (open, fork, mount, report,
 serve, unmount) whose steps share the config, the report pipe and the order of their failures.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import os
 import resource
@@ -245,6 +246,30 @@ async def _after_init(ops: Operations) -> None:
         ops.tree.load_decoders()
     except Exception:  # a hint: a read that needs a codec loads (or misses) it again
         log.exception("loading the decompressors")
+    tune_gc()
+
+
+# Python's cyclic collector, as the daemon serves. What it keeps (nodes, parsed inodes, listings,
+# attributes) lives until forgotten and holds no cycles, yet every collection of the young
+# generation scans it once more and each collection of the middle one scans all of it again.
+# With the interpreter's defaults (700, 10, 10), a fresh mount's cold walk of the bench stack
+# spent 8.1 ms in 55 collections and its read-all 38 ms (one full collection 20 ms, a pause
+# of a single request); with these thresholds and the start-up objects frozen, 3.6 and 7.4 ms,
+# none of them of the middle or old generation (one run each; the python imports 1.6 -> 0 ms).
+# A cycle of garbage waits for 5,000 new objects at most.
+GC_THRESHOLDS = (5000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Freeze what start-up made (modules, codecs: never garbage, never scanned again) and
+    collect less often (``GC_THRESHOLDS``); ``EROFS_FUSE_GC=default`` keeps Python's
+    collector as it is, to compare."""
+    if os.environ.get("EROFS_FUSE_GC") == "default":
+        return
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    log.debug("collector: %d start-up objects frozen, thresholds %s", gc.get_freeze_count(),
+              GC_THRESHOLDS)
 
 
 async def _terminate_on_signal() -> None:
