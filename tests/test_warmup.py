@@ -103,3 +103,19 @@ def test_a_mount_tunes_its_collector_once_it_answers() -> None:
                 return "start-up objects frozen" in f.read()
 
         wait_until(tuned, what="the collector tuned")
+
+
+MALLOC_PROBE = """
+from erofs_fuse.fuse.daemon import tune_malloc
+print(tune_malloc())
+"""
+
+
+def test_tune_malloc_keeps_large_replies_on_the_heap() -> None:
+    # glibc here: the thresholds are set (mallopt answers 1)
+    proc = subprocess.run([sys.executable, "-c", MALLOC_PROBE], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    assert proc.stdout.strip() == "True"
+    proc = subprocess.run([sys.executable, "-c", MALLOC_PROBE], capture_output=True, text=True,
+                          cwd=ROOT, check=True, env={**os.environ, "EROFS_FUSE_MALLOC": "default"})
+    assert proc.stdout.strip() == "False"
