@@ -6,6 +6,7 @@ import lzma
 import os
 import tracemalloc
 import zlib
+from typing import Callable
 
 import lz4.block
 import pytest
@@ -286,3 +287,83 @@ def test_tiny_input_claiming_12_mib_is_corrupt() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 3 * d.Z_PCLUSTER_MAX_DSIZE
+
+
+# lz4_run: runs of LZ4 pclusters in one call (the compiled _lz4run) --------------------------------
+def _pcluster(data: bytes, size: int) -> bytes:
+    """``data`` LZ4-compressed and right-aligned in ``size`` bytes, as mkfs.erofs stores it."""
+    stream = lz4_block(data)
+    return bytes(max(0, size - len(stream))) + stream
+
+
+def _run_of(chunks: list[bytes]) -> tuple[bytes, list[dc.LZ4Job]]:
+    src = b""
+    jobs: list[dc.LZ4Job] = []
+    for chunk in chunks:
+        pcluster = _pcluster(chunk, 4096 * (1 + len(chunk) // 4096))
+        jobs.append((len(src), len(pcluster), len(chunk), False))
+        src += pcluster
+    return src, jobs
+
+
+def test_lz4_run_is_built() -> None:
+    """pip install builds erofs_fuse/erofs/_lz4run.c (setup.py, with the compiler the block
+    hasher needs): without it a compressed read decodes pcluster by pcluster through ctypes.
+    Only EROFS_FUSE_LZ4=ctypes may turn it off."""
+    assert os.environ.get("EROFS_FUSE_LZ4") != "ctypes", "the suite runs the compiled decoder"
+    assert dc._load_lz4run() is not None, "erofs_fuse/erofs/_lz4run.c was not built"
+
+
+@settings(max_examples=60, deadline=None)
+@given(chunks=st.lists(st.binary(min_size=1, max_size=9000), min_size=1, max_size=12),
+       rep=st.integers(1, 8))
+def test_lz4_run_equals_one_by_one(chunks: list[bytes], rep: int) -> None:
+    chunks = [c * rep for c in chunks]
+    src, jobs = _run_of(chunks)
+    assert dc.lz4_run(src, jobs) == b"".join(chunks)
+    assert b"".join(decompress(d.ALG_LZ4, src[at:at + n], llen, False, CFG)
+                    for at, n, llen, _ in jobs) == b"".join(chunks)
+
+
+def test_lz4_run_decodes_partial_pclusters() -> None:
+    # a partial stream decodes to more than its extent holds: only llen bytes are kept
+    src, jobs = _run_of([SAMPLE[:8000], SAMPLE[8000:16000]])
+    jobs = [(at, n, 5000, True) for at, n, _, _ in jobs]
+    assert dc.lz4_run(src, jobs) == SAMPLE[:5000] + SAMPLE[8000:13000]
+
+
+@pytest.mark.parametrize("bad, why", [
+    (lambda src, jobs: (src, [jobs[0], (jobs[1][0], jobs[1][1], jobs[1][2] + 1, False)]),
+     "decoded to fewer bytes"),
+    (lambda src, jobs: (src[:jobs[1][0]] + b"\xff" * jobs[1][1], jobs), "invalid stream"),
+    (lambda src, jobs: (src[:jobs[1][0]] + bytes(jobs[1][1]), jobs), "only zeros"),
+    (lambda src, jobs: (src, [jobs[0], (len(src) - 10, 20, 100, False)]), "outside the bytes"),
+    (lambda src, jobs: (src, [jobs[0], (-1, 20, 100, False)]), "outside the bytes"),
+    (lambda src, jobs: (src, [jobs[0], (0, 20, 1 << 30, False)]), "output length"),
+])
+def test_lz4_run_names_the_pcluster_that_fails(bad: Callable[..., tuple[bytes, list[dc.LZ4Job]]],
+                                               why: str) -> None:
+    src, jobs = bad(*_run_of([SAMPLE[:4000], SAMPLE[4000:8000]]))
+    with pytest.raises(dc.LZ4RunError) as caught:
+        dc.lz4_run(src, jobs)
+    assert caught.value.index == 1
+    assert isinstance(caught.value.error, CorruptImageError)
+    assert why in str(caught.value.error)
+
+
+@settings(max_examples=200, deadline=None)
+@given(src=st.binary(max_size=3000),
+       jobs=st.lists(st.tuples(st.integers(-5, 3100), st.integers(-5, 3100),
+                               st.integers(-5, 70000), st.booleans()), max_size=6))
+def test_lz4_run_survives_any_input(src: bytes, jobs: list[dc.LZ4Job]) -> None:
+    try:
+        out = dc.lz4_run(src, jobs)
+    except dc.LZ4RunError:
+        return
+    assert out is not None and len(out) == sum(llen for _, _, llen, _ in jobs)
+
+
+def test_lz4_run_without_the_compiled_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dc, "_lz4run", None)
+    src, jobs = _run_of([SAMPLE[:4000]])
+    assert dc.lz4_run(src, jobs) is None

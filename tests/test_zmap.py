@@ -860,3 +860,56 @@ def test_bit_flips_raise_only_our_errors(name: str, alarm: None) -> None:
             except ErofsError as exc:  # the flips may reach past the index, into directories
                 check_error(exc)
         signal.alarm(0)
+
+
+# runs of whole LZ4 extents, decoded in one call (reader.DataReader._flush_lz4) ----------------
+LZ4_IMAGES = [name for name in TREE_IMAGES + OLD_IMAGES if "lz4" in name]
+
+
+def _contents(name: str, chunk: int) -> dict[bytes, bytes]:
+    with Image.open(corpus(f"{name}.erofs")) as image:
+        return {path: b"".join(node.read(pos, chunk) for pos in range(0, node.size, chunk))
+                for path, node in image.walk() if node.info.is_reg}
+
+
+@pytest.mark.parametrize("name", LZ4_IMAGES)
+def test_lz4_runs_read_as_pcluster_by_pcluster(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from erofs_fuse.erofs import decompress as dc
+
+    runs: list[int] = []
+    real = reader_mod.lz4_run  # type: ignore[attr-defined]
+
+    def counting(src: bytes, jobs: list[dc.LZ4Job]) -> bytes | None:
+        runs.append(len(jobs))
+        return real(src, jobs)
+
+    monkeypatch.setattr(reader_mod, "lz4_run", counting)
+    with_runs = {chunk: _contents(name, chunk) for chunk in (4096, 1 << 20)}
+    monkeypatch.setattr(dc, "_lz4run", None)  # no compiled module: one pcluster at a time
+    for chunk, contents in with_runs.items():
+        assert _contents(name, chunk) == contents
+    assert with_runs[4096] == with_runs[1 << 20]
+    if name in ("lz4hc", "old-lz4hc"):  # 4 KiB pclusters: a 1 MiB read is runs of them
+        assert max(runs) > 8
+
+
+def test_a_bad_pcluster_in_a_run_is_named(tmp_path: Path) -> None:
+    with Image.open(corpus("lz4hc.erofs")) as image:
+        for path, node in image.walk():
+            exts = [e for e in extents_of(image._mapper(node), node.size)
+                    if node.info.is_compressed] if node.info.is_reg else []
+            if (len(exts) >= 3 and all(e.codec == Codec.LZ4 for e in exts[:3])
+                    and exts[0].pa + exts[0].plen == exts[1].pa):
+                break
+        else:
+            raise AssertionError("no file with a run of three LZ4 extents")
+    bad = exts[1]
+    data = bytearray(Path(corpus("lz4hc.erofs")).read_bytes())
+    data[bad.pa:bad.pa + bad.plen] = bytes(bad.plen)  # a pcluster of zeros holds no stream
+    broken = tmp_path / "broken.erofs"
+    broken.write_bytes(data)
+    with Image.open(str(broken)) as image:
+        node = dict(image.walk())[path]
+        with pytest.raises(CorruptImageError, match="only zeros") as caught:
+            node.read(0, exts[2].end)
+    assert caught.value.offset == bad.pa

@@ -41,7 +41,7 @@ class Codec(IntEnum):
 # (0.2 µs on 3.11). The per-extent paths of reader and zmap compare a few per extent: they use
 # these plain module attributes instead.
 S_HOLE, S_DEVICE, S_META, S_PACKED = Source.HOLE, Source.DEVICE, Source.META, Source.PACKED
-C_RAW, C_INTERLACED = Codec.RAW, Codec.INTERLACED
+C_RAW, C_INTERLACED, C_LZ4 = Codec.RAW, Codec.INTERLACED, Codec.LZ4
 
 
 class Extent(NamedTuple):

@@ -12,9 +12,9 @@ from typing import Callable
 from cachetools import LRUCache
 
 from . import ondisk as d
-from .decompress import decompress
+from .decompress import LZ4RunError, decompress, lz4_run
 from .errors import CorruptImageError, UnsupportedFeatureError
-from .extent import C_INTERLACED, C_RAW, S_DEVICE, S_HOLE, S_META, S_PACKED, Extent, Mapper
+from .extent import C_INTERLACED, C_LZ4, C_RAW, S_DEVICE, S_HOLE, S_META, S_PACKED, Extent, Mapper
 from .space import Space
 from .superblock import SuperBlock
 
@@ -22,6 +22,13 @@ DeviceRead = Callable[[int, int, int], bytes]  # (device id, byte address, lengt
 PackedRead = Callable[[int, int], bytes]  # (offset in the packed stream, length)
 
 DEFAULT_EXTENT_CACHE_BYTES = 64 << 20
+# Whole LZ4 extents whose pclusters follow each other on a device are read at once and decoded in
+# one call (``_flush_lz4``), up to this many bytes of pclusters. A 1 MiB read of a 4 KiB-pcluster
+# lz4hc file is about 150 of them.
+LZ4_RUN_MAX_BYTES = 1 << 20
+# ... and of output (well under what one call of _lz4run takes, 64 MiB: a read of a file of
+# zeros may be a few pclusters that each decode to the most an extent may hold).
+LZ4_RUN_MAX_OUTPUT = 8 << 20
 
 
 def _sizeof(value: bytes) -> int:
@@ -57,6 +64,8 @@ class DataReader:
         pos = off
         # contiguous raw device extents are gathered into one read: (device, start pa, length)
         run: tuple[int, int, int] | None = None
+        lz4: list[Extent] = []  # a run of whole LZ4 extents (see LZ4_RUN_MAX_BYTES)
+        lz4_out = 0  # the bytes they decode to
         for ext in mapper.extents(off, end):
             if not ext.la <= pos < ext.la + ext.llen or ext.llen <= 0:
                 raise CorruptImageError(
@@ -65,6 +74,10 @@ class DataReader:
                 )
             stop = min(end, ext.la + ext.llen)
             skip = pos - ext.la
+            if lz4 and not (ext.codec == C_LZ4 and ext.source == S_DEVICE and skip == 0
+                            and stop == ext.la + ext.llen and _follows(lz4, lz4_out, ext)):
+                self._flush_lz4(lz4, space, parts)
+                lz4_out = 0
             if ext.source == S_DEVICE and ext.codec == C_RAW:
                 if ext.plen and skip + stop - pos > ext.plen:
                     raise CorruptImageError(
@@ -83,15 +96,47 @@ class DataReader:
                 if run is not None:
                     parts.append(self._read_device(*run))
                     run = None
-                parts.append(self._extent_bytes(ext, space, skip, stop - pos, packed))
+                if (ext.codec == C_LZ4 and ext.source == S_DEVICE and skip == 0
+                        and stop == ext.la + ext.llen):
+                    self._check_pcluster(ext)
+                    lz4.append(ext)
+                    lz4_out += ext.llen
+                else:
+                    parts.append(self._extent_bytes(ext, space, skip, stop - pos, packed))
             pos = stop
             if pos >= end:
                 break
         if pos < end:  # a mapper must cover the range up to EOF
             raise CorruptImageError(f"no extent holds position {pos}", offset=pos)
+        if lz4:
+            self._flush_lz4(lz4, space, parts)
         if run is not None:
             parts.append(self._read_device(*run))
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _flush_lz4(self, exts: list[Extent], space: Space, parts: list[bytes]) -> None:
+        """Append the decoded bytes of ``exts`` (whole LZ4 extents, each pcluster right after
+        the one before) to ``parts``, and empty ``exts``: their pclusters read at once and
+        decoded in one call (``lz4_run``), or one by one without the compiled module."""
+        first, last = exts[0], exts[-1]
+        if len(exts) == 1:
+            parts.append(self._decoded(first, space, store=False))
+            exts.clear()
+            return
+        data = self._read_device(first.device, first.pa, last.pa + last.plen - first.pa)
+        jobs = [(ext.pa - first.pa, ext.plen, ext.llen, ext.partial) for ext in exts]
+        try:
+            out = lz4_run(data, jobs)
+        except LZ4RunError as exc:
+            exc.error.offset = exts[exc.index].pa
+            raise exc.error from None
+        if out is not None:
+            parts.append(out)
+        else:
+            comp = self._sb.compression
+            parts.extend(decompress(C_LZ4, data[at : at + plen], llen, partial, comp)
+                         for at, plen, llen, partial in jobs)
+        exts.clear()
 
     def _extent_bytes(
         self, ext: Extent, space: Space, skip: int, count: int, packed: bool
@@ -121,13 +166,17 @@ class DataReader:
             return space.read(pa, count)
         return self._read_packed(pa, count)
 
-    def _decoded(self, ext: Extent, space: Space, *, store: bool = True) -> bytes:
-        """The whole extent ``[la, la + llen)`` decoded, through the cache."""
+    @staticmethod
+    def _check_pcluster(ext: Extent) -> None:
         if ext.plen > d.Z_PCLUSTER_MAX_SIZE or ext.llen > d.Z_PCLUSTER_MAX_DSIZE:
             raise UnsupportedFeatureError(
                 f"pcluster of {ext.plen} bytes decoding to {ext.llen} exceeds the format's limits",
                 offset=ext.pa,
             )
+
+    def _decoded(self, ext: Extent, space: Space, *, store: bool = True) -> bytes:
+        """The whole extent ``[la, la + llen)`` decoded, through the cache."""
+        self._check_pcluster(ext)
         key = (int(ext.source), id(space) if ext.source == S_META else 0, ext.device,
                ext.pa, ext.plen, int(ext.codec), ext.llen)
         with self._lock:
@@ -143,6 +192,15 @@ class DataReader:
             with self._lock:
                 self._cache[key] = out
         return out
+
+
+def _follows(run: list[Extent], out: int, ext: Extent) -> bool:
+    """Whether ``ext``'s pcluster comes right after the run's last, the run (which decodes to
+    ``out`` bytes) staying within LZ4_RUN_MAX_BYTES of pclusters and LZ4_RUN_MAX_OUTPUT."""
+    last = run[-1]
+    return (last.device == ext.device and last.pa + last.plen == ext.pa
+            and ext.pa + ext.plen - run[0].pa <= LZ4_RUN_MAX_BYTES
+            and out + ext.llen <= LZ4_RUN_MAX_OUTPUT)
 
 
 def _deinterlace(src: bytes, la: int, llen: int, bs: int) -> bytes:
