@@ -611,6 +611,78 @@ def test_tampered_top_block_fails_at_open(sealed: tuple[str, TrustSpec, bytes]) 
         open_layer_blob(layer, spec, require=True)
 
 
+def _tree_cache(blob: VerifiedBlob) -> dict[tuple[int, int], bytes]:
+    return dict(blob._cache.items())
+
+
+def test_load_tree_caches_what_lazy_reads_verify(sealed: tuple[str, TrustSpec, bytes]) -> None:
+    layer, spec, data = sealed
+    lazy = open_layer_blob(layer, spec, require=True)
+    ahead = open_layer_blob(layer, spec, require=True)
+    assert isinstance(lazy, VerifiedBlob) and isinstance(ahead, VerifiedBlob)
+    try:
+        assert read_all(lazy) == data
+        assert ahead.load_tree()
+        assert _tree_cache(ahead) == _tree_cache(lazy) and len(_tree_cache(ahead)) == 3
+        assert read_all(ahead) == data and ahead.failures == 0
+    finally:
+        lazy.close()
+        ahead.close()
+
+
+@pytest.mark.parametrize("opts", [["--hash=sha512", "--salt=" + "11" * 40],
+                                  ["--data-block-size=4096", "--hash-block-size=1024"],
+                                  ["--hash=sha1", "--format=0", "--data-block-size=512",
+                                   "--hash-block-size=512"]])
+def test_load_tree_of_veritysetup_trees(tmp_path: Path, opts: list[str]) -> None:
+    data = payload(3000 * 512)  # two levels under the top with 512-byte hash blocks
+    layer = write(tmp_path / "layer", data)
+    hash_dev = str(tmp_path / "layer.vh")
+    info = veritysetup_format(layer, hash_dev, *opts)
+    dbs = int(info.get("Data block size", "4096"))
+    hbs = int(info.get("Hash block size", "4096"))
+    dm = DmVerityRoot.parse(f"{info['Root hash']}:{info['Data blocks']}:{dbs}:{hbs}")
+    if "--format=0" in opts:
+        dm = DmVerityRoot(dm.root, dm.data_blocks, dbs, hbs, hash_type=0)
+    lazy = open_layer_blob(layer, TrustSpec(None, dm, hash_dev), require=True)
+    ahead = open_layer_blob(layer, TrustSpec(None, dm, hash_dev), require=True)
+    assert isinstance(lazy, VerifiedBlob) and isinstance(ahead, VerifiedBlob)
+    try:
+        assert read_all(lazy, 10000) == data
+        assert ahead.load_tree()
+        assert _tree_cache(ahead) == _tree_cache(lazy)
+    finally:
+        lazy.close()
+        ahead.close()
+
+
+def test_load_tree_keeps_nothing_that_does_not_verify(sealed: tuple[str, TrustSpec, bytes]) -> None:
+    layer, spec, data = sealed
+    flip(layer + ".verity", tree_block_offset(layer, 0, 2) + 5, 0xFF)  # the third leaf
+    blob = open_layer_blob(layer, spec, require=True)
+    assert isinstance(blob, VerifiedBlob)
+    try:
+        assert not blob.load_tree()
+        assert _tree_cache(blob) == {}
+        assert blob.read(0, 256 * BS) == data[:256 * BS]  # leaves 0 and 1 verify lazily
+        with pytest.raises(IntegrityError, match="tree block 2 of level 0"):
+            blob.read(256 * BS, BS)
+        assert blob.failures == 1  # the load reported nothing itself
+    finally:
+        blob.close()
+
+
+def test_load_tree_leaves_large_trees_lazy(sealed: tuple[str, TrustSpec, bytes]) -> None:
+    layer, spec, _ = sealed
+    blob = open_layer_blob(layer, spec, require=True)
+    assert isinstance(blob, VerifiedBlob)
+    try:
+        assert not blob.load_tree(max_bytes=BS)
+        assert _tree_cache(blob) == {}
+    finally:
+        blob.close()
+
+
 @pytest.mark.parametrize("change", ["one block short", "one byte longer", "one byte shorter"])
 def test_size_change_fails_at_open(sealed: tuple[str, TrustSpec, bytes], change: str) -> None:
     layer, spec, data = sealed

@@ -5,8 +5,10 @@ that a workload started right after the mount command returns (before INIT: the 
 its first request until then) reads with it from the start. The decompressors (the compressed
 mappers, liblz4 or the codec modules of a layer's algorithms) are loaded at the loop's first
 idle moment; the first compressed read waited for them otherwise (3 ms of CPU, more with the
-modules' files out of the page cache). Then the objects of start-up are frozen and the cyclic
-collector runs less often (``tune_gc``).
+modules' files out of the page cache). Then (``fuse/warmup.py``) the objects of start-up are
+frozen and the cyclic collector runs less often (``tune_gc``), and glibc's malloc keeps large
+replies on its heap (``tune_malloc``); the verified layers' hash trees are loaded ahead in
+``test_integrity_mount.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import subprocess
 import sys
 
 from helpers import ROOT, corpus
-from erofs_fuse.fuse.daemon import GC_THRESHOLDS, READ_AHEAD_KB
+from erofs_fuse.fuse.daemon import READ_AHEAD_KB
+from erofs_fuse.fuse.warmup import GC_THRESHOLDS
 from mounting import daemon_pids, fuse_mount, wait_until
 
 PROBE = """
@@ -71,7 +74,7 @@ def test_the_first_request_served_raises_the_read_ahead() -> None:
 
 GC_PROBE = """
 import gc
-from erofs_fuse.fuse.daemon import tune_gc
+from erofs_fuse.fuse.warmup import tune_gc
 tune_gc()
 print(gc.get_freeze_count() > 1000, gc.get_threshold())
 """
@@ -106,7 +109,7 @@ def test_a_mount_tunes_its_collector_once_it_answers() -> None:
 
 
 MALLOC_PROBE = """
-from erofs_fuse.fuse.daemon import tune_malloc
+from erofs_fuse.fuse.warmup import tune_malloc
 print(tune_malloc())
 """
 

@@ -13,7 +13,7 @@ never nowhere), serves until unmounted or signalled (SIGTERM, SIGINT and SIGHUP 
 loop with ``pyfuse3.terminate``) and always finishes with ``pyfuse3.close(unmount=True)``.
 Logging is configured here and nowhere else.
 
-One module of about 510 lines: the life cycle is one sequence (open, fork, mount, report,
+One module of about 490 lines: the life cycle is one sequence (open, fork, mount, report,
 serve, unmount) whose steps share the config, the report pipe and the order of their failures.
 """
 
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import logging
 import os
 import resource
 import signal
 import stat
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping
 
@@ -38,6 +38,7 @@ from ..console import EXIT_USAGE, PROG, CliError
 from ..erofs.errors import ErofsError
 from ..erofs.image import Image
 from .idmap import IDENTITY, IdMap
+from . import warmup
 from .mountinfo import unescape_mount_path
 from .operations import DEFAULT_READ_THREADS, DEFAULT_SPIN_US, DEFAULT_TIMEOUT, Operations
 from .overlay import MergedTree
@@ -246,58 +247,14 @@ async def _after_init(ops: Operations) -> None:
         ops.tree.load_decoders()
     except Exception:  # a hint: a read that needs a codec loads (or misses) it again
         log.exception("loading the decompressors")
-    tune_gc()
-    tune_malloc()
+    warmup.tune_gc()
+    warmup.tune_malloc()
+    # not for remote layers: their trees would be fetched whole before anything is read
+    if not ops.blocking_reads and os.environ.get("EROFS_FUSE_TREE") != "lazy":
+        threading.Thread(target=warmup.load_trees, args=(ops.tree.images,), name="load-trees",
+                         daemon=True).start()
 
 
-# Python's cyclic collector, as the daemon serves. What it keeps (nodes, parsed inodes, listings,
-# attributes) lives until forgotten and holds no cycles, yet every collection of the young
-# generation scans it once more and each collection of the middle one scans all of it again.
-# With the interpreter's defaults (700, 10, 10), a fresh mount's cold walk of the bench stack
-# spent 8.1 ms in 55 collections and its read-all 38 ms (one full collection 20 ms, a pause
-# of a single request); with these thresholds and the start-up objects frozen, 3.6 and 7.4 ms,
-# none of them of the middle or old generation (one run each; the python imports 1.6 -> 0 ms).
-# A cycle of garbage waits for 5,000 new objects at most.
-GC_THRESHOLDS = (5000, 20, 100)
-
-
-# glibc's malloc, as the daemon serves. A read's reply is a new object of up to 1 MiB; by default
-# malloc maps one that large afresh (its threshold adapts, then falls back as the heap top is
-# trimmed), so each reply's pages fault in and are zeroed by the kernel again: 0.5 ms per MiB
-# here. Served from the heap below these thresholds, with up to 16 MiB kept free at its top:
-# a cold read of the bench stack's 48 MiB lz4hc file took 74 ms instead of 127 (7 interleaved
-# rounds; read-all paired 0.986, the python imports 0.970).
-MALLOC_MMAP_THRESHOLD = 4 << 20
-MALLOC_TRIM_THRESHOLD = 16 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-
-
-def tune_malloc() -> bool:
-    """Set ``MALLOC_MMAP_THRESHOLD`` and ``MALLOC_TRIM_THRESHOLD`` where the C library is
-    glibc; whether it was. ``EROFS_FUSE_MALLOC=default`` leaves malloc as it is, to compare."""
-    if os.environ.get("EROFS_FUSE_MALLOC") == "default":
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
-                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
-
-
-def tune_gc() -> None:
-    """Freeze what start-up made (modules, codecs: never garbage, never scanned again) and
-    collect less often (``GC_THRESHOLDS``); ``EROFS_FUSE_GC=default`` keeps Python's
-    collector as it is, to compare."""
-    if os.environ.get("EROFS_FUSE_GC") == "default":
-        return
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-    log.debug("collector: %d start-up objects frozen, thresholds %s", gc.get_freeze_count(),
-              GC_THRESHOLDS)
 
 
 async def _terminate_on_signal() -> None:

@@ -100,6 +100,33 @@ class VerifiedBlob:
         start = self._tree_block_pos(0, first)
         tree_prefetch(start, self._tree_block_pos(0, last + 1) - start)
 
+    def load_tree(self, max_bytes: int = DEFAULT_TREE_CACHE_BYTES // 4) -> bool:
+        """Read the whole tree, one read per level, verify it from the top down and cache it,
+        so that no read of this blob waits for a tree block again; whether it was loaded (not
+        for a tree over ``max_bytes`` or over what the cache holds, nor when a block does not
+        verify: the lazy path finds and reports that on the read that needs it)."""
+        geo, params = self._geo, self._params
+        hbs, ds, hpb = params.hash_block_size, params.digest_size, geo.hashes_per_block
+        source = self._tree.source
+        if (source is None or geo.levels < 2 or self._tree.tree_bytes > max_bytes
+                or geo.total_blocks > self._cache.maxsize):
+            return False
+        parents = [self._top]
+        for level in range(geo.levels - 2, -1, -1):
+            count = geo.counts[level]
+            data = source.read(self._tree_block_pos(level, 0), count * hbs)
+            got = hash_blocks(params, data, hbs, ds)
+            blocks = [data[k * hbs:(k + 1) * hbs] for k in range(count)]
+            for index in range(count):
+                if got[index * ds:(index + 1) * ds] != self._slot(parents[index // hpb],
+                                                                  index % hpb):
+                    return False
+            with self._lock:
+                for index, block in enumerate(blocks):
+                    self._cache[(level, index)] = block
+            parents = blocks
+        return True
+
     def close(self) -> None:
         self._inner.close()
         if self._tree.source is not None and self._tree.source is not self._inner:
