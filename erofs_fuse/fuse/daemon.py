@@ -37,8 +37,8 @@ from ..blob import Blob, FileBlob
 from ..console import EXIT_USAGE, PROG, CliError
 from ..erofs.errors import ErofsError
 from ..erofs.image import Image
-from .idmap import IDENTITY, IdMap
 from . import warmup
+from .idmap import IDENTITY, IdMap
 from .mountinfo import unescape_mount_path
 from .operations import DEFAULT_READ_THREADS, DEFAULT_SPIN_US, DEFAULT_TIMEOUT, Operations
 from .overlay import MergedTree
@@ -253,8 +253,6 @@ async def _after_init(ops: Operations) -> None:
     if not ops.blocking_reads and os.environ.get("EROFS_FUSE_TREE") != "lazy":
         threading.Thread(target=warmup.load_trees, args=(ops.tree.images,), name="load-trees",
                          daemon=True).start()
-
-
 
 
 async def _terminate_on_signal() -> None:
