@@ -100,11 +100,9 @@ def load_codecs(algorithms: Iterable[int]) -> None:
     """Load now what decoding ``algorithms`` needs (liblz4, the codec modules), instead of at
     the first pcluster: a daemon does it once it is idle after mounting, so that no request
     waits for imports (the first compressed read of a cold bench mount: 3 ms of CPU)."""
-    global _lz4run
     for alg in algorithms:
         if alg == d.ALG_LZ4:
-            if _lz4run is _UNSET:
-                _lz4run = _load_lz4run()
+            _lz4run_module()
             if _liblz4() is None:
                 _codec("_lz4block")
         elif alg in _ALG_MODULES:
@@ -122,13 +120,11 @@ def lz4_run(src: bytes, jobs: Sequence[LZ4Job]) -> bytes | None:
     """The outputs of the LZ4 pclusters ``jobs`` of ``src``, one after the other, decoded in
     one call; None without the compiled module (decode them one by one then). A job that does
     not decode to exactly its ``llen`` raises ``LZ4RunError`` naming it."""
-    global _lz4run
-    if _lz4run is _UNSET:
-        _lz4run = _load_lz4run()
-    if _lz4run is None:
+    module = _lz4run_module()
+    if module is None:
         return None
     try:
-        out: bytes = _lz4run.lz4_run(src, jobs)
+        out: bytes = module.lz4_run(src, jobs)
     except ValueError as exc:
         if len(exc.args) != 2:  # not a job's: a caller's mistake
             raise
@@ -144,6 +140,14 @@ class LZ4RunError(Exception):
         super().__init__(index, error)
         self.index = index
         self.error = error
+
+
+def _lz4run_module() -> Any:
+    """The compiled ``_lz4run``, loaded at the first call; None where it is missing."""
+    global _lz4run
+    if _lz4run is _UNSET:
+        _lz4run = _load_lz4run()
+    return _lz4run
 
 
 def _load_lz4run() -> Any:

@@ -74,8 +74,9 @@ class DataReader:
                 )
             stop = min(end, ext.la + ext.llen)
             skip = pos - ext.la
-            if lz4 and not (ext.codec == C_LZ4 and ext.source == S_DEVICE and skip == 0
-                            and stop == ext.la + ext.llen and _follows(lz4, lz4_out, ext)):
+            whole_lz4 = (ext.codec == C_LZ4 and ext.source == S_DEVICE and skip == 0
+                         and stop == ext.la + ext.llen)
+            if lz4 and not (whole_lz4 and _follows(lz4, lz4_out, ext)):
                 self._flush_lz4(lz4, space, parts)
                 lz4_out = 0
             if ext.source == S_DEVICE and ext.codec == C_RAW:
@@ -96,8 +97,7 @@ class DataReader:
                 if run is not None:
                     parts.append(self._read_device(*run))
                     run = None
-                if (ext.codec == C_LZ4 and ext.source == S_DEVICE and skip == 0
-                        and stop == ext.la + ext.llen):
+                if whole_lz4:
                     self._check_pcluster(ext)
                     lz4.append(ext)
                     lz4_out += ext.llen
