@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -171,7 +172,8 @@ def custom_layers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 # kind -> (lower variant, which layer to tamper, where, paths that must fail, paths that must
 # still read correctly)
-CASES = {
+Case = tuple[str, int, Callable[[str], int], list[str], list[str]]
+CASES: dict[str, Case] = {
     "inode": ("plain", 0, lambda p: _inode_pos(p, "/a/f250") + 8, ["a/f250"],
               ["big.bin", "a/f000", "etc/hosts"]),
     "xattr": ("plain", 0, lambda p: _xattr_pos(p, "/a/f200"), ["a/f200"],
