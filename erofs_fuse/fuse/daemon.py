@@ -7,13 +7,14 @@ exits 0, or with the daemon's one line (2 for bad input, 1 otherwise). As with l
 daemons (``fuse_daemonize``), "made" is the mount(2) call: the kernel holds every request to
 the mount until the daemon has answered its INIT, so the first access waits for that instead
 of the command. That lets trio (about 40 ms of imports, a third of the command's start-up) load
-after the mount is made, while the caller goes on. The daemon configures logging (to ``--log
+after the mount is made, while the caller goes on; a mount that hands no read to a thread is
+served without trio at all (``plainloop``). The daemon configures logging (to ``--log
 FILE`` or ``-o log=FILE``, else syslog, else a file under /run or the user's state directory:
-never nowhere), serves until unmounted or signalled (SIGTERM, SIGINT and SIGHUP end the main
-loop with ``pyfuse3.terminate``) and always finishes with ``pyfuse3.close(unmount=True)``.
+never nowhere), serves until unmounted or signalled (SIGTERM, SIGINT and SIGHUP end the
+request loop) and always finishes with ``pyfuse3.close(unmount=True)``.
 Logging is configured here and nowhere else.
 
-One module of about 490 lines: the life cycle is one sequence (open, fork, mount, report,
+One module of about 500 lines: the life cycle is one sequence (open, fork, mount, report,
 serve, unmount) whose steps share the config, the report pipe and the order of their failures.
 """
 
@@ -37,7 +38,7 @@ from ..blob import Blob, FileBlob
 from ..console import EXIT_USAGE, PROG, CliError
 from ..erofs.errors import ErofsError
 from ..erofs.image import Image
-from . import warmup
+from . import plainloop, warmup
 from .idmap import IDENTITY, IdMap
 from .mountinfo import unescape_mount_path
 from .operations import DEFAULT_READ_THREADS, DEFAULT_SPIN_US, DEFAULT_TIMEOUT, Operations
@@ -237,12 +238,16 @@ async def _serve_until_done(ops: Operations) -> None:
 
 
 async def _after_init(ops: Operations) -> None:
-    # the mount answers: load the decompressors at the loop's first idle moment, which the first
-    # compressed read would otherwise wait for (3 ms of CPU, more with the modules' files cold)
     import trio
 
     while not ops.initialized:
         await trio.sleep(0.01)
+    _warm_up(ops)
+
+
+def _warm_up(ops: Operations) -> None:
+    # the mount answers: load the decompressors at the loop's first idle moment, which the first
+    # compressed read would otherwise wait for (3 ms of CPU, more with the modules' files cold)
     try:
         ops.tree.load_decoders()
     except Exception:  # a hint: a read that needs a codec loads (or misses) it again
@@ -306,9 +311,12 @@ def serve(cfg: MountConfig, images: list[Image], on_mounted: Callable[[], None] 
             start()
         if on_mounted is not None:
             on_mounted()
-        import trio  # after the mount is made: see the module's docstring
+        if plainloop.eligible(ops):
+            plainloop.serve(ops, _STOP_SIGNALS, functools.partial(_warm_up, ops))
+        else:
+            import trio  # after the mount is made: see the module's docstring
 
-        trio.run(_serve_until_done, ops)
+            trio.run(_serve_until_done, ops)
     finally:
         pyfuse3.close(unmount=True)
         for image in images:
