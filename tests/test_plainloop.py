@@ -12,7 +12,10 @@ import os
 import signal
 import subprocess
 import sys
+import types
+from collections.abc import Generator
 
+import pyfuse3
 import pytest
 
 from helpers import ROOT, corpus, kernel_erofs
@@ -83,3 +86,28 @@ def test_each_stop_signal_unmounts_a_plain_mount(sig: signal.Signals) -> None:
         text = m.log_text()
         assert PLAIN in text and f"{sig.name}: unmounting" in text, text
         assert "Traceback" not in text, text
+
+
+@types.coroutine
+def _suspend() -> Generator[None, None, None]:
+    yield  # what an await of an event loop's primitive does
+
+
+def test_a_handler_that_suspends_without_a_loop_is_failed_not_left_hanging() -> None:
+    # patch 07 runs each handler to its end: one that would wait for an event loop is thrown
+    # RuntimeError there, and its own error path answers the request (EIO, in ours)
+    run_inline = getattr(pyfuse3, "_run_inline")
+    seen: list[str] = []
+
+    async def waits_for_a_loop() -> None:
+        try:
+            await _suspend()
+        except RuntimeError as exc:
+            seen.append(str(exc))
+
+    async def quick() -> None:
+        seen.append("answered")
+
+    run_inline(waits_for_a_loop())
+    run_inline(quick())
+    assert len(seen) == 2 and "suspended" in seen[0] and seen[1] == "answered"
