@@ -14,7 +14,7 @@ never nowhere), serves until unmounted or signalled (SIGTERM, SIGINT and SIGHUP 
 request loop) and always finishes with ``pyfuse3.close(unmount=True)``.
 Logging is configured here and nowhere else.
 
-One module of about 500 lines: the life cycle is one sequence (open, fork, mount, report,
+One module of about 485 lines: the life cycle is one sequence (open, fork, mount, report,
 serve, unmount) whose steps share the config, the report pipe and the order of their failures.
 """
 
@@ -28,7 +28,6 @@ import resource
 import signal
 import stat
 import sys
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping
 
@@ -242,22 +241,7 @@ async def _after_init(ops: Operations) -> None:
 
     while not ops.initialized:
         await trio.sleep(0.01)
-    _warm_up(ops)
-
-
-def _warm_up(ops: Operations) -> None:
-    # the mount answers: load the decompressors at the loop's first idle moment, which the first
-    # compressed read would otherwise wait for (3 ms of CPU, more with the modules' files cold)
-    try:
-        ops.tree.load_decoders()
-    except Exception:  # a hint: a read that needs a codec loads (or misses) it again
-        log.exception("loading the decompressors")
-    warmup.tune_gc()
-    warmup.tune_malloc()
-    # not for remote layers: their trees would be fetched whole before anything is read
-    if not ops.blocking_reads and os.environ.get("EROFS_FUSE_TREE") != "lazy":
-        threading.Thread(target=warmup.load_trees, args=(ops.tree.images,), name="load-trees",
-                         daemon=True).start()
+    warmup.warm_up(ops)
 
 
 async def _terminate_on_signal() -> None:
@@ -312,7 +296,7 @@ def serve(cfg: MountConfig, images: list[Image], on_mounted: Callable[[], None] 
         if on_mounted is not None:
             on_mounted()
         if plainloop.eligible(ops):
-            plainloop.serve(ops, _STOP_SIGNALS, functools.partial(_warm_up, ops))
+            plainloop.serve(ops, _STOP_SIGNALS, functools.partial(warmup.warm_up, ops))
         else:
             import trio  # after the mount is made: see the module's docstring
 
