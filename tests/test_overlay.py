@@ -401,6 +401,21 @@ def test_inode_numbers_refuse_what_they_cannot_hold() -> None:
         make_ino(MAX_LAYERS, 1)
 
 
+def test_nodes_are_one_object_per_entry_and_hold_no_other_fields() -> None:
+    # a plain slotted class (cheaper to make than a frozen dataclass): compared by identity, as
+    # the dataclass was (eq=False), and no field can be added by mistake
+    tree = open_stack("layer-lower-aufs")
+    node = node_at(tree, "etc")
+    assert node is not None
+    twin = Node(node.ino, node.layer, node.inode, node.dirs, node.parent)
+    assert twin != node and twin == twin and len({node, twin}) == 2
+    tree.listdir(tree.root)
+    assert tree.lookup(tree.root, b"etc") is tree.lookup(tree.root, b"etc")  # the listing's
+    with pytest.raises(AttributeError):
+        twin.extra = 1  # type: ignore[attr-defined]
+    assert f"ino={node.ino}" in repr(node)
+
+
 def test_predicates() -> None:
     assert oci_whiteout_target(b".wh.foo") == b"foo"
     assert oci_whiteout_target(b".wh..wh..opq") is None

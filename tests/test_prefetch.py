@@ -122,6 +122,26 @@ def test_a_metadata_block_is_read_before_its_window_is_hinted(layers: list[str])
         image.close()
 
 
+def test_each_read_around_window_is_asked_for_once(layers: list[str]) -> None:
+    # reads moving back and forth between windows (python's imports) asked again for a window
+    # each time they came back to it: only the last window was remembered
+    blob = WatchedBlob(layers[0])
+    image = Image(blob)
+    try:
+        d_entry = image.root.lookup(b"d")
+        assert d_entry is not None
+        nids = sorted(e.nid for e in image.inode(d_entry.nid).readdir())
+        alternating = [n for pair in zip(nids, reversed(nids)) for n in pair]
+        for nid in alternating:
+            image.inode(nid)
+        hints = blob.hints()
+        windows = {offset for offset, _ in hints}
+        assert len(windows) >= 2, "the inodes lie in one window: nothing to come back to"
+        assert len(hints) == len(windows), sorted(hints)
+    finally:
+        image.close()
+
+
 # file data ----------------------------------------------------------------------------------
 
 def _covered(hints: list[tuple[int, int]], offset: int, length: int) -> bool:

@@ -66,8 +66,7 @@ from __future__ import annotations
 import logging
 import stat
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, NewType, Sequence
+from typing import TYPE_CHECKING, Final, Iterable, Iterator, NamedTuple, NewType, Sequence
 
 from cachetools import LRUCache
 
@@ -172,20 +171,30 @@ def split_ino(ino: Ino) -> tuple[int, Nid]:
 
 
 # the merged tree ------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True, eq=False)
 class Node:
-    """One visible object of the merged tree.
+    """One visible object of the merged tree (never changed once made; compared by identity).
 
     ``inode`` (from layer ``layer``) gives the attributes and the data. A directory also carries
     the directories merged at its path, top first (``dirs[0]`` is ``(layer, inode)``) and its
     parent's number: a directory has exactly one path, so both are properties of the node.
+
+    A plain class with slots, its fields ``Final``, rather than a frozen dataclass: one is made
+    for every entry listed or looked up, and the frozen dataclass's ``__init__`` (one
+    ``object.__setattr__`` per field) took 1.6 µs against 0.4.
     """
 
-    ino: Ino
-    layer: int
-    inode: Inode
-    dirs: tuple[tuple[int, Inode], ...] = ()
-    parent: Ino | None = None
+    __slots__ = ("ino", "layer", "inode", "dirs", "parent")
+
+    def __init__(self, ino: Ino, layer: int, inode: Inode,
+                 dirs: tuple[tuple[int, Inode], ...] = (), parent: Ino | None = None) -> None:
+        self.ino: Final = ino
+        self.layer: Final = layer
+        self.inode: Final = inode
+        self.dirs: Final = dirs
+        self.parent: Final = parent
+
+    def __repr__(self) -> str:
+        return f"Node(ino={self.ino}, layer={self.layer}, nid={self.inode.nid})"
 
     @property
     def is_dir(self) -> bool:
