@@ -100,14 +100,19 @@ def test_cached_inodes_are_not_hinted_again(layers: list[str]) -> None:
         image.close()
 
 
+def _nids_in_d(image: Image) -> list[int]:
+    """The nids of directory ``d``'s entries (the layers' ``FILES`` files)."""
+    d_entry = image.root.lookup(b"d")
+    assert d_entry is not None
+    return [e.nid for e in image.inode(d_entry.nid).readdir()]
+
+
 def test_a_metadata_block_is_read_before_its_window_is_hinted(layers: list[str]) -> None:
     # hinted first, the block would be read as part of the whole window and wait for all of it
     blob = WatchedBlob(layers[0])
     image = Image(blob)
     try:
-        d_entry = image.root.lookup(b"d")
-        assert d_entry is not None
-        far = max(e.nid for e in image.inode(d_entry.nid).readdir())  # in a window not read
+        far = max(_nids_in_d(image))  # in a window not read
         blob.events.clear()
         image.inode(far)
         kinds = [kind for kind, _, _ in blob.events]
@@ -128,9 +133,7 @@ def test_each_read_around_window_is_asked_for_once(layers: list[str]) -> None:
     blob = WatchedBlob(layers[0])
     image = Image(blob)
     try:
-        d_entry = image.root.lookup(b"d")
-        assert d_entry is not None
-        nids = sorted(e.nid for e in image.inode(d_entry.nid).readdir())
+        nids = sorted(_nids_in_d(image))
         alternating = [n for pair in zip(nids, reversed(nids)) for n in pair]
         for nid in alternating:
             image.inode(nid)
