@@ -124,6 +124,22 @@ class FlatMapper:
             pa = info.startblk << sb.blkszbits
             self._blocks = Extent(0, self._blocks_end, Source.DEVICE, pa=pa, plen=self._blocks_end)
 
+    @property
+    def blocks_end(self) -> int:
+        """Where the file's run of blocks ends (its size, without an inline tail)."""
+        return self._blocks_end
+
+    @property
+    def blocks_address(self) -> int:
+        """The device address of the file's first block."""
+        return self._blocks.pa
+
+    @property
+    def tail_position(self) -> int:
+        """Where the inline tail (bytes ``blocks_end`` to the size) starts in the inode's
+        space."""
+        return self._tail_pos
+
     def extents(self, pos: int, end: int) -> Iterator[Extent]:
         return extents_by_map(self, pos, end)
 

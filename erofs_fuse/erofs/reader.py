@@ -14,7 +14,8 @@ from cachetools import LRUCache
 from . import ondisk as d
 from .decompress import LZ4RunError, decompress, lz4_run
 from .errors import CorruptImageError, UnsupportedFeatureError
-from .extent import C_INTERLACED, C_LZ4, C_RAW, S_DEVICE, S_HOLE, S_META, S_PACKED, Extent, Mapper
+from .extent import (C_INTERLACED, C_LZ4, C_RAW, S_DEVICE, S_HOLE, S_META, S_PACKED, Extent,
+                     FlatMapper, Mapper)
 from .space import Space
 from .superblock import SuperBlock
 
@@ -60,6 +61,8 @@ class DataReader:
         end = min(off + length, size)
         if off >= end:
             return b""
+        if type(mapper) is FlatMapper:
+            return self._read_flat(mapper, space, off, end)
         parts: list[bytes] = []
         pos = off
         # contiguous raw device extents are gathered into one read: (device, start pa, length)
@@ -113,6 +116,19 @@ class DataReader:
         if run is not None:
             parts.append(self._read_device(*run))
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_flat(self, mapper: FlatMapper, space: Space, off: int, end: int) -> bytes:
+        """Bytes ``[off, end)`` of a FLAT_PLAIN or FLAT_INLINE file: what the extent loop reads
+        from its two extents (its run of blocks, then its inline tail), without making them.
+        Most reads are of such files, whole or in large pieces: the loop's Python work was most
+        of a 16 KiB read (12 µs against 2.7 µs for its ``pread``)."""
+        blocks_end = mapper.blocks_end
+        if end <= blocks_end:
+            return self._read_device(0, mapper.blocks_address + off, end - off)
+        if off >= blocks_end:
+            return space.read(mapper.tail_position + off - blocks_end, end - off)
+        return (self._read_device(0, mapper.blocks_address + off, blocks_end - off)
+                + space.read(mapper.tail_position, end - blocks_end))
 
     def _flush_lz4(self, exts: list[Extent], space: Space, parts: list[bytes]) -> None:
         """Append the decoded bytes of ``exts`` (whole LZ4 extents, each pcluster right after
