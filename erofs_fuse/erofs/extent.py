@@ -2,7 +2,8 @@
 
 This module holds the extent record shared by all layouts and the mappers of the uncompressed
 layouts: FLAT_PLAIN (§4.1), FLAT_INLINE (§4.2) and CHUNK_BASED (§4.4). Compressed layouts are
-mapped by ``zmap``. The read loop in ``reader`` consumes extents without knowing the layout.
+mapped by ``zmap``. The read loop in ``reader`` consumes extents without knowing the layout;
+``FlatMapper`` also says where its blocks and tail are, for ``reader``'s short path.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """The one read loop over extents (spec §4.6.6, §5.6): hole, raw, inline, fragment, compressed.
 
 Mappers say where logical bytes are; this module fetches them. Decoded compressed extents are
-kept in a cache bounded by bytes, so sequential reads decode each pcluster once.
+kept in a cache bounded by bytes, so sequential reads decode each pcluster once. One layout has
+a short path beside the loop: an uncompressed flat file (``FlatMapper``) is its run of blocks
+and its inline tail, read directly (``DataReader._read_flat``, checked against the loop by
+tests/test_reader.py).
 """
 
 from __future__ import annotations
