@@ -7,13 +7,15 @@ testing less.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pyfuse3
 
@@ -52,6 +54,26 @@ class WatchedBlob(FileBlob):
 
     def hints(self) -> list[tuple[int, int]]:
         return [(offset, length) for kind, offset, length in self.events if kind == "prefetch"]
+
+
+def on_python_sources(test: Callable[..., None]) -> Callable[..., None]:
+    """For a test that replaces a module's function to count the calls other modules make to
+    it: compiled modules (erofs_fuse/native.py) call each other directly and would not see the
+    replacement. Where they are compiled, the test runs in a child pytest on the Python sources
+    (EROFS_FUSE_PURE=1) and passes or fails with it."""
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        if os.environ.get("EROFS_FUSE_PURE") == "1":
+            return test(*args, **kwargs)
+        nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
+        child = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", nodeid],
+            cwd=ROOT, env={**os.environ, "EROFS_FUSE_PURE": "1"}, capture_output=True, text=True,
+            timeout=600)
+        last = child.stdout.strip().splitlines()[-1:]
+        assert child.returncode == 0 and last[0].startswith("1 passed"), child.stdout[-4000:]
+
+    return run
 
 
 def read_through(node: Inode, chunk: int) -> None:

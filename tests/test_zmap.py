@@ -31,7 +31,8 @@ from erofs_fuse.erofs.inode import InodeInfo
 from erofs_fuse.erofs.superblock import SuperBlock
 from erofs_fuse.erofs.zindex import CompactIndex, IndexWindows
 from erofs_fuse.erofs.zmap import compressed_mapper
-from helpers import CORPUS, EXPECTED, corpus, mkfs_erofs, read_through, require_tool, reseal
+from helpers import (CORPUS, EXPECTED, corpus, mkfs_erofs, on_python_sources, read_through,
+                     require_tool, reseal)
 from treeview import TreeView, parse_manifest, view_of_dir, view_of_image
 
 BS = 4096
@@ -167,6 +168,7 @@ def test_extents_walk_as_map_does(name: str) -> None:
                 assert walk_by_extents(fresh(), start, end) == walk_by_map(fresh(), start, end)
 
 
+@on_python_sources
 def test_sequential_reads_decode_each_extent_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[int, int, int]] = []
     real = reader_mod.decompress  # type: ignore[attr-defined]
@@ -873,6 +875,7 @@ def _contents(name: str, chunk: int) -> dict[bytes, bytes]:
 
 
 @pytest.mark.parametrize("name", LZ4_IMAGES)
+@on_python_sources
 def test_lz4_runs_read_as_pcluster_by_pcluster(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from erofs_fuse.erofs import decompress as dc
 

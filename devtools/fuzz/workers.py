@@ -81,11 +81,15 @@ class Worker:
             cmd += ["--memory", str(args.memory), "--kernel-every", str(args.kernel_every)]
             cmd += ["--tars", *args.tars] if args.tars else []
             cmd += ["--crashes", os.path.abspath(args.crashes)] if args.crashes else []
+        env = None
         if args.inject:
             cmd += ["--inject", args.inject]
+            # the fault replaces a method, which the compiled modules' direct calls would not
+            # see: the worker and the daemons it forks run the Python sources (native.py)
+            env = {**os.environ, "EROFS_FUSE_PURE": "1"}
         # a session of its own: killing it takes any daemon it forked along
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+                                     text=True, start_new_session=True, env=env)
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
         self.index: int | None = None
         self.started = 0.0

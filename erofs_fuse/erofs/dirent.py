@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from . import ondisk as d
 from .errors import CorruptImageError
 
@@ -61,6 +63,7 @@ def parse_dir_block(block: bytes, nid: int | None = None, offset: int = 0) -> li
             for i, (child, nameoff, ftype, _) in enumerate(raw)]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests count decodes in a subclass
 class DirBlock:
     """One directory block whose entries are decoded when asked for (``len``, ``[i]``), each
     once: the image keeps its hot blocks (``Image``'s directory block cache), so python's

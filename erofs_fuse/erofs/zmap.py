@@ -158,14 +158,16 @@ class LclusterMapper(_RememberingMapper):
         self._blkbits = sb.blkszbits
         self._kinds = self._kinds_of_heads()
         self._fragment = bool(self._advise & d.Z_ADVISE_FRAGMENT_PCLUSTER)
-        self._inline = (not self._fragment and bool(self._advise & d.Z_ADVISE_INLINE_PCLUSTER)
-                        and head.idata_size > 0)
+        # not "_inline": mypyc would name the C struct member "__inline", a GCC keyword
+        self._tail_inline = (not self._fragment
+                             and bool(self._advise & d.Z_ADVISE_INLINE_PCLUSTER)
+                             and head.idata_size > 0)
         self._fragoff = head.fragmentoff
         self._idata_size = head.idata_size
         self._inline_pos = 0
         self._tail_lcn = -1
         self._last: Extent | None = None
-        if self._size and (self._fragment or self._inline):
+        if self._size and (self._fragment or self._tail_inline):
             self._find_tail(info, space)
 
     # construction ---------------------------------------------------------------------------

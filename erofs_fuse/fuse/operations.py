@@ -111,7 +111,7 @@ def _describe(args: tuple[object, ...]) -> str:
 
 def _boundary(op: Handler[P, R]) -> Handler[P, R]:
     """The one place where errors become errnos (see the module docstring)."""
-    name = op.__name__
+    name = op.__name__.rpartition(".")[2]  # compiled by mypyc, it is "Operations.lookup"
 
     async def handler(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         if self.after_init is not None:

@@ -69,6 +69,7 @@ import threading
 from typing import TYPE_CHECKING, Final, Iterable, Iterator, NamedTuple, NewType, Sequence
 
 from cachetools import LRUCache
+from mypy_extensions import mypyc_attr
 
 from ..erofs import ondisk as d
 from ..erofs.dirent import DirEntry
@@ -231,6 +232,7 @@ class _LayerListing(NamedTuple):
     whiteouts: frozenset[bytes]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests plant faults in a subclass
 class MergedTree:
     """The overlay of ``images`` (bottom to top); thread-safe."""
 
