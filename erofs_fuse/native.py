@@ -5,7 +5,8 @@ and ``fuse/operations.py``) runs as C compiled by mypyc from the same typed sour
 install could build it (setup.py; mypy --strict is what makes that possible). It is the same
 code: the sources stay the reference, and every module still runs as plain Python where the
 compiled one is absent. Measured in-process on the bench stack's recorded requests: python
-imports 45 -> 33 ms of handler work, read-all 0.87-1.04 -> 0.55 s (docs/benchmarks.md).
+imports 45-49 -> 29-37 ms of handler work, read-all 0.87-1.04 -> 0.46-0.52 s
+(docs/benchmarks.md).
 
 An editable install keeps the compiled modules beside their sources, where a source edited
 after the build would be shadowed by its stale compiled copy. ``use_sources_if_needed`` (run
@@ -51,11 +52,19 @@ def stale_modules(package_dir: str = PACKAGE_DIR) -> list[str]:
     """The compiled modules older than their sources (edited since the build)."""
     stale = []
     for module in COMPILED:
-        built, source = compiled_path(module, package_dir), source_path(module, package_dir)
-        if built is not None and os.path.exists(source) and (
-                os.stat(built).st_mtime < os.stat(source).st_mtime):
+        built = compiled_path(module, package_dir)
+        try:
+            edited = os.stat(source_path(module, package_dir)).st_mtime
+        except FileNotFoundError:  # an install that ships the compiled modules alone
+            continue
+        if built is not None and os.stat(built).st_mtime < edited:
             stale.append(module)
     return stale
+
+
+def pure_requested() -> bool:
+    """Whether ``EROFS_FUSE_PURE`` asks for the Python sources (setup.py reads it alike)."""
+    return os.environ.get("EROFS_FUSE_PURE", "") not in ("", "0")
 
 
 def is_compiled(module: ModuleType) -> bool:
@@ -72,9 +81,9 @@ class _SourcesFirst:
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
         if fullname not in self.names:
             return None
-        module = fullname[len(PACKAGE) + 1:]
-        loader = importlib.machinery.SourceFileLoader(fullname, source_path(module))
-        spec = importlib.machinery.ModuleSpec(fullname, loader, origin=source_path(module))
+        source = source_path(fullname[len(PACKAGE) + 1:])
+        loader = importlib.machinery.SourceFileLoader(fullname, source)
+        spec = importlib.machinery.ModuleSpec(fullname, loader, origin=source)
         spec.has_location = True  # sets __file__, as the path finder's specs do
         return spec
 
@@ -82,7 +91,7 @@ class _SourcesFirst:
 def use_sources_if_needed() -> None:
     """Import the listed modules from their sources where asked to or where a compiled copy
     is stale (see the module docstring); a no-op without compiled modules."""
-    pure = os.environ.get("EROFS_FUSE_PURE", "") not in ("", "0")
+    pure = pure_requested()
     if not pure and not stale_modules():
         return
     if pure and compiled_path(COMPILED[0]) is None:

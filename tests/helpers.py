@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pyfuse3
 
+from erofs_fuse import native
 from erofs_fuse.blob import FileBlob
 from erofs_fuse.erofs.image import Inode
 from erofs_fuse.erofs.superblock import crc32c_raw
@@ -63,7 +64,7 @@ def on_python_sources(test: Callable[..., None]) -> Callable[..., None]:
     (EROFS_FUSE_PURE=1) and passes or fails with it."""
     @functools.wraps(test)
     def run(*args: Any, **kwargs: Any) -> None:
-        if os.environ.get("EROFS_FUSE_PURE") == "1":
+        if native.pure_requested():
             return test(*args, **kwargs)
         nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
         child = subprocess.run(

@@ -55,7 +55,7 @@ def summary(paths: list[str], **env: str) -> dict[str, object]:
 def test_the_request_path_is_compiled() -> None:
     # scripts/install-deps builds them (setup.py); a failed or skipped build fails here, as
     # does a source edited since the build (its compiled copy is then set aside)
-    if os.environ.get("EROFS_FUSE_PURE", "") not in ("", "0"):
+    if native.pure_requested():
         pytest.fail("EROFS_FUSE_PURE is set: these tests would not run the compiled modules")
     assert native.stale_modules() == [], "sources edited since the build: run scripts/install-deps"
     loose = [m for m in native.COMPILED

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Iterable, Iterator, NoReturn, Sequence
 
 from mypy_extensions import mypyc_attr
 
-
 from . import ondisk as d
 from .dirent import DirBlock, DirEntry, first_not_below, lookup_in_blocks, parse_dir_block
 from .errors import (
