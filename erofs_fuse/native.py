@@ -1,11 +1,12 @@
 """Which modules mypyc compiles, and the switch back to their Python sources.
 
-The request path of a mount (the reader under ``erofs/`` and the daemon's ``fuse/overlay.py``
-and ``fuse/operations.py``) runs as C compiled by mypyc from the same typed sources, when the
-install could build it (setup.py; mypy --strict is what makes that possible). It is the same
-code: the sources stay the reference, and every module still runs as plain Python where the
-compiled one is absent. Measured in-process on the bench stack's recorded requests: python
-imports 45-49 -> 29-37 ms of handler work, read-all 0.87-1.04 -> 0.46-0.52 s
+The request path of a mount (the reader under ``erofs/``, the daemon's ``fuse/overlay.py``,
+``fuse/operations.py`` and ``fuse/readahead.py``, the layer files' ``blob.py``, the block checks
+of ``verity/`` and the object stores) runs as C compiled by mypyc from the same typed sources,
+when the install could build it (setup.py; mypy --strict is what makes that possible). It is
+the same code: the sources stay the reference, and every module still runs as plain Python
+where the compiled one is absent. Measured in-process on the bench stack's recorded
+requests: python imports 45-49 -> 29-37 ms of handler work, read-all 0.87-1.04 -> 0.46-0.52 s
 (docs/benchmarks.md).
 
 An editable install keeps the compiled modules beside their sources, where a source edited
@@ -26,10 +27,12 @@ from types import ModuleType
 
 # package-relative module names; setup.py reads this tuple from this file's text
 COMPILED = (
+    "blob", "object_prefetch", "object_worker", "objects",
     "erofs.decompress", "erofs.dirent", "erofs.extent", "erofs.image", "erofs.inode",
     "erofs.lru", "erofs.metacopy", "erofs.ondisk", "erofs.overlay_xattrs", "erofs.reader",
     "erofs.space", "erofs.superblock", "erofs.xattr", "erofs.zindex", "erofs.zmap",
-    "fuse.operations", "fuse.overlay",
+    "fuse.operations", "fuse.overlay", "fuse.readahead",
+    "verity.blob", "verity.build", "verity.formats", "verity.objects",
 )
 PACKAGE = __name__.rpartition(".")[0]
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

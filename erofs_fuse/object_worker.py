@@ -7,7 +7,7 @@ full layer never spends, and the daemon is what a read-all waits for. Threads ca
 elsewhere (the GIL: every 4 KiB hash is a call that holds it), a process can. So the objects
 that the read-ahead (``fuse/readahead.py``) guesses will be read next, if they carry a digest
 and are small (``WORKER_MAX_BYTES``), are given to a ``VerifyWorker``: a child process
-(``python -m erofs_fuse.object_worker``) that opens each in the same data dirs (their
+(``python -c WORKER_MAIN``) that opens each in the same data dirs (their
 descriptors, inherited), reads it whole, hashes it and checks its fs-verity digest, and sends
 back only the bytes that gave the digest. The file's read then takes those bytes
 (``VerifyWorker.take``), already verified, without opening the object itself.
@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Hashable, Sequence
 
 from .erofs.errors import ErofsError
 from .erofs.metacopy import DIGEST_ALGS, Metacopy
+from .native import PACKAGE_DIR
 from .verity.objects import verified_object
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ WAIT_SECONDS = 10.0  # a worker silent this long with a read waiting on it is st
 OPEN_AHEAD = 32  # objects the worker opens and starts reading before it reads the first
 PIPE_BYTES = 1 << 20  # the reply pipe: how far the worker may run ahead of the reads
 _READ_BYTES = 1 << 18
+# The child's command: ``-c``, not ``-m``, since runpy cannot run a module compiled by mypyc
+WORKER_MAIN = "import sys; from erofs_fuse.object_worker import main; sys.exit(main(sys.argv[1:]))"
 
 REQUEST = struct.Struct("<BQQBBH")  # kind, seq, size, algorithm, digest length, redirect length
 REPLY = struct.Struct("<QBQ")  # seq, status, length
@@ -197,13 +200,14 @@ class VerifyWorker:
             fcntl.fcntl(from_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         except OSError:
             pass  # the system's limit is lower: the worker runs less far ahead
-        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # not this module's __file__: mypyc gives a module imported by another compiled one a
+        # wrong one
+        package = os.path.dirname(PACKAGE_DIR)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package, env.get("PYTHONPATH")]))
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "erofs_fuse.object_worker",
-                 *(str(fd) for fd in self._dir_fds)],
+                [sys.executable, "-c", WORKER_MAIN, *(str(fd) for fd in self._dir_fds)],
                 stdin=to_r, stdout=from_w, pass_fds=self._dir_fds, env=env,
                 start_new_session=True)  # a terminal's ^C is the daemon's to handle
         except OSError as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from erofs_fuse import native
+from erofs_fuse.erofs.errors import ErofsError
 from helpers import corpus
 
 # a file of each layout: flat, inline, compact and full indexes, fragments, tail packing,
@@ -71,11 +72,27 @@ def test_compiled_and_python_sources_read_every_layout_alike() -> None:
     assert compiled == pure
 
 
+def _subclasses(cls: type[ErofsError]) -> list[type[ErofsError]]:
+    return [cls] + [sub for direct in cls.__subclasses__() for sub in _subclasses(direct)]
+
+
+def test_compiled_exceptions_keep_their_class_attributes() -> None:
+    # mypyc makes a plain class attribute an instance default, which an exception without an
+    # __init__ of its own never sets: BlobIOError once logged "error", not "I/O error"
+    for module in native.COMPILED:
+        importlib.import_module(f"erofs_fuse.{module}")
+    kinds = {cls.__name__: cls.kind for cls in _subclasses(ErofsError)}
+    assert all(isinstance(kind, str) for kind in kinds.values()), kinds
+    assert kinds["BlobIOError"] == "I/O error"
+    from erofs_fuse.blob import BlobIOError
+    assert str(BlobIOError("gone", image="L", offset=8)) == "L: I/O error at offset 8: gone"
+
+
 def test_a_stale_compiled_module_is_noticed(tmp_path: Path) -> None:
     module = native.COMPILED[0]
     source = Path(native.source_path(module, str(tmp_path)))
     built = source.with_name(source.stem + ".cpython-311-x86_64-linux-gnu.so")
-    source.parent.mkdir(parents=True)
+    source.parent.mkdir(parents=True, exist_ok=True)
     source.write_text("")
     built.write_bytes(b"")
     os.utime(source, (1000, 1000))

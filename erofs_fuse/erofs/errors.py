@@ -7,11 +7,13 @@ the nid and the byte offset where known, so that one log line locates the proble
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ErofsError(Exception):
     """Root of every error the reader raises."""
 
-    kind = "error"
+    kind: ClassVar[str] = "error"  # what the message calls it; each subclass says its own
 
     def __init__(
         self,
